@@ -1,0 +1,308 @@
+"""``end_user_sec_params``: parsed once into a typed, validated object.
+
+The keys are python-oracledb's plugin keys (``spi_type``, ``auth_flow``,
+``authority``, ``client_id``, ``client_credential`` / ``client_secret``,
+``scopes``, ``data_roles``, ``attributes``) plus a few of our own
+(``timeout``, ``ca_file``, ``instance_discovery``, ``max_retries``,
+``cache_size``).  Every problem is reported at once in one
+:class:`~deepsec.errors.ConfigError`; secrets never appear in ``repr``/``str``
+or in error messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Literal
+
+from .context import validate_attributes, validate_data_roles
+from .errors import ConfigError, IdentityError
+
+__all__ = ["BUILTIN_SPI_TYPES", "EndUserSecConfig", "parse_end_user_sec_params"]
+
+AuthFlow = Literal["client_credentials", "on_behalf_of"]
+AUTH_FLOWS: tuple[str, ...] = ("client_credentials", "on_behalf_of")
+BUILTIN_SPI_TYPES: tuple[str, ...] = ("azure_tokens", "oci_tokens")
+
+_COMMON_KEYS = frozenset({"spi_type", "auth_flow", "data_roles", "attributes", "cache_size"})
+_PROVIDER_KEYS = frozenset(
+    {
+        "authority",
+        "client_id",
+        "client_credential",
+        "client_secret",
+        "scopes",
+        "timeout",
+        "ca_file",
+    }
+)
+_KEYS_BY_SPI: dict[str, frozenset[str]] = {
+    "azure_tokens": _COMMON_KEYS | _PROVIDER_KEYS | {"instance_discovery"},
+    "oci_tokens": _COMMON_KEYS | _PROVIDER_KEYS | {"max_retries"},
+}
+_REQUIRED_BY_SPI: dict[str, tuple[str, ...]] = {
+    "azure_tokens": ("auth_flow", "authority", "client_id", "client_credential", "scopes"),
+    "oci_tokens": ("auth_flow", "authority", "client_id", "client_credential", "scopes"),
+}
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_MAX_RETRIES = 2
+DEFAULT_CACHE_SIZE = 10_000
+
+
+def _redacted(value: object) -> str:
+    return "None" if value is None else "'***'"
+
+
+@dataclass(frozen=True, eq=False)
+class EndUserSecConfig:
+    """Validated ``end_user_sec_params``.
+
+    Built by :func:`parse_end_user_sec_params`; not meant to be created by
+    hand.  ``client_credential`` is a client secret string or, for Entra ID,
+    MSAL's certificate mapping (``{"private_key": ..., "thumbprint": ...}``).
+    """
+
+    spi_type: str
+    auth_flow: AuthFlow
+    authority: str | None
+    client_id: str | None
+    client_credential: str | Mapping[str, Any] | None = field(repr=False)
+    scopes: tuple[str, ...]
+    data_roles: tuple[str, ...] | None
+    attributes: Mapping[str, Any] | None
+    timeout: float
+    ca_file: str | None
+    instance_discovery: bool
+    max_retries: int
+    cache_size: int
+    #: For a custom ``spi_type``: the module exposing ``get_database_access_token``.
+    module: ModuleType | None = field(repr=False, default=None)
+    #: A copy of the dict as given, passed to a custom module's function.
+    raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
+    #: sha256 of the canonical settings (secret included, then hashed): a
+    #: cache key that holds no secret.
+    fingerprint: str = field(repr=False, default="")
+
+    @property
+    def is_builtin(self) -> bool:
+        """True for ``azure_tokens`` and ``oci_tokens``."""
+        return self.spi_type in BUILTIN_SPI_TYPES
+
+    def raw_params(self) -> dict[str, Any]:
+        """A fresh copy of the parameters as given (for custom token modules)."""
+        return json.loads(json.dumps(self.raw, default=str))  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return (
+            f"EndUserSecConfig(spi_type={self.spi_type!r}, auth_flow={self.auth_flow!r}, "
+            f"authority={self.authority!r}, client_id={self.client_id!r}, "
+            f"client_credential={_redacted(self.client_credential)}, scopes={self.scopes!r}, "
+            f"data_roles={self.data_roles!r}, "
+            f"attributes={None if self.attributes is None else sorted(self.attributes)!r}, "
+            f"timeout={self.timeout!r}, ca_file={self.ca_file!r}, "
+            f"instance_discovery={self.instance_discovery!r}, max_retries={self.max_retries!r}, "
+            f"cache_size={self.cache_size!r})"
+        )
+
+    __str__ = __repr__
+
+
+def _fingerprint(params: Mapping[str, Any]) -> str:
+    canonical = json.dumps(params, sort_keys=True, default=repr, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _load_module(spi_type: str, problems: list[str]) -> ModuleType | None:
+    try:
+        module = importlib.import_module(spi_type)
+    except ImportError as exc:
+        problems.append(f"spi_type {spi_type!r}: cannot import module ({exc.__class__.__name__})")
+        return None
+    if not callable(getattr(module, "get_database_access_token", None)):
+        problems.append(
+            f"spi_type {spi_type!r}: module has no callable "
+            "get_database_access_token(end_user_sec_params, identity)"
+        )
+        return None
+    return module
+
+
+def _check_str(params: Mapping[str, Any], key: str, problems: list[str]) -> str | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        problems.append(f"{key} must be a non-empty string, got {type(value).__name__}")
+        return None
+    return value
+
+
+def _parse(params: Mapping[str, Any]) -> EndUserSecConfig:
+    problems: list[str] = []
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"must be a dict, not {type(params).__name__}")
+
+    spi_type = params.get("spi_type")
+    module: ModuleType | None = None
+    allowed: frozenset[str] | None
+    if not isinstance(spi_type, str) or not spi_type:
+        problems.append(
+            "spi_type is required: 'azure_tokens', 'oci_tokens' or the dotted path of a module "
+            "with get_database_access_token(end_user_sec_params, identity)"
+        )
+        spi_type = "?"
+        allowed = None
+    elif spi_type in _KEYS_BY_SPI:
+        allowed = _KEYS_BY_SPI[spi_type]
+        missing = [k for k in _REQUIRED_BY_SPI[spi_type] if k not in params]
+        if "client_credential" in missing and "client_secret" in params:
+            missing.remove("client_credential")
+        if missing:
+            problems.append(f"missing required key(s) for {spi_type}: {', '.join(missing)}")
+    else:
+        module = _load_module(spi_type, problems)
+        extra = getattr(module, "EXTRA_CONFIG_KEYS", ()) if module is not None else ()
+        allowed = _COMMON_KEYS | _PROVIDER_KEYS | frozenset(extra)
+
+    if allowed is not None:
+        unknown = sorted(str(k) for k in params if k not in allowed)
+        if unknown:
+            problems.append(
+                f"unknown key(s) for spi_type {spi_type!r}: {', '.join(unknown)} "
+                f"(allowed: {', '.join(sorted(allowed))})"
+            )
+
+    auth_flow = params.get("auth_flow", "client_credentials")
+    if auth_flow not in AUTH_FLOWS:
+        problems.append(f"auth_flow must be one of {', '.join(AUTH_FLOWS)}, got {auth_flow!r}")
+    elif spi_type == "oci_tokens" and auth_flow != "client_credentials":
+        problems.append("auth_flow for spi_type 'oci_tokens' must be 'client_credentials'")
+
+    authority = _check_str(params, "authority", problems)
+    is_https = authority is not None and authority.lower().startswith("https://")
+    if authority is not None and spi_type in BUILTIN_SPI_TYPES and not is_https:
+        problems.append("authority must be an https:// URL")
+    client_id = _check_str(params, "client_id", problems)
+
+    credential: str | Mapping[str, Any] | None = None
+    if "client_credential" in params and "client_secret" in params:
+        problems.append("give client_credential or its alias client_secret, not both")
+    raw_cred = params.get("client_credential", params.get("client_secret"))
+    cred_key = "client_credential" if "client_credential" in params else "client_secret"
+    if raw_cred is not None:
+        if isinstance(raw_cred, str) and raw_cred:
+            credential = raw_cred
+        elif isinstance(raw_cred, Mapping) and spi_type != "oci_tokens":
+            if not {"private_key", "thumbprint"} <= set(raw_cred):
+                problems.append(
+                    f"{cred_key} as a certificate must have 'private_key' and 'thumbprint'"
+                )
+            else:
+                credential = raw_cred
+        else:
+            # Never echo the value: it is a secret.
+            problems.append(
+                f"{cred_key} must be a non-empty string"
+                + (" or a certificate mapping" if spi_type != "oci_tokens" else "")
+                + f", got {type(raw_cred).__name__}"
+            )
+
+    scopes: tuple[str, ...] = ()
+    raw_scopes = params.get("scopes")
+    if raw_scopes is not None:
+        if isinstance(raw_scopes, str) and raw_scopes.strip():
+            scopes = tuple(raw_scopes.split())
+        elif (
+            isinstance(raw_scopes, (list, tuple))
+            and raw_scopes
+            and all(isinstance(s, str) and s.strip() for s in raw_scopes)
+        ):
+            scopes = tuple(raw_scopes)
+        else:
+            problems.append("scopes must be a non-empty string or a list of non-empty strings")
+
+    data_roles = attributes = None
+    try:
+        data_roles = validate_data_roles(params.get("data_roles"))
+    except (TypeError, IdentityError) as exc:
+        problems.append(str(exc))
+    try:
+        attributes = validate_attributes(params.get("attributes"))
+    except (TypeError, IdentityError) as exc:
+        problems.append(str(exc))
+
+    timeout = params.get("timeout", DEFAULT_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        problems.append(f"timeout must be a positive number of seconds, got {timeout!r}")
+        timeout = DEFAULT_TIMEOUT
+
+    ca_file = params.get("ca_file")
+    if ca_file is not None and (not isinstance(ca_file, str) or not os.path.isfile(ca_file)):
+        problems.append(f"ca_file must be the path of a readable PEM file, got {ca_file!r}")
+        ca_file = None
+
+    instance_discovery = params.get("instance_discovery", True)
+    if not isinstance(instance_discovery, bool):
+        problems.append(f"instance_discovery must be true or false, got {instance_discovery!r}")
+        instance_discovery = True
+
+    max_retries = params.get("max_retries", DEFAULT_MAX_RETRIES)
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        problems.append(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        max_retries = DEFAULT_MAX_RETRIES
+
+    cache_size = params.get("cache_size", DEFAULT_CACHE_SIZE)
+    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+        problems.append(f"cache_size must be an integer >= 1, got {cache_size!r}")
+        cache_size = DEFAULT_CACHE_SIZE
+
+    if problems:
+        raise ConfigError(problems)
+    return EndUserSecConfig(
+        spi_type=spi_type,
+        auth_flow=auth_flow,
+        authority=authority,
+        client_id=client_id,
+        client_credential=credential,
+        scopes=scopes,
+        data_roles=data_roles,
+        attributes=attributes,
+        timeout=float(timeout),
+        ca_file=ca_file,
+        instance_discovery=instance_discovery,
+        max_retries=max_retries,
+        cache_size=cache_size,
+        module=module,
+        raw=dict(params),
+        fingerprint=_fingerprint(params),
+    )
+
+
+_parsed: dict[str, EndUserSecConfig] = {}
+_parsed_lock = threading.Lock()
+
+
+def parse_end_user_sec_params(params: Mapping[str, Any]) -> EndUserSecConfig:
+    """Validate ``end_user_sec_params`` and return the typed config.
+
+    Equal dicts return the same object, so a pool or an app that connects
+    many times parses once and shares one token source.
+
+    Raises:
+        ConfigError: listing every problem found.
+    """
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"must be a dict, not {type(params).__name__}")
+    key = _fingerprint(params)
+    config = _parsed.get(key)
+    if config is None:
+        config = _parse(params)
+        with _parsed_lock:
+            config = _parsed.setdefault(key, config)
+    return config

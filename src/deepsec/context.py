@@ -1,0 +1,364 @@
+"""The end-user context: who the current database work is done for.
+
+One :class:`contextvars.ContextVar` holds the current :class:`EndUserContext`.
+Threads start with their own empty context and asyncio tasks copy their
+parent's, so concurrent requests never see each other's end user.  This is
+what python-oracledb's plugin got wrong: it kept the identity in a
+``threading.local``, shared by every asyncio task on the event loop thread.
+
+Adapters call :func:`activate` / :func:`deactivate` around a request; scripts
+and jobs use ``with deepsec.end_user(...)``; code written for
+``oracledb.plugins.end_user_sec_provider`` keeps calling
+``set_end_user_identity`` and friends.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import json
+import types
+from collections.abc import Mapping, Sequence
+from enum import Enum
+from typing import Any, Final, TypeAlias
+
+from .errors import IdentityError
+
+__all__ = [
+    "EndUserContext",
+    "Identity",
+    "activate",
+    "current_end_user",
+    "deactivate",
+    "end_user",
+    "get_end_user_attributes",
+    "get_end_user_data_roles",
+    "get_end_user_identity",
+    "set_end_user_attributes",
+    "set_end_user_data_roles",
+    "set_end_user_identity",
+]
+
+#: An end-user identity: an IAM token (Entra ID / OCI IAM) or a local database
+#: end user ``(name, key_or_None)``.
+Identity: TypeAlias = "str | tuple[str, str | None]"
+
+# The driver rejects a security context payload over 65535 bytes (DPY-2072);
+# refusing a larger identity early gives a clearer error.
+MAX_IDENTITY_LENGTH = 65535
+
+
+class _Keep(Enum):
+    KEEP = "keep"
+
+
+_KEEP: Final = _Keep.KEEP
+
+
+def validate_identity(value: object) -> Identity | None:
+    """Return ``value`` as an identity, or raise naming what is wrong.
+
+    ``None`` means "no end user".  A list of two items is accepted and turned
+    into a tuple (the plugin's JSON round trip produced lists).
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not value.strip():
+            raise IdentityError("end-user identity token must be a non-empty string")
+        if len(value) > MAX_IDENTITY_LENGTH:
+            raise IdentityError(
+                f"end-user identity token is {len(value)} characters; "
+                f"the limit is {MAX_IDENTITY_LENGTH}"
+            )
+        return value
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise IdentityError(
+                f"a local end-user identity must be (name, key_or_None); got {len(value)} items"
+            )
+        name, key = value
+        if not isinstance(name, str):
+            raise TypeError(f"end-user name must be a str, not {type(name).__name__}")
+        if not name.strip():
+            raise IdentityError("end-user name must be a non-empty string")
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"end-user key must be a str or None, not {type(key).__name__}")
+        if key is not None and not key:
+            raise IdentityError("end-user key must be a non-empty string or None")
+        return (name, key)
+    raise TypeError(
+        "end-user identity must be a token string or a (name, key_or_None) tuple, "
+        f"not {type(value).__name__}"
+    )
+
+
+def validate_data_roles(value: object) -> tuple[str, ...] | None:
+    """Return data roles as a tuple of non-empty strings (``None`` stays ``None``)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"data_roles must be a list of strings, not {type(value).__name__}")
+    roles: list[str] = []
+    for i, role in enumerate(value):
+        if not isinstance(role, str):
+            raise TypeError(f"data_roles[{i}] must be a str, not {type(role).__name__}")
+        if not role.strip():
+            raise IdentityError(f"data_roles[{i}] must be a non-empty string")
+        roles.append(role)
+    return tuple(roles)
+
+
+def validate_attributes(value: object) -> Mapping[str, Any] | None:
+    """Return attributes as a read-only mapping of str to JSON-compatible values."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"attributes must be a dict, not {type(value).__name__}")
+    for name, item in value.items():
+        if not isinstance(name, str) or not name:
+            raise IdentityError(f"attribute names must be non-empty strings, got {name!r}")
+        try:
+            json.dumps(item)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"attribute {name!r} has a value of type {type(item).__name__}, "
+                "which is not JSON-compatible"
+            ) from None
+    return types.MappingProxyType(copy.deepcopy(dict(value)))
+
+
+def _check_roles_with_local_user(
+    identity: Identity | None, data_roles: tuple[str, ...] | None
+) -> None:
+    # The database rejects explicit data roles for a local (name, key) end
+    # user; say so now rather than on the next round trip.
+    if isinstance(identity, tuple) and data_roles:
+        raise IdentityError(
+            "data roles cannot be set explicitly for a local (name, key) end user; "
+            "the database grants them from the user's own roles"
+        )
+
+
+class EndUserContext:
+    """An immutable end-user context: identity, data roles and attributes.
+
+    ``identity`` is ``None`` when no end user is known; such a context attaches
+    nothing, so the database work runs least-privileged as the application.
+    ``data_roles`` and ``attributes`` given here win over the ones configured
+    in ``end_user_sec_params``.
+
+    Raises:
+        TypeError, IdentityError: a value is malformed (the message names it).
+    """
+
+    __slots__ = ("_attributes", "_data_roles", "_identity")
+
+    _identity: Identity | None
+    _data_roles: tuple[str, ...] | None
+    _attributes: Mapping[str, Any] | None
+
+    def __init__(
+        self,
+        identity: Identity | list[Any] | None,
+        data_roles: Sequence[str] | None = None,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        ident = validate_identity(identity)
+        roles = validate_data_roles(data_roles)
+        _check_roles_with_local_user(ident, roles)
+        object.__setattr__(self, "_identity", ident)
+        object.__setattr__(self, "_data_roles", roles)
+        object.__setattr__(self, "_attributes", validate_attributes(attributes))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("EndUserContext is immutable")
+
+    @property
+    def identity(self) -> Identity | None:
+        """The token string, the ``(name, key)`` tuple, or ``None``."""
+        return self._identity
+
+    @property
+    def data_roles(self) -> tuple[str, ...] | None:
+        """Data roles for this end user, or ``None`` to use the configured ones."""
+        return self._data_roles
+
+    @property
+    def attributes(self) -> Mapping[str, Any] | None:
+        """Read-only attributes, or ``None`` to use the configured ones."""
+        return self._attributes
+
+    @property
+    def is_local_user(self) -> bool:
+        """True for a ``(name, key)`` database end user."""
+        return isinstance(self._identity, tuple)
+
+    @property
+    def name(self) -> str | None:
+        """The local end user's name; ``None`` for a token identity."""
+        return self._identity[0] if isinstance(self._identity, tuple) else None
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, EndUserContext):
+            return NotImplemented
+        return (
+            self._identity == other._identity
+            and self._data_roles == other._data_roles
+            and self._attributes == other._attributes
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # attributes are a mapping
+
+    def __repr__(self) -> str:
+        # Tokens and keys are secrets: show their kind, never their value.
+        if self._identity is None:
+            ident = "None"
+        elif isinstance(self._identity, tuple):
+            key = "None" if self._identity[1] is None else "'***'"
+            ident = f"({self._identity[0]!r}, {key})"
+        else:
+            ident = "<token>"
+        attrs = None if self._attributes is None else sorted(self._attributes)
+        return (
+            f"EndUserContext(identity={ident}, data_roles={self._data_roles!r}, "
+            f"attributes={attrs!r})"
+        )
+
+    __str__ = __repr__
+
+    def replace(
+        self,
+        *,
+        identity: Identity | list[Any] | _Keep | None = _KEEP,
+        data_roles: Sequence[str] | _Keep | None = _KEEP,
+        attributes: Mapping[str, Any] | _Keep | None = _KEEP,
+    ) -> EndUserContext:
+        """A copy with some fields changed (validated again)."""
+        return EndUserContext(
+            self._identity if identity is _KEEP else identity,
+            self._data_roles if data_roles is _KEEP else data_roles,
+            self._attributes if attributes is _KEEP else attributes,
+        )
+
+
+_EMPTY = EndUserContext(None)
+_current: contextvars.ContextVar[EndUserContext] = contextvars.ContextVar(
+    "deepsec_end_user", default=_EMPTY
+)
+
+
+def current_context() -> EndUserContext:
+    """The context of the calling thread or task (possibly without identity)."""
+    return _current.get()
+
+
+def current_end_user() -> EndUserContext | None:
+    """The current end user's context, or ``None`` when there is no end user."""
+    ctx = _current.get()
+    return ctx if ctx.identity is not None else None
+
+
+def activate(context: EndUserContext | None) -> contextvars.Token[EndUserContext]:
+    """Make ``context`` current; return the token :func:`deactivate` needs.
+
+    Adapters call this at the start of a request and :func:`deactivate` in a
+    ``finally`` when the response is done.
+    """
+    if context is not None and not isinstance(context, EndUserContext):
+        raise TypeError(f"expected EndUserContext or None, not {type(context).__name__}")
+    return _current.set(context if context is not None else _EMPTY)
+
+
+def deactivate(token: contextvars.Token[EndUserContext]) -> None:
+    """Restore the context that was current before :func:`activate`."""
+    _current.reset(token)
+
+
+# --- the python-oracledb plugin's functions, on the contextvar -------------
+
+
+def set_end_user_identity(value: Identity | list[Any] | None) -> None:
+    """Set the end-user identity of the current thread or task (``None`` clears it)."""
+    _current.set(_current.get().replace(identity=value))
+
+
+def get_end_user_identity() -> Identity | None:
+    """The current end-user identity (a ``(name, key)`` identity stays a tuple)."""
+    return _current.get().identity
+
+
+def set_end_user_data_roles(value: Sequence[str] | None) -> None:
+    """Set the data roles of the current thread or task (``None`` clears them)."""
+    _current.set(_current.get().replace(data_roles=value))
+
+
+def get_end_user_data_roles() -> list[str] | None:
+    """The current data roles as a new list, or ``None``."""
+    roles = _current.get().data_roles
+    return None if roles is None else list(roles)
+
+
+def set_end_user_attributes(value: Mapping[str, Any] | None) -> None:
+    """Set the end-user attributes of the current thread or task (``None`` clears them)."""
+    _current.set(_current.get().replace(attributes=value))
+
+
+def get_end_user_attributes() -> dict[str, Any] | None:
+    """The current attributes as a new dict, or ``None``."""
+    attrs = _current.get().attributes
+    return None if attrs is None else copy.deepcopy(dict(attrs))
+
+
+class end_user:  # a class used like a function: ``with deepsec.end_user(...)``
+    """Scope a block of sync or async code to one end user.
+
+    ``with deepsec.end_user(token):`` or ``async with deepsec.end_user(("bob",
+    None), attributes={...}):``.  The previous context is restored on exit,
+    also on exceptions.  ``end_user(None)`` scopes a block to *no* end user.
+    ``async with`` also fetches the database-access tokens the block will need
+    off the event loop, so asyncio connections never wait on the network.
+    """
+
+    __slots__ = ("_context", "_tokens")
+
+    def __init__(
+        self,
+        identity: Identity | list[Any] | None,
+        *,
+        data_roles: Sequence[str] | None = None,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._context = EndUserContext(identity, data_roles, attributes)
+        self._tokens: list[contextvars.Token[EndUserContext]] = []
+
+    @property
+    def context(self) -> EndUserContext:
+        """The context this block runs under."""
+        return self._context
+
+    def __enter__(self) -> EndUserContext:
+        self._tokens.append(_current.set(self._context))
+        return self._context
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current.reset(self._tokens.pop())
+
+    async def __aenter__(self) -> EndUserContext:
+        self._tokens.append(_current.set(self._context))
+        try:
+            from .hook import prepare
+
+            await prepare()
+        except BaseException:
+            _current.reset(self._tokens.pop())
+            raise
+        return self._context
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        _current.reset(self._tokens.pop())
+
+    def __repr__(self) -> str:
+        return f"end_user({self._context!r})"

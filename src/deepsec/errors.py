@@ -1,0 +1,79 @@
+"""Typed errors raised by deepsec.
+
+Every message names the bad key or value but never contains a token, a client
+secret or a key: messages are built only from our own text and from values that
+the caller already treats as non-secret (key names, type names, provider error
+codes and correlation ids).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DeepSecError",
+    "IdentityError",
+    "TokenAcquisitionError",
+    "TokenNotReadyError",
+]
+
+
+class DeepSecError(Exception):
+    """Base class of every error deepsec raises on purpose."""
+
+
+class ConfigError(DeepSecError, ValueError):
+    """``end_user_sec_params`` (or an adapter's settings) are invalid.
+
+    ``problems`` lists every problem found, one sentence each, so a single
+    error reports all of them at once.
+    """
+
+    def __init__(self, problems: list[str] | str, *, where: str = "end_user_sec_params") -> None:
+        self.problems: list[str] = [problems] if isinstance(problems, str) else list(problems)
+        self.where = where
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid {where}:\n{lines}")
+
+
+class IdentityError(DeepSecError, ValueError):
+    """An end-user identity, data role list or attribute mapping is malformed."""
+
+
+class TokenAcquisitionError(DeepSecError):
+    """A database-access token could not be obtained from the identity provider.
+
+    ``error`` is the provider's error code (``invalid_client``,
+    ``invalid_grant``, ``timeout``...), ``correlation_id`` the provider's
+    correlation/trace id when it sent one. The message never contains the
+    client secret or a user token.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        error: str | None = None,
+        correlation_id: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        self.error = error
+        self.correlation_id = correlation_id
+        self.status = status
+        parts = [message]
+        if error:
+            parts.append(f"error={error}")
+        if status is not None:
+            parts.append(f"status={status}")
+        if correlation_id:
+            parts.append(f"correlation_id={correlation_id}")
+        super().__init__("; ".join(parts))
+
+
+class TokenNotReadyError(DeepSecError):
+    """An asyncio connection needed a token that is not in the cache yet.
+
+    The per-operation callback of an ``AsyncConnection`` runs on the event
+    loop and never does network I/O.  Tokens are fetched ahead of time by
+    ``async with deepsec.end_user(...)``, by ``await deepsec.prepare()``, by
+    the ASGI/FastAPI adapters, and when a connection is opened or acquired.
+    """

@@ -1,0 +1,335 @@
+"""The python-oracledb params hook: every operation runs as the current end user.
+
+``import deepsec`` registers :func:`params_hook` once with
+``oracledb.register_params_hook``.  For connect or pool parameters whose
+``extra_auth_params`` hold ``end_user_sec_params`` it installs, *chained* with
+any callbacks the application set itself:
+
+* an ``operation_callback``, run by the driver before every database
+  operation.  It compares the current :class:`~deepsec.EndUserContext`
+  (a contextvar) with the one last attached to *this* connection and sets a
+  new security context when they differ, clears it when there is no end user,
+  and does nothing when they are the same.  The driver piggybacks the context
+  on the operation's own round trip, so attaching costs no round trip; and
+  because nothing depends on when a connection was opened or acquired, pools
+  and persistent connections are safe.
+* an ``on_connect_callback``, run after a standalone connect and on every pool
+  acquire: it attaches eagerly and, for asyncio connections, is where a
+  missing token is fetched (off the event loop) before the first operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import warnings
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import oracledb
+
+from .config import EndUserSecConfig, parse_end_user_sec_params
+from .context import EndUserContext, current_context
+from .errors import IdentityError, TokenNotReadyError
+from .tokens import TokenSource, all_token_sources, token_source_for
+
+__all__ = ["install", "installed", "params_hook", "prepare", "uninstall"]
+
+log = logging.getLogger("deepsec")
+
+REFERENCE_PLUGIN = "oracledb.plugins.end_user_sec_provider"
+# Operations where attaching is impossible (not connected yet) or pointless
+# (closing clears the context anyway).
+_SKIP_OPERATIONS = frozenset({"connect", "close"})
+# ORA-52602: the database rejected the database-access token.
+_BAD_ACCESS_TOKEN = 52602
+
+
+@dataclass(frozen=True, slots=True)
+class _Attached:
+    """What this library last attached to one connection."""
+
+    context: EndUserContext | None  # None: known to be cleared
+    token: str | None
+
+
+_UNKNOWN = _Attached(None, "<unknown>")
+_CLEARED = _Attached(None, None)
+
+
+class _Binding:
+    """The callbacks installed for one parsed config, chained with the app's own.
+
+    One instance is shared by all connections made with the same params; the
+    per-connection state lives in a weak mapping so it goes away with the
+    connection object.  A pool hands out a new Connection object on every
+    acquire, and the driver clears the context on release, so a connection
+    object deepsec has not seen yet starts as "unknown" and its first
+    operation always sets or clears.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_attached",
+        "_lock",
+        "config",
+        "source",
+        "user_on_connect",
+        "user_operation",
+    )
+
+    def __init__(
+        self,
+        config: EndUserSecConfig,
+        source: TokenSource,
+        user_on_connect: Callable[..., Any] | None,
+        user_operation: Callable[..., Any] | None,
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.user_on_connect = user_on_connect
+        self.user_operation = user_operation
+        self._attached: weakref.WeakKeyDictionary[Any, _Attached] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    # -- per operation -----------------------------------------------------
+
+    def operation_callback(self, name: str, args: dict[str, Any]) -> Any:
+        """Attach, switch or clear the end-user context before an operation."""
+        completion = None
+        if name not in _SKIP_OPERATIONS:
+            target = args.get("self")
+            conn = (
+                target
+                if isinstance(target, (oracledb.Connection, oracledb.AsyncConnection))
+                else getattr(target, "connection", None)
+            )
+            if conn is not None:
+                completion = self._sync_connection(conn, current_context(), fetch=False)
+        if self.user_operation is not None:
+            user_completion = self.user_operation(name, args)
+            if completion is None:
+                return user_completion
+            if user_completion is not None:
+                return _both(completion, user_completion)
+        return completion
+
+    def _sync_connection(
+        self, conn: Any, ctx: EndUserContext, *, fetch: bool, force: bool = False
+    ) -> Callable[[Any], None] | None:
+        state = _UNKNOWN if force else self._attached.get(conn, _UNKNOWN)
+        if ctx.identity is None:
+            if state is not _CLEARED:
+                conn.clear_end_user_security_context()
+                self._attached[conn] = _CLEARED
+                log.debug("cleared end-user context on connection %x", id(conn))
+            return None
+        token = self.source.cached_token(ctx)
+        if token is None or state.context != ctx or state.token != token:
+            self._attach(conn, ctx, token, fetch=fetch)
+        return self._make_completion(conn, ctx)
+
+    def _attach(self, conn: Any, ctx: EndUserContext, token: str | None, *, fetch: bool) -> None:
+        if token is None:
+            if isinstance(conn, oracledb.AsyncConnection) and not fetch:
+                raise TokenNotReadyError(
+                    "no database-access token is cached for the current end user; in asyncio "
+                    "code use `async with deepsec.end_user(...)`, `await deepsec.prepare()` "
+                    "or the ASGI/FastAPI adapter, which fetch it off the event loop"
+                )
+            token = self.source.get_token(ctx)
+        security_context = build_security_context(self.config, ctx, token, conn.version)
+        conn.set_end_user_security_context(security_context)
+        self._attached[conn] = _Attached(ctx, token)
+        log.debug("attached end-user context %r on connection %x", ctx, id(conn))
+
+    def _make_completion(self, conn: Any, ctx: EndUserContext) -> Callable[[Any], None]:
+        def completion(outcome: Any) -> None:
+            # The database rejected the access token (revoked, or expired early):
+            # drop it so the next operation attaches a freshly fetched one.
+            if isinstance(outcome, oracledb.DatabaseError):
+                err = outcome.args[0] if outcome.args else None
+                if getattr(err, "code", None) == _BAD_ACCESS_TOKEN:
+                    self.source.invalidate(ctx)
+                    self._attached[conn] = _UNKNOWN
+
+        return completion
+
+    # -- on connect / acquire ------------------------------------------------
+
+    def on_connect_callback(self, conn: Any) -> Awaitable[None] | None:
+        """Attach eagerly; for asyncio connections, fetch the token first."""
+        if isinstance(conn, oracledb.AsyncConnection):
+            return self._on_connect_async(conn)
+        self._sync_connection(conn, current_context(), fetch=True, force=True)
+        if self.user_on_connect is not None:
+            self.user_on_connect(conn)
+        return None
+
+    async def _on_connect_async(self, conn: Any) -> None:
+        ctx = current_context()
+        if ctx.identity is not None:
+            await self.source.get_token_async(ctx)
+        self._sync_connection(conn, ctx, fetch=False, force=True)
+        if self.user_on_connect is not None:
+            result = self.user_on_connect(conn)
+            if inspect.isawaitable(result):
+                await result
+
+
+def _both(first: Callable[[Any], Any], second: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def completion(outcome: Any) -> Any:
+        first(outcome)
+        return second(outcome)
+
+    return completion
+
+
+def _version_tuple(version: str | None) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in (version or "").split("."))[:3]
+    except ValueError:
+        return ()
+
+
+def build_security_context(
+    config: EndUserSecConfig,
+    ctx: EndUserContext,
+    token: str,
+    server_version: str | None = None,
+) -> Any:
+    """Build the driver's ``EndUserSecurityContext`` for ``ctx``.
+
+    Data roles and attributes set on the context win over configured ones.
+    With ``on_behalf_of`` against a 23.26.4+ database the OBO token alone
+    identifies the user, as python-oracledb's plugin does.
+    """
+    data_roles = ctx.data_roles if ctx.data_roles is not None else config.data_roles
+    attributes = ctx.attributes if ctx.attributes is not None else config.attributes
+    if ctx.is_local_user and data_roles:
+        raise IdentityError(
+            "data roles cannot be set explicitly for a local (name, key) end user "
+            "(they come from end_user_sec_params['data_roles'] here); remove them "
+            "or use a token identity"
+        )
+    identity = ctx.identity
+    if config.auth_flow == "on_behalf_of" and _version_tuple(server_version) >= (23, 26, 4):
+        identity = None
+    return oracledb.create_end_user_security_context(
+        token,
+        end_user_identity=identity,
+        data_roles=list(data_roles) if data_roles is not None else None,
+        attributes=dict(attributes) if attributes is not None else None,
+    )
+
+
+# -- the params hook -----------------------------------------------------------
+
+
+def _is_ours(callback: object) -> bool:
+    return isinstance(getattr(callback, "__self__", None), _Binding)
+
+
+def params_hook(params: oracledb.ConnectParams) -> None:
+    """python-oracledb params hook: install deepsec's callbacks where configured.
+
+    Runs on a copy of the params before every standalone connect and pool
+    creation.  Params without ``end_user_sec_params`` are left untouched.
+
+    Raises:
+        ConfigError: ``end_user_sec_params`` are invalid (every problem listed).
+    """
+    extra = params.extra_auth_params
+    if not extra or extra.get("end_user_sec_params") is None:
+        return
+    _neutralise_reference_plugin()
+    config = parse_end_user_sec_params(extra["end_user_sec_params"])
+    if _is_ours(params.operation_callback):  # the hook ran twice on these params
+        return
+    binding = _Binding(
+        config, token_source_for(config), params.on_connect_callback, params.operation_callback
+    )
+    params.set(
+        on_connect_callback=binding.on_connect_callback,
+        operation_callback=binding.operation_callback,
+    )
+
+
+_install_lock = threading.Lock()
+_warned_reference = False
+
+
+def _registered_hooks() -> list[Callable[..., Any]]:
+    # python-oracledb keeps the hooks in this list; there is no public getter.
+    from oracledb import base_impl  # type: ignore[attr-defined]
+
+    hooks: list[Callable[..., Any]] = base_impl.REGISTERED_PARAMS_HOOKS
+    return hooks
+
+
+def _neutralise_reference_plugin() -> None:
+    """Unregister python-oracledb's own end-user plugin hook, with a warning.
+
+    Both hooks would attach a context, and the reference one overwrites the
+    application's ``on_connect_callback`` and reads a thread-local identity
+    that leaks across asyncio tasks.  deepsec is a superset of its behaviour.
+    """
+    global _warned_reference
+    for hook in list(_registered_hooks()):
+        if getattr(hook, "__module__", None) == REFERENCE_PLUGIN:
+            oracledb.unregister_params_hook(hook)
+            if not _warned_reference:
+                _warned_reference = True
+                warnings.warn(
+                    f"{REFERENCE_PLUGIN} is imported as well as deepsec; deepsec has "
+                    "unregistered its params hook so that only one end-user context is "
+                    "attached. Remove the import of the plugin.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+
+
+def install() -> None:
+    """Register the params hook (idempotent; ``import deepsec`` calls it)."""
+    with _install_lock:
+        if params_hook not in _registered_hooks():
+            oracledb.register_params_hook(params_hook)
+        _neutralise_reference_plugin()
+
+
+def uninstall() -> None:
+    """Unregister the params hook.
+
+    Connections and pools created before keep their callbacks; new ones are
+    made without deepsec.
+    """
+    with _install_lock:
+        while params_hook in _registered_hooks():
+            oracledb.unregister_params_hook(params_hook)
+
+
+def installed() -> bool:
+    """True while the params hook is registered."""
+    return params_hook in _registered_hooks()
+
+
+async def prepare(context: EndUserContext | None = None) -> None:
+    """Fetch, off the event loop, the tokens the current end user will need.
+
+    asyncio connections never fetch tokens inside an operation (that would
+    block the loop); ``async with deepsec.end_user(...)`` and the ASGI/FastAPI
+    adapters call this so the per-operation callback finds them cached.
+
+    Raises:
+        TokenAcquisitionError: a provider could not issue a token.
+    """
+    ctx = context if context is not None else current_context()
+    if ctx.identity is None:
+        return
+    sources = [s for s in all_token_sources() if s.cached_token(ctx) is None]
+    if sources:
+        await asyncio.gather(*(s.get_token_async(ctx) for s in sources))
