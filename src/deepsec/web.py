@@ -1,0 +1,329 @@
+"""What every web adapter shares: identity from a request, policies, rejections.
+
+Adapters (``deepsec.django``, ``deepsec.flask``, ``deepsec.asgi``,
+``deepsec.fastapi``) only pull raw values out of their framework's request —
+the ``identity`` cookie, the ``Authorization`` header — and hand them, with
+the request object, to :func:`resolve`.  Everything else lives here once:
+
+* order: the app's ``resolver(request)``; else the cookie; else
+  ``Authorization: Bearer <token>`` (scheme case-insensitive);
+* cookie values: a JSON string is a token, JSON ``[name, key|null]`` a local
+  end user, a bare (non-JSON) value a token;
+* strict parsing with a size limit; malformed input is *no identity* (one
+  WARNING log record, never the value) or, with ``strict=True``, HTTP 400/401;
+* the ``no_identity`` policy: ``least_privilege`` (default) or ``deny`` (401);
+* the response for a token-acquisition failure (503 by default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import unquote
+
+from .context import EndUserContext, Identity, validate_identity
+from .errors import ConfigError, DeepSecError, IdentityError, TokenAcquisitionError
+
+__all__ = [
+    "DEFAULT_MAX_SIZE",
+    "MalformedIdentity",
+    "Rejection",
+    "Resolution",
+    "WebSettings",
+    "identity_from_authorization",
+    "identity_from_cookie",
+    "parse_cookie_header",
+    "rejection_for_error",
+    "resolve",
+]
+
+log = logging.getLogger("deepsec.web")
+
+DEFAULT_MAX_SIZE = 16 * 1024
+NoIdentityPolicy = Literal["least_privilege", "deny"]
+#: ``resolver(request)`` returns an identity, a full context, or ``None``.
+Resolver = Callable[[Any], "Identity | EndUserContext | list[Any] | None"]
+
+# RFC 6750 b64token: the characters a bearer token may contain.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+class MalformedIdentity(DeepSecError):
+    """The request carried an identity we cannot parse.
+
+    ``status`` is 400 for bad syntax in a cookie, 401 for a bad bearer token.
+    The message describes the problem, never the value.
+    """
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An HTTP response an adapter sends instead of running the app."""
+
+    status: int
+    body: dict[str, str]
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def json_body(self) -> bytes:
+        """The body as compact UTF-8 JSON."""
+        return json.dumps(self.body, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The outcome of :func:`resolve`: a context to activate, or a rejection."""
+
+    context: EndUserContext | None = None
+    rejection: Rejection | None = None
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """Adapter settings, shared by all frameworks.
+
+    Attributes:
+        cookie_name: cookie holding the identity (``None`` disables cookies).
+        bearer: read ``Authorization: Bearer <token>``.
+        resolver: ``resolver(request)`` -> identity, :class:`EndUserContext`
+            or ``None``; when set, the cookie and header are not read.
+        data_roles: ``data_roles(request)`` -> list of role names or ``None``.
+        attributes: ``attributes(request)`` -> dict or ``None``.
+        max_size: largest cookie or header value accepted, in bytes.
+        strict: reject malformed identities with 400/401 instead of
+            treating them as absent.
+        no_identity: ``least_privilege`` runs the request with no end user;
+            ``deny`` answers 401.
+        token_error_status: status for a token-acquisition failure.
+    """
+
+    cookie_name: str | None = "identity"
+    bearer: bool = True
+    resolver: Resolver | None = None
+    data_roles: Callable[[Any], Sequence[str] | None] | None = None
+    attributes: Callable[[Any], Mapping[str, Any] | None] | None = None
+    max_size: int = DEFAULT_MAX_SIZE
+    strict: bool = False
+    no_identity: NoIdentityPolicy = "least_privilege"
+    token_error_status: int = 503
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.cookie_name is not None and (
+            not isinstance(self.cookie_name, str) or not self.cookie_name
+        ):
+            problems.append("cookie_name must be a non-empty string or None")
+        if not isinstance(self.bearer, bool):
+            problems.append("bearer must be true or false")
+        for name in ("resolver", "data_roles", "attributes"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                problems.append(f"{name} must be a callable taking the request, or None")
+        if isinstance(self.max_size, bool) or not isinstance(self.max_size, int):
+            problems.append("max_size must be an integer number of bytes")
+        elif not 64 <= self.max_size <= 1024 * 1024:
+            problems.append("max_size must be between 64 and 1048576 bytes")
+        if not isinstance(self.strict, bool):
+            problems.append("strict must be true or false")
+        if self.no_identity not in ("least_privilege", "deny"):
+            problems.append(
+                f"no_identity must be 'least_privilege' or 'deny', got {self.no_identity!r}"
+            )
+        if (
+            isinstance(self.token_error_status, bool)
+            or not isinstance(self.token_error_status, int)
+            or not 400 <= self.token_error_status <= 599
+        ):
+            problems.append("token_error_status must be an HTTP error status (400-599)")
+        if problems:
+            raise ConfigError(problems, where="deepsec adapter settings")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, where: str) -> WebSettings:
+        """Build settings from a dict (Django ``DEEPSEC``, Flask ``DEEPSEC_*``).
+
+        Keys are the attribute names, case-insensitive; unknown keys are an
+        error naming them.
+        """
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        lowered = {str(k).lower(): v for k, v in values.items()}
+        unknown = sorted(k for k in lowered if k not in known)
+        if unknown:
+            raise ConfigError(
+                [f"unknown setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"],
+                where=where,
+            )
+        try:
+            return cls(**lowered)
+        except ConfigError as exc:
+            raise ConfigError(exc.problems, where=where) from None
+
+
+def _size_ok(value: str, max_size: int) -> bool:
+    return len(value) <= max_size and len(value.encode("utf-8", "surrogatepass")) <= max_size
+
+
+def identity_from_cookie(value: str | None, *, max_size: int = DEFAULT_MAX_SIZE) -> Identity | None:
+    """Parse the ``identity`` cookie value.
+
+    A JSON string is a token, JSON ``[name, key|null]`` a local end user, a
+    bare value a token.  Percent-encoded JSON (``%5B...``, ``%22...``) is
+    decoded first, since some clients encode cookie values.
+
+    Raises:
+        MalformedIdentity: the value is oversized or not one of those forms.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    if not _size_ok(value, max_size):
+        raise MalformedIdentity(f"identity cookie is larger than {max_size} bytes")
+    if value[:3].upper() in ("%5B", "%22"):
+        value = unquote(value)
+    if value[0] in '["{':
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            raise MalformedIdentity("identity cookie is not valid JSON") from None
+        if isinstance(decoded, str) and not _B64TOKEN.fullmatch(decoded):
+            raise MalformedIdentity("identity cookie holds a string that is not a token")
+        if not isinstance(decoded, (str, list)):
+            raise MalformedIdentity(
+                "identity cookie must be a JSON string (token) or [name, key|null]"
+            )
+        try:
+            return validate_identity(decoded)
+        except (TypeError, IdentityError) as exc:
+            raise MalformedIdentity(f"identity cookie: {exc}") from None
+    if not _B64TOKEN.fullmatch(value):
+        raise MalformedIdentity("identity cookie is neither JSON nor a token")
+    return value
+
+
+def identity_from_authorization(
+    value: str | None, *, max_size: int = DEFAULT_MAX_SIZE
+) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or ``None``.
+
+    Other schemes (``Basic``...) are not ours and give ``None``.
+
+    Raises:
+        MalformedIdentity: (status 401) a Bearer header with a bad or oversized token.
+    """
+    if value is None:
+        return None
+    if not _size_ok(value, max_size + 7):
+        raise MalformedIdentity(f"Authorization header is larger than {max_size} bytes", status=401)
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    token = token.strip()
+    if not token or not _B64TOKEN.fullmatch(token):
+        raise MalformedIdentity("Authorization: Bearer token is malformed", status=401)
+    return token
+
+
+def parse_cookie_header(header: str | None, name: str) -> str | None:
+    """The value of cookie ``name`` in a raw ``Cookie`` header (first one wins).
+
+    A small strict parser for adapters that see raw headers (ASGI).
+    """
+    if not header:
+        return None
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key.strip() == name:
+            # A quoted RFC 6265 value stays quoted: it then parses as a JSON string.
+            return value.strip()
+    return None
+
+
+def _warn_malformed(exc: MalformedIdentity) -> None:
+    # The message describes the problem only; the value never reaches logs.
+    log.warning("ignoring a malformed end-user identity: %s", exc)
+
+
+def _deny(message: str, status: int, *, error: str | None = None) -> Rejection:
+    if status == 401:
+        challenge = 'Bearer error="invalid_token"' if error else "Bearer"
+        headers: tuple[tuple[str, str], ...] = (("WWW-Authenticate", challenge),)
+    else:
+        headers = ()
+    body = {"error": error or ("unauthorized" if status == 401 else "bad_request")}
+    body["detail"] = message
+    return Rejection(status, body, headers)
+
+
+def resolve(
+    settings: WebSettings,
+    request: Any,
+    *,
+    cookie: str | None = None,
+    authorization: str | None = None,
+) -> Resolution:
+    """Decide the end-user context for one request.
+
+    ``cookie`` is the raw value of ``settings.cookie_name`` and
+    ``authorization`` the raw ``Authorization`` header, as the adapter found
+    them; ``request`` is passed to the app's callables.
+    """
+    identity: Identity | EndUserContext | None
+    try:
+        if settings.resolver is not None:
+            resolved = settings.resolver(request)
+            if isinstance(resolved, EndUserContext):
+                identity = resolved
+            else:
+                identity = validate_identity(resolved)
+        else:
+            identity = None
+            if settings.cookie_name is not None:
+                identity = identity_from_cookie(cookie, max_size=settings.max_size)
+            if identity is None and settings.bearer:
+                identity = identity_from_authorization(authorization, max_size=settings.max_size)
+    except MalformedIdentity as exc:
+        if settings.strict:
+            error = "invalid_token" if exc.status == 401 else None
+            return Resolution(rejection=_deny(str(exc), exc.status, error=error))
+        _warn_malformed(exc)
+        identity = None
+
+    if identity is None:
+        if settings.no_identity == "deny":
+            return Resolution(rejection=_deny("an end-user identity is required", 401))
+        return Resolution(context=None)
+    if isinstance(identity, EndUserContext):
+        return Resolution(context=identity)
+    roles = settings.data_roles(request) if settings.data_roles is not None else None
+    attrs = settings.attributes(request) if settings.attributes is not None else None
+    return Resolution(context=EndUserContext(identity, roles, attrs))
+
+
+def rejection_for_error(exc: BaseException, settings: WebSettings) -> Rejection | None:
+    """The response for a deepsec error raised while serving a request, if any.
+
+    A token that cannot be obtained fails closed with
+    ``settings.token_error_status`` (503 by default); the body carries the
+    provider's error code and correlation id, never a token or secret.
+    """
+    if isinstance(exc, TokenAcquisitionError):
+        body = {"error": "token_unavailable", "detail": "the database-access token is unavailable"}
+        if exc.error:
+            body["provider_error"] = exc.error
+        if exc.correlation_id:
+            body["correlation_id"] = exc.correlation_id
+        headers: tuple[tuple[str, str], ...] = ()
+        if settings.token_error_status == 503:
+            headers = (("Retry-After", "5"),)
+        return Rejection(settings.token_error_status, body, headers)
+    return None
