@@ -55,6 +55,17 @@ DEFAULT_MAX_RETRIES = 2
 DEFAULT_CACHE_SIZE = 10_000
 
 
+def _shown(value: object) -> str:
+    """How a bad value appears in an error: numbers and flags as is, else its type.
+
+    A misplaced secret (a client secret pasted into ``timeout``) must not be
+    echoed, so strings and containers are described, not shown.
+    """
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
 def _redacted(value: object) -> str:
     return "None" if value is None else "'***'"
 
@@ -180,7 +191,14 @@ def _parse(params: Mapping[str, Any]) -> EndUserSecConfig:
 
     auth_flow = params.get("auth_flow", "client_credentials")
     if auth_flow not in AUTH_FLOWS:
-        problems.append(f"auth_flow must be one of {', '.join(AUTH_FLOWS)}, got {auth_flow!r}")
+        problems.append(
+            f"auth_flow must be one of {', '.join(AUTH_FLOWS)}, got "
+            + (
+                repr(auth_flow)
+                if isinstance(auth_flow, str) and len(auth_flow) < 40
+                else _shown(auth_flow)
+            )
+        )
     elif spi_type == "oci_tokens" and auth_flow != "client_credentials":
         problems.append("auth_flow for spi_type 'oci_tokens' must be 'client_credentials'")
 
@@ -239,27 +257,36 @@ def _parse(params: Mapping[str, Any]) -> EndUserSecConfig:
 
     timeout = params.get("timeout", DEFAULT_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        problems.append(f"timeout must be a positive number of seconds, got {timeout!r}")
+        problems.append(f"timeout must be a positive number of seconds, got {_shown(timeout)}")
         timeout = DEFAULT_TIMEOUT
 
     ca_file = params.get("ca_file")
     if ca_file is not None and (not isinstance(ca_file, str) or not os.path.isfile(ca_file)):
-        problems.append(f"ca_file must be the path of a readable PEM file, got {ca_file!r}")
+        problems.append(
+            "ca_file must be the path of a readable PEM file"
+            + (
+                f", and {ca_file!r} is not one"
+                if isinstance(ca_file, str) and len(ca_file) < 512
+                else f", got {_shown(ca_file)}"
+            )
+        )
         ca_file = None
 
     instance_discovery = params.get("instance_discovery", True)
     if not isinstance(instance_discovery, bool):
-        problems.append(f"instance_discovery must be true or false, got {instance_discovery!r}")
+        problems.append(
+            f"instance_discovery must be true or false, got {_shown(instance_discovery)}"
+        )
         instance_discovery = True
 
     max_retries = params.get("max_retries", DEFAULT_MAX_RETRIES)
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        problems.append(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        problems.append(f"max_retries must be an integer >= 0, got {_shown(max_retries)}")
         max_retries = DEFAULT_MAX_RETRIES
 
     cache_size = params.get("cache_size", DEFAULT_CACHE_SIZE)
     if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
-        problems.append(f"cache_size must be an integer >= 1, got {cache_size!r}")
+        problems.append(f"cache_size must be an integer >= 1, got {_shown(cache_size)}")
         cache_size = DEFAULT_CACHE_SIZE
 
     if problems:

@@ -1,0 +1,134 @@
+"""``end_user_sec_params`` parsing: every key, every error, no secret shown."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from deepsec import ConfigError, parse_end_user_sec_params
+
+SECRET = "client-secret-value-9f8e"
+
+AZURE = {
+    "spi_type": "azure_tokens",
+    "auth_flow": "client_credentials",
+    "authority": "https://login.example.test/tenant",
+    "client_id": "app-id",
+    "client_credential": SECRET,
+    "scopes": "https://db.example.test/.default",
+}
+
+
+def test_reference_plugin_keys_are_accepted():
+    config = parse_end_user_sec_params(AZURE)
+    assert config.spi_type == "azure_tokens"
+    assert config.scopes == ("https://db.example.test/.default",)
+    assert config.client_credential == SECRET
+    assert config.timeout == 10.0
+    assert config.instance_discovery is True
+
+
+def test_client_secret_alias_and_scope_list():
+    params = {k: v for k, v in AZURE.items() if k != "client_credential"}
+    config = parse_end_user_sec_params(
+        {**params, "client_secret": SECRET, "scopes": ["a/.default", "b"]}
+    )
+    assert config.client_credential == SECRET
+    assert config.scopes == ("a/.default", "b")
+
+
+def test_certificate_credential():
+    cert = {"private_key": "-----BEGIN PRIVATE KEY-----x", "thumbprint": "AB12"}
+    config = parse_end_user_sec_params({**AZURE, "client_credential": cert})
+    assert config.client_credential == cert
+    assert "PRIVATE" not in repr(config)
+
+
+def test_parsed_once_per_distinct_params():
+    assert parse_end_user_sec_params(dict(AZURE)) is parse_end_user_sec_params(dict(AZURE))
+    other = parse_end_user_sec_params({**AZURE, "client_id": "other"})
+    assert other is not parse_end_user_sec_params(AZURE)
+    assert other.fingerprint != parse_end_user_sec_params(AZURE).fingerprint
+
+
+def test_every_problem_listed_in_one_error():
+    bad = {
+        "spi_type": "azure_tokens",
+        "auth_flow": "implicit",
+        "authority": "http://plain",
+        "client_credential": 12345,
+        "scopes": [],
+        "data_roles": "hr",
+        "timeout": -1,
+        "surprise": True,
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_end_user_sec_params(bad)
+    text = str(info.value)
+    for fragment in (
+        "missing required key(s) for azure_tokens: client_id",
+        "unknown key(s) for spi_type 'azure_tokens': surprise",
+        "auth_flow must be one of",
+        "authority must be an https:// URL",
+        "client_credential must be a non-empty string",
+        "scopes must be",
+        "data_roles must be a list",
+        "timeout must be a positive number",
+    ):
+        assert fragment in text
+    assert len(info.value.problems) == 8
+    assert isinstance(info.value, ValueError)
+
+
+def test_missing_spi_type_and_bad_module():
+    with pytest.raises(ConfigError, match="spi_type is required"):
+        parse_end_user_sec_params({"auth_flow": "client_credentials"})
+    with pytest.raises(ConfigError, match="cannot import module"):
+        parse_end_user_sec_params({"spi_type": "no.such.module_xyz"})
+    with pytest.raises(ConfigError, match="has no callable get_database_access_token"):
+        parse_end_user_sec_params({"spi_type": "json"})
+    with pytest.raises(ConfigError, match="must be a dict"):
+        parse_end_user_sec_params(["spi_type"])  # type: ignore[arg-type]
+
+
+def test_oci_rules():
+    oci = {**AZURE, "spi_type": "oci_tokens", "authority": "https://idcs.test/oauth2/v1/token"}
+    assert parse_end_user_sec_params(oci).spi_type == "oci_tokens"
+    with pytest.raises(ConfigError, match="'oci_tokens' must be 'client_credentials'"):
+        parse_end_user_sec_params({**oci, "auth_flow": "on_behalf_of"})
+    with pytest.raises(ConfigError, match="unknown key.*instance_discovery"):
+        parse_end_user_sec_params({**oci, "instance_discovery": False})
+    with pytest.raises(ConfigError, match="client_credential must be a non-empty string, got"):
+        parse_end_user_sec_params({**oci, "client_credential": {"private_key": 1}})
+
+
+def test_custom_module_with_extra_keys():
+    config = parse_end_user_sec_params({"spi_type": "spi_static", "lifetime": 5})
+    assert config.module is not None and config.auth_flow == "client_credentials"
+    assert config.raw_params() == {"spi_type": "spi_static", "lifetime": 5}
+    with pytest.raises(ConfigError, match="unknown key.*bogus"):
+        parse_end_user_sec_params({"spi_type": "spi_static", "bogus": 1})
+
+
+def test_both_secret_spellings_rejected():
+    with pytest.raises(ConfigError, match="not both"):
+        parse_end_user_sec_params({**AZURE, "client_secret": SECRET})
+
+
+def test_secrets_never_in_repr_errors_or_logs(caplog):
+    caplog.set_level(logging.DEBUG)
+    config = parse_end_user_sec_params(AZURE)
+    assert SECRET not in repr(config) and SECRET not in str(config)
+    assert "client_credential='***'" in repr(config)
+    for bad in (
+        {**AZURE, "client_credential": [SECRET]},
+        {**AZURE, "timeout": SECRET},
+        {**AZURE, "bogus": SECRET},
+        {**AZURE, "client_credential": {"thumbprint": SECRET}},
+    ):
+        with pytest.raises(ConfigError) as info:
+            parse_end_user_sec_params(bad)
+        assert SECRET not in str(info.value)
+        assert SECRET not in repr(info.value)
+    assert SECRET not in caplog.text

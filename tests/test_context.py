@@ -1,0 +1,163 @@
+"""The end-user context: validation, the plugin-compatible functions, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+import deepsec
+from deepsec import EndUserContext, IdentityError
+from deepsec.context import activate, current_context, deactivate
+
+
+def test_token_and_local_identities_round_trip_unchanged():
+    with deepsec.end_user("tok.en.x"):
+        assert deepsec.get_end_user_identity() == "tok.en.x"
+    with deepsec.end_user(("bob", None)):
+        # The reference plugin stored JSON and handed back a list (defect 3).
+        assert deepsec.get_end_user_identity() == ("bob", None)
+        assert isinstance(deepsec.get_end_user_identity(), tuple)
+    assert deepsec.get_end_user_identity() is None
+
+
+def test_list_of_two_is_accepted_as_a_local_user():
+    assert EndUserContext(["carol", "k1"]).identity == ("carol", "k1")
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "text"),
+    [
+        ("", IdentityError, "non-empty"),
+        ("   ", IdentityError, "non-empty"),
+        (42, TypeError, "not int"),
+        (b"tok", TypeError, "not bytes"),
+        (("bob",), IdentityError, "got 1 items"),
+        (("bob", None, "x"), IdentityError, "got 3 items"),
+        (("", None), IdentityError, "name must be a non-empty"),
+        ((1, None), TypeError, "name must be a str"),
+        (("bob", 5), TypeError, "key must be a str or None"),
+        (("bob", ""), IdentityError, "key must be a non-empty"),
+        ("x" * 70000, IdentityError, "limit is 65535"),
+    ],
+)
+def test_bad_identities_name_the_problem(value, error, text):
+    with pytest.raises(error, match=text):
+        deepsec.set_end_user_identity(value)
+    with pytest.raises(error, match=text):
+        deepsec.end_user(value)
+
+
+def test_bad_identity_message_never_contains_the_value():
+    secret = "sekrit-token-value"
+    with pytest.raises(IdentityError) as info:
+        deepsec.end_user((secret, ""))
+    assert secret not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("roles", "error"),
+    [("admin", TypeError), ([1], TypeError), ([""], IdentityError), ({"a": 1}, TypeError)],
+)
+def test_bad_data_roles(roles, error):
+    with pytest.raises(error, match="data_roles"):
+        deepsec.set_end_user_data_roles(roles)
+
+
+def test_bad_attributes():
+    with pytest.raises(TypeError, match="attributes must be a dict"):
+        deepsec.set_end_user_attributes(["a"])
+    with pytest.raises(TypeError, match="not JSON-compatible"):
+        deepsec.set_end_user_attributes({"a": object()})
+    with pytest.raises(IdentityError, match="attribute names"):
+        deepsec.set_end_user_attributes({"": 1})
+
+
+def test_data_roles_with_local_user_rejected_before_any_round_trip():
+    with pytest.raises(IdentityError, match="local"):
+        deepsec.end_user(("bob", None), data_roles=["hr"])
+    with deepsec.end_user(None, data_roles=["hr"]), pytest.raises(IdentityError):
+        deepsec.set_end_user_identity(("bob", None))
+
+
+def test_setters_getters_and_copies():
+    with deepsec.end_user(None):
+        deepsec.set_end_user_identity("t1")
+        deepsec.set_end_user_data_roles(["r1", "r2"])
+        attrs = {"dept": "hr", "levels": [1, 2]}
+        deepsec.set_end_user_attributes(attrs)
+        attrs["dept"] = "changed"  # the stored copy is not affected
+        assert deepsec.get_end_user_data_roles() == ["r1", "r2"]
+        got = deepsec.get_end_user_attributes()
+        assert got == {"dept": "hr", "levels": [1, 2]}
+        got["levels"].append(3)
+        assert deepsec.get_end_user_attributes() == {"dept": "hr", "levels": [1, 2]}
+        deepsec.set_end_user_identity(None)
+        assert deepsec.current_end_user() is None
+    assert deepsec.get_end_user_data_roles() is None
+
+
+def test_context_is_immutable_and_repr_hides_secrets():
+    ctx = EndUserContext("header.payload.signature", ["r"], {"a": 1})
+    with pytest.raises(AttributeError):
+        ctx.identity = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        ctx.attributes["a"] = 2  # type: ignore[index]
+    assert "payload" not in repr(ctx)
+    assert "key-secret" not in repr(EndUserContext(("bob", "key-secret")))
+    assert ctx == EndUserContext("header.payload.signature", ("r",), {"a": 1})
+    assert ctx != EndUserContext("header.payload.signature", ("r",), {"a": 2})
+
+
+def test_end_user_restores_previous_state_on_exit_and_exception():
+    with deepsec.end_user("outer"):
+        with pytest.raises(RuntimeError), deepsec.end_user("inner"):
+            assert deepsec.get_end_user_identity() == "inner"
+            raise RuntimeError
+        assert deepsec.get_end_user_identity() == "outer"
+        with deepsec.end_user(None):
+            assert deepsec.current_end_user() is None
+        assert deepsec.current_end_user() == EndUserContext("outer")
+    assert deepsec.current_end_user() is None
+
+
+def test_activate_and_deactivate():
+    token = activate(EndUserContext("abc"))
+    try:
+        assert current_context().identity == "abc"
+    finally:
+        deactivate(token)
+    assert current_context().identity is None
+    with pytest.raises(TypeError):
+        activate("abc")  # type: ignore[arg-type]
+
+
+def test_threads_are_isolated():
+    seen: dict[str, object] = {}
+    barrier = threading.Barrier(8)
+
+    def worker(name: str) -> None:
+        deepsec.set_end_user_identity((name, None))
+        barrier.wait()
+        seen[name] = deepsec.get_end_user_identity()
+
+    threads = [threading.Thread(target=worker, args=(f"u{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {f"u{i}": (f"u{i}", None) for i in range(8)}
+    assert deepsec.get_end_user_identity() is None
+
+
+def test_asyncio_tasks_are_isolated():
+    async def request(name: str) -> object:
+        async with deepsec.end_user((name, None)):
+            await asyncio.sleep(0.01)
+            return deepsec.get_end_user_identity()
+
+    async def main() -> list[object]:
+        return await asyncio.gather(*(request(f"u{i}") for i in range(20)))
+
+    assert asyncio.run(main()) == [(f"u{i}", None) for i in range(20)]
