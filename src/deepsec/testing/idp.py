@@ -1,0 +1,838 @@
+"""A local HTTPS identity provider for tests and demos.
+
+:class:`LocalIdP` speaks enough OAuth 2.0 / OpenID Connect for real MSAL and
+for the OCI identity-domain token endpoint, over TLS on ``127.0.0.1`` with a
+throw-away CA (:class:`~deepsec.testing.tls.TestCA`):
+
+* OpenID discovery at both paths MSAL uses:
+  ``/{tenant}/v2.0/.well-known/openid-configuration`` (``authority=``) and
+  ``/{tenant}/.well-known/openid-configuration`` (``oidc_authority=``), plus
+  a B2C-style authority ``/{tenant}/b2c_local`` that MSAL accepts without
+  instance discovery (for clients that cannot pass ``instance_discovery=False``,
+  such as python-oracledb's ``azure_tokens`` plugin);
+* JWKS at ``/{tenant}/discovery/v2.0/keys``;
+* ``POST /{tenant}/oauth2/v2.0/token``: ``client_credentials`` (client secret
+  in the form or HTTP Basic) and the on-behalf-of ``jwt-bearer`` grant, which
+  verifies the user assertion's signature, issuer and expiry and returns an
+  access token for the same user, with ``id_token`` and ``client_info``
+  (configurable: :attr:`LocalIdP.obo_account_info`);
+* ``POST /oauth2/v1/token``: an OCI IAM identity-domain style endpoint
+  (HTTP Basic client auth, ``grant_type=client_credentials``);
+* RS256 JWTs with configurable claims and lifetime;
+* a thread-safe request log (:meth:`LocalIdP.token_requests`);
+* fault injection (:attr:`LocalIdP.faults`): delays, HTTP errors, malformed
+  JSON and dropped connections, one-shot or persistent.
+
+Every response carries ``Connection: close``, so a stopped provider is really
+down.  Run it by hand with ``python -m deepsec.testing.idp --port 8443
+--ca-file /tmp/idp-ca.pem``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import json
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qs, urlparse
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from .tls import TestCA
+
+__all__ = [
+    "JWT_BEARER",
+    "Fault",
+    "FaultKind",
+    "Faults",
+    "LocalIdP",
+    "TokenRequest",
+]
+
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+_OIDC_SCOPES = frozenset({"openid", "profile", "offline_access", "email"})
+
+FaultKind = Literal["status", "delay", "malformed_json", "drop"]
+Target = Literal["any", "azure", "oci"]
+
+
+@dataclass
+class Fault:
+    """One injected fault on the token endpoints.
+
+    Attributes:
+        kind: ``"status"`` (answer ``status`` with an OAuth error body),
+            ``"delay"`` (sleep ``seconds``, then answer normally),
+            ``"malformed_json"`` (200 with a truncated JSON body) or
+            ``"drop"`` (close the connection without answering).
+        times: how many token requests it applies to; ``None`` = persistent.
+        target: ``"azure"``, ``"oci"`` or ``"any"`` token endpoint.
+    """
+
+    kind: FaultKind
+    status: int = 500
+    error: str = "server_error"
+    description: str = "injected fault"
+    seconds: float = 0.0
+    retry_after: float | None = None
+    times: int | None = 1
+    target: Target = "any"
+
+
+class Faults:
+    """Thread-safe fault queue.  The first matching fault applies to a request."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+
+    def add(self, fault: Fault) -> Fault:
+        """Queue ``fault`` (applies after those queued before it are used up)."""
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def status(
+        self,
+        status: int,
+        error: str | None = None,
+        *,
+        description: str = "injected fault",
+        times: int | None = 1,
+        retry_after: float | None = None,
+        target: Target = "any",
+    ) -> Fault:
+        """Answer with HTTP ``status`` and ``{"error": error, ...}``."""
+        default = {
+            400: "invalid_grant",
+            401: "invalid_client",
+            429: "too_many_requests",
+            503: "temporarily_unavailable",
+        }.get(status, "server_error")
+        return self.add(
+            Fault(
+                "status",
+                status=status,
+                error=error or default,
+                description=description,
+                times=times,
+                retry_after=retry_after,
+                target=target,
+            )
+        )
+
+    def delay(self, seconds: float, *, times: int | None = 1, target: Target = "any") -> Fault:
+        """Sleep ``seconds`` before answering."""
+        return self.add(Fault("delay", seconds=seconds, times=times, target=target))
+
+    def malformed_json(self, *, times: int | None = 1, target: Target = "any") -> Fault:
+        """Answer 200 with a body that is not valid JSON."""
+        return self.add(Fault("malformed_json", times=times, target=target))
+
+    def drop(self, *, times: int | None = 1, target: Target = "any") -> Fault:
+        """Close the connection without sending a response."""
+        return self.add(Fault("drop", times=times, target=target))
+
+    def down(self, *, target: Target = "any") -> Fault:
+        """Persistently drop every token request (the provider looks down)."""
+        return self.drop(times=None, target=target)
+
+    def clear(self) -> None:
+        """Remove every fault."""
+        with self._lock:
+            self._faults.clear()
+
+    def take(self, target: Literal["azure", "oci"]) -> Fault | None:
+        """The fault for one request to ``target``, consuming a one-shot use."""
+        with self._lock:
+            for i, fault in enumerate(self._faults):
+                if fault.target not in ("any", target):
+                    continue
+                if fault.times is not None:
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        del self._faults[i]
+                return fault
+        return None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._faults)
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """One request the provider received (no secrets are recorded).
+
+    ``subject`` is the ``sub`` of a valid OBO assertion, ``status`` the HTTP
+    status answered (``0`` for a dropped connection).
+    """
+
+    method: str
+    path: str
+    grant_type: str | None
+    client_id: str | None
+    endpoint: Literal["azure", "oci", "other"]
+    subject: str | None = None
+    status: int = 0
+    time: float = field(default_factory=time.time)
+
+
+def _b64url_json(data: Mapping[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(dict(data)).encode()).decode().rstrip("=")
+
+
+class _Drop(Exception):
+    """Internal: close the connection without a response."""
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], idp: LocalIdP, ctx: ssl.SSLContext) -> None:
+        self.idp = idp
+        self.ssl_context = ctx
+        super().__init__(address, _Handler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # TLS handshake in the per-connection thread, not in the accept loop.
+        try:
+            conn = self.ssl_context.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError):
+            return
+        try:
+            super().finish_request(conn, client_address)
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # client went away, TLS errors... nothing for a test server to report
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _send(self, code: int, body: Mapping[str, Any] | bytes, headers: Mapping[str, str]) -> None:
+        raw = body if isinstance(body, bytes) else json.dumps(dict(body)).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.close_connection = True
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def do_GET(self) -> None:
+        code, body = self.server.idp._handle_get(urlparse(self.path).path)
+        self._send(code, body, {})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+        form = {k: v[0] for k, v in parse_qs(raw).items()}
+        try:
+            code, body, headers = self.server.idp._handle_post(
+                urlparse(self.path).path, form, self.headers.get("Authorization", "")
+            )
+        except _Drop:
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self._send(code, body, headers)
+
+
+class LocalIdP:
+    """A local HTTPS identity provider (Entra ID style and OCI IAM style).
+
+    Args:
+        tenant: the tenant path segment of the Entra-style authority.
+        clients: ``{client_id: secret}`` accepted by both token endpoints.
+        expires_in: lifetime in seconds of the access tokens it issues
+            (mutable: :attr:`expires_in`; :meth:`reset` restores it).
+        host: address to listen on.
+        ca: the test CA to use; a private one is created when ``None``.
+        obo_account_info: whether OBO replies carry ``id_token`` and
+            ``client_info`` (a reply without them makes MSAL store the user's
+            token with no account: the cross-user hazard).
+
+    Use as a context manager or call :meth:`start` / :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        *,
+        tenant: str = "test-tenant",
+        clients: Mapping[str, str] | None = None,
+        expires_in: int = 3600,
+        host: str = "127.0.0.1",
+        ca: TestCA | None = None,
+        obo_account_info: bool = True,
+    ) -> None:
+        self.tenant = tenant
+        self.clients: dict[str, str] = dict(clients or {"test-client": "test-secret"})
+        self._default_expires_in = expires_in
+        self.expires_in = expires_in
+        self._default_obo_account_info = obo_account_info
+        self.obo_account_info = obo_account_info
+        #: Claims merged into every access token issued.
+        self.extra_claims: dict[str, Any] = {}
+        self.host = host
+        self._owns_ca = ca is None
+        self.ca = ca or TestCA()
+        self.faults = Faults()
+        self.kid = "deepsec-local-1"
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self._log: list[TokenRequest] = []
+        self._issued: list[str] = []
+        self._lock = threading.Lock()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def start(self, port: int = 0) -> LocalIdP:
+        """Start serving on ``port`` (``0``: any free port); returns ``self``."""
+        if self._server is not None:
+            return self
+        cert = self.ca.issue_server_cert("127.0.0.1", "localhost", name="idp")
+        self._server = _Server((self.host, port), self, cert.server_ssl_context())
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="deepsec-local-idp",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (idempotent); the CA directory is removed if it is ours."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._owns_ca:
+            self.ca.close()
+
+    @property
+    def running(self) -> bool:
+        """Whether the provider is serving."""
+        return self._server is not None
+
+    def __enter__(self) -> LocalIdP:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def reset(self) -> None:
+        """Clear the request log, faults and issued tokens; restore defaults."""
+        self.faults.clear()
+        with self._lock:
+            self._log.clear()
+            self._issued.clear()
+        self.expires_in = self._default_expires_in
+        self.obo_account_info = self._default_obo_account_info
+        self.extra_claims = {}
+
+    # --- addresses ------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """``https://127.0.0.1:PORT``."""
+        return f"https://{self.host}:{self.port}"
+
+    @property
+    def authority(self) -> str:
+        """The Entra-style authority for MSAL (``https://127.0.0.1:PORT/TENANT``)."""
+        return f"{self.base_url}/{self.tenant}"
+
+    @property
+    def b2c_authority(self) -> str:
+        """An authority MSAL accepts without instance discovery (B2C-style path)."""
+        return f"{self.authority}/b2c_local"
+
+    @property
+    def issuer(self) -> str:
+        """The ``iss`` of every token issued."""
+        return f"{self.authority}/v2.0"
+
+    @property
+    def token_url(self) -> str:
+        """The Entra-style token endpoint."""
+        return f"{self.authority}/oauth2/v2.0/token"
+
+    @property
+    def oci_token_url(self) -> str:
+        """The OCI identity-domain style token endpoint (``authority`` for ``oci_tokens``)."""
+        return f"{self.base_url}/oauth2/v1/token"
+
+    @property
+    def ca_file(self) -> str:
+        """Path of the CA certificate (PEM) clients must trust."""
+        return str(self.ca.ca_pem_path)
+
+    @property
+    def client_id(self) -> str:
+        """The first registered client id."""
+        return next(iter(self.clients))
+
+    @property
+    def client_secret(self) -> str:
+        """The first registered client's secret."""
+        return self.clients[self.client_id]
+
+    # --- end_user_sec_params helpers ---------------------------------------------------
+
+    def azure_params(
+        self,
+        auth_flow: Literal["client_credentials", "on_behalf_of"] = "client_credentials",
+        **overrides: Any,
+    ) -> dict[str, Any]:
+        """``end_user_sec_params`` for ``spi_type='azure_tokens'`` against this provider."""
+        params: dict[str, Any] = {
+            "spi_type": "azure_tokens",
+            "auth_flow": auth_flow,
+            "authority": self.authority,
+            "client_id": self.client_id,
+            "client_credential": self.client_secret,
+            "scopes": "api://oracle-db/.default",
+            "ca_file": self.ca_file,
+            "instance_discovery": False,
+            "timeout": 2.0,
+        }
+        params.update(overrides)
+        return params
+
+    def oci_params(self, **overrides: Any) -> dict[str, Any]:
+        """``end_user_sec_params`` for ``spi_type='oci_tokens'`` against this provider."""
+        params: dict[str, Any] = {
+            "spi_type": "oci_tokens",
+            "auth_flow": "client_credentials",
+            "authority": self.oci_token_url,
+            "client_id": self.client_id,
+            "client_credential": self.client_secret,
+            "scopes": "urn:oracle:db::id::*",
+            "ca_file": self.ca_file,
+            "timeout": 2.0,
+            "max_retries": 2,
+        }
+        params.update(overrides)
+        return params
+
+    # --- tokens -------------------------------------------------------------------------
+
+    def sign(self, claims: Mapping[str, Any]) -> str:
+        """Sign ``claims`` as an RS256 JWT with this provider's key."""
+        return jwt.encode(dict(claims), self._key, algorithm="RS256", headers={"kid": self.kid})
+
+    def decode(self, token: str, *, verify_exp: bool = True) -> dict[str, Any]:
+        """Verify a token this provider issued and return its claims."""
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            self._key.public_key(),
+            algorithms=["RS256"],
+            options={"verify_aud": False, "verify_exp": verify_exp},
+        )
+        return claims
+
+    def issue_user_token(
+        self,
+        username: str = "alice",
+        *,
+        oid: str | None = None,
+        audience: str = "api://middle-tier",
+        expires_in: float = 3600,
+        **claims: Any,
+    ) -> str:
+        """An end user's access token (the OBO ``assertion`` / the identity).
+
+        Claims: ``iss``, ``aud``, ``sub``, ``oid``, ``tid``, ``iat``, ``nbf``,
+        ``exp``, ``preferred_username`` (``username@example.test``), ``upn``,
+        ``name`` and ``jti``; ``claims`` override or add to them.
+        """
+        now = int(time.time())
+        oid = oid or str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.tenant}/{username}"))
+        body = {
+            "iss": self.issuer,
+            "aud": audience,
+            "sub": oid,
+            "oid": oid,
+            "tid": self.tenant,
+            "iat": now,
+            "nbf": now,
+            "exp": int(now + expires_in),
+            "preferred_username": f"{username}@example.test",
+            "upn": f"{username}@example.test",
+            "name": username,
+            "jti": str(uuid.uuid4()),
+            **claims,
+        }
+        token = self.sign(body)
+        with self._lock:
+            self._issued.append(token)
+        return token
+
+    def issued_tokens(self) -> list[str]:
+        """Every token issued since the last :meth:`reset` (for leak checks)."""
+        with self._lock:
+            return list(self._issued)
+
+    def _access_token(self, client_id: str, scope: str, extra: Mapping[str, Any]) -> str:
+        now = int(time.time())
+        first = scope.split()[0] if scope.split() else client_id
+        aud = first.rsplit("/", 1)[0] if "/" in first else first
+        body = {
+            "iss": self.issuer,
+            "aud": aud,
+            "sub": client_id,
+            "azp": client_id,
+            "appid": client_id,
+            "tid": self.tenant,
+            "iat": now,
+            "nbf": now,
+            "exp": now + self.expires_in,
+            "jti": str(uuid.uuid4()),
+            **self.extra_claims,
+            **extra,
+        }
+        token = self.sign(body)
+        with self._lock:
+            self._issued.append(token)
+        return token
+
+    # --- request log ------------------------------------------------------------------
+
+    def requests(self) -> list[TokenRequest]:
+        """Every request received since the last :meth:`reset` (a copy)."""
+        with self._lock:
+            return list(self._log)
+
+    def token_requests(
+        self,
+        grant_type: str | None = None,
+        *,
+        endpoint: Literal["azure", "oci"] | None = None,
+    ) -> int:
+        """How many token requests arrived, optionally of one grant type / endpoint.
+
+        ``grant_type`` may be ``"client_credentials"``, ``"on_behalf_of"``
+        (alias of the jwt-bearer grant) or a full grant type URN.
+        """
+        if grant_type == "on_behalf_of":
+            grant_type = JWT_BEARER
+        with self._lock:
+            return sum(
+                1
+                for r in self._log
+                if r.method == "POST"
+                and r.endpoint != "other"
+                and (grant_type is None or r.grant_type == grant_type)
+                and (endpoint is None or r.endpoint == endpoint)
+            )
+
+    def _record(self, record: TokenRequest) -> None:
+        with self._lock:
+            self._log.append(record)
+
+    # --- routing ------------------------------------------------------------------------
+
+    def _openid_config(self, authority: str) -> dict[str, Any]:
+        return {
+            "issuer": self.issuer,
+            "authorization_endpoint": f"{authority}/oauth2/v2.0/authorize",
+            "token_endpoint": f"{authority}/oauth2/v2.0/token",
+            "jwks_uri": f"{self.authority}/discovery/v2.0/keys",
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "grant_types_supported": ["client_credentials", JWT_BEARER],
+        }
+
+    def _jwks(self) -> dict[str, Any]:
+        pub = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self._key.public_key()))
+        pub.update(kid=self.kid, use="sig", alg="RS256")
+        return {"keys": [pub]}
+
+    def _handle_get(self, path: str) -> tuple[int, dict[str, Any]]:
+        self._record(TokenRequest("GET", path, None, None, "other", status=200))
+        t = f"/{self.tenant}"
+        if path in (
+            f"{t}/v2.0/.well-known/openid-configuration",
+            f"{t}/.well-known/openid-configuration",
+        ):
+            return 200, self._openid_config(self.authority)
+        if path == f"{t}/b2c_local/v2.0/.well-known/openid-configuration":
+            return 200, self._openid_config(self.b2c_authority)
+        if path == f"{t}/discovery/v2.0/keys":
+            return 200, self._jwks()
+        return 404, {"error": "not_found"}
+
+    def _client_auth(self, form: Mapping[str, str], authorization: str) -> str | None:
+        cid, secret = form.get("client_id"), form.get("client_secret")
+        if authorization[:6].lower() == "basic ":
+            try:
+                decoded = base64.b64decode(authorization[6:], validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            cid, _, secret = decoded.partition(":")
+        if cid is None or cid not in self.clients or self.clients[cid] != secret:
+            return None
+        return cid
+
+    def _handle_post(
+        self, path: str, form: Mapping[str, str], authorization: str
+    ) -> tuple[int, dict[str, Any] | bytes, dict[str, str]]:
+        endpoint: Literal["azure", "oci", "other"]
+        if path == "/oauth2/v1/token":
+            endpoint = "oci"
+        elif path in (
+            f"/{self.tenant}/oauth2/v2.0/token",
+            f"/{self.tenant}/b2c_local/oauth2/v2.0/token",
+        ):
+            endpoint = "azure"
+        else:
+            endpoint = "other"
+        grant_type = form.get("grant_type")
+        client_id = form.get("client_id")
+        subject: str | None = None
+        headers: dict[str, str] = {}
+        status = 0
+        try:
+            if endpoint == "other":
+                status, body = 404, {"error": "not_found"}
+                return status, body, headers
+            fault = self.faults.take(endpoint)
+            if fault is not None:
+                if fault.kind == "drop":
+                    raise _Drop
+                if fault.kind == "malformed_json":
+                    status = 200
+                    return status, b'{"token_type": "Bearer", "access_token": ', headers
+                if fault.kind == "status":
+                    if fault.retry_after is not None:
+                        headers["Retry-After"] = f"{fault.retry_after:g}"
+                    status = fault.status
+                    body = {
+                        "error": fault.error,
+                        "error_description": fault.description,
+                        "correlation_id": str(uuid.uuid4()),
+                        "trace_id": str(uuid.uuid4()),
+                    }
+                    return status, body, headers
+                if fault.kind == "delay":
+                    time.sleep(fault.seconds)
+            if endpoint == "oci":
+                status, body = self._oci_token(form, authorization)
+            else:
+                status, body, subject = self._azure_token(form, authorization)
+            return status, body, headers
+        finally:
+            self._record(
+                TokenRequest("POST", path, grant_type, client_id, endpoint, subject, status)
+            )
+
+    def _azure_token(
+        self, form: Mapping[str, str], authorization: str
+    ) -> tuple[int, dict[str, Any], str | None]:
+        cid = self._client_auth(form, authorization)
+        if cid is None:
+            return (
+                401,
+                {
+                    "error": "invalid_client",
+                    "error_description": "AADSTS7000215: Invalid client secret provided.",
+                    "correlation_id": str(uuid.uuid4()),
+                },
+                None,
+            )
+        grant_type, scope = form.get("grant_type"), form.get("scope", "")
+        if grant_type == "client_credentials":
+            if not scope:
+                return 400, {"error": "invalid_scope", "error_description": "scope missing"}, None
+            token = self._access_token(cid, scope, {"roles": ["app.read"]})
+            return (
+                200,
+                {
+                    "token_type": "Bearer",
+                    "expires_in": self.expires_in,
+                    "ext_expires_in": self.expires_in,
+                    "access_token": token,
+                },
+                None,
+            )
+        if grant_type == JWT_BEARER and form.get("requested_token_use") == "on_behalf_of":
+            try:
+                user = jwt.decode(
+                    form.get("assertion", ""),
+                    self._key.public_key(),
+                    algorithms=["RS256"],
+                    options={"verify_aud": False},
+                    issuer=self.issuer,
+                )
+            except jwt.PyJWTError as exc:
+                return (
+                    400,
+                    {
+                        "error": "invalid_grant",
+                        "error_description": (
+                            f"AADSTS50013: Assertion failed ({type(exc).__name__})"
+                        ),
+                        "correlation_id": str(uuid.uuid4()),
+                    },
+                    None,
+                )
+            scopes = scope.split()
+            api_scopes = [s for s in scopes if s not in _OIDC_SCOPES]
+            extra = {
+                "sub": user["sub"],
+                "oid": user.get("oid", user["sub"]),
+                "preferred_username": user.get("preferred_username"),
+                "upn": user.get("upn"),
+                "name": user.get("name"),
+                "scp": " ".join(s.rsplit("/", 1)[-1] for s in api_scopes),
+                "obo_from": user.get("aud"),
+            }
+            token = self._access_token(cid, " ".join(api_scopes), extra)
+            resp: dict[str, Any] = {
+                "token_type": "Bearer",
+                "scope": " ".join(api_scopes),
+                "expires_in": self.expires_in,
+                "ext_expires_in": self.expires_in,
+                "access_token": token,
+            }
+            if self.obo_account_info and "openid" in scopes:
+                now = int(time.time())
+                resp["id_token"] = self.sign(
+                    {
+                        "iss": self.issuer,
+                        "aud": cid,
+                        "sub": user["sub"],
+                        "oid": extra["oid"],
+                        "tid": self.tenant,
+                        "iat": now,
+                        "exp": now + 3600,
+                        "preferred_username": user.get("preferred_username"),
+                    }
+                )
+                resp["client_info"] = _b64url_json({"uid": extra["oid"], "utid": self.tenant})
+            if "offline_access" in scopes:
+                resp["refresh_token"] = "rt-" + str(uuid.uuid4())
+            return 200, resp, str(user["sub"])
+        return (
+            400,
+            {"error": "unsupported_grant_type", "error_description": str(grant_type)[:64]},
+            None,
+        )
+
+    def _oci_token(self, form: Mapping[str, str], authorization: str) -> tuple[int, dict[str, Any]]:
+        if authorization[:6].lower() != "basic ":
+            return 401, {"error": "invalid_client", "error_description": "Basic auth required"}
+        cid = self._client_auth({}, authorization)
+        if cid is None:
+            return 401, {
+                "error": "invalid_client",
+                "error_description": "Client authentication failed.",
+            }
+        if form.get("grant_type") != "client_credentials":
+            return 400, {"error": "unsupported_grant_type"}
+        scope = form.get("scope", "")
+        now = int(time.time())
+        body = {
+            "iss": "https://identity.oraclecloud.com/",
+            "sub": cid,
+            "client_id": cid,
+            "scope": scope,
+            "aud": scope.split("::")[0] if scope else cid,
+            "iat": now,
+            "exp": now + self.expires_in,
+            "jti": str(uuid.uuid4()),
+            **self.extra_claims,
+        }
+        token = self.sign(body)
+        with self._lock:
+            self._issued.append(token)
+        return 200, {"access_token": token, "token_type": "Bearer", "expires_in": self.expires_in}
+
+    def __repr__(self) -> str:
+        state = f"{self.base_url}" if self.running else "stopped"
+        return f"LocalIdP({state}, tenant={self.tenant!r})"
+
+
+def iter_lines(idp: LocalIdP) -> Iterator[str]:
+    """Human-readable settings of a running provider (used by the CLI)."""
+    yield f"local IdP listening on {idp.base_url}"
+    yield f"  CA file        : {idp.ca_file}"
+    yield f"  Entra authority: {idp.authority}"
+    yield f"  OCI token URL  : {idp.oci_token_url}"
+    yield f"  client id      : {idp.client_id}"
+    yield "  end_user_sec_params (azure, on_behalf_of):"
+    params = idp.azure_params("on_behalf_of")
+    params["client_credential"] = "<secret: see --client-secret>"
+    yield "    " + json.dumps(params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deepsec.testing.idp``: run a provider until interrupted."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--port", type=int, default=0, help="port (0: any free port)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--ca-file", help="write the CA certificate (PEM) to this path")
+    parser.add_argument("--tenant", default="test-tenant")
+    parser.add_argument("--client-id", default="test-client")
+    parser.add_argument("--client-secret", default="test-secret")
+    parser.add_argument("--expires-in", type=int, default=3600)
+    parser.add_argument("--user", help="print a user token for this user name and continue")
+    args = parser.parse_args(argv)
+    idp = LocalIdP(
+        tenant=args.tenant,
+        clients={args.client_id: args.client_secret},
+        expires_in=args.expires_in,
+        host=args.host,
+    ).start(args.port)
+    if args.ca_file:
+        idp.ca.write_ca_pem(args.ca_file)
+        ca_path = Path(args.ca_file)
+    else:
+        ca_path = Path(idp.ca_file)
+    for line in iter_lines(idp):
+        print(line.replace(idp.ca_file, str(ca_path)), flush=True)
+    if args.user:
+        print(f"  user token for {args.user}: {idp.issue_user_token(args.user)}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        idp.stop()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,428 @@
+"""An in-process token cache built for load.
+
+:class:`TokenCache` is shared by every token source (Entra ID, OCI IAM and
+custom modules).  It gives:
+
+* **expiry with a safety margin**: a token is served only while
+  ``now < expires_at - margin`` where ``margin = min(skew, lifetime / 4)``, so
+  no caller ever receives a token that is about to expire on the wire;
+* **refresh-ahead**: once an entry enters its refresh window (the last
+  ``refresh_ahead`` seconds of its usable life, at most half of it), a hit
+  still returns the valid token at once and schedules *one* background
+  refresh on a daemon worker thread.  If that refresh fails, the old token
+  keeps serving until it really expires, and another refresh is tried a
+  little later;
+* **single-flight**: N concurrent misses for one key, from threads
+  (:meth:`TokenCache.get`) or asyncio tasks (:meth:`TokenCache.aget`), make
+  exactly one fetch; the others wait for its result (or its exception);
+* **bounded size** with least-recently-used eviction (``maxsize``);
+* a **lock-free hit path**: :meth:`TokenCache.peek` and the hit path of
+  :meth:`TokenCache.get` are one dict lookup, one clock read and a float
+  compare (well under a microsecond; see ``bench/tokens.py``).
+
+Keys must hold no secret: callers pass sha256 hex digests, built with
+:func:`cache_key`, never a raw client secret or user token.  (python-oracledb's
+plugin keyed its cache by tuples holding the client secret and the user's
+token.)
+
+Failures are never cached as success.  By default they are not cached at
+all: the next call fetches again.  With ``failure_backoff > 0`` a failed fetch
+is remembered for that many seconds and re-raised to callers without calling
+the provider, which protects an identity provider that is already failing.
+Exceptions pass through unchanged, so typed errors such as
+:class:`~deepsec.errors.TokenAcquisitionError` reach the caller as raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import NamedTuple
+
+__all__ = [
+    "DEFAULT_REFRESH_AHEAD",
+    "DEFAULT_SKEW",
+    "FetchResult",
+    "Fetcher",
+    "TokenCache",
+    "cache_key",
+    "jwt_expiry",
+]
+
+logger = logging.getLogger("deepsec.tokens")
+
+#: Seconds before the provider's expiry at which a token stops being served
+#: (capped at a quarter of the token's lifetime).
+DEFAULT_SKEW = 30.0
+#: Length of the refresh window before the (margin-adjusted) expiry, capped at
+#: half the remaining lifetime.  300 s lines up with MSAL, which treats a
+#: cached token with under 5 minutes left as expired: when we refresh, MSAL
+#: really goes to the network instead of handing back the same token.
+DEFAULT_REFRESH_AHEAD = 300.0
+
+_time = time.time
+
+
+class FetchResult(NamedTuple):
+    """What a fetch returns: the token and its absolute expiry (epoch seconds)."""
+
+    token: str
+    expires_at: float
+
+
+#: A blocking callable returning a fresh token; it may raise.
+Fetcher = Callable[[], FetchResult]
+
+
+def cache_key(*parts: object) -> str:
+    """A cache key for ``parts`` that holds no secret: a sha256 hex digest.
+
+    Each part is length-prefixed with its type name, so ``("ab", "c")`` and
+    ``("a", "bc")`` differ, as do ``1`` and ``"1"``.
+    """
+    h = hashlib.sha256()
+    for part in parts:
+        raw = part.encode() if isinstance(part, str) else repr(part).encode()
+        h.update(f"{type(part).__name__}:{len(raw)}:".encode())
+        h.update(raw)
+    return h.hexdigest()
+
+
+def jwt_expiry(token: str) -> float | None:
+    """The ``exp`` claim of a JWT (not verified), or ``None`` if it has none."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = parts[1] + "=" * (-len(parts[1]) % 4)
+        exp = json.loads(base64.urlsafe_b64decode(payload)).get("exp")
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+
+
+class _Entry:
+    """A cached token.  ``refresh_at`` is moved forward when a refresh starts."""
+
+    __slots__ = ("expires_at", "fetch", "refresh_at", "token")
+
+    def __init__(self, token: str, expires_at: float, refresh_at: float, fetch: Fetcher) -> None:
+        self.token = token
+        self.expires_at = expires_at
+        self.refresh_at = refresh_at
+        self.fetch = fetch
+
+    def __repr__(self) -> str:  # never show the token
+        return f"_Entry(expires_at={self.expires_at:.3f}, refresh_at={self.refresh_at:.3f})"
+
+
+class _Refresher:
+    """A few daemon threads running background refreshes from a queue."""
+
+    def __init__(self, max_workers: int = 4) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._max = max_workers
+        self._workers = 0
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            spawn = self._idle == 0 and self._workers < self._max
+            if spawn:
+                self._workers += 1
+        self._queue.put(job)
+        if spawn:
+            threading.Thread(target=self._run, name="deepsec-token-refresh", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            try:
+                job = self._queue.get(timeout=30.0)
+            except queue.Empty:
+                with self._lock:
+                    self._idle -= 1
+                    self._workers -= 1
+                return
+            with self._lock:
+                self._idle -= 1
+            if job is None:  # pragma: no cover - not used
+                return
+            try:
+                job()
+            except BaseException:  # pragma: no cover - jobs handle their own errors
+                logger.exception("background token refresh crashed")
+
+
+_refresher = _Refresher()
+
+
+class TokenCache:
+    """A bounded, single-flight token cache with refresh-ahead.
+
+    Args:
+        maxsize: most entries kept; the least recently used is evicted first.
+        skew: safety margin in seconds before the provider's expiry (capped at
+            a quarter of the token's lifetime, so short-lived tokens work).
+        refresh_ahead: length of the refresh window in seconds (capped at half
+            the usable lifetime).  ``0`` disables refresh-ahead.
+        failure_backoff: seconds a failed fetch is remembered and re-raised
+            without a new fetch; ``0`` (default) remembers nothing.
+        name: shown in ``repr`` and log messages.
+
+    Thread-safe and asyncio-safe.  Keys must be non-secret strings (use
+    :func:`cache_key`).
+    """
+
+    def __init__(
+        self,
+        maxsize: int = 10_000,
+        *,
+        skew: float = DEFAULT_SKEW,
+        refresh_ahead: float = DEFAULT_REFRESH_AHEAD,
+        failure_backoff: float = 0.0,
+        name: str = "tokens",
+    ) -> None:
+        if maxsize < 1:
+            raise ValueError("maxsize must be >= 1")
+        self.maxsize = maxsize
+        self.skew = skew
+        self.refresh_ahead = refresh_ahead
+        self.failure_backoff = failure_backoff
+        self.name = name
+        self._data: OrderedDict[str, _Entry] = OrderedDict()
+        self._inflight: dict[str, concurrent.futures.Future[str]] = {}
+        self._failures: dict[str, tuple[float, BaseException]] = {}
+        self._lock = threading.Lock()
+        #: Number of fetches started (misses + background refreshes).
+        self.fetches = 0
+        #: Number of background refreshes that failed.
+        self.refresh_failures = 0
+
+    def __repr__(self) -> str:
+        return f"TokenCache(name={self.name!r}, size={len(self._data)}, maxsize={self.maxsize})"
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    # --- the hit path: no lock ------------------------------------------------
+
+    def peek(self, key: str) -> str | None:
+        """The cached token for ``key`` if still valid, else ``None``.
+
+        Never does I/O and takes no lock.  It does not start a refresh (it has
+        no fetch function of its own), except that an entry stored by
+        :meth:`get`/:meth:`aget` and inside its refresh window is refreshed
+        in the background with the fetch function it was stored with.
+        """
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        now = _time()
+        if now < entry.refresh_at:
+            try:  # noqa: SIM105  (hot path: suppress() costs ~10x more)
+                self._data.move_to_end(key)
+            except KeyError:  # evicted meanwhile: still a valid token
+                pass
+            return entry.token
+        if now < entry.expires_at:
+            self._schedule_refresh(key, entry, now)
+            return entry.token
+        return None
+
+    def get(self, key: str, fetch: Fetcher) -> str:
+        """Return the token for ``key``, calling ``fetch`` on a miss (blocking).
+
+        Concurrent misses for one key share a single ``fetch`` call; its
+        exception, if any, is raised to every waiter.
+        """
+        entry = self._data.get(key)
+        if entry is not None:
+            now = _time()
+            if now < entry.refresh_at:
+                try:  # noqa: SIM105  (hot path: suppress() costs ~10x more)
+                    self._data.move_to_end(key)
+                except KeyError:  # evicted meanwhile: still a valid token
+                    pass
+                return entry.token
+            if now < entry.expires_at:
+                entry.fetch = fetch
+                self._schedule_refresh(key, entry, now)
+                return entry.token
+        future, leader = self._join(key, fetch)
+        if leader:
+            self._run_fetch(key, fetch, future)
+        return future.result()
+
+    async def aget(self, key: str, fetch: Fetcher) -> str:
+        """Like :meth:`get`, but a miss runs ``fetch`` in a worker thread.
+
+        The event loop is never blocked.  Concurrent tasks (and threads) share
+        one fetch.  Cancelling a waiting task does not cancel the fetch that
+        other callers wait on.
+        """
+        entry = self._data.get(key)
+        if entry is not None:
+            now = _time()
+            if now < entry.refresh_at:
+                try:  # noqa: SIM105  (hot path: suppress() costs ~10x more)
+                    self._data.move_to_end(key)
+                except KeyError:
+                    pass
+                return entry.token
+            if now < entry.expires_at:
+                entry.fetch = fetch
+                self._schedule_refresh(key, entry, now)
+                return entry.token
+        future, leader = self._join(key, fetch)
+        if future.done():
+            return future.result()
+        if leader:
+            loop = asyncio.get_running_loop()
+            loop.run_in_executor(None, self._run_fetch, key, fetch, future)
+        # The future is already running, so a waiter's cancellation cannot
+        # cancel it for the others.
+        return await asyncio.wrap_future(future)
+
+    # --- misses -----------------------------------------------------------------
+
+    def _join(self, key: str, fetch: Fetcher) -> tuple[concurrent.futures.Future[str], bool]:
+        """The in-flight future for ``key`` and whether the caller must run it."""
+        with self._lock:
+            entry = self._data.get(key)
+            future: concurrent.futures.Future[str]
+            if entry is not None and _time() < entry.expires_at:
+                future = concurrent.futures.Future()
+                future.set_result(entry.token)
+                return future, False
+            failure = self._failures.get(key)
+            if failure is not None:
+                if _time() < failure[0]:
+                    future = concurrent.futures.Future()
+                    future.set_exception(failure[1])
+                    return future, False
+                del self._failures[key]
+            inflight = self._inflight.get(key)
+            if inflight is not None:
+                return inflight, False
+            future = concurrent.futures.Future()
+            # Running from the start: a waiter's cancellation cannot cancel it.
+            future.set_running_or_notify_cancel()
+            self._inflight[key] = future
+            self.fetches += 1
+            return future, True
+
+    def _run_fetch(self, key: str, fetch: Fetcher, future: concurrent.futures.Future[str]) -> None:
+        try:
+            result = fetch()
+        except BaseException as exc:
+            with self._lock:
+                self._inflight.pop(key, None)
+                if self.failure_backoff > 0:
+                    self._failures[key] = (_time() + self.failure_backoff, exc)
+            logger.debug(
+                "%s: fetch for key %s… failed (%s)", self.name, key[:8], type(exc).__name__
+            )
+            future.set_exception(exc)
+            return
+        with self._lock:
+            self._inflight.pop(key, None)
+            self._store(key, result, fetch)
+        future.set_result(result.token)
+
+    # --- refresh-ahead ---------------------------------------------------------
+
+    def _schedule_refresh(self, key: str, entry: _Entry, now: float) -> None:
+        with self._lock:
+            if now < entry.refresh_at or self._data.get(key) is not entry:
+                return  # another caller got here first, or the entry was replaced
+            # Not before a retry interval: a failing provider is not hammered.
+            entry.refresh_at = now + self._retry_interval(entry.expires_at - now)
+            self.fetches += 1
+        logger.debug("%s: refresh-ahead scheduled for key %s…", self.name, key[:8])
+        _refresher.submit(lambda: self._refresh(key, entry))
+
+    @staticmethod
+    def _retry_interval(remaining: float) -> float:
+        return min(10.0, max(0.2, remaining / 4))
+
+    def _refresh(self, key: str, entry: _Entry) -> None:
+        try:
+            result = entry.fetch()
+        except BaseException as exc:
+            with self._lock:
+                self.refresh_failures += 1
+            logger.debug(
+                "%s: refresh for key %s… failed (%s); the cached token serves until it expires",
+                self.name,
+                key[:8],
+                type(exc).__name__,
+            )
+            return
+        with self._lock:
+            current = self._data.get(key)
+            if current is entry:  # not replaced, invalidated or cleared meanwhile
+                self._store(key, result, entry.fetch)
+
+    # --- storage ----------------------------------------------------------------
+
+    def _store(self, key: str, result: FetchResult, fetch: Fetcher) -> None:
+        """Insert under ``self._lock``; evicts the least recently used entries."""
+        now = _time()
+        lifetime = result.expires_at - now
+        margin = min(self.skew, max(lifetime, 0.0) / 4)
+        expires_at = result.expires_at - margin
+        usable = expires_at - now
+        if usable <= 0:
+            logger.debug("%s: token for key %s… is already expired; not cached", self.name, key[:8])
+            self._data.pop(key, None)
+            return
+        refresh_at = expires_at - min(self.refresh_ahead, usable / 2)
+        self._data[key] = _Entry(result.token, expires_at, refresh_at, fetch)
+        self._data.move_to_end(key)
+        while len(self._data) > self.maxsize:
+            self._data.popitem(last=False)
+        logger.debug("%s: cached token for key %s…, usable for %.1f s", self.name, key[:8], usable)
+
+    def put(self, key: str, token: str, expires_at: float, fetch: Fetcher | None = None) -> None:
+        """Store ``token`` for ``key`` until ``expires_at`` (less the margin).
+
+        Without ``fetch`` the entry is never refreshed ahead of time.
+        """
+
+        def _no_refresh() -> FetchResult:
+            raise LookupError("entry was stored with put() and has no fetch function")
+
+        with self._lock:
+            self._store(key, FetchResult(token, expires_at), fetch or _no_refresh)
+
+    def expires_at(self, key: str) -> float | None:
+        """When the entry for ``key`` stops being served (epoch seconds), or ``None``."""
+        entry = self._data.get(key)
+        return None if entry is None else entry.expires_at
+
+    def invalidate(self, key: str) -> None:
+        """Forget ``key`` (and any remembered failure for it)."""
+        with self._lock:
+            self._data.pop(key, None)
+            self._failures.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget every entry and remembered failure (in-flight fetches finish)."""
+        with self._lock:
+            self._data.clear()
+            self._failures.clear()
