@@ -1,0 +1,72 @@
+"""pytest fixtures of deepsec's test helpers.
+
+Registered as the ``deepsec`` pytest11 entry point and loaded by the test
+suite's ``conftest.py``.  Fixture groups live in clearly separated sections so
+other helpers (for example the identity provider) can add theirs.
+
+Oracle wire test server fixtures:
+
+``oracle_server`` (session scope)
+    A running :class:`deepsec.testing.oracle.OracleTestServer` on 127.0.0.1
+    over TCPS; ``.dsn``, ``.client_ssl_context()``, ``.user``/``.password``
+    (a password login that works), the recording API (``round_trips()``,
+    ``statements()``, ``connections()``, ``mark()``, ``clear_records()``),
+    ``add_table()`` and ``token_validator``.
+
+``oracle`` (function scope)
+    The same server after ``reset()``: records cleared, no token validator, no
+    canned tables; the validator and tables are reset again after the test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from deepsec.testing.oracle import OracleTestServer
+
+# ---------------------------------------------------------------------------
+# Oracle wire test server
+# ---------------------------------------------------------------------------
+
+ORACLE_TEST_USER = "app_user"
+ORACLE_TEST_PASSWORD = "app_password"
+
+
+class OracleServerFixture(OracleTestServer):
+    """:class:`OracleTestServer` plus the credentials of a working password login."""
+
+    user: str = ORACLE_TEST_USER
+    password: str = ORACLE_TEST_PASSWORD
+
+    def connect_kwargs(self) -> dict[str, object]:
+        """Keyword arguments for ``oracledb.connect`` with password login."""
+        return {
+            "user": self.user,
+            "password": self.password,
+            "dsn": self.dsn,
+            "ssl_context": self.client_ssl_context(),
+        }
+
+
+@pytest.fixture(scope="session")
+def oracle_server() -> Iterator[OracleServerFixture]:
+    """A session-wide Oracle wire test server (TCPS on 127.0.0.1)."""
+    server = OracleServerFixture(users={ORACLE_TEST_USER: ORACLE_TEST_PASSWORD, "scott": "tiger"})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def oracle(oracle_server: OracleServerFixture) -> Iterator[OracleServerFixture]:
+    """The session server, reset (records, validator, tables) around the test."""
+    oracle_server.reset()
+    try:
+        yield oracle_server
+    finally:
+        oracle_server.token_validator = None
+        oracle_server.reset()
