@@ -1,0 +1,232 @@
+"""``EndUserSecMiddleware``: one request, one end-user context.
+
+For each request the middleware reads the ``identity`` cookie
+(``request.COOKIES``) and the ``Authorization`` header
+(``request.META["HTTP_AUTHORIZATION"]``), or calls the configured resolver,
+and hands them to :func:`deepsec.web.resolve` — the policy shared by every
+deepsec adapter.  The resulting :class:`~deepsec.EndUserContext` is current
+while the view (and every middleware inside this one) runs; the driver hook
+attaches it to whatever connection each statement uses.
+
+Streaming responses: a ``StreamingHttpResponse`` body is produced after the
+middleware returns.  Its iterator (sync or async) is wrapped so the request's
+context is current while each chunk is produced and while the response's
+closers run (a generator's ``finally``), and at no other time.  Nothing
+stays current once the response is finished, also when the view or the body
+raises.
+
+A :class:`~deepsec.TokenAcquisitionError` raised by a view (the
+database-access token could not be obtained) becomes a JSON 503 response
+with ``Retry-After`` (``token_error_status``), without any token or secret.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.http import HttpRequest, HttpResponseBase, JsonResponse
+
+from ..context import EndUserContext, activate, deactivate
+from ..web import Rejection, Resolution, WebSettings, rejection_for_error, resolve
+from .conf import get_settings
+
+__all__ = ["EndUserSecMiddleware", "rejection_response"]
+
+log = logging.getLogger("deepsec.django")
+
+GetResponse = Callable[[HttpRequest], HttpResponseBase]
+AsyncGetResponse = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
+
+
+def rejection_response(rejection: Rejection) -> JsonResponse:
+    """A Django ``JsonResponse`` for a :class:`~deepsec.web.Rejection`."""
+    response = JsonResponse(rejection.body, status=rejection.status)
+    for name, value in rejection.headers:
+        response[name] = value
+    return response
+
+
+def _resolve(settings: WebSettings, request: HttpRequest) -> Resolution:
+    cookie = request.COOKIES.get(settings.cookie_name) if settings.cookie_name else None
+    return resolve(
+        settings,
+        request,
+        cookie=cookie,
+        authorization=request.META.get("HTTP_AUTHORIZATION"),
+    )
+
+
+def _uses_request_callables(settings: WebSettings) -> bool:
+    # App callables may touch request.user (a database query): under ASGI
+    # they must run in a thread, like any other sync code.
+    return (
+        settings.resolver is not None
+        or settings.data_roles is not None
+        or settings.attributes is not None
+    )
+
+
+class _Scoped:
+    """Shared part of the streaming wrappers: the context and the closers."""
+
+    __slots__ = ("_closers", "_context")
+
+    def __init__(self, context: EndUserContext | None, closers: list[Callable[[], Any]]) -> None:
+        self._context = context
+        self._closers = closers
+
+    def close(self) -> None:
+        """Run the response's original closers under the request's context."""
+        closers, self._closers = self._closers, []
+        token = activate(self._context)
+        try:
+            for closer in closers:
+                closer()
+        finally:
+            deactivate(token)
+
+
+class _ScopedIterator(_Scoped):
+    """A sync streaming body whose every chunk is produced under one context."""
+
+    __slots__ = ("_iterator",)
+
+    def __init__(
+        self,
+        iterator: Iterator[bytes],
+        context: EndUserContext | None,
+        closers: list[Callable[[], Any]],
+    ) -> None:
+        super().__init__(context, closers)
+        self._iterator = iterator
+
+    def __iter__(self) -> _ScopedIterator:
+        return self
+
+    def __next__(self) -> bytes:
+        token = activate(self._context)
+        try:
+            return next(self._iterator)
+        finally:
+            deactivate(token)
+
+
+class _ScopedAsyncIterator(_Scoped):
+    """An async streaming body whose every chunk is produced under one context.
+
+    ``activate`` and ``deactivate`` run in the same coroutine call, so the
+    reset always happens in the context that made it, whichever task
+    iterates the body.
+    """
+
+    __slots__ = ("_iterator",)
+
+    def __init__(
+        self,
+        iterator: AsyncIterator[bytes],
+        context: EndUserContext | None,
+        closers: list[Callable[[], Any]],
+    ) -> None:
+        super().__init__(context, closers)
+        self._iterator = iterator
+
+    def __aiter__(self) -> _ScopedAsyncIterator:
+        return self
+
+    async def __anext__(self) -> bytes:
+        token = activate(self._context)
+        try:
+            return await self._iterator.__anext__()
+        finally:
+            deactivate(token)
+
+
+def _scope_streaming(response: HttpResponseBase, context: EndUserContext | None) -> None:
+    """Make a streaming body run under ``context``, chunk by chunk."""
+    if not getattr(response, "streaming", False):
+        return
+    # Take over the closers registered so far (the view's generator close()):
+    # they run from our close(), under the context.  Django registers our
+    # wrapper's close() when streaming_content is assigned.
+    registered = getattr(response, "_resource_closers", None)
+    closers: list[Callable[[], Any]] = []
+    if isinstance(registered, list):
+        closers = list(registered)
+        registered.clear()
+    content = response.streaming_content  # type: ignore[attr-defined]
+    wrapper: _ScopedIterator | _ScopedAsyncIterator
+    if getattr(response, "is_async", False):
+        wrapper = _ScopedAsyncIterator(content, context, closers)
+    else:
+        wrapper = _ScopedIterator(iter(content), context, closers)
+    response.streaming_content = wrapper  # type: ignore[attr-defined]
+
+
+class EndUserSecMiddleware:
+    """Make each request's end user current for the database work it does.
+
+    Sync and async capable.  Put it after
+    ``django.contrib.auth.middleware.AuthenticationMiddleware`` (the system
+    checks say so) so a resolver can use ``request.user``.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: GetResponse | AsyncGetResponse) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+
+    def __repr__(self) -> str:
+        name = getattr(self.get_response, "__qualname__", type(self.get_response).__name__)
+        return f"<EndUserSecMiddleware get_response={name}>"
+
+    def __call__(self, request: HttpRequest) -> Any:
+        """Serve one request (sync), or return the coroutine in async mode."""
+        if self.async_mode:
+            return self.__acall__(request)
+        resolution = _resolve(get_settings(), request)
+        if resolution.rejection is not None:
+            return rejection_response(resolution.rejection)
+        token = activate(resolution.context)
+        try:
+            response = self.get_response(request)
+        finally:
+            deactivate(token)
+        _scope_streaming(response, resolution.context)
+        return response
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        """Serve one request under an ASGI handler."""
+        settings = get_settings()
+        if _uses_request_callables(settings):
+            resolution = await sync_to_async(_resolve, thread_sensitive=True)(settings, request)
+        else:
+            resolution = _resolve(settings, request)
+        if resolution.rejection is not None:
+            return rejection_response(resolution.rejection)
+        token = activate(resolution.context)
+        try:
+            response = await self.get_response(request)  # type: ignore[misc]
+        finally:
+            deactivate(token)
+        _scope_streaming(response, resolution.context)
+        return response
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> JsonResponse | None:
+        """Turn a token-acquisition failure raised by a view into its response (503)."""
+        rejection = rejection_for_error(exception, get_settings())
+        if rejection is None:
+            return None
+        log.warning(
+            "end-user database-access token unavailable for %s %s: %s",
+            request.method,
+            request.path,
+            exception,
+        )
+        return rejection_response(rejection)
