@@ -1,0 +1,251 @@
+"""Pure ASGI middleware: every HTTP request and WebSocket runs as its end user.
+
+::
+
+    from deepsec.asgi import EndUserSecMiddleware
+
+    app = EndUserSecMiddleware(app, strict=True)
+    # Starlette / FastAPI: app.add_middleware(EndUserSecMiddleware, strict=True)
+
+For ``http`` and ``websocket`` scopes the middleware resolves the identity
+(:func:`deepsec.web.resolve`: the ``identity`` cookie, else
+``Authorization: Bearer``, or the app's ``resolver``), activates the
+:class:`~deepsec.EndUserContext`, fetches the database-access tokens the
+request will need off the event loop (:func:`deepsec.prepare`, so asyncio
+connections find them cached), and runs the app.  The context stays active for
+the whole app call -- the endpoint, a streaming body, background tasks, a
+WebSocket session -- and is reset in ``finally``.  Sync endpoints that
+Starlette runs in its thread pool see it too: anyio copies the context into
+the worker thread.  ``lifespan`` and other scopes pass through untouched.
+
+The ``resolver``, ``data_roles`` and ``attributes`` callables receive an
+:class:`ASGIConnection` (``.scope``, ``.headers``, ``.cookies``...), not a
+framework request, so the middleware works under any ASGI framework; build
+one if you need it (``starlette.requests.HTTPConnection(conn.scope)``).
+
+The resolved context (or ``None``) is stored in ``scope["deepsec.end_user"]``,
+which :mod:`deepsec.fastapi` uses to reuse it.
+
+Rejections: HTTP gets the JSON response (400/401 with ``WWW-Authenticate``,
+503 when a token cannot be obtained).  A WebSocket handshake is denied with
+that HTTP response when the server supports the ``websocket.http.response``
+extension, else closed with code 1008 (policy violation; 1013 "try again
+later" for a token failure), which servers turn into HTTP 403.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from typing import Any
+
+from .context import activate, deactivate
+from .errors import TokenAcquisitionError
+from .hook import prepare
+from .web import Rejection, WebSettings, parse_cookie_header, rejection_for_error, resolve
+
+__all__ = ["SCOPE_KEY", "ASGIConnection", "EndUserSecMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Scope key holding the request's resolved context (``None``: no end user).
+SCOPE_KEY = "deepsec.end_user"
+
+
+class _Headers(Mapping[str, str]):
+    """Read-only, case-insensitive view of ASGI headers (repeated ones joined)."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, raw: Any) -> None:
+        values: dict[str, str] = {}
+        for name, value in raw or ():
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            if key in values:
+                # RFC 9110 list syntax; HTTP/2 splits cookies into several fields.
+                values[key] += ("; " if key == "cookie" else ", ") + text
+            else:
+                values[key] = text
+        self._values = values
+
+    def __getitem__(self, key: str) -> str:
+        return self._values[key.lower()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        # Authorization and cookies are secrets: names only.
+        return f"<headers {sorted(self._values)!r}>"
+
+
+class ASGIConnection:
+    """The lightweight request handed to the app's ``resolver`` and callables."""
+
+    __slots__ = ("_cookies", "headers", "scope")
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+        #: Case-insensitive header mapping (latin-1 decoded).
+        self.headers: Mapping[str, str] = _Headers(scope.get("headers"))
+        self._cookies: dict[str, str] | None = None
+
+    @property
+    def cookies(self) -> Mapping[str, str]:
+        """Cookie values by name (first one wins; quotes kept as sent)."""
+        if self._cookies is None:
+            cookies: dict[str, str] = {}
+            for part in self.headers.get("cookie", "").split(";"):
+                name, sep, value = part.strip().partition("=")
+                if sep and name.strip() and name.strip() not in cookies:
+                    cookies[name.strip()] = value.strip()
+            self._cookies = cookies
+        return self._cookies
+
+    @property
+    def type(self) -> str:
+        """``"http"`` or ``"websocket"``."""
+        return str(self.scope["type"])
+
+    @property
+    def method(self) -> str | None:
+        """The HTTP method (``None`` for a WebSocket)."""
+        method = self.scope.get("method")
+        return str(method) if method is not None else None
+
+    @property
+    def path(self) -> str:
+        """The request path."""
+        return str(self.scope.get("path", ""))
+
+    @property
+    def client(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the client, when the server knows it."""
+        client = self.scope.get("client")
+        return (str(client[0]), int(client[1])) if client else None
+
+    def __repr__(self) -> str:
+        return f"ASGIConnection(type={self.type!r}, path={self.path!r})"
+
+
+class EndUserSecMiddleware:
+    """Run each HTTP request and WebSocket session as its end user.
+
+    Args:
+        app: the ASGI application to wrap.
+        settings: a complete :class:`~deepsec.web.WebSettings`; or give its
+            fields as keyword arguments (``cookie_name``, ``bearer``,
+            ``resolver``, ``data_roles``, ``attributes``, ``max_size``,
+            ``strict``, ``no_identity``, ``token_error_status``), not both.
+
+    Raises:
+        ConfigError: an unknown setting or a bad value (all of them listed).
+    """
+
+    def __init__(self, app: ASGIApp, *, settings: WebSettings | None = None, **kwargs: Any) -> None:
+        if settings is not None and kwargs:
+            raise TypeError("give either settings= or individual settings, not both")
+        self.app = app
+        self.settings = (
+            settings
+            if settings is not None
+            else WebSettings.from_mapping(kwargs, where="EndUserSecMiddleware settings")
+        )
+
+    def __repr__(self) -> str:
+        return f"EndUserSecMiddleware({self.app!r})"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        settings = self.settings
+        conn = ASGIConnection(scope)
+        cookie = None
+        if settings.cookie_name is not None:
+            cookie = parse_cookie_header(conn.headers.get("cookie"), settings.cookie_name)
+        resolution = resolve(
+            settings, conn, cookie=cookie, authorization=conn.headers.get("authorization")
+        )
+        if resolution.rejection is not None:
+            await _reject(scope, receive, send, resolution.rejection, close_code=1008)
+            return
+        ctx = resolution.context
+        scope[SCOPE_KEY] = ctx
+        # Activate even "no end user": the request must not inherit a context.
+        token = activate(ctx)
+        try:
+            if ctx is not None:
+                try:
+                    await prepare(ctx)
+                except TokenAcquisitionError as exc:
+                    await _reject_token_error(scope, receive, send, exc, settings)
+                    return
+            started = False
+
+            async def send_tracking(message: Message) -> None:
+                nonlocal started
+                if message["type"] in (
+                    "http.response.start",
+                    "websocket.accept",
+                    "websocket.close",
+                    "websocket.http.response.start",
+                ):
+                    started = True
+                await send(message)
+
+            try:
+                await self.app(scope, receive, send_tracking)
+            except TokenAcquisitionError as exc:
+                # A token fetched during the request (a sync connection): fail
+                # closed with 503 if nothing was sent yet.
+                if started:
+                    raise
+                await _reject_token_error(scope, receive, send, exc, settings)
+        finally:
+            deactivate(token)
+
+
+async def _reject_token_error(
+    scope: Scope, receive: Receive, send: Send, exc: TokenAcquisitionError, settings: WebSettings
+) -> None:
+    rejection = rejection_for_error(exc, settings)
+    assert rejection is not None
+    await _reject(scope, receive, send, rejection, close_code=1013)
+
+
+async def _reject(
+    scope: Scope, receive: Receive, send: Send, rejection: Rejection, *, close_code: int
+) -> None:
+    body = rejection.json_body()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in rejection.headers),
+    ]
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": rejection.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return
+    # WebSocket: take the handshake request first, then deny it.
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return  # the client went away
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": rejection.status,
+                "headers": headers,
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": close_code, "reason": ""})
