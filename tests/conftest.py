@@ -21,3 +21,5 @@ def _plugin_autoloaded(module: str) -> bool:
 
 _DEEPSEC_PLUGIN = "deepsec.testing.pytest_plugin"
 pytest_plugins = [] if _plugin_autoloaded(_DEEPSEC_PLUGIN) else [_DEEPSEC_PLUGIN]
+# The local identity provider's fixtures (``local_idp``, ``idp``).
+pytest_plugins.append("deepsec.testing.idp_fixtures")

@@ -64,19 +64,26 @@ logger = logging.getLogger("deepsec.tokens")
 #: (capped at a quarter of the token's lifetime).
 DEFAULT_SKEW = 30.0
 #: Length of the refresh window before the (margin-adjusted) expiry, capped at
-#: half the remaining lifetime.  300 s lines up with MSAL, which treats a
-#: cached token with under 5 minutes left as expired: when we refresh, MSAL
-#: really goes to the network instead of handing back the same token.
-DEFAULT_REFRESH_AHEAD = 300.0
+#: half the remaining lifetime.  With the default skew a refresh starts 270 s
+#: before the provider's expiry, inside MSAL's 5-minute window in which it
+#: treats a cached token as expired: so MSAL really goes to the network
+#: instead of handing back the token we want to replace.
+DEFAULT_REFRESH_AHEAD = 240.0
 
 _time = time.time
 
 
 class FetchResult(NamedTuple):
-    """What a fetch returns: the token and its absolute expiry (epoch seconds)."""
+    """What a fetch returns: the token and its absolute expiry (epoch seconds).
+
+    With ``exact=True`` the safety margin is not applied: ``expires_at`` is
+    already the moment the token stops being served (opaque tokens with a
+    fixed lifetime).
+    """
 
     token: str
     expires_at: float
+    exact: bool = False
 
 
 #: A blocking callable returning a fresh token; it may raise.
@@ -384,7 +391,7 @@ class TokenCache:
         """Insert under ``self._lock``; evicts the least recently used entries."""
         now = _time()
         lifetime = result.expires_at - now
-        margin = min(self.skew, max(lifetime, 0.0) / 4)
+        margin = 0.0 if result.exact else min(self.skew, max(lifetime, 0.0) / 4)
         expires_at = result.expires_at - margin
         usable = expires_at - now
         if usable <= 0:

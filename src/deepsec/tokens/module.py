@@ -2,77 +2,75 @@
 
 The module exposes ``get_database_access_token(end_user_sec_params, identity)
 -> str``, the same extension point python-oracledb's plugin uses for its own
-``azure_tokens`` and ``oci_tokens``.  Results are cached per identity: until
-the JWT's ``exp`` claim (less a safety margin) when the token is a JWT,
-otherwise for :data:`OPAQUE_TOKEN_TTL` seconds.
+``azure_tokens`` and ``oci_tokens``.  Results are cached per identity in a
+:class:`~deepsec.tokens.cache.TokenCache` (single-flight, refresh-ahead,
+bounded by ``cache_size``): until the JWT's ``exp`` claim (less the cache's
+safety margin) when the token is a JWT, otherwise for
+:data:`OPAQUE_TOKEN_TTL` seconds.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import hashlib
-import json
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TokenAcquisitionError
+from .cache import FetchResult, TokenCache, cache_key, jwt_expiry
 
 if TYPE_CHECKING:
     from ..config import EndUserSecConfig
     from ..context import EndUserContext
 
-__all__ = ["OPAQUE_TOKEN_TTL", "ModuleTokenSource", "jwt_expiry"]
+__all__ = ["OPAQUE_TOKEN_TTL", "ModuleTokenSource", "identity_key", "jwt_expiry"]
 
+#: Lifetime in seconds given to a token that carries no ``exp`` (not a JWT).
 OPAQUE_TOKEN_TTL = 60.0
-EXPIRY_MARGIN = 30.0
-
-
-def jwt_expiry(token: str) -> float | None:
-    """The ``exp`` claim of a JWT (unverified), or ``None`` if it has none."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        payload = parts[1] + "=" * (-len(parts[1]) % 4)
-        exp = json.loads(base64.urlsafe_b64decode(payload)).get("exp")
-    except (ValueError, AttributeError):
-        return None
-    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
 
 
 def identity_key(context: EndUserContext) -> str:
-    """A cache key for the context's identity that holds no secret."""
-    material = repr((type(context.identity).__name__, context.identity)).encode()
-    return hashlib.sha256(material).hexdigest()
+    """A cache key for the context's identity that holds no secret (sha256 hex)."""
+    identity = context.identity
+    return cache_key(type(identity).__name__, repr(identity))
 
 
 class ModuleTokenSource:
     """Calls a custom module's ``get_database_access_token`` and caches the result."""
 
     def __init__(self, config: EndUserSecConfig) -> None:
-        assert config.module is not None
+        if config.module is None:
+            raise ValueError("ModuleTokenSource needs a config with a custom spi_type module")
         self.config = config
         self._fn: Any = config.module.get_database_access_token
-        self._cache: dict[str, tuple[str, float]] = {}
-        self._lock = threading.Lock()
+        self.cache = TokenCache(config.cache_size, name=f"module:{config.spi_type}")
+        self._prefix = config.fingerprint
 
     def __repr__(self) -> str:
         return f"ModuleTokenSource(spi_type={self.config.spi_type!r})"
 
+    def _key(self, context: EndUserContext) -> str:
+        return cache_key(self._prefix, identity_key(context))
+
     def cached_token(self, context: EndUserContext) -> str | None:
-        entry = self._cache.get(identity_key(context))
-        if entry is not None and entry[1] > time.time():
-            return entry[0]
-        return None
+        """A still-valid cached token for ``context``, or ``None`` (no I/O)."""
+        return self.cache.peek(self._key(context))
 
     def get_token(self, context: EndUserContext) -> str:
-        token = self.cached_token(context)
-        if token is not None:
-            return token
+        """Return the module's token for ``context`` (cached; single-flight)."""
+        identity = context.identity
+        return self.cache.get(self._key(context), lambda: self._fetch(identity))
+
+    async def get_token_async(self, context: EndUserContext) -> str:
+        """Like :meth:`get_token`; a miss runs in a worker thread."""
+        identity = context.identity
+        return await self.cache.aget(self._key(context), lambda: self._fetch(identity))
+
+    def invalidate(self, context: EndUserContext) -> None:
+        """Forget the cached token for ``context``."""
+        self.cache.invalidate(self._key(context))
+
+    def _fetch(self, identity: object) -> FetchResult:
         try:
-            token = self._fn(self.config.raw_params(), context.identity)
+            token = self._fn(self.config.raw_params(), identity)
         except TokenAcquisitionError:
             raise
         except Exception as exc:
@@ -86,17 +84,6 @@ class ModuleTokenSource:
                 "not a non-empty token string"
             )
         exp = jwt_expiry(token)
-        until = exp - EXPIRY_MARGIN if exp is not None else time.time() + OPAQUE_TOKEN_TTL
-        with self._lock:
-            self._cache[identity_key(context)] = (token, until)
-        return token
-
-    async def get_token_async(self, context: EndUserContext) -> str:
-        token = self.cached_token(context)
-        if token is not None:
-            return token
-        return await asyncio.to_thread(self.get_token, context)
-
-    def invalidate(self, context: EndUserContext) -> None:
-        with self._lock:
-            self._cache.pop(identity_key(context), None)
+        if exp is not None:
+            return FetchResult(token, exp)
+        return FetchResult(token, time.time() + OPAQUE_TOKEN_TTL, exact=True)

@@ -1,0 +1,398 @@
+"""TokenCache: expiry, refresh-ahead, single-flight (threads and asyncio), LRU, speed."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import time
+import timeit
+
+import pytest
+
+from deepsec.errors import TokenAcquisitionError
+from deepsec.tokens.cache import FetchResult, TokenCache, cache_key, jwt_expiry
+
+
+class Fetcher:
+    """A fake provider: counts calls, optional delay, lifetime and failures."""
+
+    def __init__(self, lifetime: float = 60.0, delay: float = 0.0) -> None:
+        self.lifetime = lifetime
+        self.delay = delay
+        self.calls = 0
+        self.fail: BaseException | None = None
+        self.lock = threading.Lock()
+
+    def __call__(self) -> FetchResult:
+        with self.lock:
+            self.calls += 1
+            n = self.calls
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        return FetchResult(f"token-{n}", time.time() + self.lifetime)
+
+
+def test_miss_then_hit() -> None:
+    cache = TokenCache(10)
+    fetch = Fetcher()
+    assert cache.peek("k") is None
+    assert cache.get("k", fetch) == "token-1"
+    assert cache.get("k", fetch) == "token-1"
+    assert cache.peek("k") == "token-1"
+    assert fetch.calls == 1
+    assert len(cache) == 1 and "k" in cache
+
+
+def test_safety_margin_is_applied_and_capped_for_short_tokens() -> None:
+    cache = TokenCache(10, skew=30.0)
+    now = time.time()
+    cache.get("long", lambda: FetchResult("a", now + 3600))
+    cache.get("short", lambda: FetchResult("b", now + 4))
+    assert cache.expires_at("long") == pytest.approx(now + 3570, abs=0.01)
+    # a quarter of the lifetime, not 30 s (the token would never be served)
+    assert cache.expires_at("short") == pytest.approx(now + 3, abs=0.05)
+    exact = FetchResult("c", now + 60, exact=True)
+    cache.get("exact", lambda: exact)
+    assert cache.expires_at("exact") == pytest.approx(now + 60, abs=0.01)
+
+
+def test_expired_token_is_returned_once_but_not_cached() -> None:
+    cache = TokenCache(10)
+    fetch_calls = []
+
+    def fetch() -> FetchResult:
+        fetch_calls.append(1)
+        return FetchResult("old", time.time() - 5)
+
+    assert cache.get("k", fetch) == "old"
+    assert cache.peek("k") is None
+    cache.get("k", fetch)
+    assert len(fetch_calls) == 2
+
+
+def test_entry_stops_serving_at_expiry() -> None:
+    cache = TokenCache(10, skew=0.0, refresh_ahead=0.0)
+    fetch = Fetcher(lifetime=0.3)
+    assert cache.get("k", fetch) == "token-1"
+    time.sleep(0.35)
+    assert cache.peek("k") is None
+    assert cache.get("k", fetch) == "token-2"
+
+
+def test_single_flight_threads() -> None:
+    cache = TokenCache(10)
+    fetch = Fetcher(delay=0.2)
+    barrier = threading.Barrier(256)
+    results: list[str] = []
+
+    def worker() -> None:
+        barrier.wait()
+        results.append(cache.get("user", fetch))
+
+    threads = [threading.Thread(target=worker) for _ in range(256)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert fetch.calls == 1
+    assert results == ["token-1"] * 256
+
+
+def test_single_flight_asyncio_does_not_block_the_loop() -> None:
+    cache = TokenCache(10)
+    fetch = Fetcher(delay=0.3)
+
+    async def main() -> tuple[list[str], int]:
+        ticks = 0
+        stop = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        tick_task = asyncio.create_task(ticker())
+        results = await asyncio.gather(*(cache.aget("user", fetch) for _ in range(256)))
+        stop = True
+        await tick_task
+        return list(results), ticks
+
+    results, ticks = asyncio.run(main())
+    assert fetch.calls == 1
+    assert results == ["token-1"] * 256
+    assert ticks >= 10  # the loop kept running while the fetch was in flight
+
+
+def test_threads_and_tasks_share_one_fetch() -> None:
+    cache = TokenCache(10)
+    fetch = Fetcher(delay=0.3)
+    out: list[str] = []
+
+    def thread_worker() -> None:
+        out.append(cache.get("k", fetch))
+
+    async def main() -> list[str]:
+        threads = [threading.Thread(target=thread_worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        await asyncio.sleep(0.05)
+        res = await asyncio.gather(*(cache.aget("k", fetch) for _ in range(8)))
+        for t in threads:
+            t.join()
+        return list(res)
+
+    assert asyncio.run(main()) == ["token-1"] * 8
+    assert out == ["token-1"] * 8
+    assert fetch.calls == 1
+
+
+def test_cancelled_waiter_does_not_cancel_the_shared_fetch() -> None:
+    cache = TokenCache(10)
+    fetch = Fetcher(delay=0.3)
+
+    async def main() -> str:
+        first = asyncio.create_task(cache.aget("k", fetch))
+        second = asyncio.create_task(cache.aget("k", fetch))
+        await asyncio.sleep(0.05)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return await second
+
+    assert asyncio.run(main()) == "token-1"
+    assert fetch.calls == 1
+
+
+def test_one_fetch_per_key() -> None:
+    cache = TokenCache(100)
+    fetches = {f"user{i}": Fetcher(delay=0.1) for i in range(50)}
+
+    def worker(key: str) -> None:
+        cache.get(key, fetches[key])
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in fetches for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(f.calls for f in fetches.values()) == 50
+    assert cache.fetches == 50
+
+
+def test_failure_reaches_every_waiter_with_its_type_and_is_not_cached() -> None:
+    cache = TokenCache(10)
+    fetch = Fetcher(delay=0.2)
+    fetch.fail = TokenAcquisitionError("provider down", error="server_error")
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            cache.get("k", fetch)
+        except TokenAcquisitionError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert fetch.calls == 1
+    assert len(errors) == 32
+    assert all(isinstance(e, TokenAcquisitionError) and e.error == "server_error" for e in errors)
+    assert cache.peek("k") is None
+    fetch.fail = None
+    assert cache.get("k", fetch) == "token-2"  # no negative caching by default
+
+
+def test_failure_backoff_reraises_without_fetching() -> None:
+    cache = TokenCache(10, failure_backoff=0.3)
+    fetch = Fetcher()
+    fetch.fail = TokenAcquisitionError("no", error="invalid_client")
+    for _ in range(3):
+        with pytest.raises(TokenAcquisitionError):
+            cache.get("k", fetch)
+    assert fetch.calls == 1
+    time.sleep(0.35)
+    fetch.fail = None
+    assert cache.get("k", fetch) == "token-2"
+
+
+def test_async_failure_passes_through() -> None:
+    cache = TokenCache(10)
+    fetch = Fetcher(delay=0.05)
+    fetch.fail = TokenAcquisitionError("bad", error="invalid_grant")
+
+    async def main() -> list[BaseException | str]:
+        return list(
+            await asyncio.gather(
+                *(cache.aget("k", fetch) for _ in range(20)), return_exceptions=True
+            )
+        )
+
+    results = asyncio.run(main())
+    assert fetch.calls == 1
+    assert all(isinstance(r, TokenAcquisitionError) and r.error == "invalid_grant" for r in results)
+
+
+def test_refresh_ahead_serves_old_token_and_refreshes_once_in_background() -> None:
+    cache = TokenCache(10, skew=0.1, refresh_ahead=10.0)
+    fetch = Fetcher(lifetime=1.0, delay=0.1)
+    assert cache.get("k", fetch) == "token-1"
+    # usable until +0.9 s, refresh window from +0.45 s
+    time.sleep(0.5)
+    started = time.perf_counter()
+    seen = {cache.get("k", fetch) for _ in range(1000)}
+    assert time.perf_counter() - started < 0.05  # hits did not wait for the refresh
+    assert seen == {"token-1"}
+    time.sleep(0.2)
+    assert fetch.calls == 2  # exactly one background refresh
+    assert cache.peek("k") == "token-2"
+
+
+def test_peek_triggers_refresh_with_the_stored_fetch() -> None:
+    cache = TokenCache(10, skew=0.1, refresh_ahead=10.0)
+    fetch = Fetcher(lifetime=1.0)
+    cache.get("k", fetch)
+    time.sleep(0.5)
+    assert cache.peek("k") == "token-1"
+    time.sleep(0.1)
+    assert cache.peek("k") == "token-2"
+
+
+def test_failed_refresh_keeps_serving_until_real_expiry() -> None:
+    cache = TokenCache(10, skew=0.1, refresh_ahead=10.0)
+    fetch = Fetcher(lifetime=1.0)
+    cache.get("k", fetch)
+    expires = cache.expires_at("k")
+    assert expires is not None
+    fetch.fail = TokenAcquisitionError("down", error="connection_error")
+    time.sleep(0.5)
+    while time.time() < expires - 0.02:
+        token = cache.peek("k")
+        assert token == "token-1"
+        time.sleep(0.01)
+    assert cache.refresh_failures >= 1
+    time.sleep(0.05)
+    assert cache.peek("k") is None
+    with pytest.raises(TokenAcquisitionError):
+        cache.get("k", fetch)
+
+
+def test_no_caller_ever_gets_an_expired_token() -> None:
+    cache = TokenCache(10, skew=0.2, refresh_ahead=10.0)
+    fetch = Fetcher(lifetime=0.8, delay=0.02)
+    issued: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def tracking_fetch() -> FetchResult:
+        result = fetch()
+        with lock:
+            issued[result.token] = result.expires_at
+        return result
+
+    bad: list[tuple[str, float]] = []
+    stop = time.time() + 2.0
+
+    def worker() -> None:
+        while time.time() < stop:
+            token = cache.get("k", tracking_fetch)
+            now = time.time()
+            if issued[token] <= now:
+                bad.append((token, now))
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+    assert fetch.calls >= 3  # refreshed several times during the run
+
+
+def test_lru_eviction() -> None:
+    cache = TokenCache(3)
+    for key in ("a", "b", "c"):
+        cache.get(key, Fetcher())
+    cache.get("a", Fetcher())  # a is now the most recently used
+    cache.peek("b")  # so is b
+    cache.get("d", Fetcher())  # evicts c
+    assert "c" not in cache
+    assert {"a", "b", "d"} <= {k for k in ("a", "b", "c", "d") if k in cache}
+    assert len(cache) == 3
+
+
+def test_invalidate_and_clear() -> None:
+    cache = TokenCache(10)
+    fetch = Fetcher()
+    cache.get("a", fetch)
+    cache.get("b", fetch)
+    cache.invalidate("a")
+    assert cache.peek("a") is None and cache.peek("b") == "token-2"
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_put() -> None:
+    cache = TokenCache(10)
+    cache.put("k", "tok", time.time() + 3600)
+    assert cache.peek("k") == "tok"
+
+
+def test_cache_key_is_a_digest_without_the_parts() -> None:
+    secret = "super-secret-value"
+    key = cache_key("client", secret)
+    assert len(key) == 64 and int(key, 16) >= 0
+    assert secret not in key
+    assert key == cache_key("client", secret)
+    assert cache_key("ab", "c") != cache_key("a", "bc")
+    assert cache_key(1) != cache_key("1")
+    assert "super" not in repr(TokenCache(1))
+
+
+def test_repr_holds_no_token() -> None:
+    cache = TokenCache(10)
+    cache.get("k", lambda: FetchResult("SECRET-TOKEN", time.time() + 60))
+    assert "SECRET-TOKEN" not in repr(cache)
+    assert "SECRET-TOKEN" not in repr(cache._data["k"])
+
+
+def test_jwt_expiry() -> None:
+    def jwt(claims: dict[str, object]) -> str:
+        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+        return f"eyJhbGciOiJub25lIn0.{body}.sig"
+
+    assert jwt_expiry(jwt({"exp": 123})) == 123.0
+    assert jwt_expiry(jwt({"sub": "x"})) is None
+    assert jwt_expiry(jwt({"exp": True})) is None
+    assert jwt_expiry("opaque") is None
+    assert jwt_expiry("a.%%%.c") is None
+
+
+def _per_call(fn: object, number: int = 200_000) -> float:
+    return min(timeit.repeat(fn, number=number, repeat=5)) / number  # type: ignore[arg-type]
+
+
+def test_hit_path_is_well_under_a_microsecond() -> None:
+    cache = TokenCache(10_000)
+    fetch = Fetcher(lifetime=3600)
+    for i in range(10_000):
+        cache.get(f"{i:064x}", fetch)
+    key = f"{1234:064x}"
+    get = cache.get
+    peek = cache.peek
+    peek_s = _per_call(lambda: peek(key))
+    get_s = _per_call(lambda: get(key, fetch))
+    empty_s = _per_call(lambda: None)
+    # the lambda call itself is included; the budget is 1 µs per hit
+    assert peek_s < 1e-6, f"peek hit took {peek_s * 1e9:.0f} ns"
+    assert get_s < 1e-6, f"get hit took {get_s * 1e9:.0f} ns"
+    print(
+        f"hit path: peek {(peek_s - empty_s) * 1e9:.0f} ns, get {(get_s - empty_s) * 1e9:.0f} ns "
+        "(call overhead removed)"
+    )
