@@ -1,0 +1,489 @@
+"""The driver hook, end to end: real thin driver over TCPS to the wire test server.
+
+Each of python-oracledb's plugin defects 1-3 (reference-plugin.md) is run
+twice: against the plugin itself, where the test shows the defect, and
+against deepsec, where it is fixed.  The plugin gets its database-access
+token from ``tests/spi_static.py``, registered under ``oracledb.plugins``
+because that plugin only imports ``oracledb.plugins.<spi_type>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import random
+import sys
+import threading
+import time
+import warnings
+
+import oracledb
+import pytest
+
+import deepsec
+import spi_static
+from deepsec import ConfigError, IdentityError, TokenNotReadyError
+from deepsec.hook import REFERENCE_PLUGIN, params_hook
+from deepsec.tokens import clear_token_sources
+
+USERNAME_SQL = "select xs_sys_context('xs$session','username') from dual"
+SECRET = "s3cr3t-client-credential-value"
+
+
+def user_token(name: str) -> str:
+    """An end-user token the wire server reads the user name from."""
+    return spi_static.make_jwt({"preferred_username": name, "sub": f"sub-{name}"})
+
+
+def params(**extra: object) -> dict[str, object]:
+    return {"end_user_sec_params": {"spi_type": "spi_static", "client_id": "hr-app", **extra}}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    spi_static.reset()
+    clear_token_sources()
+    deepsec.install()
+    yield
+    spi_static.reset()
+    clear_token_sources()
+    deepsec.install()
+
+
+def whoami(conn: oracledb.Connection, tag: str = "") -> str | None:
+    with conn.cursor() as cur:
+        cur.execute(f"{USERNAME_SQL} /* {tag} */")
+        return cur.fetchone()[0]
+
+
+def connect(server, **kwargs):
+    return oracledb.connect(**server.connect_kwargs(), **kwargs)
+
+
+# -- the reference plugin, for the "fails with python-oracledb's plugin" half ----
+
+
+@pytest.fixture
+def reference_plugin():
+    """python-oracledb's own plugin, active instead of deepsec for one test."""
+    deepsec.uninstall()
+    sys.modules["oracledb.plugins.spi_static"] = spi_static
+    already = REFERENCE_PLUGIN in sys.modules
+    plugin = importlib.import_module(REFERENCE_PLUGIN)
+    if already:
+        oracledb.register_params_hook(plugin.end_user_sec_context_hook)
+    try:
+        yield plugin
+    finally:
+        oracledb.unregister_params_hook(plugin.end_user_sec_context_hook)
+        oracledb.clear_all_secrets(thread_local=True)
+        sys.modules.pop("oracledb.plugins.spi_static", None)
+
+
+def ref_params() -> dict[str, object]:
+    return {
+        "end_user_sec_params": {
+            "spi_type": "spi_static",
+            "auth_flow": "client_credentials",
+            "client_id": "hr-app",
+        }
+    }
+
+
+# -- defect 1: asyncio tasks through an AsyncConnectionPool ----------------------
+
+
+async def _two_concurrent_requests(server, set_identity, extra_auth_params):
+    pool = oracledb.create_pool_async(
+        **server.connect_kwargs(), extra_auth_params=extra_auth_params, min=0, max=4
+    )
+    both_set = asyncio.Barrier(2)
+
+    async def request(name: str) -> str | None:
+        set_identity(user_token(name))
+        await both_set.wait()  # both requests have set their identity
+        async with pool.acquire() as conn:
+            cur = conn.cursor()
+            await cur.execute(f"{USERNAME_SQL} /* {name} */")
+            (who,) = await cur.fetchone()
+            return who
+
+    async def run(name: str) -> str | None:
+        # Each request is its own task, as under any ASGI server.
+        return await asyncio.create_task(request(name))
+
+    try:
+        return await asyncio.gather(run("alice"), run("bob"))
+    finally:
+        await pool.close()
+
+
+@pytest.mark.timeout(30)
+def test_defect1_reference_plugin_leaks_between_asyncio_tasks(oracle, reference_plugin):
+    seen = asyncio.run(
+        _two_concurrent_requests(oracle, reference_plugin.set_end_user_identity, ref_params())
+    )
+    assert seen == ["bob", "bob"]  # alice's request ran as bob
+
+
+@pytest.mark.timeout(30)
+def test_defect1_fixed_asyncio_tasks_through_async_pool(oracle):
+    seen = asyncio.run(_two_concurrent_requests(oracle, deepsec.set_end_user_identity, params()))
+    assert seen == ["alice", "bob"]
+    for name in ("alice", "bob"):
+        (trip,) = oracle.find_statements(f"/* {name} */")
+        assert trip.context is not None and trip.context.username == name
+
+
+# -- defect 2: a connection kept open across requests ----------------------------
+
+
+def _three_requests_on_one_connection(server, set_identity, extra_auth_params):
+    set_identity(user_token("alice"))
+    conn = connect(server, extra_auth_params=extra_auth_params)  # opened in alice's request
+    try:
+        seen = [whoami(conn, "r1")]
+        set_identity(user_token("bob"))  # bob's request, same persistent connection
+        seen.append(whoami(conn, "r2"))
+        set_identity(None)  # a request with no end user
+        seen.append(whoami(conn, "r3"))
+        return seen
+    finally:
+        set_identity(None)
+        conn.close()
+
+
+@pytest.mark.timeout(30)
+def test_defect2_reference_plugin_leaks_on_persistent_connection(oracle, reference_plugin):
+    seen = _three_requests_on_one_connection(
+        oracle, reference_plugin.set_end_user_identity, ref_params()
+    )
+    assert seen == ["alice", "alice", "alice"]
+
+
+@pytest.mark.timeout(30)
+def test_defect2_fixed_persistent_connection_follows_each_request(oracle):
+    seen = _three_requests_on_one_connection(oracle, deepsec.set_end_user_identity, params())
+    assert seen == ["alice", "bob", None]
+    contexts = [oracle.find_statements(f"/* {t} */")[0].context for t in ("r1", "r2", "r3")]
+    assert [c.username if c else None for c in contexts] == ["alice", "bob", None]
+
+
+# -- defect 3: (name, key) identities ----------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_defect3_reference_plugin_breaks_local_identities(oracle, reference_plugin):
+    reference_plugin.set_end_user_identity(("bob", None))
+    assert reference_plugin.get_end_user_identity() == ["bob", None]  # JSON turned it into a list
+    with pytest.raises(ValueError, match="end_user_identity must be"):
+        connect(oracle, extra_auth_params=ref_params())
+
+
+@pytest.mark.timeout(30)
+def test_defect3_fixed_local_identities(oracle):
+    with connect(oracle, extra_auth_params=params()) as conn:
+        with deepsec.end_user(("bob", None)):
+            assert deepsec.get_end_user_identity() == ("bob", None)
+            assert whoami(conn, "local-bob") == "bob"
+        with deepsec.end_user(("carol", "carol-key")):
+            assert whoami(conn, "local-carol") == "carol"
+    bob = oracle.find_statements("local-bob")[0].context
+    assert bob.kind == "local" and bob.end_user_name == "bob" and bob.end_user_contextid is None
+    carol = oracle.find_statements("local-carol")[0].context
+    assert carol.end_user_name == "carol" and carol.end_user_contextid == "carol-key"
+    assert carol.database_access_claims["sub"] == "hr-app"
+
+
+# -- pools and threads ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_pool_acquire_release_in_threads_with_different_users(oracle):
+    pool = oracledb.create_pool(
+        **oracle.connect_kwargs(), extra_auth_params=params(), min=2, max=4, increment=1
+    )
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        name = f"user{i}"
+        try:
+            for round_ in range(10):
+                with deepsec.end_user(user_token(name)), pool.acquire() as conn:
+                    assert whoami(conn, f"{name}-{round_}") == name
+                with pool.acquire() as conn:  # the same connections, no end user now
+                    assert whoami(conn, f"{name}-{round_}-anon") is None
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(50)
+    pool.close(force=True)
+    assert not errors, errors[0]
+    assert len(oracle.statements()) >= 6 * 10 * 2
+
+
+@pytest.mark.timeout(120)
+def test_50_threads_200_operations_every_round_trip_carries_its_threads_user(oracle):
+    """Random users, random gaps, connections shared through a small pool."""
+    users = [f"u{i:02d}" for i in range(12)] + [None]
+    tokens = {u: user_token(u) for u in users if u}
+    pool = oracledb.create_pool(
+        **oracle.connect_kwargs(), extra_auth_params=params(), min=4, max=8, increment=2
+    )
+    mark = oracle.mark()
+    errors: list[BaseException] = []
+    expected: dict[str, str | None] = {}
+    lock = threading.Lock()
+
+    def worker(t: int) -> None:
+        rng = random.Random(t)
+        try:
+            conn = None
+            for i in range(200):
+                if conn is None or rng.random() < 0.2:  # sometimes switch connections
+                    if conn is not None:
+                        pool.release(conn)
+                    conn = pool.acquire()
+                user = rng.choice(users)
+                tag = f"t{t}-{i}"
+                with lock:
+                    expected[tag] = user
+                with deepsec.end_user(tokens[user] if user else None):
+                    if rng.random() < 0.3:
+                        time.sleep(rng.random() / 1000)
+                    with conn.cursor() as cur:
+                        cur.execute(f"{USERNAME_SQL} /* {tag} */")
+                        assert cur.fetchone()[0] == user
+                # Outside any end user: a ping must carry no context.
+                if rng.random() < 0.1:
+                    conn.ping()
+            pool.release(conn)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(50)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(110)
+    pool.close(force=True)
+    assert not errors, errors[0]
+
+    trips = oracle.round_trips(since=mark)
+    checked = 0
+    for trip in trips:
+        if trip.sql and "/* t" in trip.sql:
+            tag = trip.sql.rsplit("/* ", 1)[1].split(" */")[0]
+            want = expected[tag]
+            got = trip.context.username if trip.context else None
+            assert got == want, f"{tag}: expected {want}, server saw {got}"
+            checked += 1
+        elif trip.function == "ping":
+            assert trip.context is None
+    assert checked >= 50 * 200
+    # A thousand-odd switches were made, yet not one token per operation.
+    assert len(spi_static.CALLS) <= len(users)
+
+
+# -- async ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_async_standalone_connection_switches_users(oracle):
+    async def main() -> list[str | None]:
+        conn = await oracledb.connect_async(**oracle.connect_kwargs(), extra_auth_params=params())
+        seen = []
+        try:
+            for name in ("alice", "bob", None, "alice"):
+                async with deepsec.end_user(user_token(name) if name else None):
+                    cur = conn.cursor()
+                    await cur.execute(USERNAME_SQL)
+                    seen.append((await cur.fetchone())[0])
+        finally:
+            await conn.close()
+        return seen
+
+    assert asyncio.run(main()) == ["alice", "bob", None, "alice"]
+
+
+@pytest.mark.timeout(30)
+def test_async_connection_never_fetches_on_the_loop(oracle):
+    async def main() -> None:
+        conn = await oracledb.connect_async(**oracle.connect_kwargs(), extra_auth_params=params())
+        try:
+            deepsec.set_end_user_identity(user_token("dave"))
+            # A plain set, no prepare: the operation must not block on a fetch...
+            with pytest.raises(TokenNotReadyError, match=r"async with deepsec\.end_user"):
+                await conn.ping()
+            # ...and prepare() fetches off the loop, after which it works.
+            await deepsec.prepare()
+            cur = conn.cursor()
+            await cur.execute(USERNAME_SQL)
+            assert (await cur.fetchone())[0] == "dave"
+        finally:
+            deepsec.set_end_user_identity(None)
+            await conn.close()
+
+    # Custom spi modules cache per identity, so "dave" starts with a cold cache.
+    asyncio.run(main())
+
+
+# -- chaining, config, data roles ------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_application_callbacks_are_chained_not_replaced(oracle):
+    calls: list[str] = []
+
+    def on_connect(conn):
+        calls.append("on_connect")
+
+    def on_operation(name, args):
+        calls.append(name)
+        return lambda outcome: calls.append(f"done:{name}")
+
+    with deepsec.end_user(user_token("erin")):
+        conn = connect(
+            oracle,
+            extra_auth_params=params(),
+            on_connect_callback=on_connect,
+            operation_callback=on_operation,
+        )
+        assert whoami(conn) == "erin"
+        conn.close()
+    assert "on_connect" in calls and "execute" in calls and "done:execute" in calls
+
+
+@pytest.mark.timeout(30)
+def test_data_roles_and_attributes_context_wins_over_config(oracle):
+    cfg = params(data_roles=["cfg_role"], attributes={"dept": "cfg"})
+    with connect(oracle, extra_auth_params=cfg) as conn:
+        with deepsec.end_user(user_token("f")):
+            whoami(conn, "from-config")
+        with deepsec.end_user(user_token("f"), data_roles=["ctx_role"], attributes={"dept": "x"}):
+            whoami(conn, "from-context")
+    cfg_ctx = oracle.find_statements("from-config")[0].context
+    assert cfg_ctx.data_roles == ("cfg_role",) and cfg_ctx.attributes["dept"] == "cfg"
+    ctx_ctx = oracle.find_statements("from-context")[0].context
+    assert ctx_ctx.data_roles == ("ctx_role",) and ctx_ctx.attributes["dept"] == "x"
+
+
+@pytest.mark.timeout(30)
+def test_local_user_with_configured_data_roles_fails_before_any_round_trip(oracle):
+    with connect(oracle, extra_auth_params=params(data_roles=["r"])) as conn:
+        before = oracle.mark()
+        with deepsec.end_user(("gina", None)), pytest.raises(IdentityError, match="local"):
+            whoami(conn)
+        assert oracle.round_trips(since=before) == []
+
+
+@pytest.mark.timeout(30)
+def test_bad_config_fails_at_connect_with_every_problem_and_no_secret(oracle, caplog):
+    caplog.set_level(logging.DEBUG)
+    bad = {
+        "end_user_sec_params": {
+            "spi_type": "azure_tokens",
+            "auth_flow": "sideways",
+            "client_credential": SECRET,
+            "bogus": 1,
+        }
+    }
+    # python-oracledb wraps a failing params hook in DPY-2061; ours is the cause.
+    with pytest.raises(oracledb.ProgrammingError, match="DPY-2061") as outer:
+        connect(oracle, extra_auth_params=bad)
+    info = outer.value.__cause__
+    assert isinstance(info, ConfigError)
+    text = str(outer.value)
+    assert "missing required key(s) for azure_tokens: authority, client_id, scopes" in text
+    assert "unknown key(s)" in text and "bogus" in text and "auth_flow must be one of" in text
+    assert SECRET not in text and SECRET not in repr(info) and SECRET not in caplog.text
+
+
+@pytest.mark.timeout(30)
+def test_no_secret_or_token_in_logs_or_reprs(oracle, caplog):
+    caplog.set_level(logging.DEBUG)
+    token = user_token("harry")
+    cfg = params(client_credential=SECRET)
+    with connect(oracle, extra_auth_params=cfg) as conn, deepsec.end_user(token) as ctx:
+        whoami(conn)
+        assert token not in repr(ctx)
+    assert any("attached end-user context" in r.getMessage() for r in caplog.records)
+    for secret in (SECRET, token, token.split(".")[1]):
+        assert secret not in caplog.text
+    config = deepsec.parse_end_user_sec_params(
+        params(client_credential=SECRET)["end_user_sec_params"]
+    )
+    assert SECRET not in repr(config)
+
+
+# -- round trips, install/uninstall, the reference plugin alongside --------------------
+
+
+@pytest.mark.timeout(30)
+def test_attaching_adds_no_round_trip(oracle):
+    with connect(oracle, extra_auth_params=params()) as conn:
+        whoami(conn)  # warm up statement cache
+        start = oracle.mark()
+        for _ in range(5):
+            conn.ping()
+        plain = len(oracle.round_trips(since=start))
+        start = oracle.mark()
+        for name in ("a", "b", "c", "d", "e"):  # a new context before every ping
+            with deepsec.end_user(user_token(name)):
+                conn.ping()
+        with_ctx = oracle.round_trips(since=start)
+        start = oracle.mark()
+        for _ in range(5):  # and cleared again
+            conn.ping()
+        cleared = oracle.round_trips(since=start)
+    assert plain == len(with_ctx) == len(cleared) == 5
+    assert [t.context.username for t in with_ctx] == ["a", "b", "c", "d", "e"]
+    assert all(t.context is None for t in cleared)
+
+
+@pytest.mark.timeout(30)
+def test_hook_is_idempotent_and_uninstall_removes_it(oracle):
+    deepsec.install()
+    deepsec.install()
+    from oracledb import base_impl
+
+    assert base_impl.REGISTERED_PARAMS_HOOKS.count(params_hook) == 1
+    deepsec.uninstall()
+    assert not deepsec.installed()
+    with deepsec.end_user(user_token("ian")):
+        conn = connect(oracle, extra_auth_params=params())
+        assert whoami(conn) is None  # no hook, no context
+        conn.close()
+    deepsec.install()
+    with deepsec.end_user(user_token("ian")), connect(oracle, extra_auth_params=params()) as conn:
+        assert whoami(conn) == "ian"
+
+
+@pytest.mark.timeout(30)
+def test_reference_plugin_imported_too_warns_and_one_context_is_attached(oracle):
+    sys.modules["oracledb.plugins.spi_static"] = spi_static
+    try:
+        already = REFERENCE_PLUGIN in sys.modules
+        plugin = importlib.import_module(REFERENCE_PLUGIN)
+        if already:
+            oracledb.register_params_hook(plugin.end_user_sec_context_hook)
+        plugin.set_end_user_identity(user_token("mallory"))  # the plugin's thread-local
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with deepsec.end_user(user_token("judy")):
+                conn = connect(oracle, extra_auth_params=params(auth_flow="client_credentials"))
+                assert whoami(conn, "judy") == "judy"
+            assert whoami(conn, "after") is None
+            conn.close()
+        assert any(REFERENCE_PLUGIN in str(w.message) for w in caught)
+        from oracledb import base_impl
+
+        assert plugin.end_user_sec_context_hook not in base_impl.REGISTERED_PARAMS_HOOKS
+    finally:
+        oracledb.clear_all_secrets(thread_local=True)
+        sys.modules.pop("oracledb.plugins.spi_static", None)
