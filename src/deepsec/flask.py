@@ -43,7 +43,7 @@ from werkzeug.local import LocalProxy
 from . import context as _context
 from .context import EndUserContext, activate, current_context, deactivate
 from .errors import ConfigError, TokenAcquisitionError
-from .web import Rejection, WebSettings, rejection_for_error, resolve
+from .web import Rejection, WebSettings, parse_cookie_header, rejection_for_error, resolve
 
 __all__ = ["CONFIG_PREFIX", "DeepSec", "DeepSecState", "current_end_user"]
 
@@ -161,7 +161,12 @@ def _before_request() -> Response | None:
     resolution = resolve(
         settings,
         request._get_current_object(),  # type: ignore[attr-defined]
-        cookie=request.cookies.get(settings.cookie_name) if settings.cookie_name else None,
+        # The raw header: werkzeug's parser drops values such as ["bob", null].
+        cookie=(
+            parse_cookie_header(request.headers.get("Cookie"), settings.cookie_name)
+            if settings.cookie_name
+            else None
+        ),
         authorization=request.headers.get("Authorization"),
     )
     # Always activate, even "no end user": the request must not inherit
