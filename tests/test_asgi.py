@@ -1,0 +1,376 @@
+"""The pure ASGI middleware under Starlette, end to end over TCPS to the wire test server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import oracledb
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+import spi_static
+from adapter_support import (
+    ALICE,
+    CAROL,
+    CASES,
+    SECRET,
+    WHOAMI,
+    Case,
+    assert_no_secret,
+    assert_ran_as,
+    check_leaks,
+    connect_kwargs,
+    contexts_of,
+    load_plan,
+    run_load,
+    tag,
+    uvicorn_server,
+)
+from deepsec import ConfigError, EndUserContext, current_end_user
+
+with warnings.catch_warnings():  # Starlette 1.x prefers httpx2 for its TestClient
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from starlette.testclient import TestClient, WebSocketDenialResponse
+
+from deepsec.asgi import SCOPE_KEY, ASGIConnection, EndUserSecMiddleware
+from deepsec.testing.oracle import OracleTestServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _query(pool: Any, rid: str, times: int = 2) -> list[Any]:
+    async with pool.acquire() as conn:
+        cur = conn.cursor()
+        out = []
+        for _ in range(times):
+            await cur.execute(f"{WHOAMI} {tag(rid)}")
+            out.append((await cur.fetchone())[0])
+        return out
+
+
+def _sync_query(pool: oracledb.ConnectionPool, rid: str, times: int = 2) -> list[Any]:
+    with pool.acquire() as conn, conn.cursor() as cur:
+        out = []
+        for _ in range(times):
+            cur.execute(f"{WHOAMI} {tag(rid)}")
+            out.append(cur.fetchone()[0])
+        return out
+
+
+def make_app(server: OracleTestServer, **settings: Any) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.apool = oracledb.create_pool_async(min=1, max=4, **connect_kwargs(server))
+        app.state.pool = oracledb.create_pool(min=1, max=4, **connect_kwargs(server))
+        yield
+        await app.state.apool.close(force=True)
+        app.state.pool.close(force=True)
+
+    async def whoami(request: Request) -> JSONResponse:
+        db = await _query(request.app.state.apool, request.path_params["rid"])
+        user = current_end_user()
+        return JSONResponse(
+            {"db": db, "has_user": user is not None, "scope": request.scope[SCOPE_KEY] == user}
+        )
+
+    def sync_whoami(request: Request) -> JSONResponse:  # runs in the thread pool
+        db = _sync_query(request.app.state.pool, request.path_params["rid"])
+        return JSONResponse({"db": db})
+
+    async def stream(request: Request) -> StreamingResponse:
+        pool, rid = request.app.state.apool, request.path_params["rid"]
+
+        async def rows() -> AsyncIterator[str]:
+            for i in range(3):
+                yield f"{i}:{(await _query(pool, rid, 1))[0]}\n"
+                await asyncio.sleep(0)
+
+        return StreamingResponse(rows(), media_type="text/plain")
+
+    def sync_stream(request: Request) -> StreamingResponse:
+        pool, rid = request.app.state.pool, request.path_params["rid"]
+
+        def rows() -> Iterator[str]:  # iterated in the thread pool
+            for i in range(3):
+                yield f"{i}:{_sync_query(pool, rid, 1)[0]}\n"
+
+        return StreamingResponse(rows(), media_type="text/plain")
+
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        rid = websocket.path_params["rid"]
+        for _ in range(2):
+            await websocket.receive_text()
+            db = await _query(websocket.app.state.apool, rid, 1)
+            await websocket.send_text(str(db[0]))
+        await websocket.close()
+
+    return Starlette(
+        routes=[
+            Route("/whoami/{rid}", whoami),
+            Route("/sync-whoami/{rid}", sync_whoami),
+            Route("/stream/{rid}", stream),
+            Route("/sync-stream/{rid}", sync_stream),
+            WebSocketRoute("/ws/{rid}", ws),
+        ],
+        middleware=[Middleware(EndUserSecMiddleware, **settings)],
+        lifespan=lifespan,
+    )
+
+
+def rid() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(scope="module")
+def client(oracle_server: OracleTestServer) -> Iterator[TestClient]:
+    with TestClient(make_app(oracle_server)) as client:
+        yield client
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("endpoint", ["whoami", "sync-whoami"])
+def test_identity_reaches_the_database(
+    case: Case, endpoint: str, client: TestClient, oracle_server: OracleTestServer
+) -> None:
+    r = rid()
+    response = client.get(f"/{endpoint}/{r}", headers=case.headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["db"] == [case.user, case.user]
+    if endpoint == "whoami":
+        assert response.json()["has_user"] is (case.user is not None)
+        assert response.json()["scope"] is True
+    assert_ran_as(oracle_server, r, case.user, 2)
+
+
+@pytest.mark.parametrize("endpoint", ["stream", "sync-stream"])
+def test_streaming_body_runs_as_the_end_user(
+    endpoint: str, client: TestClient, oracle_server: OracleTestServer
+) -> None:
+    r1, r2 = rid(), rid()
+    response = client.get(f"/{endpoint}/{r1}", headers={"Authorization": f"Bearer {ALICE}"})
+    assert response.text == "0:alice\n1:alice\n2:alice\n"
+    response = client.get(f"/{endpoint}/{r2}")
+    assert response.text == "0:None\n1:None\n2:None\n"
+    assert_ran_as(oracle_server, r1, "alice", 3)
+    assert_ran_as(oracle_server, r2, None, 3)
+
+
+def test_websocket_session_runs_as_the_end_user(
+    client: TestClient, oracle_server: OracleTestServer
+) -> None:
+    r = rid()
+    with client.websocket_connect(f"/ws/{r}", headers={"Cookie": 'identity=["bob", null]'}) as ws:
+        ws.send_text("1")
+        assert ws.receive_text() == "bob"
+        ws.send_text("2")
+        assert ws.receive_text() == "bob"
+    assert_ran_as(oracle_server, r, "bob", 2)
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "challenge"),
+    [
+        ({"Cookie": 'identity=["bob"'}, 400, None),
+        ({"Authorization": "Bearer not a token"}, 401, 'Bearer error="invalid_token"'),
+        ({"Authorization": "Bearer " + "a" * 17_000}, 401, 'Bearer error="invalid_token"'),
+    ],
+)
+def test_strict_mode(
+    headers: dict[str, str], status: int, challenge: str | None, oracle_server: OracleTestServer
+) -> None:
+    with TestClient(make_app(oracle_server, strict=True)) as client:
+        r = rid()
+        response = client.get(f"/whoami/{r}", headers=headers)
+        assert response.status_code == status
+        assert response.headers.get("www-authenticate") == challenge
+        assert response.headers["content-type"] == "application/json"
+        assert response.json()["error"] in ("bad_request", "invalid_token")
+        # WebSocket handshake: denied with the same HTTP response.
+        with pytest.raises(WebSocketDenialResponse) as denied:
+            client.websocket_connect(f"/ws/{r}", headers=headers).__enter__()
+        assert denied.value.status_code == status
+        ok = client.get(f"/whoami/{r}", headers={"Cookie": f"identity={ALICE}"})
+        assert ok.json()["db"] == ["alice", "alice"]
+    assert contexts_of(oracle_server, r) == ["alice", "alice"]
+
+
+def test_deny_policy(oracle_server: OracleTestServer) -> None:
+    with TestClient(make_app(oracle_server, no_identity="deny")) as client:
+        r = rid()
+        response = client.get(f"/whoami/{r}")
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert client.get(f"/whoami/{r}", headers={"Authorization": f"Bearer {CAROL}"}).json()[
+            "db"
+        ] == ["carol", "carol"]
+    assert_ran_as(oracle_server, r, "carol", 2)
+
+
+def test_token_failure_is_503_without_secrets(
+    client: TestClient, oracle_server: OracleTestServer, caplog: Any
+) -> None:
+    r = rid()
+    spi_static.FAIL.append(RuntimeError(SECRET))
+    try:
+        response = client.get(f"/whoami/{r}", headers={"Cookie": f'identity=["nobody-{r}", null]'})
+        sync = client.get(f"/sync-whoami/{r}", headers={"Cookie": f'identity=["nobody-{r}", null]'})
+    finally:
+        spi_static.FAIL.clear()
+    for resp in (response, sync):
+        assert resp.status_code == 503
+        assert resp.headers["retry-after"] == "5"
+        assert resp.json()["error"] == "token_unavailable"
+        assert_no_secret(resp.text)
+    assert_no_secret(caplog.text)
+    assert contexts_of(oracle_server, r) == []  # failed closed
+
+
+async def _asgi_call(app: Any, scope: dict[str, Any], incoming: list[Any]) -> list[Any]:
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+def test_websocket_close_1008_without_http_response_extension() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover
+        raise AssertionError("the app must not run")
+
+    mw = EndUserSecMiddleware(app, no_identity="deny")
+    scope = {"type": "websocket", "path": "/ws", "headers": [], "extensions": {}}
+    sent = asyncio.run(_asgi_call(mw, scope, [{"type": "websocket.connect"}]))
+    assert sent == [{"type": "websocket.close", "code": 1008, "reason": ""}]
+
+
+def test_lifespan_and_other_scopes_pass_through() -> None:
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((scope["type"], SCOPE_KEY in scope, current_end_user()))
+        await send({"type": "lifespan.startup.complete"})
+
+    mw = EndUserSecMiddleware(app, no_identity="deny")
+    sent = asyncio.run(_asgi_call(mw, {"type": "lifespan"}, [{"type": "lifespan.startup"}]))
+    assert seen == [("lifespan", False, None)]
+    assert sent == [{"type": "lifespan.startup.complete"}]
+
+
+def test_resolver_gets_a_neutral_connection_and_context_is_reset() -> None:
+    seen: list[Any] = []
+
+    def resolver(conn: ASGIConnection) -> Any:
+        seen.append((conn.method, conn.path, conn.headers["x-user"], dict(conn.cookies)))
+        return EndUserContext((conn.headers["x-user"], None), attributes={"p": conn.path})
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        user = current_end_user()
+        assert user is not None and scope[SCOPE_KEY] is user
+        body = f"{user.name}:{dict(user.attributes or {})}".encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    mw = EndUserSecMiddleware(app, resolver=resolver)
+    headers = [(b"x-user", b"erin"), (b"cookie", b"a=1; b=2"), (b"cookie", b"a=3")]
+    scope = {"type": "http", "method": "GET", "path": "/p", "headers": headers}
+
+    async def run() -> list[Any]:
+        sent = await _asgi_call(mw, scope, [])
+        assert current_end_user() is None  # reset after the call
+        return sent
+
+    sent = asyncio.run(run())
+    assert sent[1]["body"] == b"erin:{'p': '/p'}"
+    assert seen == [("GET", "/p", "erin", {"a": "1", "b": "2"})]
+    assert "erin" not in repr(ASGIConnection(scope).headers)
+
+
+def test_settings_validation() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover
+        pass
+
+    with pytest.raises(ConfigError, match="colour"):
+        EndUserSecMiddleware(app, colour="red")
+    with pytest.raises(ConfigError, match="no_identity"):
+        EndUserSecMiddleware(app, no_identity="sometimes")
+
+
+@pytest.mark.timeout(90)
+def test_no_leak_under_load_through_uvicorn(oracle_server: OracleTestServer) -> None:
+    """2,000 requests, 20 users, 16 clients, 6 app-held AsyncConnections kept across requests."""
+    counts = {"outside": 0}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        conns: asyncio.Queue[Any] = asyncio.Queue()
+        held = [await oracledb.connect_async(**connect_kwargs(oracle_server)) for _ in range(6)]
+        for conn in held:
+            conns.put_nowait(conn)
+        app.state.conns = conns
+        stop = asyncio.Event()
+
+        async def outside() -> None:  # started by lifespan: no request, no end user
+            n = 0
+            while not stop.is_set():
+                conn = await conns.get()
+                try:
+                    cur = conn.cursor()
+                    await cur.execute(f"select 1 from dual /* out-{n} */")
+                    await cur.fetchone()
+                    counts["outside"] += 1
+                finally:
+                    conns.put_nowait(conn)
+                n += 1
+                await asyncio.sleep(0.002)
+
+        task = asyncio.create_task(outside())
+        yield
+        stop.set()
+        await task
+        for conn in held:
+            await conn.close()
+
+    async def whoami(request: Request) -> JSONResponse:
+        conns = request.app.state.conns
+        conn = await conns.get()
+        try:
+            cur = conn.cursor()
+            db = []
+            for _ in range(2):
+                await cur.execute(f"{WHOAMI} {tag(request.path_params['rid'])}")
+                db.append((await cur.fetchone())[0])
+        finally:
+            conns.put_nowait(conn)
+        return JSONResponse({"db": db})
+
+    app = Starlette(
+        routes=[Route("/whoami/{rid}", whoami)],
+        middleware=[Middleware(EndUserSecMiddleware)],
+        lifespan=lifespan,
+    )
+    plan = load_plan(2000, seed=11)
+    since = oracle_server.mark()
+    with uvicorn_server(app) as url:
+        run_load(url, plan)
+        assert httpx.get(f"{url}/whoami/final", timeout=10).json() == {"db": [None, None]}
+    expected = {r: u for r, u, _ in plan} | {"final": None}
+    report = check_leaks(oracle_server, since, expected, statements_per_request=2)
+    assert report.requests == 2001 and report.statements == 4002
+    assert report.outside == counts["outside"] > 10
