@@ -396,3 +396,19 @@ def test_hit_path_is_well_under_a_microsecond() -> None:
         f"hit path: peek {(peek_s - empty_s) * 1e9:.0f} ns, get {(get_s - empty_s) * 1e9:.0f} ns "
         "(call overhead removed)"
     )
+
+
+def test_failed_refresh_retry_never_extends_past_expiry() -> None:
+    # the retry interval after a failed refresh must not push the hit path's
+    # refresh_at beyond the expiry (the hit path checks refresh_at alone)
+    cache = TokenCache(10, skew=0.0, refresh_ahead=10.0)
+    fetch = Fetcher(lifetime=0.6)
+    cache.get("k", fetch)
+    fetch.fail = TokenAcquisitionError("down", error="connection_error")
+    expires = cache.expires_at("k")
+    assert expires is not None
+    time.sleep(0.55)  # inside the window, 50 ms before expiry: retry interval is 0.2 s
+    assert cache.peek("k") == "token-1"
+    time.sleep(0.1)
+    assert time.time() > expires
+    assert cache.peek("k") is None

@@ -75,7 +75,7 @@ class Fault:
     Attributes:
         kind: ``"status"`` (answer ``status`` with an OAuth error body),
             ``"delay"`` (sleep ``seconds``, then answer normally),
-            ``"malformed_json"`` (200 with a truncated JSON body) or
+            ``"malformed_json"`` (200 with ``body`` or a truncated JSON body) or
             ``"drop"`` (close the connection without answering).
         times: how many token requests it applies to; ``None`` = persistent.
         target: ``"azure"``, ``"oci"`` or ``"any"`` token endpoint.
@@ -89,6 +89,7 @@ class Fault:
     retry_after: float | None = None
     times: int | None = 1
     target: Target = "any"
+    body: bytes | None = None
 
 
 class Faults:
@@ -137,9 +138,11 @@ class Faults:
         """Sleep ``seconds`` before answering."""
         return self.add(Fault("delay", seconds=seconds, times=times, target=target))
 
-    def malformed_json(self, *, times: int | None = 1, target: Target = "any") -> Fault:
-        """Answer 200 with a body that is not valid JSON."""
-        return self.add(Fault("malformed_json", times=times, target=target))
+    def malformed_json(
+        self, *, body: bytes | None = None, times: int | None = 1, target: Target = "any"
+    ) -> Fault:
+        """Answer 200 with a body that is not valid JSON (``body``, or a truncated object)."""
+        return self.add(Fault("malformed_json", times=times, target=target, body=body))
 
     def drop(self, *, times: int | None = 1, target: Target = "any") -> Fault:
         """Close the connection without sending a response."""
@@ -633,7 +636,8 @@ class LocalIdP:
                     raise _Drop
                 if fault.kind == "malformed_json":
                     status = 200
-                    return status, b'{"token_type": "Bearer", "access_token": ', headers
+                    raw = fault.body or b'{"token_type": "Bearer", "access_token": '
+                    return status, raw, headers
                 if fault.kind == "status":
                     if fault.retry_after is not None:
                         headers["Retry-After"] = f"{fault.retry_after:g}"

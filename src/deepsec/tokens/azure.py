@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -323,6 +324,17 @@ class AzureTokenSource:
         try:
             app = _msal_app(self.config, flow)
             result = call(app)
+        except msal.exceptions.MsalServiceError as exc:
+            # MSAL raises this for HTTP >= 500 ("HTTP Error: 503"); the body is gone.
+            match = re.search(r"HTTP Error: (\d{3})", str(exc))
+            status = int(match.group(1)) if match else None
+            error = TokenAcquisitionError(
+                f"{what}: the identity provider answered HTTP {status}",
+                error="server_error",
+                status=status,
+            )
+            logger.debug("%s failed: %s", what, error)
+            raise error from None
         except Exception as exc:
             error = error_from_exception(exc, what, secrets)
             logger.debug("%s failed: %s", what, error)

@@ -358,7 +358,11 @@ class TokenCache:
             if now < entry.refresh_at or self._data.get(key) is not entry:
                 return  # another caller got here first, or the entry was replaced
             # Not before a retry interval: a failing provider is not hammered.
-            entry.refresh_at = now + self._retry_interval(entry.expires_at - now)
+            # Invariant: refresh_at <= expires_at, since the hit path checks
+            # refresh_at alone.
+            entry.refresh_at = min(
+                entry.expires_at, now + self._retry_interval(entry.expires_at - now)
+            )
             self.fetches += 1
         logger.debug("%s: refresh-ahead scheduled for key %s…", self.name, key[:8])
         _refresher.submit(lambda: self._refresh(key, entry))
