@@ -40,7 +40,7 @@ from adapter_support import (
 from deepsec import ConfigError, EndUserContext, current_end_user
 
 with warnings.catch_warnings():  # Starlette 1.x prefers httpx2 for its TestClient
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore")
     from starlette.testclient import TestClient, WebSocketDenialResponse
 
 from deepsec.asgi import SCOPE_KEY, ASGIConnection, EndUserSecMiddleware

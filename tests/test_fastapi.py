@@ -1,0 +1,343 @@
+"""The FastAPI dependency, end to end over TCPS to the wire test server."""
+
+# No "from __future__ import annotations": FastAPI must see the local Annotated aliases.
+
+import asyncio
+import contextlib
+import threading
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any
+
+import httpx
+import oracledb
+import pytest
+from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import StreamingResponse
+
+import spi_static
+from adapter_support import (
+    ALICE,
+    CAROL,
+    CASES,
+    SECRET,
+    WHOAMI,
+    Case,
+    assert_no_secret,
+    assert_ran_as,
+    check_leaks,
+    connect_kwargs,
+    contexts_of,
+    load_plan,
+    run_load,
+    tag,
+    uvicorn_server,
+)
+from deepsec import ConfigError, EndUserContext, current_end_user
+from deepsec.asgi import EndUserSecMiddleware
+from deepsec.fastapi import EndUser, EndUserIdentity, end_user_identity
+from deepsec.testing.oracle import OracleTestServer
+
+with warnings.catch_warnings():  # Starlette 1.x prefers httpx2 for its TestClient
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _query(pool: Any, rid: str, times: int = 2) -> list[Any]:
+    async with pool.acquire() as conn:
+        cur = conn.cursor()
+        out = []
+        for _ in range(times):
+            await cur.execute(f"{WHOAMI} {tag(rid)}")
+            out.append((await cur.fetchone())[0])
+        return out
+
+
+def _sync_query(pool: oracledb.ConnectionPool, rid: str, times: int = 2) -> list[Any]:
+    with pool.acquire() as conn, conn.cursor() as cur:
+        out = []
+        for _ in range(times):
+            cur.execute(f"{WHOAMI} {tag(rid)}")
+            out.append(cur.fetchone()[0])
+        return out
+
+
+def make_app(
+    server: OracleTestServer,
+    dependency: EndUserIdentity = end_user_identity,
+    *,
+    middleware: bool = False,
+    background: bool = False,
+) -> FastAPI:
+    User = Annotated[EndUserContext | None, Depends(dependency)]
+    FunctionScopedUser = Annotated[EndUserContext | None, Depends(dependency, scope="function")]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.apool = oracledb.create_pool_async(min=1, max=4, **connect_kwargs(server))
+        app.state.pool = oracledb.create_pool(min=1, max=4, **connect_kwargs(server))
+        app.state.outside = 0
+        stop = threading.Event()
+        outside: threading.Thread | None = None
+        if background:
+
+            def run_outside() -> None:  # a plain thread on the same pool: no end user
+                n = 0
+                while not stop.is_set():
+                    with app.state.pool.acquire() as conn, conn.cursor() as cur:
+                        cur.execute(f"select 1 from dual /* out-{n} */")
+                        cur.fetchone()
+                    app.state.outside += 1
+                    n += 1
+                    stop.wait(0.002)
+
+            outside = threading.Thread(target=run_outside, daemon=True)
+            outside.start()
+        yield
+        stop.set()
+        if outside is not None:
+            outside.join(10)
+        await app.state.apool.close(force=True)
+        app.state.pool.close(force=True)
+
+    app = FastAPI(lifespan=lifespan)
+    if middleware:
+        app.add_middleware(EndUserSecMiddleware)
+
+    @app.get("/whoami/{rid}")
+    async def whoami(rid: str, request: Request, user: User) -> dict[str, Any]:
+        db = await _query(request.app.state.apool, rid)
+        assert current_end_user() == user
+        return {"db": db, "has_user": user is not None}
+
+    @app.get("/sync-whoami/{rid}")
+    def sync_whoami(rid: str, request: Request, user: User) -> dict[str, Any]:
+        # A def endpoint runs in the thread pool; the context was copied into it.
+        db = _sync_query(request.app.state.pool, rid)
+        assert current_end_user() == user
+        return {"db": db, "has_user": user is not None}
+
+    @app.get("/stream/{rid}")
+    async def stream(rid: str, request: Request, user: User) -> StreamingResponse:
+        pool = request.app.state.apool
+
+        async def rows() -> AsyncIterator[str]:
+            for i in range(3):
+                yield f"{i}:{(await _query(pool, rid, 1))[0]}\n"
+
+        return StreamingResponse(rows(), media_type="text/plain")
+
+    @app.get("/stream-function-scope/{rid}")
+    async def stream_function_scope(
+        rid: str, request: Request, user: FunctionScopedUser
+    ) -> StreamingResponse:
+        pool = request.app.state.apool
+        before = (await _query(pool, rid, 1))[0]
+
+        async def rows() -> AsyncIterator[str]:
+            yield f"endpoint:{before}\n"
+            yield f"stream:{(await _query(pool, rid, 1))[0]}\n"
+
+        return StreamingResponse(rows(), media_type="text/plain")
+
+    @app.websocket("/ws/{rid}")
+    async def ws(websocket: WebSocket, rid: str, user: User) -> None:
+        await websocket.accept()
+        await websocket.send_text(str((await _query(websocket.app.state.apool, rid, 1))[0]))
+        await websocket.close()
+
+    return app
+
+
+def rid() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(scope="module")
+def client(oracle_server: OracleTestServer) -> Iterator[TestClient]:
+    with TestClient(make_app(oracle_server)) as client:
+        yield client
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("endpoint", ["whoami", "sync-whoami"])
+def test_identity_reaches_the_database(
+    case: Case, endpoint: str, client: TestClient, oracle_server: OracleTestServer
+) -> None:
+    r = rid()
+    response = client.get(f"/{endpoint}/{r}", headers=case.headers)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"db": [case.user, case.user], "has_user": case.user is not None}
+    assert_ran_as(oracle_server, r, case.user, 2)
+
+
+def test_streaming_response_runs_as_the_end_user(
+    client: TestClient, oracle_server: OracleTestServer
+) -> None:
+    r1, r2 = rid(), rid()
+    assert client.get(f"/stream/{r1}", headers={"Authorization": f"Bearer {ALICE}"}).text == (
+        "0:alice\n1:alice\n2:alice\n"
+    )
+    assert client.get(f"/stream/{r2}").text == "0:None\n1:None\n2:None\n"
+    assert_ran_as(oracle_server, r1, "alice", 3)
+    assert_ran_as(oracle_server, r2, None, 3)
+
+
+def test_function_scoped_dependency_exits_before_the_stream(
+    client: TestClient, oracle_server: OracleTestServer
+) -> None:
+    """``scope="function"``: the body runs after exit, with no end user (never another one)."""
+    r = rid()
+    response = client.get(
+        f"/stream-function-scope/{r}", headers={"Authorization": f"Bearer {ALICE}"}
+    )
+    assert response.text == "endpoint:alice\nstream:None\n"
+    assert contexts_of(oracle_server, r) == ["alice", None]
+
+
+def test_websocket_route(client: TestClient, oracle_server: OracleTestServer) -> None:
+    r = rid()
+    with client.websocket_connect(f"/ws/{r}", headers={"Cookie": 'identity=["bob", null]'}) as ws:
+        assert ws.receive_text() == "bob"
+    assert_ran_as(oracle_server, r, "bob", 1)
+
+
+def test_openapi_declares_the_security_schemes(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["HTTPBearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "End-user identity token (IAM access token).",
+    }
+    assert schemes["APIKeyCookie"]["in"] == "cookie"
+    assert schemes["APIKeyCookie"]["name"] == "identity"
+    security = schema["paths"]["/whoami/{rid}"]["get"]["security"]
+    assert {"HTTPBearer": []} in security and {"APIKeyCookie": []} in security
+    # Only the path parameter is a real parameter: the schemes add none.
+    params = schema["paths"]["/whoami/{rid}"]["get"]["parameters"]
+    assert [p["name"] for p in params] == ["rid"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "challenge"),
+    [
+        ({"Cookie": 'identity=["bob"'}, 400, None),
+        ({"Authorization": "Bearer not a token"}, 401, 'Bearer error="invalid_token"'),
+    ],
+)
+def test_strict_mode(
+    headers: dict[str, str], status: int, challenge: str | None, oracle_server: OracleTestServer
+) -> None:
+    with TestClient(make_app(oracle_server, EndUserIdentity(strict=True))) as client:
+        r = rid()
+        response = client.get(f"/sync-whoami/{r}", headers=headers)
+        assert response.status_code == status
+        assert response.headers.get("www-authenticate") == challenge
+        assert response.json()["detail"]["error"] in ("bad_request", "invalid_token")
+        with pytest.raises(WebSocketDisconnect) as closed:  # WebSocketException -> close
+            client.websocket_connect(f"/ws/{r}", headers=headers).__enter__()
+        assert closed.value.code == 1008
+        assert client.get(f"/whoami/{r}", headers={"Authorization": f"Bearer {CAROL}"}).json()[
+            "db"
+        ] == ["carol", "carol"]
+    assert contexts_of(oracle_server, r) == ["carol", "carol"]
+
+
+def test_deny_policy(oracle_server: OracleTestServer) -> None:
+    with TestClient(make_app(oracle_server, EndUserIdentity(no_identity="deny"))) as client:
+        r = rid()
+        response = client.get(f"/whoami/{r}")
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert contexts_of(oracle_server, r) == []
+
+
+def test_token_failure_is_503_without_secrets(
+    client: TestClient, oracle_server: OracleTestServer, caplog: Any
+) -> None:
+    r = rid()
+    spi_static.FAIL.append(RuntimeError(SECRET))
+    try:
+        responses = [
+            client.get(f"/{ep}/{r}", headers={"Cookie": f'identity=["nobody-{r}", null]'})
+            for ep in ("whoami", "sync-whoami")
+        ]
+    finally:
+        spi_static.FAIL.clear()
+    for response in responses:
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert response.json()["detail"]["error"] == "token_unavailable"
+        assert_no_secret(response.text)
+    assert_no_secret(caplog.text)
+    assert contexts_of(oracle_server, r) == []
+
+
+def test_reuses_the_middleware_context(oracle_server: OracleTestServer) -> None:
+    # The middleware is lenient and reads the cookie; the dependency would deny:
+    # the middleware's resolution wins and the dependency does not resolve again.
+    app = make_app(oracle_server, EndUserIdentity(no_identity="deny"), middleware=True)
+    with TestClient(app) as client:
+        r = rid()
+        assert client.get(f"/whoami/{r}").json() == {"db": [None, None], "has_user": False}
+        response = client.get(f"/sync-whoami/{r}", headers={"Cookie": f"identity={ALICE}"})
+        assert response.json() == {"db": ["alice", "alice"], "has_user": True}
+    assert contexts_of(oracle_server, r) == [None, None, "alice", "alice"]
+
+
+def test_dependency_resets_the_context() -> None:
+    app = FastAPI()
+
+    @app.get("/")
+    async def root(user: EndUser) -> dict[str, Any]:
+        return {"name": user.name if user else None}
+
+    async def run() -> list[Any]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            names = []
+            for headers in ({"Cookie": 'identity=["bob", null]'}, {}):
+                names.append((await http.get("/", headers=headers)).json()["name"])
+                assert current_end_user() is None
+            return names
+
+    assert asyncio.run(run()) == ["bob", None]
+
+
+def test_settings() -> None:
+    with pytest.raises(ConfigError, match="colour"):
+        EndUserIdentity(colour="red")
+    custom = EndUserIdentity(cookie_name=None, bearer=True)
+    assert custom.cookie_scheme is None and custom.bearer_scheme is not None
+    resolved = EndUserIdentity(resolver=lambda conn: None)
+    assert resolved.cookie_scheme is None and resolved.bearer_scheme is None
+    assert "strict=False" in repr(end_user_identity)
+
+
+@pytest.mark.timeout(90)
+def test_no_leak_under_load_through_uvicorn(oracle_server: OracleTestServer) -> None:
+    """2,000 requests, 20 users, 16 clients; async and def endpoints; pools shared with a
+    thread that runs statements outside any request."""
+    app = make_app(oracle_server, background=True)
+    plan = load_plan(2000, seed=23)
+    since = oracle_server.mark()
+    with uvicorn_server(app) as url:
+        run_load(url, plan, path=lambda r: f"/{'sync-' if int(r) % 2 else ''}whoami/{r}")
+        with httpx.Client(base_url=url, timeout=10) as http:
+            r = rid()
+            streamed = http.get(f"/stream/{r}", headers={"Cookie": 'identity=["bob", null]'})
+            assert streamed.text == "0:bob\n1:bob\n2:bob\n"
+    report = check_leaks(
+        oracle_server,
+        since,
+        {r: u for r, u, _ in plan} | {r: "bob"},
+        statements_per_request=2,
+        counts={r: 3},
+    )
+    assert report.requests == 2001
+    assert report.outside > 10
+    assert_ran_as(oracle_server, r, "bob", 3)
