@@ -1577,6 +1577,12 @@ class _Handler:
         self.o5: _O5Logon | None = None
         self.schema = ""
 
+    def abort(self) -> None:
+        """Shut the socket down from another thread; the handler thread then ends."""
+        with contextlib.suppress(OSError):
+            # the plain socket method: no TLS close_notify, safe while recv() blocks
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+
     # -- transport ---------------------------------------------------------------
 
     def _recv_exact(self, n: int) -> bytes:
@@ -1631,7 +1637,7 @@ class _Handler:
     def run(self) -> None:
         try:
             self._serve()
-        except (_ConnectionClosed, ConnectionError, ssl.SSLError, OSError) as exc:
+        except (_ConnectionClosed, ConnectionError, ssl.SSLError, OSError, ValueError) as exc:
             logger.debug("connection %d ended: %s", self.state.conn_id, type(exc).__name__)
         except _ProtocolError as exc:
             logger.warning("connection %d: protocol error: %s", self.state.conn_id, exc)
@@ -2136,8 +2142,7 @@ class OracleTestServer:
         with self._lock:
             handlers = list(self._handlers.values())
         for handler, _ in handlers:
-            with contextlib.suppress(OSError):
-                handler.raw.shutdown(socket.SHUT_RDWR)
+            handler.abort()
         for _, thread in handlers:
             thread.join(timeout)
         if self._owns_ca:
