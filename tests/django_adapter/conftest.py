@@ -86,12 +86,17 @@ def django_oracle(
 
 @pytest.fixture
 def server(django_oracle: OracleServerFixture) -> Iterator[OracleServerFixture]:
-    """The wire server, with the custom token module reset around the test."""
+    """The wire server, with the custom token module reset around the test.
+
+    This thread's connections and the pool are closed afterwards, so no test
+    leaves logged-in connections on the session-wide server.
+    """
     spi_static.reset()
     try:
         yield django_oracle
     finally:
         spi_static.reset()
+        close_django_connections()
 
 
 class WsgiServer:

@@ -1,0 +1,200 @@
+"""System checks and the DEEPSEC setting of deepsec.django."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from django.apps import apps
+from django.conf import settings
+from django.core import checks
+from django.test import override_settings
+
+from deepsec.django import MIDDLEWARE_PATH
+from deepsec.django.checks import AUTH_MIDDLEWARE, check_databases
+from deepsec.django.conf import get_settings, parse_settings
+from deepsec.django.resolvers import django_user
+from deepsec.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def ids(**overrides: Any) -> list[str]:
+    with override_settings(**overrides):
+        return sorted(m.id for m in checks.run_checks(tags=["deepsec"]))
+
+
+@contextmanager
+def patched_databases(databases: dict[str, Any]) -> Iterator[None]:
+    """Swap settings.DATABASES for the checks only (connections are not touched)."""
+    saved = settings.DATABASES
+    settings.DATABASES = databases
+    try:
+        yield
+    finally:
+        settings.DATABASES = saved
+
+
+def databases_with(**changes: Any) -> dict[str, Any]:
+    dbs = {alias: dict(db) for alias, db in settings.DATABASES.items()}
+    db = dict(dbs["default"])
+    db["OPTIONS"] = dict(db["OPTIONS"])
+    for key, value in changes.items():
+        if key == "OPTIONS":
+            db["OPTIONS"].update(value)
+        else:
+            db[key] = value
+    return {"default": db}
+
+
+def test_app_is_installed_and_hook_registered() -> None:
+    import deepsec
+
+    assert apps.get_app_config("deepsec").name == "deepsec.django"
+    assert deepsec.installed()
+
+
+def test_project_passes_every_check(django_oracle: Any) -> None:
+    assert ids() == []
+
+
+def test_e001_middleware_missing() -> None:
+    assert "deepsec.E001" not in ids()
+    with override_settings(MIDDLEWARE=[]):
+        (message,) = [m for m in checks.run_checks(tags=["deepsec"]) if m.id == "deepsec.E001"]
+    assert message.level == checks.ERROR
+    assert MIDDLEWARE_PATH in message.hint
+
+
+def test_e002_before_authentication_middleware() -> None:
+    wrong = [MIDDLEWARE_PATH, AUTH_MIDDLEWARE]
+    assert "deepsec.E002" in ids(MIDDLEWARE=wrong)
+    assert ids(MIDDLEWARE=list(reversed(wrong))) == []
+
+
+@pytest.mark.parametrize("resolver", [django_user, "deepsec.django.resolvers.django_user"])
+def test_e003_user_resolver_without_authentication(resolver: Any) -> None:
+    assert ids(DEEPSEC={"resolver": resolver}) == ["deepsec.E003"]
+    assert ids(DEEPSEC={"Resolver": resolver}, MIDDLEWARE=[AUTH_MIDDLEWARE, MIDDLEWARE_PATH]) == []
+
+
+@pytest.mark.parametrize(
+    ("deepsec_setting", "fragment"),
+    [
+        ({"cookie": "x"}, "unknown setting(s): cookie"),
+        ({"no_identity": "allow"}, "no_identity"),
+        ({"max_size": 10}, "max_size"),
+        ({"resolver": "no_such_module.resolver"}, "cannot import"),
+        ({"resolver": 42}, "resolver must be a callable"),
+        ("strict", "must be a dict"),
+    ],
+)
+def test_e004_invalid_settings(deepsec_setting: Any, fragment: str) -> None:
+    with override_settings(DEEPSEC=deepsec_setting):
+        (message,) = checks.run_checks(tags=["deepsec"])
+        with pytest.raises(ConfigError):
+            get_settings()
+    assert message.id == "deepsec.E004"
+    assert fragment in message.msg
+    assert message.hint
+
+
+def test_e005_invalid_end_user_sec_params() -> None:
+    params = {"spi_type": "azure_tokens", "client_secret": "s3cr3t-value", "auth_flow": "x"}
+    dbs = databases_with(OPTIONS={"extra_auth_params": {"end_user_sec_params": params}})
+    with patched_databases(dbs):
+        messages = check_databases()
+    (message,) = messages
+    assert message.id == "deepsec.E005"
+    assert "auth_flow" in message.msg and "missing required key" in message.msg
+    assert "s3cr3t-value" not in message.msg + (message.hint or "")
+
+
+def test_e006_engine_not_oracle() -> None:
+    dbs = databases_with(ENGINE="django.db.backends.postgresql")
+    with patched_databases(dbs):
+        assert [m.id for m in check_databases()] == ["deepsec.E006"]
+
+
+def test_e007_extra_auth_params_not_a_dict() -> None:
+    dbs = databases_with(OPTIONS={"extra_auth_params": "nope"})
+    with patched_databases(dbs):
+        assert [m.id for m in check_databases()] == ["deepsec.E007", "deepsec.W001"]
+
+
+def test_w001_no_database_configured() -> None:
+    with patched_databases({"default": {"ENGINE": "django.db.backends.dummy"}}):
+        (message,) = check_databases()
+    assert message.id == "deepsec.W001"
+    assert message.level == checks.WARNING
+    assert message.hint
+
+
+def test_every_message_has_a_hint() -> None:
+    dbs = databases_with(
+        ENGINE="django.db.backends.sqlite3",
+        OPTIONS={"extra_auth_params": {"end_user_sec_params": {}}},
+    )
+    with override_settings(MIDDLEWARE=[MIDDLEWARE_PATH, AUTH_MIDDLEWARE], DEEPSEC={"x": 1}):
+        messages = checks.run_checks(tags=["deepsec"])
+    with patched_databases(dbs):
+        messages += check_databases()
+    assert {m.id for m in messages} >= {
+        "deepsec.E002",
+        "deepsec.E004",
+        "deepsec.E005",
+        "deepsec.E006",
+    }
+    assert all(m.hint for m in messages)
+
+
+def test_settings_are_case_insensitive_and_cached() -> None:
+    with override_settings(
+        DEEPSEC={
+            "COOKIE_NAME": "who",
+            "Strict": True,
+            "resolver": "django_project.views.data_roles",
+        }
+    ):
+        parsed = get_settings()
+        assert parsed is get_settings()
+        assert parsed.cookie_name == "who" and parsed.strict is True
+        assert callable(parsed.resolver)
+    assert get_settings().cookie_name == "identity"  # rebuilt once the override ends
+
+
+def test_parse_settings_defaults_and_callables() -> None:
+    def attributes(request: Any) -> dict[str, Any]:
+        return {}
+
+    assert parse_settings(None) == parse_settings({})
+    parsed = parse_settings({"attributes": attributes, "token_error_status": 502})
+    assert parsed.attributes is attributes
+    assert parsed.token_error_status == 502
+    before = copy.deepcopy(settings.DEEPSEC)
+    parse_settings({"resolver": "deepsec.django.resolvers.django_user"})
+    assert before == settings.DEEPSEC
+
+
+def test_django_user_resolver_unit() -> None:
+    class Anon:
+        is_authenticated = False
+
+    class User:
+        is_authenticated = True
+
+        def get_username(self) -> str:
+            return "zoe"
+
+    class Req:
+        user: Any = None
+
+    req = Req()
+    assert django_user(req) is None
+    req.user = Anon()
+    assert django_user(req) is None
+    req.user = User()
+    assert django_user(req) == ("zoe", None)
