@@ -1,0 +1,238 @@
+"""The local identity provider itself (deepsec.testing.idp)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+import requests
+
+from deepsec.testing.idp import JWT_BEARER, LocalIdP
+from deepsec.testing.tls import TestCA
+
+
+def session(idp: LocalIdP) -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False
+    s.verify = idp.ca_file
+    return s
+
+
+def test_discovery_and_jwks(idp: LocalIdP) -> None:
+    s = session(idp)
+    for path in ("/v2.0/.well-known/openid-configuration", "/.well-known/openid-configuration"):
+        config = s.get(idp.authority + path, timeout=2).json()
+        assert config["issuer"] == idp.issuer
+        assert config["token_endpoint"] == idp.token_url
+    b2c = s.get(idp.b2c_authority + "/v2.0/.well-known/openid-configuration", timeout=2).json()
+    assert b2c["token_endpoint"].startswith(idp.b2c_authority)
+    jwks = s.get(config["jwks_uri"], timeout=2).json()
+    key = jwt.PyJWKSet.from_dict(jwks).keys[0]
+    user_token = idp.issue_user_token("alice", roles=["r1"])
+    claims = jwt.decode(user_token, key.key, algorithms=["RS256"], audience="api://middle-tier")
+    assert claims["preferred_username"] == "alice@example.test"
+    assert claims["roles"] == ["r1"]
+    assert {"sub", "oid", "tid", "exp", "iat", "iss"} <= set(claims)
+
+
+def test_client_credentials_form_and_basic(idp: LocalIdP) -> None:
+    s = session(idp)
+    form = {"grant_type": "client_credentials", "scope": "api://db/.default"}
+    r1 = s.post(
+        idp.token_url,
+        data={**form, "client_id": idp.client_id, "client_secret": idp.client_secret},
+        timeout=2,
+    )
+    r2 = s.post(idp.token_url, data=form, auth=(idp.client_id, idp.client_secret), timeout=2)
+    for r in (r1, r2):
+        assert r.status_code == 200 and r.headers["Connection"] == "close"
+        body = r.json()
+        assert body["expires_in"] == 3600
+        assert idp.decode(body["access_token"])["aud"] == "api://db"
+    bad = s.post(idp.token_url, data=form, auth=(idp.client_id, "nope"), timeout=2)
+    assert bad.status_code == 401 and bad.json()["error"] == "invalid_client"
+    assert idp.token_requests("client_credentials") == 3
+
+
+def test_obo_grant_verifies_the_assertion(idp: LocalIdP) -> None:
+    s = session(idp)
+    base = {
+        "grant_type": JWT_BEARER,
+        "requested_token_use": "on_behalf_of",
+        "scope": "api://db/.default openid profile offline_access",
+        "client_id": idp.client_id,
+        "client_secret": idp.client_secret,
+    }
+    good = s.post(
+        idp.token_url, data={**base, "assertion": idp.issue_user_token("bob")}, timeout=2
+    ).json()
+    at = idp.decode(good["access_token"])
+    assert at["preferred_username"] == "bob@example.test" and at["scp"] == ".default"
+    assert good["id_token"] and good["client_info"]
+    forged = jwt.encode({"iss": idp.issuer, "sub": "x"}, "k" * 32, algorithm="HS256")
+    bad = s.post(idp.token_url, data={**base, "assertion": forged}, timeout=2)
+    assert bad.status_code == 400 and bad.json()["error"] == "invalid_grant"
+    expired = idp.issue_user_token("bob", expires_in=-5)
+    assert s.post(idp.token_url, data={**base, "assertion": expired}, timeout=2).status_code == 400
+    idp.obo_account_info = False
+    bare = s.post(
+        idp.token_url, data={**base, "assertion": idp.issue_user_token("bob")}, timeout=2
+    ).json()
+    assert "client_info" not in bare and "id_token" not in bare
+    assert idp.token_requests("on_behalf_of") == 4
+    assert next(r.subject for r in idp.requests() if r.grant_type == JWT_BEARER)
+
+
+def test_oci_endpoint_needs_basic_auth(idp: LocalIdP) -> None:
+    s = session(idp)
+    form = {"grant_type": "client_credentials", "scope": "urn:oracle:db::id::*"}
+    ok = s.post(idp.oci_token_url, data=form, auth=(idp.client_id, idp.client_secret), timeout=2)
+    assert ok.status_code == 200 and idp.decode(ok.json()["access_token"])["sub"] == idp.client_id
+    form_auth = {**form, "client_id": idp.client_id, "client_secret": idp.client_secret}
+    assert s.post(idp.oci_token_url, data=form_auth, timeout=2).status_code == 401
+    assert idp.token_requests(endpoint="oci") == 2
+
+
+def test_expiry_and_claims_are_configurable(idp: LocalIdP) -> None:
+    idp.expires_in = 7
+    idp.extra_claims = {"tenant_region": "eu"}
+    s = session(idp)
+    body = s.post(
+        idp.oci_token_url,
+        data={"grant_type": "client_credentials", "scope": "s"},
+        auth=(idp.client_id, idp.client_secret),
+        timeout=2,
+    ).json()
+    claims = idp.decode(body["access_token"])
+    assert body["expires_in"] == 7 and claims["exp"] - claims["iat"] == 7
+    assert claims["tenant_region"] == "eu"
+    idp.reset()
+    assert idp.expires_in == 3600 and idp.extra_claims == {} and idp.token_requests() == 0
+
+
+def test_faults_one_shot_persistent_and_targeted(idp: LocalIdP) -> None:
+    s = session(idp)
+    form = {"grant_type": "client_credentials", "scope": "s"}
+
+    def post() -> requests.Response:
+        return s.post(
+            idp.oci_token_url, data=form, auth=(idp.client_id, idp.client_secret), timeout=2
+        )
+
+    idp.faults.status(503, retry_after=2)
+    r = post()
+    assert r.status_code == 503 and r.headers["Retry-After"] == "2"
+    assert r.json()["error"] == "temporarily_unavailable"
+    assert post().status_code == 200  # one-shot
+
+    idp.faults.status(500, times=2)
+    assert [post().status_code for _ in range(3)] == [500, 500, 200]
+
+    idp.faults.malformed_json()
+    with pytest.raises(ValueError):
+        post().json()
+
+    idp.faults.drop()
+    with pytest.raises(requests.ConnectionError):
+        post()
+
+    idp.faults.delay(0.3)
+    started = time.perf_counter()
+    assert post().status_code == 200
+    assert time.perf_counter() - started >= 0.3
+
+    idp.faults.status(400, target="azure", times=None)
+    assert post().status_code == 200  # OCI endpoint untouched
+    assert len(idp.faults) == 1
+    idp.faults.clear()
+
+    idp.faults.down()
+    for _ in range(3):
+        with pytest.raises(requests.ConnectionError):
+            post()
+    idp.faults.clear()
+    assert post().status_code == 200
+
+
+def test_request_counter_is_thread_safe(idp: LocalIdP) -> None:
+    def worker() -> None:
+        s = session(idp)
+        for _ in range(5):
+            s.post(
+                idp.oci_token_url,
+                data={"grant_type": "client_credentials", "scope": "s"},
+                auth=(idp.client_id, idp.client_secret),
+                timeout=5,
+            )
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert idp.token_requests() == 80
+
+
+def test_stopped_provider_is_down() -> None:
+    with TestCA() as ca:
+        provider = LocalIdP(ca=ca).start()
+        s = session(provider)
+        url = provider.authority + "/.well-known/openid-configuration"
+        assert s.get(url, timeout=2).ok
+        provider.stop()
+        with pytest.raises(requests.ConnectionError):
+            s.get(url, timeout=2)
+
+
+def test_client_info_is_base64url_json(idp: LocalIdP) -> None:
+    s = session(idp)
+    body = s.post(
+        idp.token_url,
+        data={
+            "grant_type": JWT_BEARER,
+            "requested_token_use": "on_behalf_of",
+            "scope": "api://db/.default openid",
+            "assertion": idp.issue_user_token("zed", oid="oid-zed"),
+        },
+        auth=(idp.client_id, idp.client_secret),
+        timeout=2,
+    ).json()
+    raw = body["client_info"] + "=" * (-len(body["client_info"]) % 4)
+    assert json.loads(base64.urlsafe_b64decode(raw)) == {"uid": "oid-zed", "utid": idp.tenant}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_cli(tmp_path: Path) -> None:
+    port = _free_port()
+    ca_file = f"{tmp_path}/idp-ca.pem"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepsec.testing.idp", "--port", str(port), "--ca-file", ca_file],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert f"127.0.0.1:{port}" in first
+        r = requests.get(
+            f"https://127.0.0.1:{port}/test-tenant/v2.0/.well-known/openid-configuration",
+            verify=ca_file,
+            timeout=5,
+        )
+        assert r.json()["token_endpoint"].endswith("/oauth2/v2.0/token")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
