@@ -7,6 +7,8 @@ import base64
 import json
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -571,6 +573,60 @@ def test_stop_closes_open_connections_promptly() -> None:
             conn.ping()
     finally:
         ca.close()
+
+
+@pytest.mark.timeout(30)
+def test_messages_spanning_several_packets(
+    oracle: OracleTestServer, conn: oracledb.Connection
+) -> None:
+    with conn.cursor() as cur:
+        cur.execute("insert into t values (:1, :2)", ["x" * 20000, 5])
+        assert oracle.statements(conn.session_id)[-1].binds == ("x" * 20000, 5)
+        cur.execute("select 1 from dual /* " + "y" * 30000 + " */")
+        assert cur.fetchall() == [(1,)]
+        cur.execute("select :1 from dual", ["z" * 3000])
+        assert cur.fetchone() == ("z" * 3000,)
+    big_token = unsigned_jwt(sub="s", pad="p" * 20000)
+    conn.set_end_user_security_context(
+        oracledb.create_end_user_security_context(big_token, attributes={"k": "v" * 9000})
+    )
+    assert query_one(conn, USERNAME_SQL) == "s"
+    context = oracle.statements(conn.session_id)[-1].context
+    assert context is not None and context.database_access_token == big_token
+
+
+@pytest.mark.timeout(30)
+def test_fixture_credentials(oracle_server: Any) -> None:
+    with oracledb.connect(**oracle_server.connect_kwargs()) as conn:
+        assert query_one(conn, "select user from dual") == oracle_server.user.upper()
+    with oracledb.connect(
+        user=oracle_server.user,
+        password=oracle_server.password,
+        dsn=oracle_server.dsn,
+        ssl_context=oracle_server.client_ssl_context(),
+    ) as conn:
+        conn.ping()
+
+
+@pytest.mark.timeout(30)
+def test_command_line(tmp_path: Any) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepsec.testing.oracle", "--port", "0", "--ca-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        dsn = proc.stdout.readline().strip().removeprefix("DSN=")
+        ca_path = proc.stdout.readline().strip().removeprefix("CA=")
+        assert dsn.startswith("tcps://127.0.0.1:")
+        ctx = ssl.create_default_context(cafile=ca_path)
+        with oracledb.connect(user="scott", password="tiger", dsn=dsn, ssl_context=ctx) as conn:
+            assert query_one(conn, "select 1 from dual") == 1
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
 
 
 def test_records_are_snapshots(oracle: OracleTestServer) -> None:

@@ -86,7 +86,7 @@ __all__ = [
     "main",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("deepsec.testing.oracle")
 
 #: Users accepted for password login when none are given (names are
 #: case-insensitive, passwords case-sensitive).
