@@ -222,6 +222,8 @@ def test_django_connection_init_statements(
         assert cur.fetchone() == (1,)
     last = oracle.statements(conn.session_id)[-1]
     assert last.binds == ("X",)
+    assert query_one(conn, "select 1 from dual where dummy = :1", ["X"]) == 1
+    assert query_one(conn, "select 1 from dual where dummy = 'Y'") is None
 
 
 @pytest.mark.timeout(30)

@@ -24,7 +24,8 @@ TCPS to this small server.  It speaks just enough of the protocol:
 What the SQL "engine" answers (see :class:`OracleTestServer` for details):
 ``select <expr>[, ...] from dual`` where an expression is a number or string
 literal, a bind, ``user``, ``null``, ``sys_context('userenv', ...)`` or
-``xs_sys_context('xs$session', ...)``; ``select ... from <canned table>``
+``xs_sys_context('xs$session', ...)`` (``where dummy = ...`` is evaluated,
+other conditions on DUAL are treated as true); ``select ... from <canned table>``
 (see :meth:`OracleTestServer.add_table`); DDL, DML, ``alter session`` and
 PL/SQL blocks succeed without doing anything; any other query fails with a
 clear ORA error (ORA-00942 / ORA-00904 / ORA-00900).  Comments anywhere in a
@@ -1007,7 +1008,10 @@ class _SqlEngine:
         source_name = source.split()[0] if source.split() else ""
         table_name = _unquote_ident(source_name.split(".")[-1]) if source_name else ""
         if table_name == "DUAL":
-            return self._select_dual(select_list, binds, session)
+            result = self._select_dual(select_list, binds, session)
+            if not self._dual_where_matches(tail, binds):
+                result.rows = []
+            return result
         table = self.tables.get(table_name)
         if table is None:
             raise OracleError(942)
@@ -1072,6 +1076,22 @@ class _SqlEngine:
             columns.append(Column(name, col_type))
             row.append(value)
         return _Result(columns=tuple(columns), rows=[tuple(row)])
+
+    def _dual_where_matches(self, tail: str, binds: Mapping[str, Value]) -> bool:
+        """Evaluate ``where dummy = ...`` on DUAL; other conditions are treated as true."""
+        where_at = _find_keyword(tail, "where")
+        if where_at < 0:
+            return True
+        cond = tail[where_at + 5 :]
+        for kw in ("order", "group", "fetch", "offset", "for"):
+            at = _find_keyword(cond, kw)
+            if at >= 0:
+                cond = cond[:at]
+        dual = _Table("DUAL", (Column("DUMMY"),), (("X",),))
+        try:
+            return bool(self._filter(dual, {"DUMMY": 0}, list(dual.rows), cond.strip(), binds))
+        except OracleError:
+            return True
 
     def _select_table(
         self, table: _Table, select_list: str, tail: str, binds: Mapping[str, Value]
