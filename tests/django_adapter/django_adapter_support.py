@@ -1,0 +1,31 @@
+"""Support code for the Django adapter tests (importable from test modules)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+
+class WsgiServer:
+    """A real WSGI server (waitress, threads) on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app: Any, threads: int = 8) -> None:
+        from waitress.server import create_server
+
+        self._server = create_server(
+            app, host="127.0.0.1", port=0, threads=threads, clear_untrusted_proxy_headers=True
+        )
+        self.port: int = self._server.effective_port  # type: ignore[union-attr]
+        self._thread = threading.Thread(target=self._server.run, name="waitress", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> WsgiServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.close()
+        self._thread.join(5)
