@@ -471,7 +471,12 @@ def run_scenario(env: DemoEnvironment, base_url: str) -> list[RequestReport]:
     for user in ("alice", "bob"):
         expected = env.expected_db_user(user)
         with httpx.Client(base_url=base_url, timeout=timeout) as browser:
-            signin = browser.post("/signin", data={"user": user})
+            form = {"user": user}
+            page = browser.get("/signin")
+            csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+            if csrf:  # Django's CSRF protection
+                form["csrfmiddlewaretoken"] = csrf.group(1)
+            signin = browser.post("/signin", data=form)
             if signin.status_code not in (200, 302, 303):
                 raise RuntimeError(f"sign-in as {user} failed with HTTP {signin.status_code}")
             record(f"{user} (identity cookie)", browser, "/", expected)
