@@ -163,22 +163,29 @@ def test_faults_one_shot_persistent_and_targeted(idp: LocalIdP) -> None:
 
 
 def test_request_counter_is_thread_safe(idp: LocalIdP) -> None:
+    idp.clients["counter-client"] = "counter-secret"
+
     def worker() -> None:
         s = session(idp)
         for _ in range(5):
             s.post(
                 idp.oci_token_url,
                 data={"grant_type": "client_credentials", "scope": "s"},
-                auth=(idp.client_id, idp.client_secret),
+                auth=("counter-client", "counter-secret"),
                 timeout=5,
             )
 
-    threads = [threading.Thread(target=worker) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert idp.token_requests() == 80
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        del idp.clients["counter-client"]
+    mine = [r for r in idp.requests() if r.client_id == "counter-client"]
+    assert len(mine) == 80 and all(r.status == 200 for r in mine)
+    assert idp.token_requests(endpoint="oci") >= 80
 
 
 def test_stopped_provider_is_down() -> None:

@@ -197,6 +197,16 @@ def _b64url_json(data: Mapping[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(dict(data)).encode()).decode().rstrip("=")
 
 
+def _basic_user(authorization: str) -> str | None:
+    """The user (client id) of an HTTP Basic ``Authorization`` header."""
+    if authorization[:6].lower() != "basic ":
+        return None
+    try:
+        return base64.b64decode(authorization[6:], validate=True).decode().partition(":")[0]
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
 class _Drop(Exception):
     """Internal: close the connection without a response."""
 
@@ -622,7 +632,7 @@ class LocalIdP:
         else:
             endpoint = "other"
         grant_type = form.get("grant_type")
-        client_id = form.get("client_id")
+        client_id = form.get("client_id") or _basic_user(authorization)
         subject: str | None = None
         headers: dict[str, str] = {}
         status = 0
