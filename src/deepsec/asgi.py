@@ -89,13 +89,19 @@ class _Headers(Mapping[str, str]):
 class ASGIConnection:
     """The lightweight request handed to the app's ``resolver`` and callables."""
 
-    __slots__ = ("_cookies", "headers", "scope")
+    __slots__ = ("_cookies", "_headers", "scope")
 
     def __init__(self, scope: Scope) -> None:
         self.scope = scope
-        #: Case-insensitive header mapping (latin-1 decoded).
-        self.headers: Mapping[str, str] = _Headers(scope.get("headers"))
+        self._headers: Mapping[str, str] | None = None
         self._cookies: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Case-insensitive header mapping (latin-1 decoded; repeats joined)."""
+        if self._headers is None:
+            self._headers = _Headers(self.scope.get("headers"))
+        return self._headers
 
     @property
     def cookies(self) -> Mapping[str, str]:
@@ -167,12 +173,12 @@ class EndUserSecMiddleware:
             await self.app(scope, receive, send)
             return
         settings = self.settings
-        conn = ASGIConnection(scope)
+        cookie_header, authorization = _identity_headers(scope.get("headers"))
         cookie = None
-        if settings.cookie_name is not None:
-            cookie = parse_cookie_header(conn.headers.get("cookie"), settings.cookie_name)
+        if settings.cookie_name is not None and cookie_header is not None:
+            cookie = parse_cookie_header(cookie_header, settings.cookie_name)
         resolution = resolve(
-            settings, conn, cookie=cookie, authorization=conn.headers.get("authorization")
+            settings, ASGIConnection(scope), cookie=cookie, authorization=authorization
         )
         if resolution.rejection is not None:
             await _reject(scope, receive, send, resolution.rejection, close_code=1008)
@@ -211,6 +217,23 @@ class EndUserSecMiddleware:
                 await _reject_token_error(scope, receive, send, exc, settings)
         finally:
             deactivate(token)
+
+
+def _identity_headers(raw: Any) -> tuple[str | None, str | None]:
+    """The ``Cookie`` and ``Authorization`` values, without decoding other headers.
+
+    Same semantics as :class:`ASGIConnection` headers: repeated fields joined.
+    """
+    cookie: str | None = None
+    authorization: str | None = None
+    for name, value in raw or ():
+        if len(name) == 6 and name.lower() == b"cookie":
+            text = value.decode("latin-1")
+            cookie = text if cookie is None else f"{cookie}; {text}"
+        elif len(name) == 13 and name.lower() == b"authorization":
+            text = value.decode("latin-1")
+            authorization = text if authorization is None else f"{authorization}, {text}"
+    return cookie, authorization
 
 
 async def _reject_token_error(

@@ -158,20 +158,22 @@ def _response(rejection: Rejection) -> Response:
 
 def _before_request() -> Response | None:
     settings = _state().settings
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    environ = req.environ
     resolution = resolve(
         settings,
-        request._get_current_object(),  # type: ignore[attr-defined]
+        req,
         # The raw header: werkzeug's parser drops values such as ["bob", null].
         cookie=(
-            parse_cookie_header(request.headers.get("Cookie"), settings.cookie_name)
+            parse_cookie_header(environ.get("HTTP_COOKIE"), settings.cookie_name)
             if settings.cookie_name
             else None
         ),
-        authorization=request.headers.get("Authorization"),
+        authorization=environ.get("HTTP_AUTHORIZATION"),
     )
     # Always activate, even "no end user": the request must not inherit
     # whatever the worker thread's context holds.
-    request.environ[_ENVIRON_KEY] = activate(resolution.context)
+    environ[_ENVIRON_KEY] = activate(resolution.context)
     if resolution.rejection is not None:
         return _response(resolution.rejection)
     return None
