@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 
-def _need(name: str) -> str:
-    value = os.environ.get(name)
+def _need(environ: Mapping[str, str], name: str) -> str:
+    value = environ.get(name)
     if not value:
         raise RuntimeError(f"environment variable {name} is not set (see the README)")
     return value
@@ -37,21 +38,22 @@ class HRSettings:
     dev_signin_url: str | None = None
 
     @classmethod
-    def from_env(cls) -> HRSettings:
-        """Read the ``HR_*`` environment variables."""
-        roles = os.environ.get("HR_DATA_ROLES", "")
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> HRSettings:
+        """Read the ``HR_*`` variables of ``environ`` (default: ``os.environ``)."""
+        env = os.environ if environ is None else environ
+        roles = env.get("HR_DATA_ROLES", "")
         return cls(
-            db_dsn=_need("HR_DB_DSN"),
-            db_user=_need("HR_DB_USER"),
-            db_password=_need("HR_DB_PASSWORD"),
-            db_ca_file=os.environ.get("HR_DB_CA_FILE") or None,
-            idp_authority=_need("HR_IDP_AUTHORITY"),
-            idp_ca_file=os.environ.get("HR_IDP_CA_FILE") or None,
-            client_id=_need("HR_CLIENT_ID"),
-            client_secret=_need("HR_CLIENT_SECRET"),
-            db_scopes=os.environ.get("HR_DB_SCOPES", "api://oracle-db/.default"),
+            db_dsn=_need(env, "HR_DB_DSN"),
+            db_user=_need(env, "HR_DB_USER"),
+            db_password=_need(env, "HR_DB_PASSWORD"),
+            db_ca_file=env.get("HR_DB_CA_FILE") or None,
+            idp_authority=_need(env, "HR_IDP_AUTHORITY"),
+            idp_ca_file=env.get("HR_IDP_CA_FILE") or None,
+            client_id=_need(env, "HR_CLIENT_ID"),
+            client_secret=_need(env, "HR_CLIENT_SECRET"),
+            db_scopes=env.get("HR_DB_SCOPES", "api://oracle-db/.default"),
             data_roles=tuple(r.strip() for r in roles.split(",") if r.strip()),
-            dev_signin_url=os.environ.get("HR_DEV_SIGNIN_URL") or None,
+            dev_signin_url=env.get("HR_DEV_SIGNIN_URL") or None,
         )
 
     def end_user_sec_params(self) -> dict[str, Any]:

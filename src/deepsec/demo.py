@@ -50,8 +50,12 @@ __all__ = [
     "DemoEnvironment",
     "DevSignInServer",
     "RequestReport",
+    "ServedApp",
     "example_projects_dir",
     "main",
+    "run_scenario",
+    "serve_asgi",
+    "serve_wsgi",
 ]
 
 #: Users the sign-in pages offer.
@@ -274,8 +278,8 @@ class DemoEnvironment:
 # ---------------------------------------------------------------------------
 
 
-class _Served:
-    """A running HTTP server with the example app."""
+class ServedApp:
+    """An app served over HTTP on 127.0.0.1 (:func:`serve_asgi`, :func:`serve_wsgi`)."""
 
     def __init__(self, name: str, port: int, stop: Any, thread: threading.Thread) -> None:
         self.name = name
@@ -285,9 +289,11 @@ class _Served:
 
     @property
     def base_url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
+        """Stop the server and wait for its thread."""
         self._stop()
         self._thread.join(10)
 
@@ -324,46 +330,52 @@ def _import_example(module: str) -> Any:
     return importlib.import_module(module)
 
 
-def serve_app(app_name: str, port: int = 0) -> _Served:
-    """Serve the ``fastapi``, ``flask`` or ``django`` example on 127.0.0.1 (HR_* must be set)."""
+def serve_asgi(app: Any, port: int = 0, label: str = "ASGI app") -> ServedApp:
+    """Serve an ASGI app with uvicorn on 127.0.0.1 in a daemon thread (lifespan on)."""
+    import uvicorn
+
     port = port or _free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.should_exit = True
+
+    _wait_listening(port)
+    deadline = time.monotonic() + 15
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return ServedApp(label, port, stop, thread)
+
+
+def serve_wsgi(app: Any, port: int = 0, label: str = "WSGI app") -> ServedApp:
+    """Serve a WSGI app with waitress on 127.0.0.1 in a daemon thread."""
+    from waitress.server import create_server  # type: ignore[import-untyped]
+
+    port = port or _free_port()
+    server = create_server(app, host="127.0.0.1", port=port, threads=8)
+    thread = threading.Thread(target=server.run, name="waitress", daemon=True)
+    thread.start()
+    _wait_listening(port)
+    return ServedApp(label, port, server.close, thread)
+
+
+def serve_app(app_name: str, port: int = 0) -> ServedApp:
+    """Serve the ``fastapi``, ``flask`` or ``django`` example on 127.0.0.1 (HR_* must be set)."""
     if app_name == "fastapi":
-        import uvicorn
-
         app = _import_example("fastapi_hr").create_app()
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-        thread.start()
+        return serve_asgi(app, port, "fastapi_hr (FastAPI, uvicorn)")
+    if app_name == "flask":
+        app = _import_example("flask_hr").create_app()
+        return serve_wsgi(app, port, "flask_hr (Flask, waitress)")
+    if app_name == "django":
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "django_hr.settings")
+        _import_example("django_hr")
+        from django.core.wsgi import get_wsgi_application
 
-        def stop() -> None:
-            server.should_exit = True
-
-        _wait_listening(port)
-        deadline = time.monotonic() + 15
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return _Served("fastapi_hr (FastAPI, uvicorn)", port, stop, thread)
-    if app_name in ("flask", "django"):
-        from waitress.server import create_server  # type: ignore[import-untyped]
-
-        if app_name == "flask":
-            wsgi = _import_example("flask_hr").create_app()
-            label = "flask_hr (Flask, waitress)"
-        else:
-            os.environ.setdefault("DJANGO_SETTINGS_MODULE", "django_hr.settings")
-            _import_example("django_hr")
-            from django.core.wsgi import get_wsgi_application
-
-            wsgi = get_wsgi_application()
-            label = "django_hr (Django, waitress)"
-        wserver = create_server(wsgi, host="127.0.0.1", port=port, threads=8)
-        wthread = threading.Thread(target=wserver.run, name="waitress", daemon=True)
-        wthread.start()
-        _wait_listening(port)
-        return _Served(label, port, wserver.close, wthread)
+        return serve_wsgi(get_wsgi_application(), port, "django_hr (Django, waitress)")
     raise ValueError(f"unknown app {app_name!r}: fastapi, flask or django")
 
 
