@@ -315,6 +315,9 @@ def test_settings() -> None:
     assert custom.cookie_scheme is None and custom.bearer_scheme is not None
     resolved = EndUserIdentity(resolver=lambda conn: None)
     assert resolved.cookie_scheme is None and resolved.bearer_scheme is None
+    hidden = EndUserIdentity(openapi=False)
+    assert hidden.cookie_scheme is None and hidden.bearer_scheme is None
+    assert list(hidden.__signature__.parameters) == ["connection"]
     assert "strict=False" in repr(end_user_identity)
 
 
