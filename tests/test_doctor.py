@@ -1,0 +1,199 @@
+"""``python -m deepsec doctor``: exit codes, report contents, and no secret in the output."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import spi_static
+from deepsec.doctor import EXIT_CONFIG, EXIT_OK, EXIT_TOKEN, EXIT_USAGE, main
+
+pytestmark = pytest.mark.timeout(60)
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = main(list(argv), stream=out)
+    return code, out.getvalue()
+
+
+def write_json(tmp_path: Path, data: object) -> str:
+    path = tmp_path / "deepsec.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _reset_spi():
+    spi_static.reset()
+    yield
+    spi_static.reset()
+
+
+def test_azure_client_credentials_against_the_local_idp(idp, tmp_path):
+    params = idp.azure_params("client_credentials", data_roles=["hr_viewer"])
+    user = idp.issue_user_token("alice")
+    code, text = run(
+        "--config", write_json(tmp_path, {"end_user_sec_params": params}), "--identity", user
+    )
+    assert code == EXIT_OK, text
+    assert "spi_type   : azure_tokens" in text
+    assert "auth_flow  : client_credentials" in text
+    assert "user name claim: preferred_username=alice@example.test" in text
+    assert "data roles : hr_viewer" in text
+    assert "expires  : " in text and "(in " in text
+    assert 'sub: "test-client"' in text  # the app's token, from MSAL
+    assert "security context: built offline, OK" in text
+    assert idp.token_requests("client_credentials") == 1
+    assert idp.client_secret not in text and user not in text
+    for token in idp.issued_tokens():
+        assert token not in text
+    assert text.rstrip().endswith("doctor: OK")
+
+
+def test_on_behalf_of_needs_an_identity_then_works(idp, tmp_path):
+    config = write_json(
+        tmp_path, {"extra_auth_params": {"end_user_sec_params": idp.azure_params("on_behalf_of")}}
+    )
+    code, text = run("--config", config)
+    assert code == EXIT_USAGE and "needs --identity" in text
+    user = idp.issue_user_token("bob")
+    code, text = run("--config", config, "--identity", user)
+    assert code == EXIT_OK, text
+    assert idp.token_requests("on_behalf_of") == 1
+    assert "preferred_username=bob@example.test" in text
+    for token in idp.issued_tokens():
+        assert token not in text
+    assert idp.client_secret not in text
+
+
+def test_token_failure_is_exit_2_without_secrets(idp, tmp_path):
+    idp.faults.status(401, "invalid_client", times=None)
+    params = idp.azure_params("client_credentials")
+    code, text = run("--config", write_json(tmp_path, params))
+    assert code == EXIT_TOKEN, text
+    assert "FAILED" in text and "invalid_client" in text
+    assert idp.client_secret not in text
+    assert "TOKEN ACQUISITION FAILED" in text
+
+
+def test_invalid_config_is_exit_1_and_never_echoes_the_secret(tmp_path):
+    secret = "pasted-secret-value-12345"
+    params = {
+        "spi_type": "azure_tokens",
+        "auth_flow": "sideways",
+        "client_id": "x",
+        "client_credential": secret,
+        "timeout": secret,
+    }
+    code, text = run("--config", write_json(tmp_path, params))
+    assert code == EXIT_CONFIG
+    assert "INVALID" in text and "auth_flow must be one of" in text and "timeout" in text
+    assert secret not in text
+
+
+def test_custom_spi_module_local_identity(tmp_path):
+    params = {"spi_type": "spi_static", "client_id": "hr-app", "attributes": {"region": "eu"}}
+    code, text = run("--config", write_json(tmp_path, params), "--identity", '["carol", null]')
+    assert code == EXIT_OK, text
+    assert "local end user 'carol' (no key)" in text
+    assert 'attributes : {"region": "eu"}' in text
+    assert spi_static.CALLS == ["hr-app"]
+
+
+def test_custom_spi_module_failure_is_exit_2(tmp_path):
+    spi_static.FAIL.append(RuntimeError("backend down"))
+    code, text = run("--config", write_json(tmp_path, {"spi_type": "spi_static", "client_id": "a"}))
+    assert code == EXIT_TOKEN, text
+
+
+def test_local_identity_with_data_roles_is_a_config_error(tmp_path):
+    params = {"spi_type": "spi_static", "client_id": "a", "data_roles": ["r"]}
+    code, text = run("--config", write_json(tmp_path, params), "--identity", '["carol", null]')
+    assert code == EXIT_CONFIG, text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        (),
+        ("--config", "/nonexistent/deepsec.json"),
+        ("--settings", "no_such_settings_module_xyz"),
+        ("--config", "a.json", "--settings", "b"),
+        ("--bogus",),
+    ],
+)
+def test_usage_errors_are_exit_3(argv):
+    code, text = run(*argv)
+    assert code == EXIT_USAGE
+    assert "usage" in text
+
+
+def test_json_without_params_is_a_usage_error(tmp_path):
+    code, _ = run("--config", write_json(tmp_path, {"hello": 1}))
+    assert code == EXIT_USAGE
+
+
+def test_django_settings_module(idp, tmp_path, monkeypatch):
+    options = {"extra_auth_params": {"end_user_sec_params": idp.azure_params()}}
+    (tmp_path / "doctor_site_settings.py").write_text(
+        textwrap.dedent(
+            f"""
+            DATABASES = {{
+                "default": {{
+                    "ENGINE": "django.db.backends.oracle",
+                    "NAME": "tcps://db.example.com:1522/hr",
+                    "OPTIONS": {options!r},
+                }},
+                "other": {{"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+            }}
+            DEEPSEC = {{"strict": True, "attributes": "json.dumps"}}
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, text = run("--settings", "doctor_site_settings")
+    assert code == EXIT_OK, text
+    assert "DATABASES['default']" in text and "'other'" not in text
+    assert "strict=True" in text
+    assert "identity   : none" in text
+    assert idp.client_secret not in text
+    code, text = run("--settings", "doctor_site_settings", "--database", "other")
+    assert code == EXIT_USAGE
+
+
+def test_django_settings_with_bad_deepsec_setting(idp, tmp_path, monkeypatch):
+    (tmp_path / "doctor_bad_settings.py").write_text(
+        "DATABASES = {'default': {'ENGINE': 'django.db.backends.oracle', 'OPTIONS': "
+        f"{{'extra_auth_params': {{'end_user_sec_params': {idp.azure_params()!r}}}}}}}}}\n"
+        "DEEPSEC = {'no_identity': 'maybe', 'colour': 'blue'}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, text = run("--settings", "doctor_bad_settings")
+    assert code == EXIT_CONFIG
+    assert "colour" in text
+
+
+def test_command_line_entry_point(tmp_path):
+    config = write_json(tmp_path, {"spi_type": "spi_static", "client_id": "cli"})
+    result = subprocess.run(
+        [sys.executable, "-m", "deepsec", "doctor", "--config", config],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=TESTS_DIR,
+        env={"PYTHONPATH": str(TESTS_DIR), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "doctor: OK" in result.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "deepsec", "nope"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 3
