@@ -487,3 +487,56 @@ def test_reference_plugin_imported_too_warns_and_one_context_is_attached(oracle)
     finally:
         oracledb.clear_all_secrets(thread_local=True)
         sys.modules.pop("oracledb.plugins.spi_static", None)
+
+
+# -- one connection shared by threads or tasks ----------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_one_connection_shared_by_threads_each_round_trip_has_its_threads_user(oracle):
+    """python-oracledb lets threads share a connection; contexts must not swap."""
+    conn = connect(oracle, extra_auth_params=params())
+    mismatches: list[tuple[str | None, int, str | None]] = []
+
+    def worker(name: str | None) -> None:
+        token = user_token(name) if name else None
+        for i in range(150):
+            with deepsec.end_user(token), conn.cursor() as cur:
+                cur.execute(f"{USERNAME_SQL} /* shared-{name}-{i} */")
+                got = cur.fetchone()[0]
+                if got != name:
+                    mismatches.append((name, i, got))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("alice", "bob", None, "carol")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(50)
+    conn.close()
+    assert mismatches == []
+    assert len(oracle.find_statements("/* shared-")) == 4 * 150
+
+
+@pytest.mark.timeout(60)
+def test_one_async_connection_shared_by_tasks_each_round_trip_has_its_tasks_user(oracle):
+    async def main() -> list[tuple[str | None, int, str | None]]:
+        conn = await oracledb.connect_async(**oracle.connect_kwargs(), extra_auth_params=params())
+        mismatches = []
+
+        async def worker(name: str | None) -> None:
+            for i in range(100):
+                async with deepsec.end_user(user_token(name) if name else None):
+                    cur = conn.cursor()
+                    await cur.execute(f"{USERNAME_SQL} /* atask-{name}-{i} */")
+                    got = (await cur.fetchone())[0]
+                    if got != name:
+                        mismatches.append((name, i, got))
+
+        try:
+            await asyncio.gather(*(worker(n) for n in ("alice", "bob", None)))
+        finally:
+            await conn.close()
+        return mismatches
+
+    assert asyncio.run(main()) == []
+    assert len(oracle.find_statements("/* atask-")) == 3 * 100

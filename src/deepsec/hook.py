@@ -5,17 +5,18 @@
 ``extra_auth_params`` hold ``end_user_sec_params`` it installs, *chained* with
 any callbacks the application set itself:
 
-* an ``operation_callback``, run by the driver before every database
-  operation.  It compares the current :class:`~deepsec.EndUserContext`
-  (a contextvar) with the one last attached to *this* connection and sets a
-  new security context when they differ, clears it when there is no end user,
-  and does nothing when they are the same.  The driver piggybacks the context
-  on the operation's own round trip, so attaching costs no round trip; and
-  because nothing depends on when a connection was opened or acquired, pools
-  and persistent connections are safe.
-* an ``on_connect_callback``, run after a standalone connect and on every pool
-  acquire: it attaches eagerly and, for asyncio connections, is where a
-  missing token is fetched (off the event loop) before the first operation.
+an ``on_connect_callback`` (run after a standalone connect and on every
+pool acquire) that binds a ``round_trip_callback`` to the connection.  The
+driver runs that before every round trip, inside the connection's lock and in
+the thread or task that issued it.  It compares the current
+:class:`~deepsec.EndUserContext` (a contextvar) with the one last attached to
+*this* connection and sets a new security context when they differ, clears it
+when there is no end user, and does nothing when they are the same.  The
+driver piggybacks the context on that very round trip, so attaching costs no
+round trip; and because nothing depends on when a connection was opened or
+acquired, pools, persistent connections and connections shared by threads or
+tasks are all safe.  For asyncio connections the on-connect callback is also
+where a missing token is fetched, off the event loop.
 """
 
 from __future__ import annotations
@@ -42,9 +43,6 @@ __all__ = ["install", "installed", "params_hook", "prepare", "uninstall"]
 log = logging.getLogger("deepsec")
 
 REFERENCE_PLUGIN = "oracledb.plugins.end_user_sec_provider"
-# Operations where attaching is impossible (not connected yet) or pointless
-# (closing clears the context anyway).
-_SKIP_OPERATIONS = frozenset({"connect", "close"})
 # ORA-52602: the database rejected the database-access token.
 _BAD_ACCESS_TOKEN = 52602
 
@@ -64,108 +62,37 @@ _CLEARED = _Attached(None, None)
 class _Binding:
     """The callbacks installed for one parsed config, chained with the app's own.
 
-    One instance is shared by all connections made with the same params; the
-    per-connection state lives in a weak mapping so it goes away with the
-    connection object.  A pool hands out a new Connection object on every
-    acquire, and the driver clears the context on release, so a connection
-    object deepsec has not seen yet starts as "unknown" and its first
-    operation always sets or clears.
+    One instance serves every connection made with the same params.  On
+    connect (and on every pool acquire, which hands out a new Connection
+    object) it binds a ``round_trip_callback`` to that connection: the driver
+    calls it before each round trip, *inside* the connection's lock and in the
+    thread or asyncio task that issued the round trip.  That is what makes the
+    guarantee exact even when threads or tasks share one connection; an
+    ``operation_callback`` runs before the lock is taken, and two users could
+    swap contexts between callback and round trip.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_attached",
-        "_lock",
-        "config",
-        "source",
-        "user_on_connect",
-        "user_operation",
-    )
+    __slots__ = ("config", "source", "user_on_connect", "user_round_trip")
 
     def __init__(
         self,
         config: EndUserSecConfig,
         source: TokenSource,
         user_on_connect: Callable[..., Any] | None,
-        user_operation: Callable[..., Any] | None,
+        user_round_trip: Callable[..., Any] | None,
     ) -> None:
         self.config = config
         self.source = source
         self.user_on_connect = user_on_connect
-        self.user_operation = user_operation
-        self._attached: weakref.WeakKeyDictionary[Any, _Attached] = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
-
-    # -- per operation -----------------------------------------------------
-
-    def operation_callback(self, name: str, args: dict[str, Any]) -> Any:
-        """Attach, switch or clear the end-user context before an operation."""
-        completion = None
-        if name not in _SKIP_OPERATIONS:
-            target = args.get("self")
-            conn = (
-                target
-                if isinstance(target, (oracledb.Connection, oracledb.AsyncConnection))
-                else getattr(target, "connection", None)
-            )
-            if conn is not None:
-                completion = self._sync_connection(conn, current_context(), fetch=False)
-        if self.user_operation is not None:
-            user_completion = self.user_operation(name, args)
-            if completion is None:
-                return user_completion
-            if user_completion is not None:
-                return _both(completion, user_completion)
-        return completion
-
-    def _sync_connection(
-        self, conn: Any, ctx: EndUserContext, *, fetch: bool, force: bool = False
-    ) -> Callable[[Any], None] | None:
-        state = _UNKNOWN if force else self._attached.get(conn, _UNKNOWN)
-        if ctx.identity is None:
-            if state is not _CLEARED:
-                conn.clear_end_user_security_context()
-                self._attached[conn] = _CLEARED
-                log.debug("cleared end-user context on connection %x", id(conn))
-            return None
-        token = self.source.cached_token(ctx)
-        if token is None or state.context != ctx or state.token != token:
-            self._attach(conn, ctx, token, fetch=fetch)
-        return self._make_completion(conn, ctx)
-
-    def _attach(self, conn: Any, ctx: EndUserContext, token: str | None, *, fetch: bool) -> None:
-        if token is None:
-            if isinstance(conn, oracledb.AsyncConnection) and not fetch:
-                raise TokenNotReadyError(
-                    "no database-access token is cached for the current end user; in asyncio "
-                    "code use `async with deepsec.end_user(...)`, `await deepsec.prepare()` "
-                    "or the ASGI/FastAPI adapter, which fetch it off the event loop"
-                )
-            token = self.source.get_token(ctx)
-        security_context = build_security_context(self.config, ctx, token, conn.version)
-        conn.set_end_user_security_context(security_context)
-        self._attached[conn] = _Attached(ctx, token)
-        log.debug("attached end-user context %r on connection %x", ctx, id(conn))
-
-    def _make_completion(self, conn: Any, ctx: EndUserContext) -> Callable[[Any], None]:
-        def completion(outcome: Any) -> None:
-            # The database rejected the access token (revoked, or expired early):
-            # drop it so the next operation attaches a freshly fetched one.
-            if isinstance(outcome, oracledb.DatabaseError):
-                err = outcome.args[0] if outcome.args else None
-                if getattr(err, "code", None) == _BAD_ACCESS_TOKEN:
-                    self.source.invalidate(ctx)
-                    self._attached[conn] = _UNKNOWN
-
-        return completion
+        self.user_round_trip = user_round_trip
 
     # -- on connect / acquire ------------------------------------------------
 
     def on_connect_callback(self, conn: Any) -> Awaitable[None] | None:
-        """Attach eagerly; for asyncio connections, fetch the token first."""
+        """Bind the per-round-trip callback; for asyncio, fetch the token first."""
         if isinstance(conn, oracledb.AsyncConnection):
             return self._on_connect_async(conn)
-        self._sync_connection(conn, current_context(), fetch=True, force=True)
+        conn.round_trip_callback = _ConnectionBinding(self, conn).round_trip
         if self.user_on_connect is not None:
             self.user_on_connect(conn)
         return None
@@ -174,11 +101,86 @@ class _Binding:
         ctx = current_context()
         if ctx.identity is not None:
             await self.source.get_token_async(ctx)
-        self._sync_connection(conn, ctx, fetch=False, force=True)
+        conn.round_trip_callback = _ConnectionBinding(self, conn).round_trip
         if self.user_on_connect is not None:
             result = self.user_on_connect(conn)
             if inspect.isawaitable(result):
                 await result
+
+
+class _ConnectionBinding:
+    """deepsec's state for one Connection object: what is attached to it.
+
+    Holds the connection weakly: a pool reuses the driver-level connection
+    under a new Connection object after release, and the callback bound to
+    the old object must then do nothing (the driver cleared the context on
+    release).
+    """
+
+    __slots__ = ("attached", "binding", "conn_ref")
+
+    def __init__(self, binding: _Binding, conn: Any) -> None:
+        self.binding = binding
+        self.conn_ref = weakref.ref(conn)
+        self.attached = _UNKNOWN
+
+    def round_trip(self, name: str) -> Any:
+        """Attach, switch or clear the end-user context before one round trip."""
+        completion = None
+        conn = self.conn_ref()
+        if conn is not None:
+            try:
+                completion = self._sync(conn, current_context())
+            except oracledb.InterfaceError:
+                # This Connection object was released to its pool or closed
+                # (DPY-1001): the round trip belongs to the pool, not to us.
+                completion = None
+        user = self.binding.user_round_trip
+        if user is not None:
+            user_completion = user(name)
+            if completion is None:
+                return user_completion
+            if user_completion is not None:
+                return _both(completion, user_completion)
+        return completion
+
+    def _sync(self, conn: Any, ctx: EndUserContext) -> Callable[[Any], None] | None:
+        if ctx.identity is None:
+            if self.attached is not _CLEARED:
+                conn.clear_end_user_security_context()
+                self.attached = _CLEARED
+                log.debug("cleared end-user context on connection %x", id(conn))
+            return None
+        source = self.binding.source
+        token = source.cached_token(ctx)
+        state = self.attached
+        if token is None or state.token != token or state.context != ctx:
+            if token is None:
+                if isinstance(conn, oracledb.AsyncConnection):
+                    raise TokenNotReadyError(
+                        "no database-access token is cached for the current end user; in "
+                        "asyncio code use `async with deepsec.end_user(...)`, `await "
+                        "deepsec.prepare()` or the ASGI/FastAPI adapter, which fetch it off "
+                        "the event loop"
+                    )
+                token = source.get_token(ctx)
+            security_context = build_security_context(self.binding.config, ctx, token, conn.version)
+            conn.set_end_user_security_context(security_context)
+            self.attached = _Attached(ctx, token)
+            log.debug("attached end-user context %r on connection %x", ctx, id(conn))
+        return self._completion(ctx)
+
+    def _completion(self, ctx: EndUserContext) -> Callable[[Any], None]:
+        def completion(outcome: Any) -> None:
+            # The database rejected the access token (revoked, or expired early):
+            # drop it so the next round trip attaches a freshly fetched one.
+            if isinstance(outcome, oracledb.DatabaseError):
+                err = outcome.args[0] if outcome.args else None
+                if getattr(err, "code", None) == _BAD_ACCESS_TOKEN:
+                    self.binding.source.invalidate(ctx)
+                    self.attached = _UNKNOWN
+
+        return completion
 
 
 def _both(first: Callable[[Any], Any], second: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -248,15 +250,12 @@ def params_hook(params: oracledb.ConnectParams) -> None:
         return
     _neutralise_reference_plugin()
     config = parse_end_user_sec_params(extra["end_user_sec_params"])
-    if _is_ours(params.operation_callback):  # the hook ran twice on these params
+    if _is_ours(params.on_connect_callback):  # the hook ran twice on these params
         return
     binding = _Binding(
-        config, token_source_for(config), params.on_connect_callback, params.operation_callback
+        config, token_source_for(config), params.on_connect_callback, params.round_trip_callback
     )
-    params.set(
-        on_connect_callback=binding.on_connect_callback,
-        operation_callback=binding.operation_callback,
-    )
+    params.set(on_connect_callback=binding.on_connect_callback)
 
 
 _install_lock = threading.Lock()
