@@ -25,6 +25,7 @@ import asyncio
 import inspect
 import logging
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,7 @@ from .config import EndUserSecConfig, parse_end_user_sec_params
 from .context import EndUserContext, current_context
 from .errors import IdentityError, TokenNotReadyError
 from .tokens import TokenSource, all_token_sources, token_source_for
+from .tokens.cache import jwt_expiry
 
 __all__ = ["install", "installed", "params_hook", "prepare", "uninstall"]
 
@@ -53,10 +55,19 @@ class _Attached:
 
     context: EndUserContext | None  # None: known to be cleared
     token: str | None
+    #: Until this time.monotonic() value, the same context object needs no token
+    #: lookup: its token was valid when attached and is not near expiry.
+    recheck_at: float = 0.0
+    completion: Callable[[Any], None] | None = None
 
 
 _UNKNOWN = _Attached(None, "<unknown>")
 _CLEARED = _Attached(None, None)
+# How long the same context object skips the token-cache lookup.  Bounds how
+# long a connection keeps a token after TokenSource.invalidate()/cache clear.
+_RECHECK_INTERVAL = 1.0
+# Never reuse a token this close to its expiry without asking the cache.
+_EXPIRY_MARGIN = 30.0
 
 
 class _Binding:
@@ -145,15 +156,18 @@ class _ConnectionBinding:
         return completion
 
     def _sync(self, conn: Any, ctx: EndUserContext) -> Callable[[Any], None] | None:
+        state = self.attached
+        if ctx is state.context and time.monotonic() < state.recheck_at:
+            return state.completion  # the hot path: same request, same connection
         if ctx.identity is None:
-            if self.attached is not _CLEARED:
+            if state is not _CLEARED:
                 conn.clear_end_user_security_context()
                 self.attached = _CLEARED
                 log.debug("cleared end-user context on connection %x", id(conn))
             return None
         source = self.binding.source
         token = source.cached_token(ctx)
-        state = self.attached
+        completion: Callable[[Any], None] | None
         if token is None or state.token != token or state.context != ctx:
             if token is None:
                 if isinstance(conn, oracledb.AsyncConnection):
@@ -166,9 +180,12 @@ class _ConnectionBinding:
                 token = source.get_token(ctx)
             security_context = build_security_context(self.binding.config, ctx, token, conn.version)
             conn.set_end_user_security_context(security_context)
-            self.attached = _Attached(ctx, token)
             log.debug("attached end-user context %r on connection %x", ctx, id(conn))
-        return self._completion(ctx)
+            completion = self._completion(ctx)
+        else:
+            completion = state.completion
+        self.attached = _Attached(ctx, token, _recheck_at(token), completion)
+        return completion
 
     def _completion(self, ctx: EndUserContext) -> Callable[[Any], None]:
         def completion(outcome: Any) -> None:
@@ -181,6 +198,15 @@ class _ConnectionBinding:
                     self.attached = _UNKNOWN
 
         return completion
+
+
+def _recheck_at(token: str) -> float:
+    now = time.monotonic()
+    exp = jwt_expiry(token)
+    if exp is None:
+        return now + _RECHECK_INTERVAL
+    left = exp - time.time() - _EXPIRY_MARGIN
+    return now + max(0.0, min(_RECHECK_INTERVAL, left))
 
 
 def _both(first: Callable[[Any], Any], second: Callable[[Any], Any]) -> Callable[[Any], Any]:
