@@ -25,10 +25,9 @@ import oracledb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import spi_static  # noqa: E402  (the tests' custom spi_type module)
-
-import deepsec  # noqa: E402
-from deepsec.testing.oracle import OracleTestServer  # noqa: E402
+import deepsec
+import spi_static
+from deepsec.testing.oracle import OracleTestServer
 
 SQL = "select xs_sys_context('xs$session','username') from dual"
 
