@@ -138,18 +138,23 @@ def test_token_failure_fails_closed(server: Any) -> None:
     engine = make_engine(server, pool_size=1, max_overflow=0)
     mark = server.mark()
     try:
+        with engine.connect() as conn:  # the pool holds an open connection
+            conn.execute(sa.text("select 1 /* sa-warm */ from dual"))
         spi_static.FAIL.append(RuntimeError("secret"))
-        with (
-            pytest.raises(deepsec.TokenAcquisitionError) as info,
-            deepsec.end_user(("nobody-cached", None)),
-            engine.connect() as conn,
-        ):
-            whoami(conn, "sa-fail")
+        with engine.connect() as conn:  # noqa: SIM117 - the order matters
+            # The pool's rollback on return runs after the block, as nobody.
+            with (
+                deepsec.end_user(("nobody-cached", None)),
+                pytest.raises(deepsec.TokenAcquisitionError) as info,
+            ):
+                whoami(conn, "sa-fail")
         assert "secret" not in str(info.value)
+        assert spi_static.CALLS, "the token module was not called"
         spi_static.FAIL.clear()
         with engine.connect() as conn:
             assert whoami(conn, "sa-after-fail") is None
     finally:
+        spi_static.FAIL.clear()
         engine.dispose()
     assert server.find_statements("/* sa-fail */", since=mark) == []
     assert tagged_users(server, "sa-after-fail", mark, minimum=2) == {None}

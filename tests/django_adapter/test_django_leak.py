@@ -195,3 +195,40 @@ def test_no_leak_across_2000_requests(server: Any, alias: str) -> None:
         f"{alias}: {REQUESTS} requests, {len(statements)} statements, "
         f"{len(by_conn)} connections in {elapsed:.1f}s"
     )
+
+
+@pytest.mark.timeout(30)
+def test_streaming_and_rejections_through_waitress(server: Any) -> None:
+    """A streamed body queried per chunk over real HTTP; afterwards nothing carries it."""
+    opened: list[Any] = []
+    wsgi = WsgiServer(leak_app(opened), threads=1).start()
+    mark = server.mark()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", wsgi.port, timeout=20)
+        conn.request(
+            "GET",
+            "/stream?db=persistent&tag=ws&chunks=3&outside=ws",
+            headers=headers_for("user03", "bearer"),
+        )
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.read() == b"user03\nuser03\nuser03\n"
+        conn.request("GET", "/whoami?db=persistent&tag=ws-anon", headers={"Cookie": "identity=%"})
+        anon = conn.getresponse()
+        assert json.loads(anon.read())["username"] is None
+        conn.close()
+    finally:
+        wsgi.stop()
+        for db in opened:
+            if db.connection is not None:
+                db.connection.close()
+    for tag in ("ws-0", "ws-1", "ws-2", "ws-finally"):
+        trips = server.find_statements(f"/* {tag} */", since=mark)
+        assert len(trips) == 2 and {t.context.username for t in trips} == {"user03"}
+    after = server.find_statements("/* out-ws */", since=mark)
+    anon_trips = server.find_statements("/* ws-anon */", since=mark)
+    assert len(after) == 1 and after[0].context is None
+    assert len(anon_trips) == 2 and all(t.context is None for t in anon_trips)
+    # One worker thread, one persistent connection: the same connection served
+    # the streamed request, the after-request statement and the anonymous request.
+    assert len({t.conn_id for t in [*after, *anon_trips]}) == 1

@@ -288,6 +288,7 @@ def test_asgi_async_streaming(server: Any) -> None:
         assert usernames(server, f"as-{i}", since=mark, minimum=2) == {"quinn"}
 
 
+@pytest.mark.filterwarnings("ignore:StreamingHttpResponse must consume synchronous iterators")
 def test_asgi_sync_streaming_and_rejection(server: Any) -> None:
     mark = server.mark()
     with override_settings(DEEPSEC={"strict": True}):
