@@ -4,7 +4,7 @@ Nothing SQLAlchemy-specific is needed at run time.  SQLAlchemy's
 ``oracle+oracledb`` and ``oracle+oracledb_async`` dialects call
 ``oracledb.connect`` with the engine's ``connect_args``; deepsec's params hook
 sees ``extra_auth_params["end_user_sec_params"]`` there and installs its
-per-operation callback on each new DBAPI connection.  Before every operation
+per-round-trip callback on each new DBAPI connection.  Before every round trip
 — including on connections SQLAlchemy's ``QueuePool`` /
 ``AsyncAdaptedQueuePool`` hands out again and again to different users — the
 callback attaches the current end user's context, switches it when the user
@@ -29,7 +29,7 @@ carry a previous user's identity, and nothing runs as an end user outside a
 Asyncio (``create_async_engine("oracle+oracledb_async://...")``): scope work
 with ``async with deepsec.end_user(...)`` (or run under the ASGI/FastAPI
 adapter), which fetches the database-access token off the event loop first;
-the per-operation callback never does network I/O on the loop and raises
+the per-round-trip callback never does network I/O on the loop and raises
 :class:`~deepsec.TokenNotReadyError` if a token was not fetched.
 
 :func:`connect_args` is a convenience only: it validates
