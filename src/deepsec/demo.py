@@ -317,6 +317,21 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _port_or_free(port: int) -> int:
+    """``port`` if it can be bound on 127.0.0.1, else a free port (0: a free port)."""
+    import socket
+
+    if port:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                print(f"  (port {port} is in use; using a free port instead)")
+            else:
+                return port
+    return _free_port()
+
+
 def _import_example(module: str) -> Any:
     import importlib
 
@@ -364,6 +379,7 @@ def serve_wsgi(app: Any, port: int = 0, label: str = "WSGI app") -> ServedApp:
 
 def serve_app(app_name: str, port: int = 0) -> ServedApp:
     """Serve the ``fastapi``, ``flask`` or ``django`` example on 127.0.0.1 (HR_* must be set)."""
+    port = _port_or_free(port)
     if app_name == "fastapi":
         app = _import_example("fastapi_hr").create_app()
         return serve_asgi(app, port, "fastapi_hr (FastAPI, uvicorn)")
