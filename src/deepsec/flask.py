@@ -139,7 +139,7 @@ class DeepSec:
 
 
 def _known_settings() -> frozenset[str]:
-    return frozenset(f for f in WebSettings.__dataclass_fields__ if f != "extra")
+    return WebSettings.field_names()
 
 
 def _state() -> DeepSecState:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -113,7 +114,14 @@ class WebSettings:
     strict: bool = False
     no_identity: NoIdentityPolicy = "least_privilege"
     token_error_status: int = 503
-    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    # Parsed (cookie, authorization) pairs -> Resolution, used only when the
+    # identity depends on nothing else (no resolver, no roles/attributes
+    # callables).  Repeat requests of one user then skip parsing and reuse one
+    # EndUserContext object, which also lets the driver hook skip its token
+    # lookup.  Bounded; malformed input is never cached (it must be logged).
+    _resolved: dict[tuple[str | None, str | None], Resolution] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -147,13 +155,18 @@ class WebSettings:
             raise ConfigError(problems, where="deepsec adapter settings")
 
     @classmethod
+    def field_names(cls) -> frozenset[str]:
+        """The public setting names (what ``DEEPSEC`` / ``DEEPSEC_*`` may set)."""
+        return frozenset(f for f in cls.__dataclass_fields__ if not f.startswith("_"))
+
+    @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, where: str) -> WebSettings:
         """Build settings from a dict (Django ``DEEPSEC``, Flask ``DEEPSEC_*``).
 
         Keys are the attribute names, case-insensitive; unknown keys are an
         error naming them.
         """
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        known = cls.field_names()
         lowered = {str(k).lower(): v for k, v in values.items()}
         unknown = sorted(k for k in lowered if k not in known)
         if unknown:
@@ -277,7 +290,37 @@ def resolve(
     ``authorization`` the raw ``Authorization`` header, as the adapter found
     them; ``request`` is passed to the app's callables.
     """
+    cacheable = (
+        settings.resolver is None and settings.data_roles is None and settings.attributes is None
+    )
+    if cacheable:
+        key = (cookie, authorization)
+        hit = settings._resolved.get(key)
+        if hit is not None:
+            return hit
+        resolution, malformed = _resolve(settings, request, cookie, authorization)
+        if not malformed:
+            cache = settings._resolved
+            if len(cache) >= _RESOLVED_CACHE_SIZE:
+                with _resolved_lock:
+                    for old in list(cache)[: _RESOLVED_CACHE_SIZE // 4]:
+                        cache.pop(old, None)
+            cache[key] = resolution
+        return resolution
+    return _resolve(settings, request, cookie, authorization)[0]
+
+
+_RESOLVED_CACHE_SIZE = 512
+_resolved_lock = threading.Lock()
+_NONE = Resolution(context=None)
+
+
+def _resolve(
+    settings: WebSettings, request: Any, cookie: str | None, authorization: str | None
+) -> tuple[Resolution, bool]:
+    """The resolution, and whether the input was malformed (never cached)."""
     identity: Identity | EndUserContext | None
+    malformed = False
     try:
         if settings.resolver is not None:
             resolved = settings.resolver(request)
@@ -294,19 +337,21 @@ def resolve(
     except MalformedIdentity as exc:
         if settings.strict:
             error = "invalid_token" if exc.status == 401 else None
-            return Resolution(rejection=_deny(str(exc), exc.status, error=error))
+            return Resolution(rejection=_deny(str(exc), exc.status, error=error)), True
         _warn_malformed(exc)
         identity = None
+        malformed = True
 
     if identity is None:
         if settings.no_identity == "deny":
-            return Resolution(rejection=_deny("an end-user identity is required", 401))
-        return Resolution(context=None)
+            rejection = _deny("an end-user identity is required", 401)
+            return Resolution(rejection=rejection), malformed
+        return _NONE, malformed
     if isinstance(identity, EndUserContext):
-        return Resolution(context=identity)
+        return Resolution(context=identity), False
     roles = settings.data_roles(request) if settings.data_roles is not None else None
     attrs = settings.attributes(request) if settings.attributes is not None else None
-    return Resolution(context=EndUserContext(identity, roles, attrs))
+    return Resolution(context=EndUserContext(identity, roles, attrs)), False
 
 
 def rejection_for_error(exc: BaseException, settings: WebSettings) -> Rejection | None:

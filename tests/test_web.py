@@ -1,0 +1,167 @@
+"""deepsec.web: the identity rules every adapter shares, without a framework."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import spi_static
+from deepsec import ConfigError, EndUserContext, TokenAcquisitionError
+from deepsec.web import (
+    MalformedIdentity,
+    WebSettings,
+    identity_from_authorization,
+    identity_from_cookie,
+    parse_cookie_header,
+    rejection_for_error,
+    resolve,
+)
+
+TOKEN = spi_static.make_jwt({"preferred_username": "alice"})
+
+
+@pytest.mark.parametrize(
+    ("raw", "identity"),
+    [
+        (f'"{TOKEN}"', TOKEN),  # JSON string
+        (TOKEN, TOKEN),  # bare token
+        ('["bob", null]', ("bob", None)),
+        ('["bob","k1"]', ("bob", "k1")),
+        ("%5B%22bob%22%2Cnull%5D", ("bob", None)),  # percent-encoded JSON
+        ("", None),
+        (None, None),
+    ],
+)
+def test_cookie_forms(raw, identity):
+    assert identity_from_cookie(raw) == identity
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ['["bob"]', "[1, null]", '{"a": 1}', "[", '"has space"', "not a token!", '["", null]', "42"],
+)
+def test_malformed_cookies(raw):
+    with pytest.raises(MalformedIdentity) as info:
+        identity_from_cookie(raw)
+    assert info.value.status == 400
+    assert raw not in str(info.value) or len(raw) < 3
+
+
+def test_oversized_values():
+    with pytest.raises(MalformedIdentity, match="larger than 64 bytes"):
+        identity_from_cookie("a" * 65, max_size=64)
+    with pytest.raises(MalformedIdentity) as info:
+        identity_from_authorization("Bearer " + "a" * 65, max_size=64)
+    assert info.value.status == 401
+
+
+def test_authorization_header():
+    assert identity_from_authorization(f"Bearer {TOKEN}") == TOKEN
+    assert identity_from_authorization(f"bearer {TOKEN}") == TOKEN  # case-insensitive
+    assert identity_from_authorization(f"BEARER   {TOKEN}  ") == TOKEN
+    assert identity_from_authorization("Basic dXNlcjpwdw==") is None  # not ours
+    for bad in ("Bearer", "Bearer ", "Bearer a b", "Bearer {x}"):
+        with pytest.raises(MalformedIdentity, match="Bearer token is malformed"):
+            identity_from_authorization(bad)
+
+
+def test_parse_cookie_header():
+    header = f'theme=dark; identity="{TOKEN}"; other=1'
+    assert parse_cookie_header(header, "identity") == f'"{TOKEN}"'
+    assert parse_cookie_header("a=1; identity=x; identity=y", "identity") == "x"
+    assert parse_cookie_header("identityx=1", "identity") is None
+    assert parse_cookie_header(None, "identity") is None
+
+
+def test_order_cookie_then_bearer_then_resolver_wins():
+    settings = WebSettings()
+    other = spi_static.make_jwt({"preferred_username": "bob"})
+    got = resolve(settings, None, cookie=TOKEN, authorization=f"Bearer {other}")
+    assert got.context == EndUserContext(TOKEN)
+    got = resolve(settings, None, cookie=None, authorization=f"Bearer {other}")
+    assert got.context == EndUserContext(other)
+    with_resolver = WebSettings(resolver=lambda request: ("carol", None))
+    got = resolve(with_resolver, None, cookie=TOKEN, authorization=f"Bearer {other}")
+    assert got.context == EndUserContext(("carol", None))
+
+
+def test_roles_and_attributes_callables():
+    settings = WebSettings(
+        data_roles=lambda request: ["hr_" + request], attributes=lambda request: {"r": request}
+    )
+    got = resolve(settings, "x", cookie=TOKEN)
+    assert got.context is not None
+    assert got.context.data_roles == ("hr_x",) and got.context.attributes == {"r": "x"}
+
+
+def test_malformed_is_no_identity_logged_each_time_without_the_value(caplog):
+    caplog.set_level(logging.WARNING, logger="deepsec.web")
+    settings = WebSettings()
+    secretish = '["bob", 12345678]'
+    for _ in range(2):
+        got = resolve(settings, None, cookie=secretish)
+        assert got.context is None and got.rejection is None
+    records = [r for r in caplog.records if r.name == "deepsec.web"]
+    assert len(records) == 2  # malformed input is never served from the cache
+    assert "12345678" not in caplog.text
+
+
+def test_strict_and_deny_policies():
+    strict = WebSettings(strict=True)
+    bad_cookie = resolve(strict, None, cookie="[")
+    assert bad_cookie.rejection is not None and bad_cookie.rejection.status == 400
+    bad_bearer = resolve(strict, None, authorization="Bearer {}")
+    assert bad_bearer.rejection is not None and bad_bearer.rejection.status == 401
+    assert ("WWW-Authenticate", 'Bearer error="invalid_token"') in bad_bearer.rejection.headers
+    deny = resolve(WebSettings(no_identity="deny"), None)
+    assert deny.rejection is not None and deny.rejection.status == 401
+    assert ("WWW-Authenticate", "Bearer") in deny.rejection.headers
+
+
+def test_repeat_requests_share_one_context_object():
+    """The driver hook's fast path relies on this: same user, same object."""
+    settings = WebSettings()
+    first = resolve(settings, None, cookie=TOKEN)
+    second = resolve(settings, None, cookie=TOKEN)
+    assert first.context is second.context is not None
+    # With per-request callables the context may differ per request: no cache.
+    dynamic = WebSettings(attributes=lambda request: {"n": request})
+    a = resolve(dynamic, 1, cookie=TOKEN)
+    b = resolve(dynamic, 2, cookie=TOKEN)
+    assert a.context is not None and b.context is not None
+    assert a.context.attributes == {"n": 1} and b.context.attributes == {"n": 2}
+
+
+def test_resolution_cache_is_bounded():
+    settings = WebSettings()
+    for i in range(2000):
+        resolve(settings, None, cookie=f'["user{i}", null]')
+    assert len(settings._resolved) <= 512
+
+
+def test_settings_validation_lists_every_problem():
+    with pytest.raises(ConfigError) as info:
+        WebSettings.from_mapping(
+            {"STRICT": "yes", "no_identity": "maybe", "max_size": 10, "bogus": 1},
+            where="DEEPSEC",
+        )
+    assert "unknown setting(s): bogus" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        WebSettings.from_mapping(
+            {"STRICT": "yes", "no_identity": "maybe", "max_size": 10}, where="DEEPSEC"
+        )
+    text = str(info.value)
+    assert "strict must be true or false" in text
+    assert "no_identity must be" in text and "max_size must be between" in text
+    assert "_resolved" not in WebSettings.field_names()
+
+
+def test_token_failure_response_has_no_secret():
+    exc = TokenAcquisitionError("provider said no", error="invalid_client", correlation_id="c-1")
+    rejection = rejection_for_error(exc, WebSettings())
+    assert rejection is not None and rejection.status == 503
+    assert rejection.body["provider_error"] == "invalid_client"
+    assert rejection.body["correlation_id"] == "c-1"
+    assert ("Retry-After", "5") in rejection.headers
+    assert rejection_for_error(ValueError("x"), WebSettings()) is None
