@@ -609,6 +609,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _wait_forever() -> None:
+    import signal
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C and SIGTERM both stop cleanly (servers stopped, CA files removed).
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     with contextlib.suppress(KeyboardInterrupt):
         while True:
             time.sleep(3600)
