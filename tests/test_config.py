@@ -97,7 +97,7 @@ def test_oci_rules():
     assert parse_end_user_sec_params(oci).spi_type == "oci_tokens"
     with pytest.raises(ConfigError, match="'oci_tokens' must be 'client_credentials'"):
         parse_end_user_sec_params({**oci, "auth_flow": "on_behalf_of"})
-    with pytest.raises(ConfigError, match="unknown key.*instance_discovery"):
+    with pytest.raises(ConfigError, match=r"unknown key.*instance_discovery"):
         parse_end_user_sec_params({**oci, "instance_discovery": False})
     with pytest.raises(ConfigError, match="client_credential must be a non-empty string, got"):
         parse_end_user_sec_params({**oci, "client_credential": {"private_key": 1}})
@@ -107,7 +107,7 @@ def test_custom_module_with_extra_keys():
     config = parse_end_user_sec_params({"spi_type": "spi_static", "lifetime": 5})
     assert config.module is not None and config.auth_flow == "client_credentials"
     assert config.raw_params() == {"spi_type": "spi_static", "lifetime": 5}
-    with pytest.raises(ConfigError, match="unknown key.*bogus"):
+    with pytest.raises(ConfigError, match=r"unknown key.*bogus"):
         parse_end_user_sec_params({"spi_type": "spi_static", "bogus": 1})
 
 
