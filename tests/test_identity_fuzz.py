@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from deepsec import EndUserContext, current_end_user
@@ -188,6 +188,10 @@ def test_asgi_middleware_never_answers_500(monkeypatch: pytest.MonkeyPatch) -> N
 
     @settings(FUZZ, max_examples=2000)
     @given(headers=raw_headers, strict=st.booleans())
+    # Every branch must be exercised whatever the random draw finds.
+    @example(headers=[(b"authorization", b"Bearer {not a token}")], strict=True)
+    @example(headers=[(b"cookie", b"identity=[")], strict=True)
+    @example(headers=[(b"cookie", b'identity=["bob", null]')], strict=False)
     def check(headers: list[tuple[bytes, bytes]], strict: bool) -> None:
         sent: list[Any] = []
 

@@ -165,3 +165,19 @@ def test_token_failure_response_has_no_secret():
     assert rejection.body["correlation_id"] == "c-1"
     assert ("Retry-After", "5") in rejection.headers
     assert rejection_for_error(ValueError("x"), WebSettings()) is None
+
+
+def test_cookies_quoted_by_frameworks_parse():
+    """Values written by werkzeug's and http.cookies' set_cookie come back intact."""
+    from http.cookies import SimpleCookie
+
+    from werkzeug.http import dump_cookie
+
+    for value, identity in (('["bob", null]', ("bob", None)), (f'"{TOKEN}"', TOKEN)):
+        header = dump_cookie("identity", value).split(";")[0]
+        raw = parse_cookie_header(header, "identity")
+        assert identity_from_cookie(raw) == identity
+        jar = SimpleCookie()
+        jar["identity"] = value
+        raw = parse_cookie_header(jar.output(header="").strip(), "identity")
+        assert identity_from_cookie(raw) == identity

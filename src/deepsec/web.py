@@ -184,12 +184,22 @@ def _size_ok(value: str, max_size: int) -> bool:
     return len(value) <= max_size and len(value.encode("utf-8", "surrogatepass")) <= max_size
 
 
+_COOKIE_ESCAPE = re.compile(r"\\(?:([0-3][0-7][0-7])|(.))")
+
+
+def _unquote_cookie(inner: str) -> str:
+    return _COOKIE_ESCAPE.sub(
+        lambda m: chr(int(m.group(1), 8)) if m.group(1) else m.group(2), inner
+    )
+
+
 def identity_from_cookie(value: str | None, *, max_size: int = DEFAULT_MAX_SIZE) -> Identity | None:
     """Parse the ``identity`` cookie value.
 
     A JSON string is a token, JSON ``[name, key|null]`` a local end user, a
-    bare value a token.  Percent-encoded JSON (``%5B...``, ``%22...``) is
-    decoded first, since some clients encode cookie values.
+    bare value a token.  Percent-encoded JSON (``%5B...``, ``%22...``) and
+    the backslash-escaped quoted form that ``http.cookies`` and werkzeug write
+    (``"[\\"bob\\"\\054 null]"``) are decoded first.
 
     Raises:
         MalformedIdentity: the value is oversized or not one of those forms.
@@ -203,6 +213,10 @@ def identity_from_cookie(value: str | None, *, max_size: int = DEFAULT_MAX_SIZE)
         raise MalformedIdentity(f"identity cookie is larger than {max_size} bytes")
     if value[:3].upper() in ("%5B", "%22"):
         value = unquote(value)
+    elif len(value) >= 2 and value[0] == value[-1] == '"' and "\\" in value:
+        # An RFC 2109 quoted-string, as http.cookies and werkzeug write a value
+        # with commas or spaces: '"[\\"bob\\"\\054 null]"' is ["bob", null].
+        value = _unquote_cookie(value[1:-1])
     if value[0] in '["{':
         try:
             decoded = json.loads(value)
