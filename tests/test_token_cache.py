@@ -412,3 +412,25 @@ def test_failed_refresh_retry_never_extends_past_expiry() -> None:
     time.sleep(0.1)
     assert time.time() > expires
     assert cache.peek("k") is None
+
+
+def test_key_memo_derives_once_per_object_and_never_confuses_objects() -> None:
+    from deepsec.tokens.cache import KeyMemo
+
+    derived: list[object] = []
+
+    def derive(obj: object) -> str:
+        derived.append(obj)
+        return cache_key(obj)
+
+    memo = KeyMemo(derive, maxsize=4)
+    a = "token-" + "a" * 100
+    assert memo.key(a) == memo.key(a) == cache_key(a)
+    assert len(derived) == 1
+    b = "".join(["token-", "a" * 100])  # equal value, another object
+    assert b is not a and memo.key(b) == cache_key(a)
+    for i in range(10):  # many short-lived objects: ids get reused, keys stay right
+        s = f"user-{i}-" + "x" * 50
+        assert memo.key(s) == cache_key(s)
+    assert len(memo._data) <= 4
+    assert memo.key(("bob", None)) == cache_key(("bob", None))

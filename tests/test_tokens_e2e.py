@@ -80,9 +80,11 @@ def test_client_credentials_token_and_user_identity_reach_the_database(
             seen = last_context(oracle, conn)
     finally:
         conn.close()
+    assert seen is not None, [t.function for t in oracle.round_trips()]
     assert seen.end_user_token == carol
     assert idp.decode(seen.database_access_token)["sub"] == idp.client_id
-    assert idp.token_requests("client_credentials") == 1
+    log = [(r.grant_type, r.status, r.client_id, r.time) for r in idp.requests()]
+    assert idp.token_requests("client_credentials") == 1, log
 
 
 def test_oci_token_reaches_the_database(idp: LocalIdP, oracle: Any) -> None:

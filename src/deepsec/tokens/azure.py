@@ -47,7 +47,7 @@ from ._http import (
     register_secret,
     scrub,
 )
-from .cache import FetchResult, TokenCache, cache_key, jwt_expiry
+from .cache import FetchResult, KeyMemo, TokenCache, cache_key, jwt_expiry
 
 if TYPE_CHECKING:
     from ..config import EndUserSecConfig
@@ -171,35 +171,6 @@ def reset_msal_apps() -> None:
         _apps.clear()
 
 
-# --- identity keys without hashing on every call ------------------------------------
-
-
-class _KeyMemo:
-    """Maps a user token *object* to its cache key, so the hit path need not hash.
-
-    Keyed by ``id(token)`` and checked with ``is``: the entry keeps the token
-    alive, so its id cannot be reused by another string while it is stored.
-    Bounded; cleared when full.
-    """
-
-    __slots__ = ("_data", "_maxsize", "_prefix")
-
-    def __init__(self, prefix: str, maxsize: int) -> None:
-        self._prefix = prefix
-        self._maxsize = maxsize
-        self._data: dict[int, tuple[str, str]] = {}
-
-    def key(self, token: str) -> str:
-        hit = self._data.get(id(token))
-        if hit is not None and hit[0] is token:
-            return hit[1]
-        key = cache_key(self._prefix, token)
-        if len(self._data) >= self._maxsize:
-            self._data.clear()
-        self._data[id(token)] = (token, key)
-        return key
-
-
 class AzureTokenSource:
     """Database-access tokens from Entra ID (MSAL), cached for load.
 
@@ -218,7 +189,8 @@ class AzureTokenSource:
         self._scopes = list(config.scopes)
         self.cache = TokenCache(config.cache_size, name=f"azure:{self.flow}")
         self._cc_key = cache_key("azure", "client_credentials", config.fingerprint)
-        self._keys = _KeyMemo(f"azure-obo:{config.fingerprint}", max(1024, config.cache_size))
+        prefix = f"azure-obo:{config.fingerprint}"
+        self._keys = KeyMemo(lambda token: cache_key(prefix, token), max(1024, config.cache_size))
         self._secrets: tuple[str, ...] = (
             (config.client_credential,) if isinstance(config.client_credential, str) else ()
         )

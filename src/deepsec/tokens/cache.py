@@ -46,13 +46,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = [
     "DEFAULT_REFRESH_AHEAD",
     "DEFAULT_SKEW",
     "FetchResult",
     "Fetcher",
+    "KeyMemo",
     "TokenCache",
     "cache_key",
     "jwt_expiry",
@@ -102,6 +103,36 @@ def cache_key(*parts: object) -> str:
         h.update(f"{type(part).__name__}:{len(raw)}:".encode())
         h.update(raw)
     return h.hexdigest()
+
+
+class KeyMemo:
+    """Remembers the cache key derived from recently seen identity objects.
+
+    Deriving a key hashes the identity (a user token can be kilobytes: a few
+    microseconds), and ``cached_token`` runs before every database operation.
+    The memo is keyed by ``id(obj)`` and checked with ``is``: each entry keeps
+    its object alive, so the id cannot be reused by another object while the
+    entry exists, and identities (``str`` or tuples of ``str``) are immutable.
+    Bounded: cleared when ``maxsize`` is reached.
+    """
+
+    __slots__ = ("_data", "_derive", "_maxsize")
+
+    def __init__(self, derive: Callable[[Any], str], maxsize: int = 4096) -> None:
+        self._derive = derive
+        self._maxsize = maxsize
+        self._data: dict[int, tuple[object, str]] = {}
+
+    def key(self, obj: object) -> str:
+        """The key for ``obj`` (derived once per object while remembered)."""
+        hit = self._data.get(id(obj))
+        if hit is not None and hit[0] is obj:
+            return hit[1]
+        key = self._derive(obj)
+        if len(self._data) >= self._maxsize:
+            self._data.clear()
+        self._data[id(obj)] = (obj, key)
+        return key
 
 
 def jwt_expiry(token: str) -> float | None:

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TokenAcquisitionError
-from .cache import FetchResult, TokenCache, cache_key, jwt_expiry
+from .cache import FetchResult, KeyMemo, TokenCache, cache_key, jwt_expiry
 
 if TYPE_CHECKING:
     from ..config import EndUserSecConfig
@@ -27,10 +27,20 @@ __all__ = ["OPAQUE_TOKEN_TTL", "ModuleTokenSource", "identity_key", "jwt_expiry"
 OPAQUE_TOKEN_TTL = 60.0
 
 
+def _identity_digest(identity: object) -> str:
+    return cache_key(type(identity).__name__, repr(identity))
+
+
+class _NoIdentity:
+    identity = None
+
+
+_NO_IDENTITY: Any = _NoIdentity()
+
+
 def identity_key(context: EndUserContext) -> str:
     """A cache key for the context's identity that holds no secret (sha256 hex)."""
-    identity = context.identity
-    return cache_key(type(identity).__name__, repr(identity))
+    return _identity_digest(context.identity)
 
 
 class ModuleTokenSource:
@@ -42,13 +52,19 @@ class ModuleTokenSource:
         self.config = config
         self._fn: Any = config.module.get_database_access_token
         self.cache = TokenCache(config.cache_size, name=f"module:{config.spi_type}")
-        self._prefix = config.fingerprint
+        prefix = config.fingerprint
+        self._none_key = cache_key(prefix, identity_key(_NO_IDENTITY))
+        self._keys = KeyMemo(
+            lambda identity: cache_key(prefix, _identity_digest(identity)),
+            max(1024, config.cache_size),
+        )
 
     def __repr__(self) -> str:
         return f"ModuleTokenSource(spi_type={self.config.spi_type!r})"
 
     def _key(self, context: EndUserContext) -> str:
-        return cache_key(self._prefix, identity_key(context))
+        identity = context.identity
+        return self._none_key if identity is None else self._keys.key(identity)
 
     def cached_token(self, context: EndUserContext) -> str | None:
         """A still-valid cached token for ``context``, or ``None`` (no I/O)."""
