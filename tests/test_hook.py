@@ -540,3 +540,52 @@ def test_one_async_connection_shared_by_tasks_each_round_trip_has_its_tasks_user
 
     assert asyncio.run(main()) == []
     assert len(oracle.find_statements("/* atask-")) == 3 * 100
+
+
+@pytest.mark.timeout(30)
+def test_token_failure_on_async_acquire_fails_the_statement_not_the_pool(oracle):
+    """Failing on acquire would leave the pool counting the connection busy."""
+
+    async def main() -> None:
+        pool = oracledb.create_pool_async(
+            **oracle.connect_kwargs(), extra_auth_params=params(), min=1, max=1
+        )
+        try:
+            spi_static.FAIL.append(RuntimeError("identity provider down"))
+            deepsec.set_end_user_identity(user_token("kim"))
+            async with pool.acquire() as conn:
+                cur = conn.cursor()
+                with pytest.raises(deepsec.TokenAcquisitionError, match="spi_static"):
+                    await cur.execute(USERNAME_SQL)
+            assert pool.busy == 0
+            spi_static.FAIL.clear()
+            async with deepsec.end_user(user_token("kim")), pool.acquire() as conn:
+                cur = conn.cursor()
+                await cur.execute(USERNAME_SQL)
+                assert (await cur.fetchone())[0] == "kim"
+        finally:
+            deepsec.set_end_user_identity(None)
+            await pool.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_token_failure_on_sync_pool_fails_closed_and_recovers(oracle):
+    pool = oracledb.create_pool(**oracle.connect_kwargs(), extra_auth_params=params(), min=1, max=1)
+    try:
+        spi_static.FAIL.append(RuntimeError("identity provider down"))
+        before = oracle.mark()
+        with (
+            deepsec.end_user(user_token("lee")),
+            pool.acquire() as conn,
+            pytest.raises(deepsec.TokenAcquisitionError),
+        ):
+            whoami(conn, "lee-fails")
+        assert oracle.find_statements("lee-fails", since=before) == []  # nothing ran as the app
+        assert pool.busy == 0
+        spi_static.FAIL.clear()
+        with deepsec.end_user(user_token("lee")), pool.acquire() as conn:
+            assert whoami(conn) == "lee"
+    finally:
+        pool.close(force=True)

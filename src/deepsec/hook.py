@@ -36,7 +36,7 @@ import oracledb
 
 from .config import EndUserSecConfig, parse_end_user_sec_params
 from .context import EndUserContext, current_context
-from .errors import IdentityError, TokenNotReadyError
+from .errors import IdentityError, TokenAcquisitionError, TokenNotReadyError
 from .tokens import TokenSource, all_token_sources, token_source_for
 from .tokens.cache import jwt_expiry
 
@@ -110,9 +110,17 @@ class _Binding:
 
     async def _on_connect_async(self, conn: Any) -> None:
         ctx = current_context()
+        binding = _ConnectionBinding(self, conn)
+        conn.round_trip_callback = binding.round_trip
         if ctx.identity is not None:
-            await self.source.get_token_async(ctx)
-        conn.round_trip_callback = _ConnectionBinding(self, conn).round_trip
+            try:
+                await self.source.get_token_async(ctx)
+            except TokenAcquisitionError as exc:
+                # Raising here would leave a pooled connection checked out
+                # forever (the pool counts it busy); the first round trip made
+                # for this context raises it instead, and the app's release of
+                # the connection returns it to the pool as usual.
+                binding.pending_error = (ctx, exc)
         if self.user_on_connect is not None:
             result = self.user_on_connect(conn)
             if inspect.isawaitable(result):
@@ -128,12 +136,14 @@ class _ConnectionBinding:
     release).
     """
 
-    __slots__ = ("attached", "binding", "conn_ref")
+    __slots__ = ("attached", "binding", "conn_ref", "pending_error")
 
     def __init__(self, binding: _Binding, conn: Any) -> None:
         self.binding = binding
         self.conn_ref = weakref.ref(conn)
         self.attached = _UNKNOWN
+        #: A token failure met while connecting, raised by the first round trip.
+        self.pending_error: tuple[EndUserContext, TokenAcquisitionError] | None = None
 
     def round_trip(self, name: str) -> Any:
         """Attach, switch or clear the end-user context before one round trip."""
@@ -170,6 +180,9 @@ class _ConnectionBinding:
         completion: Callable[[Any], None] | None
         if token is None or state.token != token or state.context != ctx:
             if token is None:
+                pending, self.pending_error = self.pending_error, None
+                if pending is not None and pending[0] is ctx:
+                    raise pending[1]
                 if isinstance(conn, oracledb.AsyncConnection):
                     raise TokenNotReadyError(
                         "no database-access token is cached for the current end user; in "
