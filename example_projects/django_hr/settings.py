@@ -42,7 +42,7 @@ DATABASES = {
         "NAME": HR.db_dsn,  # an Easy Connect string: tcps://host:port/service
         "USER": HR.db_user,
         "PASSWORD": HR.db_password,
-        # Persistent connections: safe, deepsec attaches per operation.
+        # Persistent connections: safe, deepsec attaches per round trip.
         "CONN_MAX_AGE": 60,
         "OPTIONS": {
             "ssl_context": HR.db_ssl_context(),

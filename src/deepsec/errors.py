@@ -72,7 +72,7 @@ class TokenAcquisitionError(DeepSecError):
 class TokenNotReadyError(DeepSecError):
     """An asyncio connection needed a token that is not in the cache yet.
 
-    The per-operation callback of an ``AsyncConnection`` runs on the event
+    The per-round-trip callback of an ``AsyncConnection`` runs on the event
     loop and never does network I/O.  Tokens are fetched ahead of time by
     ``async with deepsec.end_user(...)``, by ``await deepsec.prepare()``, by
     the ASGI/FastAPI adapters, and when a connection is opened or acquired.

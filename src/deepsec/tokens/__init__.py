@@ -28,7 +28,7 @@ class TokenSource(Protocol):
 
     ``get_token`` may block on the network (sync callers);
     ``get_token_async`` never blocks the event loop; ``cached_token`` only
-    reads memory and is what the per-operation callback uses on asyncio
+    reads memory and is what the per-round-trip callback uses on asyncio
     connections.
     """
 
@@ -86,6 +86,14 @@ def all_token_sources() -> list[TokenSource]:
 
 
 def clear_token_sources() -> None:
-    """Forget every token source and its cached tokens (tests, key rotation)."""
+    """Forget every token source, its cached tokens and MSAL applications.
+
+    For tests and key rotation: the next connection builds fresh sources.
+    """
+    import sys
+
     with _lock:
         _sources.clear()
+        azure = sys.modules.get(f"{__name__}.azure")
+        if azure is not None:  # never import msal just to clear it
+            azure.reset_msal_apps()
