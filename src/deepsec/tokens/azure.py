@@ -164,8 +164,7 @@ def _existing_app(config: EndUserSecConfig, flow: Flow) -> Any | None:
 def reset_msal_apps() -> None:
     """Forget every MSAL application (and with it MSAL's token caches).
 
-    For tests and credential rotation; :func:`deepsec.tokens.clear_token_sources`
-    does not reach these.
+    :func:`deepsec.tokens.clear_token_sources` calls this too.
     """
     with _apps_lock:
         _apps.clear()
