@@ -19,6 +19,7 @@ from typing import Any
 import requests
 
 from ..errors import TokenAcquisitionError
+from .cache import jwt_expiry
 
 __all__ = [
     "TimeoutSession",
@@ -78,6 +79,24 @@ class _SecretRegistry:
 
 
 _registry = _SecretRegistry()
+
+
+#: Lifetime assumed for a token whose reply gives neither ``expires_in`` nor an ``exp``.
+DEFAULT_LIFETIME = 60.0
+
+
+def token_expiry(token: str, expires_in: object, started: float) -> float:
+    """When a freshly issued token expires (epoch seconds).
+
+    The reply's ``expires_in`` counted from ``started`` (the request time, so
+    network delay shortens rather than lengthens it), capped by the JWT's own
+    ``exp`` when there is one; the ``exp`` alone otherwise; else a minute.
+    """
+    exp = jwt_expiry(token)
+    if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool):
+        expires_at = started + float(expires_in)
+        return min(expires_at, exp) if exp is not None else expires_at
+    return exp if exp is not None else started + DEFAULT_LIFETIME
 
 
 def register_secret(owner: object, secret: str) -> None:

@@ -46,6 +46,7 @@ from ._http import (
     provider_error_fields,
     register_secret,
     scrub,
+    token_expiry,
 )
 from .cache import FetchResult, KeyMemo, TokenCache, cache_key, jwt_expiry
 
@@ -324,16 +325,7 @@ class AzureTokenSource:
             raise TokenAcquisitionError(
                 message, error=error_code or "invalid_response", correlation_id=correlation
             )
-        expires_in = result.get("expires_in")
-        exp = jwt_expiry(token)
-        if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool):
-            expires_at = started + float(expires_in)
-            if exp is not None:
-                expires_at = min(expires_at, exp)
-        elif exp is not None:
-            expires_at = exp
-        else:
-            expires_at = started + 60.0
+        expires_at = token_expiry(token, result.get("expires_in"), started)
         logger.debug(
             "%s succeeded (source=%s, expires in %.0f s)",
             what,

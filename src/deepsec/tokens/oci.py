@@ -34,8 +34,9 @@ from ._http import (
     provider_error_fields,
     register_secret,
     scrub,
+    token_expiry,
 )
-from .cache import FetchResult, TokenCache, cache_key, jwt_expiry
+from .cache import FetchResult, TokenCache, cache_key
 
 if TYPE_CHECKING:
     from ..config import EndUserSecConfig
@@ -211,15 +212,6 @@ class OCITokenSource:
                 error="invalid_response",
                 status=response.status_code,
             )
-        expires_in = body.get("expires_in")
-        exp = jwt_expiry(token)
-        if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool):
-            expires_at = started + float(expires_in)
-            if exp is not None:
-                expires_at = min(expires_at, exp)
-        elif exp is not None:
-            expires_at = exp
-        else:
-            expires_at = started + 60.0
+        expires_at = token_expiry(token, body.get("expires_in"), started)
         logger.debug("%s succeeded (expires in %.0f s)", what, expires_at - time.time())
         return FetchResult(token, expires_at)
