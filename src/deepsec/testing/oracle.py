@@ -9,8 +9,10 @@ TCPS to this small server.  It speaks just enough of the protocol:
   protocol and data-type negotiation.  The compile capabilities announce the
   end-user security context piggyback (byte 45, bit 0x02).
 * Password login (O5LOGON, 12c verifier, PBKDF2-SHA512) and token login
-  (``access_token``; the token is recorded).  A bad password answers
-  ORA-01017.
+  (``access_token``; the token is recorded, and so are the proof-of-possession
+  header and signature the driver sends for an ``(token, private_key)`` login:
+  :meth:`ConnectionRecord.verify_proof_of_possession`).  A bad password
+  answers ORA-01017.
 * Execute (0x5e), re-execute (0x04), re-execute and fetch (0x4e) and fetch
   (0x05) with per-connection cursors, so the driver's statement cache works;
   binds are parsed from their metadata; rows (NUMBER and VARCHAR2) span as
@@ -66,7 +68,9 @@ from decimal import Decimal
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal
 
-from cryptography.hazmat.primitives import hashes
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
@@ -807,6 +811,12 @@ class ConnectionRecord:
         access_token: the token of a token login (left out of ``repr``).
         logged_in: whether authentication succeeded.
         closed: whether the connection has ended.
+        pop_header: for a proof-of-possession token login (``access_token``
+            given as ``(token, private_key)``, as OCI database tokens are),
+            the signed ``AUTH_HEADER`` text (``date``, ``(request-target)``,
+            ``host`` lines); None otherwise.
+        pop_signature: the base64 RSA-SHA256 signature of :attr:`pop_header`
+            the driver made with the private key (``AUTH_SIGNATURE``).
     """
 
     conn_id: int
@@ -816,11 +826,37 @@ class ConnectionRecord:
     access_token: str | None = field(repr=False)
     logged_in: bool
     closed: bool
+    pop_header: str | None = None
+    pop_signature: str | None = field(default=None, repr=False)
 
     @property
     def access_token_claims(self) -> dict[str, Value]:
         """Unverified claims of the login access token."""
         return decode_jwt_claims(self.access_token)
+
+    def verify_proof_of_possession(self, public_key: str | bytes) -> bool:
+        """Whether :attr:`pop_signature` is a valid signature of :attr:`pop_header`.
+
+        Args:
+            public_key: the PEM public key the token is bound to (for an OCI
+                database token, the one sent to ``generateScopedAccessToken``).
+        """
+        if self.pop_header is None or self.pop_signature is None:
+            return False
+        pem = public_key.encode() if isinstance(public_key, str) else public_key
+        try:
+            key = serialization.load_pem_public_key(pem)
+            if not isinstance(key, rsa.RSAPublicKey):
+                return False
+            key.verify(
+                base64.b64decode(self.pop_signature),
+                self.pop_header.encode(),
+                padding.PKCS1v15(),
+                hashes.SHA256(),
+            )
+        except (InvalidSignature, ValueError, binascii.Error):
+            return False
+        return True
 
 
 # ---------------------------------------------------------------------------
@@ -1558,6 +1594,8 @@ class _ConnState:
     logged_in: bool = False
     closed: bool = False
     seq: int = 0
+    pop_header: str | None = None
+    pop_signature: str | None = None
 
     def snapshot(self) -> ConnectionRecord:
         return ConnectionRecord(
@@ -1568,6 +1606,8 @@ class _ConnState:
             access_token=self.access_token,
             logged_in=self.logged_in,
             closed=self.closed,
+            pop_header=self.pop_header,
+            pop_signature=self.pop_signature,
         )
 
 
@@ -1899,6 +1939,8 @@ class _Handler:
         if token is not None:
             self.state.method = "token"
             self.state.access_token = token
+            self.state.pop_header = req.auth_pairs.get("AUTH_HEADER")
+            self.state.pop_signature = req.auth_pairs.get("AUTH_SIGNATURE")
             self.state.user = self.server.token_user.upper()
             if not self.server._token_ok("access_token", token):
                 answer.close = True
