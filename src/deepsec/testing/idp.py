@@ -18,6 +18,16 @@ throw-away CA (:class:`~deepsec.testing.tls.TestCA`):
   (configurable: :attr:`LocalIdP.obo_account_info`);
 * ``POST /oauth2/v1/token``: an OCI IAM identity-domain style endpoint
   (HTTP Basic client auth, ``grant_type=client_credentials``);
+* ``POST /v1/actions/generateScopedAccessToken``: the OCI identity data
+  plane operation the OCI SDK's ``DataplaneClient`` calls (a request signed
+  with an OCI API key; JSON ``scope`` and ``publicKey``; answers
+  ``{"token": <JWT>}`` whose ``jwk`` claim is that public key), for
+  python-oracledb's ``oci_tokens`` login plugin;
+* extra certificate host names (``extra_hostnames``), so clients that only
+  talk to the real cloud hosts (``login.microsoftonline.com``,
+  ``auth.<region>.oraclecloud.com``) can be routed here through
+  :class:`deepsec.testing.cloud.CloudProxy`; discovery requested under such
+  a host name points its endpoints at that host name;
 * RS256 JWTs with configurable claims and lifetime;
 * a thread-safe request log (:meth:`LocalIdP.token_requests`);
 * fault injection (:attr:`LocalIdP.faults`): delays, HTTP errors, malformed
@@ -35,12 +45,13 @@ import base64
 import binascii
 import contextlib
 import json
+import re
 import socket
 import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -48,12 +59,15 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, urlparse
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .tls import TestCA
 
 __all__ = [
     "JWT_BEARER",
+    "OCI_SCOPED_TOKEN_PATH",
     "Fault",
     "FaultKind",
     "Faults",
@@ -62,6 +76,8 @@ __all__ = [
 ]
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+#: Path of the OCI identity data plane's ``GenerateScopedAccessToken`` operation.
+OCI_SCOPED_TOKEN_PATH = "/v1/actions/generateScopedAccessToken"
 _OIDC_SCOPES = frozenset({"openid", "profile", "offline_access", "email"})
 
 FaultKind = Literal["status", "delay", "malformed_json", "drop"]
@@ -180,14 +196,16 @@ class TokenRequest:
     """One request the provider received (no secrets are recorded).
 
     ``subject`` is the ``sub`` of a valid OBO assertion, ``status`` the HTTP
-    status answered (``0`` for a dropped connection).
+    status answered (``0`` for a dropped connection).  For the OCI data plane
+    (``endpoint == "oci_dataplane"``) ``client_id`` is the API key id
+    (``tenancy/user/fingerprint``) and ``subject`` the user OCID.
     """
 
     method: str
     path: str
     grant_type: str | None
     client_id: str | None
-    endpoint: Literal["azure", "oci", "other"]
+    endpoint: Literal["azure", "oci", "oci_dataplane", "other"]
     subject: str | None = None
     status: int = 0
     time: float = field(default_factory=time.time)
@@ -205,6 +223,14 @@ def _basic_user(authorization: str) -> str | None:
         return base64.b64decode(authorization[6:], validate=True).decode().partition(":")[0]
     except (binascii.Error, UnicodeDecodeError):
         return None
+
+
+_SIG_PARAM = re.compile(r'(\w+)="([^"]*)"')
+
+
+def _oci_error(code: str, message: str) -> dict[str, Any]:
+    """An OCI-style error body."""
+    return {"code": code, "message": message}
 
 
 class _Drop(Exception):
@@ -258,12 +284,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(raw)
 
     def do_GET(self) -> None:
-        code, body = self.server.idp._handle_get(urlparse(self.path).path)
+        code, body = self.server.idp._handle_get(urlparse(self.path).path, self.headers.get("Host"))
         self._send(code, body, {})
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+        if urlparse(self.path).path == OCI_SCOPED_TOKEN_PATH:
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            code, answer = self.server.idp._handle_oci_dataplane(self.path, raw, headers)
+            self._send(code, answer, {"opc-request-id": str(uuid.uuid4())})
+            return
         form = {k: v[0] for k, v in parse_qs(raw).items()}
         try:
             code, body, headers = self.server.idp._handle_post(
@@ -290,6 +321,16 @@ class LocalIdP:
         obo_account_info: whether OBO replies carry ``id_token`` and
             ``client_info`` (a reply without them makes MSAL store the user's
             token with no account: the cross-user hazard).
+        extra_hostnames: host names added to the TLS certificate (beside
+            ``127.0.0.1`` and ``localhost``), e.g. ``login.microsoftonline.com``
+            for clients routed here by :class:`deepsec.testing.cloud.CloudProxy`.
+
+    Attributes:
+        oci_api_keys: ``{key_id: public key PEM}`` of OCI API keys
+            (``key_id`` = ``tenancy/user/fingerprint``).  Empty (the default):
+            the data plane accepts any signed request without checking the
+            signature; otherwise the request's key must be listed and its
+            HTTP signature must verify (401 ``NotAuthenticated`` if not).
 
     Use as a context manager or call :meth:`start` / :meth:`stop`.
     """
@@ -303,6 +344,7 @@ class LocalIdP:
         host: str = "127.0.0.1",
         ca: TestCA | None = None,
         obo_account_info: bool = True,
+        extra_hostnames: Sequence[str] = (),
     ) -> None:
         self.tenant = tenant
         self.clients: dict[str, str] = dict(clients or {"test-client": "test-secret"})
@@ -313,6 +355,8 @@ class LocalIdP:
         #: Claims merged into every access token issued.
         self.extra_claims: dict[str, Any] = {}
         self.host = host
+        self.extra_hostnames: tuple[str, ...] = tuple(h.lower() for h in extra_hostnames)
+        self.oci_api_keys: dict[str, str] = {}
         self._owns_ca = ca is None
         self.ca = ca or TestCA()
         self.faults = Faults()
@@ -331,7 +375,9 @@ class LocalIdP:
         """Start serving on ``port`` (``0``: any free port); returns ``self``."""
         if self._server is not None:
             return self
-        cert = self.ca.issue_server_cert("127.0.0.1", "localhost", name="idp")
+        cert = self.ca.issue_server_cert(
+            "127.0.0.1", "localhost", *self.extra_hostnames, name="idp"
+        )
         self._server = _Server((self.host, port), self, cert.server_ssl_context())
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(
@@ -575,12 +621,12 @@ class LocalIdP:
 
     # --- routing ------------------------------------------------------------------------
 
-    def _openid_config(self, authority: str) -> dict[str, Any]:
+    def _openid_config(self, authority: str, jwks_base: str | None = None) -> dict[str, Any]:
         return {
             "issuer": self.issuer,
             "authorization_endpoint": f"{authority}/oauth2/v2.0/authorize",
             "token_endpoint": f"{authority}/oauth2/v2.0/token",
-            "jwks_uri": f"{self.authority}/discovery/v2.0/keys",
+            "jwks_uri": f"{jwks_base or self.authority}/discovery/v2.0/keys",
             "response_types_supported": ["code"],
             "subject_types_supported": ["pairwise"],
             "id_token_signing_alg_values_supported": ["RS256"],
@@ -592,16 +638,26 @@ class LocalIdP:
         pub.update(kid=self.kid, use="sig", alg="RS256")
         return {"keys": [pub]}
 
-    def _handle_get(self, path: str) -> tuple[int, dict[str, Any]]:
+    def _public_authority(self, host: str | None) -> str:
+        """The authority as the client named it: under an extra host name, or ours."""
+        name = (host or "").lower()
+        if name.endswith(":443"):
+            name = name[:-4]
+        if name and name in self.extra_hostnames:
+            return f"https://{name}/{self.tenant}"
+        return self.authority
+
+    def _handle_get(self, path: str, host: str | None = None) -> tuple[int, dict[str, Any]]:
         self._record(TokenRequest("GET", path, None, None, "other", status=200))
         t = f"/{self.tenant}"
+        authority = self._public_authority(host)
         if path in (
             f"{t}/v2.0/.well-known/openid-configuration",
             f"{t}/.well-known/openid-configuration",
         ):
-            return 200, self._openid_config(self.authority)
+            return 200, self._openid_config(authority, authority)
         if path == f"{t}/b2c_local/v2.0/.well-known/openid-configuration":
-            return 200, self._openid_config(self.b2c_authority)
+            return 200, self._openid_config(f"{authority}/b2c_local", authority)
         if path == f"{t}/discovery/v2.0/keys":
             return 200, self._jwks()
         return 404, {"error": "not_found"}
@@ -792,6 +848,92 @@ class LocalIdP:
         with self._lock:
             self._issued.append(token)
         return 200, {"access_token": token, "token_type": "Bearer", "expires_in": self.expires_in}
+
+    def _handle_oci_dataplane(
+        self, target: str, raw: str, headers: Mapping[str, str]
+    ) -> tuple[int, dict[str, Any]]:
+        """``POST /v1/actions/generateScopedAccessToken`` (OCI identity data plane)."""
+        key_id: str | None = None
+        subject: str | None = None
+        status = 0
+        try:
+            authorization = headers.get("authorization", "")
+            sig = dict(_SIG_PARAM.findall(authorization))
+            key_id = sig.get("keyId")
+            if not authorization.startswith("Signature ") or not key_id:
+                status = 401
+                return status, _oci_error(
+                    "NotAuthenticated", "The required authentication information was not provided."
+                )
+            if self.oci_api_keys and not self._oci_signature_ok(target, headers, sig):
+                status = 401
+                return status, _oci_error("NotAuthenticated", "The request signature is invalid.")
+            try:
+                details = json.loads(raw)
+                scope, public_key = str(details["scope"]), str(details["publicKey"])
+                key = serialization.load_pem_public_key(public_key.encode())
+                if not isinstance(key, rsa.RSAPublicKey):
+                    raise TypeError("publicKey must be an RSA key")
+                jwk_ = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key))
+            except (ValueError, KeyError, TypeError):
+                status = 400
+                return status, _oci_error("InvalidParameter", "scope and publicKey are required.")
+            tenancy, _, rest = key_id.partition("/")
+            subject = rest.partition("/")[0] or tenancy
+            now = int(time.time())
+            claims = {
+                "iss": "authService.oracle.com",
+                "sub": subject,
+                "tenant": tenancy,
+                "scope": scope,
+                "aud": scope,
+                "jwk": jwk_,
+                "iat": now,
+                "nbf": now,
+                "exp": now + self.expires_in,
+                "jti": str(uuid.uuid4()),
+                **self.extra_claims,
+            }
+            token = self.sign(claims)
+            with self._lock:
+                self._issued.append(token)
+            status = 200
+            return status, {"token": token}
+        finally:
+            self._record(
+                TokenRequest(
+                    "POST", OCI_SCOPED_TOKEN_PATH, None, key_id, "oci_dataplane", subject, status
+                )
+            )
+
+    def _oci_signature_ok(
+        self, target: str, headers: Mapping[str, str], sig: Mapping[str, str]
+    ) -> bool:
+        """Verify an OCI API-key HTTP signature (draft-cavage, rsa-sha256)."""
+        pem = self.oci_api_keys.get(sig.get("keyId", ""))
+        if pem is None or sig.get("algorithm", "rsa-sha256") != "rsa-sha256":
+            return False
+        lines = []
+        for name in sig.get("headers", "date").split():
+            if name == "(request-target)":
+                lines.append(f"(request-target): post {target}")
+            elif name in headers:
+                lines.append(f"{name}: {headers[name]}")
+            else:
+                return False
+        try:
+            key = serialization.load_pem_public_key(pem.encode())
+            if not isinstance(key, rsa.RSAPublicKey):
+                return False
+            key.verify(
+                base64.b64decode(sig.get("signature", "")),
+                "\n".join(lines).encode(),
+                padding.PKCS1v15(),
+                hashes.SHA256(),
+            )
+        except (InvalidSignature, ValueError, binascii.Error):
+            return False
+        return True
 
     def __repr__(self) -> str:
         state = f"{self.base_url}" if self.running else "stopped"
