@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from django_hr.hr_settings import HRSettings
+from hr_common.settings import HRSettings
 
 BASE_DIR = Path(__file__).resolve().parent
 HR = HRSettings.from_env()

@@ -9,12 +9,8 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
-
-from .signin import USERS, fetch_dev_token
-
-USERNAME_SQL = "select xs_sys_context('xs$session','username') from dual"
-EMPLOYEES_SQL = "select name, department, salary from employees order by name"
-COOKIE = "identity"
+from hr_common import COOKIE, EMPLOYEES_SQL, USERNAME_SQL
+from hr_common.signin import USERS, fetch_dev_token
 
 
 def request_attributes(request: HttpRequest) -> dict[str, Any]:

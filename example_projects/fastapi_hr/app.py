@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
@@ -12,6 +11,9 @@ import oracledb
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from hr_common import COOKIE, EMPLOYEES_SQL, TEMPLATES, USERNAME_SQL
+from hr_common.settings import HRSettings
+from hr_common.signin import USERS, fetch_dev_token
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
@@ -19,13 +21,7 @@ import deepsec  # noqa: F401  (registers the driver hook)
 from deepsec import EndUserContext
 from deepsec.fastapi import EndUserIdentity
 
-from .settings import HRSettings
-from .signin import USERS, fetch_dev_token
-
-USERNAME_SQL = "select xs_sys_context('xs$session','username') from dual"
-EMPLOYEES_SQL = "select name, department, salary from employees order by name"
-COOKIE = "identity"
-templates = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
+templates = Jinja2Templates(directory=TEMPLATES)  # shared with flask_hr
 
 
 def request_attributes(connection: HTTPConnection) -> dict[str, Any]:

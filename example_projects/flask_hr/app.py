@@ -6,15 +6,11 @@ from typing import Any
 
 import oracledb
 from flask import Blueprint, Flask, abort, current_app, redirect, render_template, request
+from hr_common import COOKIE, EMPLOYEES_SQL, TEMPLATES, USERNAME_SQL
+from hr_common.settings import HRSettings
+from hr_common.signin import USERS, fetch_dev_token
 
 from deepsec.flask import DeepSec
-
-from .settings import HRSettings
-from .signin import USERS, fetch_dev_token
-
-USERNAME_SQL = "select xs_sys_context('xs$session','username') from dual"
-EMPLOYEES_SQL = "select name, department, salary from employees order by name"
-COOKIE = "identity"
 
 bp = Blueprint("hr", __name__)
 
@@ -94,7 +90,7 @@ def api_whoami() -> dict[str, Any]:
 def create_app(settings: HRSettings | None = None) -> Flask:
     """Application factory; configuration comes from ``HR_*`` variables unless given."""
     cfg = settings or HRSettings.from_env()
-    app = Flask(__name__)
+    app = Flask(__name__, template_folder=TEMPLATES)  # shared with fastapi_hr
     app.config["HR_SETTINGS"] = cfg
     # Identity from the ``identity`` cookie or ``Authorization: Bearer``.
     DeepSec(app, attributes=request_attributes)

@@ -4,7 +4,7 @@
 and by the tests) returns a token signed by the local identity provider.  A
 real deployment signs users in with its identity provider's login flow (for
 Entra ID: MSAL's auth-code flow) and keeps the resulting access token in the
-``identity`` cookie exactly as this module does.
+``identity`` cookie exactly as the example apps do.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Fixtures of the django_hr tests (run in their own pytest process: see scripts/test-all).
 
+``client`` comes from ``example_projects/conftest.py``; ``hr_env`` here replaces
+its module-scoped one, because Django can be set up only once a process.
+
 Django settings are process-wide, so this suite configures ``django_hr.settings``
 only when nothing else configured Django first, and skips with the reason
 otherwise (the repository's own Django tests use another settings module).
@@ -8,19 +11,12 @@ otherwise (the repository's own Django tests use another settings module).
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[2]
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-
-from deepsec.demo import DemoEnvironment, ServedApp, serve_wsgi  # noqa: E402
+from deepsec.demo import DemoEnvironment, ServedApp, serve_wsgi
 
 
 @pytest.fixture(scope="session")
@@ -67,10 +63,3 @@ def served(hr_env: DemoEnvironment) -> Iterator[ServedApp]:
     finally:
         server.stop()
         connections.close_all()
-
-
-@pytest.fixture
-def client(served: ServedApp) -> Iterator[httpx.Client]:
-    """A fresh HTTP client (empty cookie jar) for one test."""
-    with httpx.Client(base_url=served.base_url, timeout=20) as http:
-        yield http

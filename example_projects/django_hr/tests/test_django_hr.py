@@ -5,20 +5,18 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from deepsec.demo import EMPLOYEES
+from hr_common.testing import (
+    HRAppContract,
+    assert_page_runs_as,
+    assert_page_runs_as_nobody,
+    db_user_on_page,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def db_user_on_page(html: str) -> str | None:
-    found = re.search(r'data-db-user="([^"]*)"', html)
-    assert found, "page does not show the database user"
-    return found.group(1) or None
-
-
-def contexts_since(env, mark):
-    return [t.context for t in env.oracle.statements(since=mark)]
+class TestDjangoHRApi(HRAppContract):
+    """The JSON API and identity checks every app passes (``hr_common.testing``)."""
 
 
 def post_form(client, page, path, data):
@@ -34,16 +32,7 @@ def test_sign_in_sets_a_safe_cookie_and_the_database_sees_alice(client, hr_env):
     set_cookie = response.headers["set-cookie"]
     assert "identity=" in set_cookie
     assert "HttpOnly" in set_cookie and "SameSite=Lax" in set_cookie
-    mark = hr_env.oracle.mark()
-    page = client.get("/")
-    assert page.status_code == 200
-    assert db_user_on_page(page.text) == "alice@example.test"
-    for name, *_ in EMPLOYEES:
-        assert f"<td>{name}</td>" in page.text
-    contexts = contexts_since(hr_env, mark)
-    assert contexts and all(c is not None and c.username == "alice@example.test" for c in contexts)
-    assert all(c.data_roles == ("hr_viewer",) for c in contexts)
-    assert all(c.database_access_claims["sub"] == hr_env.client_id for c in contexts)
+    assert_page_runs_as(client, hr_env, "alice")
 
 
 def test_post_without_csrf_token_is_refused(client):
@@ -56,20 +45,7 @@ def test_sign_out_deletes_the_cookie(client, hr_env):
     response = post_form(client, "/", "/signout", {})
     assert response.status_code == 303
     assert "identity" not in client.cookies
-    mark = hr_env.oracle.mark()
-    assert db_user_on_page(client.get("/").text) is None
-    assert all(c is None for c in contexts_since(hr_env, mark))
-
-
-def test_bearer_api_runs_as_the_token_user(client, hr_env):
-    mark = hr_env.oracle.mark()
-    token = hr_env.user_token("bob")
-    body = client.get("/api/employees", headers={"Authorization": f"Bearer {token}"}).json()
-    assert body["db_user"] == "bob@example.test"
-    assert [e["name"] for e in body["employees"]] == [row[0] for row in EMPLOYEES]
-    contexts = contexts_since(hr_env, mark)
-    assert contexts and all(c.username == "bob@example.test" for c in contexts)
-    assert all(c.attributes.get("channel") in ("api", ["api"]) for c in contexts)
+    assert_page_runs_as_nobody(client, hr_env)
 
 
 def test_persistent_connection_follows_each_request(client, hr_env):
@@ -79,18 +55,6 @@ def test_persistent_connection_follows_each_request(client, hr_env):
         headers = {"Authorization": f"Bearer {hr_env.user_token(user)}"} if user else {}
         seen.append(client.get("/api/whoami", headers=headers).json()["db_user"])
     assert seen == ["alice@example.test", None, "bob@example.test", None]
-
-
-def test_no_identity_is_least_privilege(client, hr_env):
-    mark = hr_env.oracle.mark()
-    assert client.get("/api/whoami").json() == {"db_user": None}
-    assert all(c is None for c in contexts_since(hr_env, mark))
-
-
-def test_malformed_cookie_is_no_identity_not_a_500(client):
-    response = client.get("/api/whoami", headers={"Cookie": 'identity=["bad'})
-    assert response.status_code == 200
-    assert response.json() == {"db_user": None}
 
 
 def test_system_checks_pass(hr_env):
