@@ -13,12 +13,14 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import oracledb
 
 import spi_static
 from deepsec.testing.oracle import OracleTestServer
@@ -85,10 +87,55 @@ CASES: list[Case] = [
     Case("oversized-cookie", {"Cookie": "identity=" + "a" * 17_000}, None),
 ]
 
+#: ``(headers, status, WWW-Authenticate)``: what strict mode answers a malformed identity.
+STRICT_REJECTIONS: list[tuple[dict[str, str], int, str | None]] = [
+    ({"Cookie": 'identity=["bob"'}, 400, None),
+    ({"Authorization": "Bearer not a token"}, 401, 'Bearer error="invalid_token"'),
+    ({"Authorization": "Bearer " + "a" * 17_000}, 401, 'Bearer error="invalid_token"'),
+]
+
+
+def rid() -> str:
+    """A fresh request id (see :func:`tag`)."""
+    return uuid.uuid4().hex[:12]
+
 
 def tag(request_id: str) -> str:
     """The SQL comment that ties a statement to one request."""
     return f"/* req-{request_id} */"
+
+
+async def query_async(pool: Any, request_id: str, times: int = 2) -> list[Any]:
+    """Run the request's tagged :data:`WHOAMI` ``times`` on one pooled async connection."""
+    async with pool.acquire() as conn:
+        cur = conn.cursor()
+        out = []
+        for _ in range(times):
+            await cur.execute(f"{WHOAMI} {tag(request_id)}")
+            out.append((await cur.fetchone())[0])
+        return out
+
+
+def query_sync(pool: oracledb.ConnectionPool, request_id: str, times: int = 2) -> list[Any]:
+    """Run the request's tagged :data:`WHOAMI` ``times`` on one pooled connection."""
+    with pool.acquire() as conn, conn.cursor() as cur:
+        out = []
+        for _ in range(times):
+            cur.execute(f"{WHOAMI} {tag(request_id)}")
+            out.append(cur.fetchone()[0])
+        return out
+
+
+@contextlib.asynccontextmanager
+async def app_pools(state: Any, server: OracleTestServer) -> AsyncIterator[None]:
+    """For an ASGI app's lifespan: ``state.apool`` (async) and ``state.pool`` (sync)."""
+    state.apool = oracledb.create_pool_async(min=1, max=4, **connect_kwargs(server))
+    state.pool = oracledb.create_pool(min=1, max=4, **connect_kwargs(server))
+    try:
+        yield
+    finally:
+        await state.apool.close(force=True)
+        state.pool.close(force=True)
 
 
 def contexts_of(server: OracleTestServer, request_id: str) -> list[str | None]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -25,14 +24,19 @@ from adapter_support import (
     CAROL,
     CASES,
     SECRET,
+    STRICT_REJECTIONS,
     WHOAMI,
     Case,
+    app_pools,
     assert_no_secret,
     assert_ran_as,
     check_leaks,
     connect_kwargs,
     contexts_of,
     load_plan,
+    query_async,
+    query_sync,
+    rid,
     run_load,
     tag,
     uvicorn_server,
@@ -49,43 +53,21 @@ from deepsec.testing.oracle import OracleTestServer
 pytestmark = pytest.mark.timeout(60)
 
 
-async def _query(pool: Any, rid: str, times: int = 2) -> list[Any]:
-    async with pool.acquire() as conn:
-        cur = conn.cursor()
-        out = []
-        for _ in range(times):
-            await cur.execute(f"{WHOAMI} {tag(rid)}")
-            out.append((await cur.fetchone())[0])
-        return out
-
-
-def _sync_query(pool: oracledb.ConnectionPool, rid: str, times: int = 2) -> list[Any]:
-    with pool.acquire() as conn, conn.cursor() as cur:
-        out = []
-        for _ in range(times):
-            cur.execute(f"{WHOAMI} {tag(rid)}")
-            out.append(cur.fetchone()[0])
-        return out
-
-
 def make_app(server: OracleTestServer, **settings: Any) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.apool = oracledb.create_pool_async(min=1, max=4, **connect_kwargs(server))
-        app.state.pool = oracledb.create_pool(min=1, max=4, **connect_kwargs(server))
-        yield
-        await app.state.apool.close(force=True)
-        app.state.pool.close(force=True)
+        async with app_pools(app.state, server):
+            yield
 
     async def whoami(request: Request) -> JSONResponse:
-        db = await _query(request.app.state.apool, request.path_params["rid"])
+        db = await query_async(request.app.state.apool, request.path_params["rid"])
         user = current_end_user()
         return JSONResponse(
             {"db": db, "has_user": user is not None, "scope": request.scope[SCOPE_KEY] == user}
         )
 
     def sync_whoami(request: Request) -> JSONResponse:  # runs in the thread pool
-        db = _sync_query(request.app.state.pool, request.path_params["rid"])
+        db = query_sync(request.app.state.pool, request.path_params["rid"])
         return JSONResponse({"db": db})
 
     async def stream(request: Request) -> StreamingResponse:
@@ -93,7 +75,7 @@ def make_app(server: OracleTestServer, **settings: Any) -> Starlette:
 
         async def rows() -> AsyncIterator[str]:
             for i in range(3):
-                yield f"{i}:{(await _query(pool, rid, 1))[0]}\n"
+                yield f"{i}:{(await query_async(pool, rid, 1))[0]}\n"
                 await asyncio.sleep(0)
 
         return StreamingResponse(rows(), media_type="text/plain")
@@ -103,7 +85,7 @@ def make_app(server: OracleTestServer, **settings: Any) -> Starlette:
 
         def rows() -> Iterator[str]:  # iterated in the thread pool
             for i in range(3):
-                yield f"{i}:{_sync_query(pool, rid, 1)[0]}\n"
+                yield f"{i}:{query_sync(pool, rid, 1)[0]}\n"
 
         return StreamingResponse(rows(), media_type="text/plain")
 
@@ -112,7 +94,7 @@ def make_app(server: OracleTestServer, **settings: Any) -> Starlette:
         rid = websocket.path_params["rid"]
         for _ in range(2):
             await websocket.receive_text()
-            db = await _query(websocket.app.state.apool, rid, 1)
+            db = await query_async(websocket.app.state.apool, rid, 1)
             await websocket.send_text(str(db[0]))
         await websocket.close()
 
@@ -127,10 +109,6 @@ def make_app(server: OracleTestServer, **settings: Any) -> Starlette:
         middleware=[Middleware(EndUserSecMiddleware, **settings)],
         lifespan=lifespan,
     )
-
-
-def rid() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 @pytest.fixture(scope="module")
@@ -179,14 +157,7 @@ def test_websocket_session_runs_as_the_end_user(
     assert_ran_as(oracle_server, r, "bob", 2)
 
 
-@pytest.mark.parametrize(
-    ("headers", "status", "challenge"),
-    [
-        ({"Cookie": 'identity=["bob"'}, 400, None),
-        ({"Authorization": "Bearer not a token"}, 401, 'Bearer error="invalid_token"'),
-        ({"Authorization": "Bearer " + "a" * 17_000}, 401, 'Bearer error="invalid_token"'),
-    ],
-)
+@pytest.mark.parametrize(("headers", "status", "challenge"), STRICT_REJECTIONS)
 def test_strict_mode(
     headers: dict[str, str], status: int, challenge: str | None, oracle_server: OracleTestServer
 ) -> None:

@@ -5,13 +5,11 @@
 import asyncio
 import contextlib
 import threading
-import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import httpx
-import oracledb
 import pytest
 from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
@@ -22,16 +20,18 @@ from adapter_support import (
     CAROL,
     CASES,
     SECRET,
-    WHOAMI,
+    STRICT_REJECTIONS,
     Case,
+    app_pools,
     assert_no_secret,
     assert_ran_as,
     check_leaks,
-    connect_kwargs,
     contexts_of,
     load_plan,
+    query_async,
+    query_sync,
+    rid,
     run_load,
-    tag,
     uvicorn_server,
 )
 from deepsec import ConfigError, EndUserContext, current_end_user
@@ -46,25 +46,6 @@ with warnings.catch_warnings():  # Starlette 1.x prefers httpx2 for its TestClie
 pytestmark = pytest.mark.timeout(60)
 
 
-async def _query(pool: Any, rid: str, times: int = 2) -> list[Any]:
-    async with pool.acquire() as conn:
-        cur = conn.cursor()
-        out = []
-        for _ in range(times):
-            await cur.execute(f"{WHOAMI} {tag(rid)}")
-            out.append((await cur.fetchone())[0])
-        return out
-
-
-def _sync_query(pool: oracledb.ConnectionPool, rid: str, times: int = 2) -> list[Any]:
-    with pool.acquire() as conn, conn.cursor() as cur:
-        out = []
-        for _ in range(times):
-            cur.execute(f"{WHOAMI} {tag(rid)}")
-            out.append(cur.fetchone()[0])
-        return out
-
-
 def make_app(
     server: OracleTestServer,
     dependency: EndUserIdentity = end_user_identity,
@@ -77,31 +58,28 @@ def make_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.apool = oracledb.create_pool_async(min=1, max=4, **connect_kwargs(server))
-        app.state.pool = oracledb.create_pool(min=1, max=4, **connect_kwargs(server))
-        app.state.outside = 0
-        stop = threading.Event()
-        outside: threading.Thread | None = None
-        if background:
+        async with app_pools(app.state, server):
+            app.state.outside = 0
+            stop = threading.Event()
+            outside: threading.Thread | None = None
+            if background:
 
-            def run_outside() -> None:  # a plain thread on the same pool: no end user
-                n = 0
-                while not stop.is_set():
-                    with app.state.pool.acquire() as conn, conn.cursor() as cur:
-                        cur.execute(f"select 1 from dual /* out-{n} */")
-                        cur.fetchone()
-                    app.state.outside += 1
-                    n += 1
-                    stop.wait(0.002)
+                def run_outside() -> None:  # a plain thread on the same pool: no end user
+                    n = 0
+                    while not stop.is_set():
+                        with app.state.pool.acquire() as conn, conn.cursor() as cur:
+                            cur.execute(f"select 1 from dual /* out-{n} */")
+                            cur.fetchone()
+                        app.state.outside += 1
+                        n += 1
+                        stop.wait(0.002)
 
-            outside = threading.Thread(target=run_outside, daemon=True)
-            outside.start()
-        yield
-        stop.set()
-        if outside is not None:
-            outside.join(10)
-        await app.state.apool.close(force=True)
-        app.state.pool.close(force=True)
+                outside = threading.Thread(target=run_outside, daemon=True)
+                outside.start()
+            yield
+            stop.set()
+            if outside is not None:
+                outside.join(10)
 
     app = FastAPI(lifespan=lifespan)
     if middleware:
@@ -109,14 +87,14 @@ def make_app(
 
     @app.get("/whoami/{rid}")
     async def whoami(rid: str, request: Request, user: User) -> dict[str, Any]:
-        db = await _query(request.app.state.apool, rid)
+        db = await query_async(request.app.state.apool, rid)
         assert current_end_user() == user
         return {"db": db, "has_user": user is not None}
 
     @app.get("/sync-whoami/{rid}")
     def sync_whoami(rid: str, request: Request, user: User) -> dict[str, Any]:
         # A def endpoint runs in the thread pool; the context was copied into it.
-        db = _sync_query(request.app.state.pool, rid)
+        db = query_sync(request.app.state.pool, rid)
         assert current_end_user() == user
         return {"db": db, "has_user": user is not None}
 
@@ -126,7 +104,7 @@ def make_app(
 
         async def rows() -> AsyncIterator[str]:
             for i in range(3):
-                yield f"{i}:{(await _query(pool, rid, 1))[0]}\n"
+                yield f"{i}:{(await query_async(pool, rid, 1))[0]}\n"
 
         return StreamingResponse(rows(), media_type="text/plain")
 
@@ -135,25 +113,21 @@ def make_app(
         rid: str, request: Request, user: FunctionScopedUser
     ) -> StreamingResponse:
         pool = request.app.state.apool
-        before = (await _query(pool, rid, 1))[0]
+        before = (await query_async(pool, rid, 1))[0]
 
         async def rows() -> AsyncIterator[str]:
             yield f"endpoint:{before}\n"
-            yield f"stream:{(await _query(pool, rid, 1))[0]}\n"
+            yield f"stream:{(await query_async(pool, rid, 1))[0]}\n"
 
         return StreamingResponse(rows(), media_type="text/plain")
 
     @app.websocket("/ws/{rid}")
     async def ws(websocket: WebSocket, rid: str, user: User) -> None:
         await websocket.accept()
-        await websocket.send_text(str((await _query(websocket.app.state.apool, rid, 1))[0]))
+        await websocket.send_text(str((await query_async(websocket.app.state.apool, rid, 1))[0]))
         await websocket.close()
 
     return app
-
-
-def rid() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 @pytest.fixture(scope="module")
@@ -222,13 +196,7 @@ def test_openapi_declares_the_security_schemes(client: TestClient) -> None:
     assert [p["name"] for p in params] == ["rid"]
 
 
-@pytest.mark.parametrize(
-    ("headers", "status", "challenge"),
-    [
-        ({"Cookie": 'identity=["bob"'}, 400, None),
-        ({"Authorization": "Bearer not a token"}, 401, 'Bearer error="invalid_token"'),
-    ],
-)
+@pytest.mark.parametrize(("headers", "status", "challenge"), STRICT_REJECTIONS)
 def test_strict_mode(
     headers: dict[str, str], status: int, challenge: str | None, oracle_server: OracleTestServer
 ) -> None:

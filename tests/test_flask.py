@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +17,7 @@ from adapter_support import (
     ALICE,
     CASES,
     SECRET,
+    STRICT_REJECTIONS,
     WHOAMI,
     Case,
     assert_no_secret,
@@ -26,6 +26,8 @@ from adapter_support import (
     connect_kwargs,
     contexts_of,
     load_plan,
+    query_sync,
+    rid,
     run_load,
     tag,
     waitress_server,
@@ -52,33 +54,24 @@ def make_app(pool: oracledb.ConnectionPool, **config: Any) -> Flask:
 
     @app.get("/whoami/<rid>")
     def whoami(rid: str) -> dict[str, Any]:
-        with pool.acquire() as conn, conn.cursor() as cur:
-            db = []
-            for _ in range(2):
-                cur.execute(f"{WHOAMI} {tag(rid)}")
-                db.append(cur.fetchone()[0])
+        db = query_sync(pool, rid)
         user = current_end_user
         return {"db": db, "name": user.name if user else None, "has_user": bool(user)}
 
+    def rows(rid: str) -> Iterator[str]:
+        """Three chunks, each from a statement run while the body is produced."""
+        for i in range(3):
+            with pool.acquire() as conn, conn.cursor() as cur:
+                cur.execute(f"{WHOAMI} {tag(rid)}")
+                yield f"{i}:{cur.fetchone()[0]}\n"
+
     @app.get("/stream/<rid>")
     def stream(rid: str) -> Response:
-        def rows() -> Iterator[str]:
-            for i in range(3):
-                with pool.acquire() as conn, conn.cursor() as cur:
-                    cur.execute(f"{WHOAMI} {tag(rid)}")
-                    yield f"{i}:{cur.fetchone()[0]}\n"
-
-        return Response(stream_with_context(rows()), mimetype="text/plain")
+        return Response(stream_with_context(rows(rid)), mimetype="text/plain")
 
     @app.get("/plain-stream/<rid>")
     def plain_stream(rid: str) -> Response:
-        def rows() -> Iterator[str]:
-            for i in range(3):
-                with pool.acquire() as conn, conn.cursor() as cur:
-                    cur.execute(f"{WHOAMI} {tag(rid)}")
-                    yield f"{i}:{cur.fetchone()[0]}\n"
-
-        return Response(rows(), mimetype="text/plain")
+        return Response(rows(rid), mimetype="text/plain")
 
     @app.get("/boom/<rid>")
     def boom(rid: str) -> str:
@@ -87,10 +80,6 @@ def make_app(pool: oracledb.ConnectionPool, **config: Any) -> Flask:
         raise RuntimeError("view failed")
 
     return app
-
-
-def rid() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -107,14 +96,7 @@ def test_identity_reaches_the_database(
     assert current_context_user() is None  # reset in the test client's thread
 
 
-@pytest.mark.parametrize(
-    ("headers", "status", "challenge"),
-    [
-        ({"Cookie": 'identity=["bob"'}, 400, None),
-        ({"Authorization": "Bearer not a token"}, 401, 'Bearer error="invalid_token"'),
-        ({"Authorization": "Bearer " + "a" * 17_000}, 401, 'Bearer error="invalid_token"'),
-    ],
-)
+@pytest.mark.parametrize(("headers", "status", "challenge"), STRICT_REJECTIONS)
 def test_strict_mode_rejects_malformed_identity(
     headers: dict[str, str],
     status: int,
