@@ -281,7 +281,7 @@ def test_azure_login_and_end_user_contexts_on_one_connection(
     assert login_tokens(idp) == 1
     # MSAL's discovery GET and token POST went to login.microsoftonline.com (the
     # proxy tunnelled them; the IdP closes every connection); deepsec's own
-    # MSAL app talks to 127.0.0.1 directly (NO_PROXY)
+    # MSAL app talks to 127.0.0.1 directly (its session ignores the environment)
     assert cloud.proxy.tunnelled_hosts() == [AZURE_LOGIN_HOST, AZURE_LOGIN_HOST]
     assert cloud.proxy.refused() == []
     # the end users: deepsec's hook, on the same connection, per statement
