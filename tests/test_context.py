@@ -8,6 +8,7 @@ import threading
 import pytest
 
 import deepsec
+from concurrency_support import run_threads
 from deepsec import EndUserContext, IdentityError
 from deepsec.context import activate, current_context, deactivate
 
@@ -142,11 +143,7 @@ def test_threads_are_isolated():
         barrier.wait()
         seen[name] = deepsec.get_end_user_identity()
 
-    threads = [threading.Thread(target=worker, args=(f"u{i}",)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    run_threads(worker, each=[f"u{i}" for i in range(8)], timeout=10)
     assert seen == {f"u{i}": (f"u{i}", None) for i in range(8)}
     assert deepsec.get_end_user_identity() is None
 

@@ -23,6 +23,7 @@ import pytest
 
 import deepsec
 import spi_static
+from concurrency_support import run_threads
 from deepsec import ConfigError, IdentityError, TokenNotReadyError
 from deepsec.hook import REFERENCE_PLUGIN, params_hook
 from deepsec.tokens import clear_token_sources
@@ -217,11 +218,7 @@ def test_pool_acquire_release_in_threads_with_different_users(oracle):
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(50)
+    run_threads(worker, each=range(6), timeout=50)
     pool.close(force=True)
     assert not errors, errors[0]
     assert len(oracle.statements()) >= 6 * 10 * 2
@@ -266,11 +263,7 @@ def test_50_threads_200_operations_every_round_trip_carries_its_threads_user(ora
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(50)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(110)
+    run_threads(worker, each=range(50), timeout=110)
     pool.close(force=True)
     assert not errors, errors[0]
 
@@ -507,11 +500,7 @@ def test_one_connection_shared_by_threads_each_round_trip_has_its_threads_user(o
                 if got != name:
                     mismatches.append((name, i, got))
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in ("alice", "bob", None, "carol")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(50)
+    run_threads(worker, each=("alice", "bob", None, "carol"), timeout=50)
     conn.close()
     assert mismatches == []
     assert len(oracle.find_statements("/* shared-")) == 4 * 150

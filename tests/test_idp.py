@@ -7,7 +7,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import jwt
 import pytest
 import requests
 
+from concurrency_support import run_threads
 from deepsec.testing.idp import JWT_BEARER, LocalIdP
 from deepsec.testing.tls import TestCA
 
@@ -176,11 +176,7 @@ def test_request_counter_is_thread_safe(idp: LocalIdP) -> None:
             )
 
     try:
-        threads = [threading.Thread(target=worker) for _ in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(worker, count=16)
     finally:
         del idp.clients["counter-client"]
     mine = [r for r in idp.requests() if r.client_id == "counter-client"]

@@ -19,6 +19,7 @@ import jwt
 import oracledb
 import pytest
 
+from concurrency_support import run_threads
 from deepsec.testing.oracle import (
     OracleTestServer,
     RoundTrip,
@@ -27,6 +28,7 @@ from deepsec.testing.oracle import (
     decode_oracle_number,
     encode_oracle_number,
 )
+from deepsec.testing.pytest_plugin import OracleServerFixture
 from deepsec.testing.tls import TestCA
 
 USERNAME_SQL = "select xs_sys_context('xs$session','username') from dual"
@@ -443,15 +445,8 @@ def test_bad_tokens_fail_on_use_and_connection_recovers(
 
 
 @pytest.mark.timeout(60)
-def test_pool_release_clears_context(oracle: OracleTestServer) -> None:
-    pool = oracledb.create_pool(
-        user="app_user",
-        password="app_password",
-        dsn=oracle.dsn,
-        ssl_context=oracle.client_ssl_context(),
-        min=1,
-        max=1,
-    )
+def test_pool_release_clears_context(oracle: OracleServerFixture) -> None:
+    pool = oracledb.create_pool(**oracle.connect_kwargs(), min=1, max=1)
     try:
         with pool.acquire() as conn:
             conn.set_end_user_security_context(
@@ -469,14 +464,9 @@ def test_pool_release_clears_context(oracle: OracleTestServer) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_async_connect_and_pool(oracle: OracleTestServer) -> None:
+def test_async_connect_and_pool(oracle: OracleServerFixture) -> None:
     async def run() -> None:
-        conn = await oracledb.connect_async(
-            user="app_user",
-            password="app_password",
-            dsn=oracle.dsn,
-            ssl_context=oracle.client_ssl_context(),
-        )
+        conn = await oracledb.connect_async(**oracle.connect_kwargs())
         try:
             conn.set_end_user_security_context(
                 oracledb.create_end_user_security_context(
@@ -488,14 +478,7 @@ def test_async_connect_and_pool(oracle: OracleTestServer) -> None:
                 assert await cur.fetchone() == ("gina",)
         finally:
             await conn.close()
-        pool = oracledb.create_pool_async(
-            user="app_user",
-            password="app_password",
-            dsn=oracle.dsn,
-            ssl_context=oracle.client_ssl_context(),
-            min=1,
-            max=2,
-        )
+        pool = oracledb.create_pool_async(**oracle.connect_kwargs(), min=1, max=2)
         try:
             async with pool.acquire() as pconn:
                 with pconn.cursor() as cur:
@@ -527,11 +510,7 @@ def test_fifty_concurrent_connections(oracle: OracleTestServer) -> None:
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_threads(worker, each=range(50), timeout=60)
     assert not errors
     assert names == {i: f"user{i}" for i in range(50)}
     for i in (0, 17, 49):

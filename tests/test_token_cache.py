@@ -11,6 +11,7 @@ import timeit
 
 import pytest
 
+from concurrency_support import run_threads
 from deepsec.errors import TokenAcquisitionError
 from deepsec.tokens.cache import FetchResult, TokenCache, cache_key, jwt_expiry
 
@@ -93,11 +94,7 @@ def test_single_flight_threads() -> None:
         barrier.wait()
         results.append(cache.get("user", fetch))
 
-    threads = [threading.Thread(target=worker) for _ in range(256)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, count=256)
     assert fetch.calls == 1
     assert results == ["token-1"] * 256
 
@@ -175,11 +172,7 @@ def test_one_fetch_per_key() -> None:
     def worker(key: str) -> None:
         cache.get(key, fetches[key])
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in fetches for _ in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, each=[k for k in fetches for _ in range(5)])
     assert sum(f.calls for f in fetches.values()) == 50
     assert cache.fetches == 50
 
@@ -196,11 +189,7 @@ def test_failure_reaches_every_waiter_with_its_type_and_is_not_cached() -> None:
         except TokenAcquisitionError as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, count=32)
     assert fetch.calls == 1
     assert len(errors) == 32
     assert all(isinstance(e, TokenAcquisitionError) and e.error == "server_error" for e in errors)
@@ -306,11 +295,7 @@ def test_no_caller_ever_gets_an_expired_token() -> None:
                 bad.append((token, now))
             time.sleep(0.001)
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, count=8)
     assert not bad
     assert fetch.calls >= 3  # refreshed several times during the run
 

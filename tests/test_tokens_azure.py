@@ -13,6 +13,7 @@ import msal
 import pytest
 import requests
 
+from concurrency_support import run_threads
 from deepsec.config import parse_end_user_sec_params
 from deepsec.context import EndUserContext
 from deepsec.errors import IdentityError, TokenAcquisitionError
@@ -117,11 +118,7 @@ def test_256_threads_one_user_cold_cache_one_request(idp: LocalIdP) -> None:
         barrier.wait()
         results.append(src.get_token(ctx))
 
-    threads = [threading.Thread(target=worker) for _ in range(256)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, count=256)
     assert len(results) == 256 and len(set(results)) == 1
     assert idp.token_requests("on_behalf_of") == 1
 
@@ -150,11 +147,7 @@ def test_50_users_50_requests(idp: LocalIdP) -> None:
         with lock:
             seen[name].add(claims(token)["preferred_username"])
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in users for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, each=[n for n in users for _ in range(4)])
     assert idp.token_requests("on_behalf_of") == 50
     assert all(s == {f"{name}@example.test"} for name, s in seen.items())
 
@@ -184,11 +177,7 @@ def test_short_lived_token_is_refreshed_in_the_background(idp: LocalIdP) -> None
             assert waited < 1.0
             time.sleep(0.005)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, count=4)
     assert not bad, "a caller got an expired token"
     requests_log = [r for r in idp.requests() if r.grant_type == "client_credentials"]
     assert len(requests_log) >= 2

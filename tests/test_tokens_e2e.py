@@ -8,13 +8,13 @@ end-user security context of every round trip.
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 import oracledb
 import pytest
 
 import deepsec
+from concurrency_support import run_threads
 from deepsec.testing.idp import LocalIdP
 
 USERNAME_SQL = "select xs_sys_context('xs$session','username') from dual"
@@ -119,11 +119,7 @@ def test_many_threads_one_connection_each_one_obo_request_per_user(
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in users for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, each=[n for n in users for _ in range(3)])
     assert not errors
     assert idp.token_requests("on_behalf_of") == len(users)
 

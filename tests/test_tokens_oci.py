@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from concurrency_support import run_threads
 from deepsec.config import parse_end_user_sec_params
 from deepsec.context import EndUserContext
 from deepsec.errors import TokenAcquisitionError
@@ -48,11 +49,7 @@ def test_concurrent_cold_start_one_request(idp: LocalIdP) -> None:
         barrier.wait()
         out.append(src.get_token(NOBODY))
 
-    threads = [threading.Thread(target=worker) for _ in range(64)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, count=64)
     assert len(set(out)) == 1 and len(out) == 64
     assert idp.token_requests(endpoint="oci") == 1
 
