@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import deepsec
 import spi_static
@@ -66,6 +66,14 @@ def server(oracle_server: Any) -> Iterator[Any]:
 def make_engine(server: Any, **options: Any) -> sa.Engine:
     return sa.create_engine(
         f"oracle+oracledb://{server.user}:{server.password}@",
+        connect_args=connect_args(PARAMS, dsn=server.dsn, ssl_context=server.client_ssl_context()),
+        **options,
+    )
+
+
+def make_async_engine(server: Any, **options: Any) -> AsyncEngine:
+    return create_async_engine(
+        f"oracle+oracledb_async://{server.user}:{server.password}@",
         connect_args=connect_args(PARAMS, dsn=server.dsn, ssl_context=server.client_ssl_context()),
         **options,
     )
@@ -165,14 +173,7 @@ def test_async_engine_with_asyncio_tasks(server: Any) -> None:
     plan = [(f"as-{i}", random.Random(i).choice([*users, None])) for i in range(40)]
 
     async def main() -> list[Any]:
-        engine = create_async_engine(
-            f"oracle+oracledb_async://{server.user}:{server.password}@",
-            connect_args=connect_args(
-                PARAMS, dsn=server.dsn, ssl_context=server.client_ssl_context()
-            ),
-            pool_size=3,
-            max_overflow=0,
-        )
+        engine = make_async_engine(server, pool_size=3, max_overflow=0)
 
         async def one(tag: str, name: str | None) -> Any:
             async with deepsec.end_user(identity(name)), engine.connect() as conn:
@@ -206,14 +207,7 @@ def test_async_engine_with_asyncio_tasks(server: Any) -> None:
 
 def test_async_engine_sync_block_without_token_fails_closed(server: Any) -> None:
     async def main() -> None:
-        engine = create_async_engine(
-            f"oracle+oracledb_async://{server.user}:{server.password}@",
-            connect_args=connect_args(
-                PARAMS, dsn=server.dsn, ssl_context=server.client_ssl_context()
-            ),
-            pool_size=1,
-            max_overflow=0,
-        )
+        engine = make_async_engine(server, pool_size=1, max_overflow=0)
         try:
             async with engine.connect() as conn:
                 await conn.execute(sa.text("select 1 /* warm */ from dual"))
