@@ -47,6 +47,16 @@ def last_context(server: Any, conn: oracledb.Connection) -> Any:
     return trips[-1].context
 
 
+def whoami_once(server: Any, params: dict[str, Any], token: str) -> tuple[str | None, Any]:
+    """On a new connection, as ``token``'s end user: who the database says, and what it got."""
+    conn = connect(server, params)
+    try:
+        with deepsec.end_user(token):
+            return whoami(conn), last_context(server, conn)
+    finally:
+        conn.close()
+
+
 def test_on_behalf_of_token_reaches_the_database(idp: LocalIdP, oracle: Any) -> None:
     alice = idp.issue_user_token("alice")
     bob = idp.issue_user_token("bob")
@@ -73,13 +83,8 @@ def test_client_credentials_token_and_user_identity_reach_the_database(
     idp: LocalIdP, oracle: Any
 ) -> None:
     carol = idp.issue_user_token("carol")
-    conn = connect(oracle, idp.azure_params())
-    try:
-        with deepsec.end_user(carol):
-            assert whoami(conn) == "carol@example.test"
-            seen = last_context(oracle, conn)
-    finally:
-        conn.close()
+    db_user, seen = whoami_once(oracle, idp.azure_params(), carol)
+    assert db_user == "carol@example.test"
     assert seen is not None, [t.function for t in oracle.round_trips()]
     assert seen.end_user_token == carol
     assert idp.decode(seen.database_access_token)["sub"] == idp.client_id
@@ -89,13 +94,8 @@ def test_client_credentials_token_and_user_identity_reach_the_database(
 
 def test_oci_token_reaches_the_database(idp: LocalIdP, oracle: Any) -> None:
     dave = idp.issue_user_token("dave")
-    conn = connect(oracle, idp.oci_params())
-    try:
-        with deepsec.end_user(dave):
-            assert whoami(conn) == "dave@example.test"
-            seen = last_context(oracle, conn)
-    finally:
-        conn.close()
+    db_user, seen = whoami_once(oracle, idp.oci_params(), dave)
+    assert db_user == "dave@example.test"
     assert idp.decode(seen.database_access_token)["client_id"] == idp.client_id
     assert idp.token_requests(endpoint="oci") == 1
 
