@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 import deepsec
 import spi_static
+from deepsec.compat import plugin_auth_type
 from deepsec.hook import _registered_hooks, params_hook
 from deepsec.testing.cloud import (
     AZURE_LOGIN_HOST,
@@ -43,7 +44,6 @@ from deepsec.testing.cloud import (
     CloudProxy,
     cloud_environ,
     oci_auth_host,
-    plugin_auth_type,
 )
 from deepsec.testing.idp import OCI_SCOPED_TOKEN_PATH, LocalIdP
 from deepsec.testing.idp_fixtures import reset_token_state

@@ -17,11 +17,9 @@ the machine.  :func:`cloud_environ` builds the environment that points the
 SDKs at it; :func:`routed_to` applies it for the duration of a ``with`` block
 (in pytest, prefer ``monkeypatch.setenv`` with :func:`cloud_environ`).
 
-:func:`plugin_auth_type` works around a python-oracledb 26.1 defect on
-Python 3.11 and older: the plugins' hooks test ``auth_type.lower() in
-AuthType``, which raises ``TypeError`` for a plain string before Python 3.12,
-so every connect with a string ``auth_type`` fails with DPY-2061 once one of
-the plugins is imported.
+:func:`deepsec.compat.plugin_auth_type` works around a python-oracledb 26.1
+defect on Python 3.11 and older (a plain string ``auth_type`` makes the
+plugins' hooks raise ``TypeError``).
 
 Example::
 
@@ -35,12 +33,10 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import os
 import select
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -58,7 +54,6 @@ __all__ = [
     "ProxyRequest",
     "cloud_environ",
     "oci_auth_host",
-    "plugin_auth_type",
     "routed_to",
 ]
 
@@ -299,45 +294,6 @@ def _split_target(target: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         return "", 0
     return host.strip("[]").lower(), int(port)
-
-
-class _PluginAuthType(str):
-    """A string ``auth_type`` whose ``lower()`` is the plugin's enum member."""
-
-    member: enum.Enum
-
-    def __new__(cls, value: str, member: enum.Enum) -> _PluginAuthType:
-        obj = super().__new__(cls, value)
-        obj.member = member
-        return obj
-
-    def lower(self) -> Any:
-        """The plugin's ``AuthType`` member (an ``enum.Enum``, so ``in`` works)."""
-        return self.member
-
-
-def plugin_auth_type(auth_types: type[enum.Enum], name: str) -> str:
-    """``name`` as an ``auth_type`` python-oracledb's cloud plugins accept here.
-
-    On Python 3.12 and newer this is ``name`` itself.  Before 3.12,
-    ``"x" in SomeEnum`` raises ``TypeError``, and the plugins' hooks evaluate
-    ``auth_type.lower() in AuthType``; this returns a ``str`` subclass equal
-    to ``name`` whose ``lower()`` is the member of ``auth_types`` (the
-    plugin's ``AuthType``), for which ``in`` is defined: the owning plugin
-    matches it, the other plugin's check is simply false.
-
-    Args:
-        auth_types: ``oracledb.plugins.azure_tokens.AuthType`` or
-            ``oracledb.plugins.oci_tokens.AuthType``.
-        name: the auth type, e.g. ``"AzureServicePrincipal"``.
-
-    Raises:
-        ValueError: ``name`` is not one of ``auth_types``.
-    """
-    member = auth_types(name.lower())
-    if sys.version_info >= (3, 12):
-        return name
-    return _PluginAuthType(name, member)
 
 
 def cloud_environ(proxy: CloudProxy, ca_file: str) -> dict[str, str]:
