@@ -578,3 +578,18 @@ def test_token_failure_on_sync_pool_fails_closed_and_recovers(oracle):
             assert whoami(conn) == "lee"
     finally:
         pool.close(force=True)
+
+
+@pytest.mark.timeout(30)
+def test_thick_mode_is_refused_at_connect(oracle, monkeypatch):
+    """Thick mode has no round-trip callback: statements would run as the app alone.
+
+    Thick mode needs Oracle Client libraries this machine lacks, so the mode
+    query is answered by hand; the connect itself is real and must not start.
+    """
+    monkeypatch.setattr(oracledb, "is_thin_mode", lambda: False)
+    before = len(oracle.connections())
+    with pytest.raises(oracledb.ProgrammingError, match="Thin mode") as info:
+        connect(oracle, extra_auth_params=params())
+    assert isinstance(info.value.__cause__, ConfigError)
+    assert len(oracle.connections()) == before

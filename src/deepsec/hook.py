@@ -36,7 +36,7 @@ import oracledb
 
 from .config import EndUserSecConfig, parse_end_user_sec_params
 from .context import EndUserContext, current_context
-from .errors import IdentityError, TokenAcquisitionError, TokenNotReadyError
+from .errors import ConfigError, IdentityError, TokenAcquisitionError, TokenNotReadyError
 from .tokens import TokenSource, all_token_sources, token_source_for
 from .tokens.cache import jwt_expiry
 
@@ -282,13 +282,22 @@ def params_hook(params: oracledb.ConnectParams) -> None:
     creation.  Params without ``end_user_sec_params`` are left untouched.
 
     Raises:
-        ConfigError: ``end_user_sec_params`` are invalid (every problem listed).
+        ConfigError: ``end_user_sec_params`` are invalid (every problem listed),
+            or python-oracledb is in Thick mode.
     """
     extra = params.extra_auth_params
     if not extra or extra.get("end_user_sec_params") is None:
         return
     _neutralise_reference_plugin()
     config = parse_end_user_sec_params(extra["end_user_sec_params"])
+    if not oracledb.is_thin_mode():
+        # The round-trip callback deepsec attaches with exists in Thin mode
+        # only; in Thick mode every statement would silently run as the
+        # application alone.  Fail closed, at connect time.
+        raise ConfigError(
+            "end_user_sec_params need python-oracledb Thin mode; "
+            "oracledb.init_oracle_client() has switched this process to Thick mode"
+        )
     if _is_ours(params.on_connect_callback):  # the hook ran twice on these params
         return
     binding = _Binding(
