@@ -71,7 +71,10 @@ def test_on_behalf_of_token_reaches_the_database(idp: LocalIdP, oracle: Any) -> 
             assert whoami(conn) == "alice@example.test"
     finally:
         conn.close()
-    # the database received the OBO token the IdP issued for alice
+    # the database received the OBO token the IdP issued for alice, and (the
+    # server reports 23.26.4) only that token, as python-oracledb's plugin does
+    assert conn.version.startswith("23.26.4")
+    assert seen.kind == "database_access_token" and seen.end_user_token is None
     assert seen.database_access_token in idp.issued_tokens()
     claims = idp.decode(seen.database_access_token)
     assert claims["preferred_username"] == "alice@example.test"
