@@ -158,3 +158,74 @@ def test_asyncio_tasks_are_isolated():
         return await asyncio.gather(*(request(f"u{i}") for i in range(20)))
 
     assert asyncio.run(main()) == [(f"u{i}", None) for i in range(20)]
+
+
+def test_work_that_outlives_its_activation_has_no_end_user():
+    """Tasks and threads copy the contextvar; ending the request must reach them."""
+    from deepsec.context import activate, deactivate
+
+    async def main() -> list[object]:
+        release = asyncio.Event()
+        seen: list[object] = []
+
+        async def background() -> None:
+            seen.append(deepsec.get_end_user_identity())  # during the request
+            await release.wait()
+            seen.append(deepsec.get_end_user_identity())  # after it ended
+            seen.append(deepsec.current_end_user())
+
+        activation = activate(EndUserContext("req-token"))
+        task = asyncio.create_task(background())
+        await asyncio.sleep(0)
+        deactivate(activation)
+        release.set()
+        await task
+        return seen
+
+    assert asyncio.run(main()) == ["req-token", None, None]
+
+
+def test_setters_inside_a_request_end_with_it_and_work_after_it():
+    from deepsec.context import activate, deactivate
+
+    async def main() -> tuple[object, object, object]:
+        release = asyncio.Event()
+        results: list[object] = []
+
+        async def background() -> None:
+            await release.wait()
+            results.append(deepsec.get_end_user_identity())
+            deepsec.set_end_user_identity("later-token")  # a fresh, unscoped value
+            results.append(deepsec.get_end_user_identity())
+
+        activation = activate(None)
+        deepsec.set_end_user_identity("in-request")  # same lease as the request
+        task = asyncio.create_task(background())
+        await asyncio.sleep(0)
+        inside = deepsec.get_end_user_identity()
+        deactivate(activation)
+        release.set()
+        await task
+        return inside, results[0], results[1]
+
+    assert asyncio.run(main()) == ("in-request", None, "later-token")
+
+
+def test_to_thread_copies_end_with_the_block():
+    async def main() -> list[object]:
+        gate = threading.Event()
+        out: list[object] = []
+
+        def work() -> None:
+            out.append(deepsec.get_end_user_identity())
+            gate.wait(5)
+            out.append(deepsec.get_end_user_identity())
+
+        async with deepsec.end_user(("zoe", None)):
+            fut = asyncio.ensure_future(asyncio.to_thread(work))
+            await asyncio.sleep(0.05)
+        gate.set()
+        await fut
+        return out
+
+    assert asyncio.run(main()) == [("zoe", None), None]

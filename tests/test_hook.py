@@ -593,3 +593,36 @@ def test_thick_mode_is_refused_at_connect(oracle, monkeypatch):
         connect(oracle, extra_auth_params=params())
     assert isinstance(info.value.__cause__, ConfigError)
     assert len(oracle.connections()) == before
+
+
+@pytest.mark.timeout(30)
+def test_task_outliving_its_block_runs_with_no_context(oracle):
+    """'None after the request ends' also for work the request left running."""
+
+    async def main() -> list[str | None]:
+        conn = await oracledb.connect_async(**oracle.connect_kwargs(), extra_auth_params=params())
+        release = asyncio.Event()
+        seen: list[str | None] = []
+
+        async def audit_later() -> None:
+            for tag in ("during", "after"):
+                if tag == "after":
+                    await release.wait()
+                cur = conn.cursor()
+                await cur.execute(f"{USERNAME_SQL} /* outlive-{tag} */")
+                seen.append((await cur.fetchone())[0])
+
+        try:
+            async with deepsec.end_user(user_token("nina")):
+                task = asyncio.create_task(audit_later())
+                while not seen:
+                    await asyncio.sleep(0.01)
+            release.set()
+            await task
+        finally:
+            await conn.close()
+        return seen
+
+    assert asyncio.run(main()) == ["nina", None]
+    (after,) = oracle.find_statements("/* outlive-after */")
+    assert after.context is None

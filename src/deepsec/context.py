@@ -25,6 +25,7 @@ from typing import Any, Final, TypeAlias
 from .errors import IdentityError
 
 __all__ = [
+    "Activation",
     "EndUserContext",
     "Identity",
     "activate",
@@ -245,36 +246,111 @@ class EndUserContext:
 
 
 _EMPTY = EndUserContext(None)
-_current: contextvars.ContextVar[EndUserContext] = contextvars.ContextVar(
-    "deepsec_end_user", default=_EMPTY
+
+
+class _Lease:
+    """Whether the activation a context came from is still running.
+
+    A contextvar value is copied into every asyncio task and every
+    ``asyncio.to_thread``/executor call made while it is set, and such work
+    can outlive the request.  All those copies share this object, so ending
+    the request ends the identity everywhere at once: work still running
+    afterwards has no end user.
+    """
+
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active = True
+
+
+class _Scope:
+    """The contextvar's value: a context and the lease it lives under."""
+
+    __slots__ = ("context", "lease")
+
+    def __init__(self, context: EndUserContext, lease: _Lease) -> None:
+        self.context = context
+        self.lease = lease
+
+
+_FOREVER = _Lease()  # never ends: the default, and values set outside any activation
+# The default is shared by every thread and task, which is safe: a _Scope is
+# never modified after creation, and nothing ever ends the _FOREVER lease.
+_current: contextvars.ContextVar[_Scope] = contextvars.ContextVar(
+    "deepsec_end_user",
+    default=_Scope(_EMPTY, _FOREVER),  # noqa: B039
 )
 
 
+class Activation:
+    """What :func:`activate` returns and :func:`deactivate` takes (opaque)."""
+
+    __slots__ = ("_lease", "_token")
+
+    def __init__(self, token: contextvars.Token[_Scope], lease: _Lease) -> None:
+        self._token = token
+        self._lease = lease
+
+    def __repr__(self) -> str:
+        return f"<deepsec Activation {'active' if self._lease.active else 'ended'}>"
+
+
 def current_context() -> EndUserContext:
-    """The context of the calling thread or task (possibly without identity)."""
-    return _current.get()
+    """The context of the calling thread or task (possibly without identity).
+
+    A context whose activation has ended (the request is over) is no context.
+    """
+    scope = _current.get()
+    return scope.context if scope.lease.active else _EMPTY
 
 
 def current_end_user() -> EndUserContext | None:
     """The current end user's context, or ``None`` when there is no end user."""
-    ctx = _current.get()
+    ctx = current_context()
     return ctx if ctx.identity is not None else None
 
 
-def activate(context: EndUserContext | None) -> contextvars.Token[EndUserContext]:
-    """Make ``context`` current; return the token :func:`deactivate` needs.
+def _start(context: EndUserContext) -> Activation:
+    lease = _Lease()
+    return Activation(_current.set(_Scope(context, lease)), lease)
+
+
+def _end(activation: Activation) -> None:
+    # End the lease first: even if the reset below fails (a token reset from
+    # another Context), no copy of this context keeps its identity.
+    activation._lease.active = False
+    _current.reset(activation._token)
+
+
+def activate(context: EndUserContext | None) -> Activation:
+    """Make ``context`` current; return what :func:`deactivate` needs.
 
     Adapters call this at the start of a request and :func:`deactivate` in a
     ``finally`` when the response is done.
     """
     if context is not None and not isinstance(context, EndUserContext):
         raise TypeError(f"expected EndUserContext or None, not {type(context).__name__}")
-    return _current.set(context if context is not None else _EMPTY)
+    return _start(context if context is not None else _EMPTY)
 
 
-def deactivate(token: contextvars.Token[EndUserContext]) -> None:
-    """Restore the context that was current before :func:`activate`."""
-    _current.reset(token)
+def deactivate(activation: Activation) -> None:
+    """End the activation and restore the context that was current before it.
+
+    Tasks and threads that copied the context (and may outlive the request)
+    see no end user from now on.
+    """
+    _end(activation)
+
+
+def _replace_current(**changes: Any) -> None:
+    # The plugin-style setters change the current context in place; the new
+    # value lives under the same lease (it ends with the request that is
+    # running), or under none if that request is already over.
+    scope = _current.get()
+    lease = scope.lease if scope.lease.active else _FOREVER
+    base = scope.context if scope.lease.active else _EMPTY
+    _current.set(_Scope(base.replace(**changes), lease))
 
 
 # --- the python-oracledb plugin's functions, on the contextvar -------------
@@ -282,33 +358,33 @@ def deactivate(token: contextvars.Token[EndUserContext]) -> None:
 
 def set_end_user_identity(value: Identity | list[Any] | None) -> None:
     """Set the end-user identity of the current thread or task (``None`` clears it)."""
-    _current.set(_current.get().replace(identity=value))
+    _replace_current(identity=value)
 
 
 def get_end_user_identity() -> Identity | None:
     """The current end-user identity (a ``(name, key)`` identity stays a tuple)."""
-    return _current.get().identity
+    return current_context().identity
 
 
 def set_end_user_data_roles(value: Sequence[str] | None) -> None:
     """Set the data roles of the current thread or task (``None`` clears them)."""
-    _current.set(_current.get().replace(data_roles=value))
+    _replace_current(data_roles=value)
 
 
 def get_end_user_data_roles() -> list[str] | None:
     """The current data roles as a new list, or ``None``."""
-    roles = _current.get().data_roles
+    roles = current_context().data_roles
     return None if roles is None else list(roles)
 
 
 def set_end_user_attributes(value: Mapping[str, Any] | None) -> None:
     """Set the end-user attributes of the current thread or task (``None`` clears them)."""
-    _current.set(_current.get().replace(attributes=value))
+    _replace_current(attributes=value)
 
 
 def get_end_user_attributes() -> dict[str, Any] | None:
     """The current attributes as a new dict, or ``None``."""
-    attrs = _current.get().attributes
+    attrs = current_context().attributes
     return None if attrs is None else copy.deepcopy(dict(attrs))
 
 
@@ -320,9 +396,10 @@ class end_user:  # a class used like a function: ``with deepsec.end_user(...)``
     also on exceptions.  ``end_user(None)`` scopes a block to *no* end user.
     ``async with`` also fetches the database-access tokens the block will need
     off the event loop, so asyncio connections never wait on the network.
+    Tasks started inside the block lose the end user when the block exits.
     """
 
-    __slots__ = ("_context", "_tokens")
+    __slots__ = ("_activations", "_context")
 
     def __init__(
         self,
@@ -332,7 +409,7 @@ class end_user:  # a class used like a function: ``with deepsec.end_user(...)``
         attributes: Mapping[str, Any] | None = None,
     ) -> None:
         self._context = EndUserContext(identity, data_roles, attributes)
-        self._tokens: list[contextvars.Token[EndUserContext]] = []
+        self._activations: list[Activation] = []
 
     @property
     def context(self) -> EndUserContext:
@@ -340,25 +417,25 @@ class end_user:  # a class used like a function: ``with deepsec.end_user(...)``
         return self._context
 
     def __enter__(self) -> EndUserContext:
-        self._tokens.append(_current.set(self._context))
+        self._activations.append(_start(self._context))
         return self._context
 
     def __exit__(self, *exc_info: object) -> None:
-        _current.reset(self._tokens.pop())
+        _end(self._activations.pop())
 
     async def __aenter__(self) -> EndUserContext:
-        self._tokens.append(_current.set(self._context))
+        self._activations.append(_start(self._context))
         try:
             from .hook import prepare
 
             await prepare()
         except BaseException:
-            _current.reset(self._tokens.pop())
+            _end(self._activations.pop())
             raise
         return self._context
 
     async def __aexit__(self, *exc_info: object) -> None:
-        _current.reset(self._tokens.pop())
+        _end(self._activations.pop())
 
     def __repr__(self) -> str:
         return f"end_user({self._context!r})"

@@ -32,7 +32,6 @@ What the extension does, and nothing more (the logic is in :mod:`deepsec.web`):
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +40,7 @@ from flask import Flask, Response, current_app, request
 from werkzeug.local import LocalProxy
 
 from . import context as _context
-from .context import EndUserContext, activate, current_context, deactivate
+from .context import Activation, EndUserContext, activate, current_context, deactivate
 from .errors import ConfigError, TokenAcquisitionError
 from .web import Rejection, WebSettings, parse_cookie_header, rejection_for_error, resolve
 
@@ -208,7 +207,7 @@ def _teardown_request(exc: BaseException | None) -> None:
         _reset(token)
 
 
-def _reset(token: contextvars.Token[EndUserContext]) -> None:
+def _reset(token: Activation) -> None:
     try:
         deactivate(token)
     except ValueError:
