@@ -239,3 +239,20 @@ def test_cli(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_dev_signin_endpoint_issues_a_signed_user_token(idp: LocalIdP) -> None:
+    """The documented development shortcut the demo and examples sign in with."""
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=idp.ca_file)
+    with urllib.request.urlopen(f"{idp.dev_signin_url}?user=alice", context=context) as reply:
+        body = json.load(reply)
+    assert body["user"] == "alice"
+    assert idp.decode(body["access_token"])["preferred_username"] == "alice@example.test"
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{idp.dev_signin_url}?user=Robert%27);--", context=context)
+    assert info.value.code == 400

@@ -28,27 +28,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import secrets
-import ssl
 import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 __all__ = [
     "DEMO_USERS",
     "EMPLOYEES",
     "EMPLOYEE_COLUMNS",
     "DemoEnvironment",
-    "DevSignInServer",
     "RequestReport",
     "ServedApp",
     "example_projects_dir",
@@ -76,7 +71,6 @@ EMPLOYEES: tuple[tuple[str, str, int], ...] = (
 )
 #: Data roles the example apps configure in ``end_user_sec_params``.
 DEMO_DATA_ROLES: tuple[str, ...] = ("hr_viewer",)
-_USER_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 def example_projects_dir() -> Path | None:
@@ -94,105 +88,13 @@ def example_projects_dir() -> Path | None:
 # ---------------------------------------------------------------------------
 
 
-class _SignInHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _SignInHTTPServer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # the query string holds only a user name, but stay quiet anyway
-
-    def _send(self, status: int, body: Mapping[str, Any]) -> None:
-        raw = json.dumps(dict(body)).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Connection", "close")
-        self.close_connection = True
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def do_GET(self) -> None:
-        url = urlparse(self.path)
-        if url.path != "/dev/token":
-            self._send(404, {"error": "not_found"})
-            return
-        user = parse_qs(url.query).get("user", [""])[0]
-        if not _USER_RE.fullmatch(user):
-            self._send(400, {"error": "invalid_request", "error_description": "bad user name"})
-            return
-        token = self.server.idp.issue_user_token(user)
-        self._send(200, {"access_token": token, "token_type": "Bearer", "user": user})
-
-
-class _SignInHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, idp: Any, ctx: ssl.SSLContext) -> None:
-        self.idp = idp
-        self.ssl_context = ctx
-        super().__init__(("127.0.0.1", 0), _SignInHandler)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        try:
-            conn = self.ssl_context.wrap_socket(request, server_side=True)
-        except (OSError, ssl.SSLError):
-            return
-        try:
-            super().finish_request(conn, client_address)
-        finally:
-            with contextlib.suppress(OSError):
-                conn.close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass
-
-
-class DevSignInServer:
-    """DEVELOPMENT ONLY: ``GET /dev/token?user=NAME`` -> an end-user token.
-
-    The token is issued by the local identity provider
-    (:meth:`~deepsec.testing.idp.LocalIdP.issue_user_token`), exactly what a
-    user would get from the provider's own login flow, so the example apps'
-    sign-in pages can offer "sign in as alice" without a password.  It listens
-    on 127.0.0.1 only, over TLS with the demo's test CA.
-    """
-
-    def __init__(self, idp: Any, ca: Any) -> None:
-        cert = ca.issue_server_cert("127.0.0.1", "localhost", name="dev-signin")
-        self._server = _SignInHTTPServer(idp, cert.server_ssl_context())
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="deepsec-dev-signin",
-            daemon=True,
-        )
-
-    @property
-    def url(self) -> str:
-        """``https://127.0.0.1:PORT/dev/token``."""
-        return f"https://127.0.0.1:{self.port}/dev/token"
-
-    def start(self) -> DevSignInServer:
-        """Start serving in a daemon thread."""
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()
-
-
 # ---------------------------------------------------------------------------
 # The servers an example app needs
 # ---------------------------------------------------------------------------
 
 
 class DemoEnvironment:
-    """The local identity provider, the dev sign-in endpoint and the wire server.
+    """The local identity provider (with its dev sign-in endpoint) and the wire server.
 
     Use as a context manager.  :meth:`environ` gives the ``HR_*`` variables
     the example apps read; :meth:`apply_environ` sets them in ``os.environ``.
@@ -214,14 +116,12 @@ class DemoEnvironment:
             tenant="hr-tenant", clients={self.client_id: self._client_secret}, ca=self.ca
         )
         self.oracle = OracleTestServer(users={self.db_user: self._db_password}, ca=self.ca)
-        self.signin: DevSignInServer | None = None
 
     def start(self) -> DemoEnvironment:
         """Start every server and create the canned HR table."""
         self.idp.start()
         self.oracle.start()
         self.seed()
-        self.signin = DevSignInServer(self.idp, self.ca).start()
         return self
 
     def seed(self) -> None:
@@ -230,8 +130,6 @@ class DemoEnvironment:
 
     def stop(self) -> None:
         """Stop every server and remove the CA directory."""
-        if self.signin is not None:
-            self.signin.stop()
         self.oracle.stop()
         self.idp.stop()
         self.ca.close()
@@ -244,7 +142,7 @@ class DemoEnvironment:
 
     def environ(self) -> dict[str, str]:
         """The ``HR_*`` variables that point an example app at these servers."""
-        assert self.signin is not None, "start() first"
+        assert self.idp.running, "start() first"
         return {
             "HR_DB_DSN": self.oracle.dsn,
             "HR_DB_USER": self.db_user,
@@ -256,7 +154,7 @@ class DemoEnvironment:
             "HR_CLIENT_SECRET": self._client_secret,
             "HR_DB_SCOPES": "api://oracle-db/.default",
             "HR_DATA_ROLES": ",".join(DEMO_DATA_ROLES),
-            "HR_DEV_SIGNIN_URL": self.signin.url,
+            "HR_DEV_SIGNIN_URL": self.idp.dev_signin_url,
         }
 
     def apply_environ(self) -> None:
@@ -643,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         try:
             print(f"  identity provider : {env.idp.authority} (MSAL client_credentials)")
-            print(f"  dev sign-in       : {env.signin.url if env.signin else '-'}?user=NAME")
+            print(f"  dev sign-in       : {env.idp.dev_signin_url}?user=NAME")
             print(f"  Oracle wire server: {env.oracle.dsn} (TCPS)")
             print(f"  example app       : {served.name} at {served.base_url}")
             print()

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from socketserver import BaseRequestHandler, ThreadingTCPServer
 from typing import TYPE_CHECKING, Any
 
+from ._serving import serve_in_background, stop_serving
+
 if TYPE_CHECKING:
     from .idp import LocalIdP
 
@@ -165,20 +167,13 @@ class CloudProxy:
             return self
         self._server = _Server(self)
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="deepsec-cloud-proxy",
-            daemon=True,
-        )
-        self._thread.start()
+        self._thread = serve_in_background(self._server, "deepsec-cloud-proxy")
         return self
 
     def stop(self) -> None:
         """Stop serving (idempotent)."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            stop_serving(self._server)
             self._server = None
 
     def __enter__(self) -> CloudProxy:

@@ -63,6 +63,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from ._serving import serve_in_background, stop_serving
 from .tls import TestCA
 
 __all__ = [
@@ -233,6 +234,11 @@ def _oci_error(code: str, message: str) -> dict[str, Any]:
     return {"code": code, "message": message}
 
 
+#: The development-only sign-in shortcut (see :attr:`LocalIdP.dev_signin_url`).
+DEV_TOKEN_PATH = "/dev/token"
+_DEV_USER = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
 class _Drop(Exception):
     """Internal: close the connection without a response."""
 
@@ -284,7 +290,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(raw)
 
     def do_GET(self) -> None:
-        code, body = self.server.idp._handle_get(urlparse(self.path).path, self.headers.get("Host"))
+        url = urlparse(self.path)
+        if url.path == DEV_TOKEN_PATH:
+            code, body = self.server.idp._dev_token(parse_qs(url.query).get("user", [""])[0])
+        else:
+            code, body = self.server.idp._handle_get(url.path, self.headers.get("Host"))
         self._send(code, body, {})
 
     def do_POST(self) -> None:
@@ -380,20 +390,13 @@ class LocalIdP:
         )
         self._server = _Server((self.host, port), self, cert.server_ssl_context())
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="deepsec-local-idp",
-            daemon=True,
-        )
-        self._thread.start()
+        self._thread = serve_in_background(self._server, "deepsec-local-idp")
         return self
 
     def stop(self) -> None:
         """Stop serving (idempotent); the CA directory is removed if it is ours."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            stop_serving(self._server)
             self._server = None
         if self._owns_ca:
             self.ca.close()
@@ -646,6 +649,23 @@ class LocalIdP:
         if name and name in self.extra_hostnames:
             return f"https://{name}/{self.tenant}"
         return self.authority
+
+    @property
+    def dev_signin_url(self) -> str:
+        """DEVELOPMENT ONLY: ``GET`` it with ``?user=NAME`` for that user's token.
+
+        Stands in for the provider's interactive login in the demo and the
+        example apps' "sign in as alice" pages: the token is what
+        :meth:`issue_user_token` returns, signed by this provider.
+        """
+        return f"{self.base_url}{DEV_TOKEN_PATH}"
+
+    def _dev_token(self, user: str) -> tuple[int, dict[str, Any]]:
+        self._record(TokenRequest("GET", DEV_TOKEN_PATH, None, None, "other", status=200))
+        if not _DEV_USER.fullmatch(user):
+            return 400, {"error": "invalid_request", "error_description": "bad user name"}
+        token = self.issue_user_token(user)
+        return 200, {"access_token": token, "token_type": "Bearer", "user": user}
 
     def _handle_get(self, path: str, host: str | None = None) -> tuple[int, dict[str, Any]]:
         self._record(TokenRequest("GET", path, None, None, "other", status=200))
