@@ -179,6 +179,9 @@ class _ConnectionBinding:
         token = source.cached_token(ctx)
         completion: Callable[[Any], None] | None
         if token is None or state.token != token or state.context != ctx:
+            # Raises InterfaceError on a Connection object already released to
+            # its pool: checked first, so no token is fetched for it.
+            version = conn.version
             if token is None:
                 pending, self.pending_error = self.pending_error, None
                 if pending is not None and pending[0] is ctx:
@@ -191,7 +194,7 @@ class _ConnectionBinding:
                         "the event loop"
                     )
                 token = source.get_token(ctx)
-            security_context = build_security_context(self.binding.config, ctx, token, conn.version)
+            security_context = build_security_context(self.binding.config, ctx, token, version)
             conn.set_end_user_security_context(security_context)
             log.debug("attached end-user context %r on connection %x", ctx, id(conn))
             completion = self._completion(ctx)
