@@ -626,3 +626,20 @@ def test_task_outliving_its_block_runs_with_no_context(oracle):
     assert asyncio.run(main()) == ["nina", None]
     (after,) = oracle.find_statements("/* outlive-after */")
     assert after.context is None
+
+
+@pytest.mark.timeout(30)
+def test_database_rejecting_the_access_token_drops_it_and_the_next_round_trip_refetches(oracle):
+    """ORA-52602 (revoked or early-expired access token): fetch a new one, once."""
+    with connect(oracle, extra_auth_params=params()) as conn, deepsec.end_user(user_token("omar")):
+        assert whoami(conn, "first") == "omar"
+        first = oracle.find_statements("/* first */")[0].context.database_access_token
+        oracle.token_validator = lambda kind, token: (
+            not (kind == "database_access_token" and token == first)
+        )
+        with pytest.raises(oracledb.DatabaseError, match="ORA-52602"):
+            whoami(conn, "rejected")
+        assert whoami(conn, "second") == "omar"
+    second = oracle.find_statements("/* second */")[0].context.database_access_token
+    assert second != first
+    assert len(spi_static.CALLS) == 2  # one fetch, one re-fetch after the rejection
