@@ -345,3 +345,23 @@ def test_no_leak_under_load_through_uvicorn(oracle_server: OracleTestServer) -> 
     report = check_leaks(oracle_server, since, expected, statements_per_request=2)
     assert report.requests == 2001 and report.statements == 4002
     assert report.outside == counts["outside"] > 10
+
+
+def test_database_rejecting_the_end_user_token_is_401(
+    client: TestClient, oracle_server: OracleTestServer
+) -> None:
+    """ORA-52601 (expired or revoked user token) means: sign in again."""
+    r = rid()
+    oracle_server.token_validator = lambda kind, token: kind != "end_user_token"
+    try:
+        responses = [
+            client.get(f"{path}/{r}", headers={"Authorization": f"Bearer {CAROL}"})
+            for path in ("/whoami", "/sync-whoami")
+        ]
+    finally:
+        oracle_server.token_validator = None
+    for response in responses:
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+        assert response.json()["error"] == "invalid_token"
+        assert CAROL not in response.text

@@ -315,3 +315,21 @@ def test_no_leak_under_load_with_persistent_connections(oracle_server: OracleTes
     report = check_leaks(oracle_server, since, {r: u for r, u, _ in plan}, statements_per_request=2)
     assert report.requests == 2000 and report.statements == 4000
     assert report.outside == len(outside) > 10
+
+
+def test_database_rejecting_the_end_user_token_is_401(
+    pool: oracledb.ConnectionPool, oracle_server: OracleTestServer
+) -> None:
+    """ORA-52601 (expired or revoked user token) means: sign in again."""
+    client = make_app(pool).test_client(use_cookies=False)
+    r = rid()
+    oracle_server.token_validator = lambda kind, token: kind != "end_user_token"
+    try:
+        response = client.get(f"/whoami/{r}", headers={"Authorization": f"Bearer {ALICE}"})
+    finally:
+        oracle_server.token_validator = None
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+    assert response.json["error"] == "invalid_token"
+    assert ALICE not in response.text
+    assert current_context_user() is None

@@ -181,3 +181,28 @@ def test_cookies_quoted_by_frameworks_parse():
         jar["identity"] = value
         raw = parse_cookie_header(jar.output(header="").strip(), "identity")
         assert identity_from_cookie(raw) == identity
+
+
+def test_rejected_user_tokens_are_401_not_503():
+    import types
+
+    import oracledb
+
+    settings = WebSettings()
+    for exc in (
+        TokenAcquisitionError("obo failed", error="invalid_grant"),
+        TokenAcquisitionError("obo failed", error="expired_user_token"),
+    ):
+        rejection = rejection_for_error(exc, settings)
+        assert rejection is not None and rejection.status == 401
+        assert ("WWW-Authenticate", 'Bearer error="invalid_token"') in rejection.headers
+    ora = oracledb.DatabaseError(types.SimpleNamespace(code=52601, message="ORA-52601"))
+    wrapped = RuntimeError("framework wrapper")
+    wrapped.__cause__ = ora
+    for exc in (ora, wrapped):
+        rejection = rejection_for_error(exc, settings)
+        assert rejection is not None and rejection.status == 401
+    other = oracledb.DatabaseError(types.SimpleNamespace(code=1403, message="ORA-01403"))
+    assert rejection_for_error(other, settings) is None
+    provider_down = TokenAcquisitionError("down", error="connection_error")
+    assert rejection_for_error(provider_down, settings).status == 503

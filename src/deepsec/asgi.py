@@ -192,7 +192,7 @@ class EndUserSecMiddleware:
                 try:
                     await prepare(ctx)
                 except TokenAcquisitionError as exc:
-                    await _reject_token_error(scope, receive, send, exc, settings)
+                    await _reject_failure(scope, receive, send, exc, settings)
                     return
             started = False
 
@@ -209,12 +209,13 @@ class EndUserSecMiddleware:
 
             try:
                 await self.app(scope, receive, send_tracking)
-            except TokenAcquisitionError as exc:
-                # A token fetched during the request (a sync connection): fail
-                # closed with 503 if nothing was sent yet.
-                if started:
+            except Exception as exc:
+                # A token that failed during the request (a sync connection
+                # fetching it), or the database rejecting the end user's token:
+                # answer 503/401 if nothing was sent yet; anything else is the
+                # app's to handle.
+                if started or not await _reject_failure(scope, receive, send, exc, settings):
                     raise
-                await _reject_token_error(scope, receive, send, exc, settings)
         finally:
             deactivate(token)
 
@@ -236,12 +237,18 @@ def _identity_headers(raw: Any) -> tuple[str | None, str | None]:
     return cookie, authorization
 
 
-async def _reject_token_error(
-    scope: Scope, receive: Receive, send: Send, exc: TokenAcquisitionError, settings: WebSettings
-) -> None:
+async def _reject_failure(
+    scope: Scope, receive: Receive, send: Send, exc: Exception, settings: WebSettings
+) -> bool:
+    """Answer ``exc`` if it is an end-user token failure; False if it is not ours."""
     rejection = rejection_for_error(exc, settings)
-    assert rejection is not None
-    await _reject(scope, receive, send, rejection, close_code=1013)
+    if rejection is None:
+        return False
+    # WebSocket: 1008 (policy) for a rejected user token, 1013 (try again later)
+    # for a provider that could not issue one.
+    close_code = 1008 if rejection.status == 401 else 1013
+    await _reject(scope, receive, send, rejection, close_code=close_code)
+    return True
 
 
 async def _reject(

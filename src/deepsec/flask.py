@@ -27,7 +27,9 @@ What the extension does, and nothing more (the logic is in :mod:`deepsec.web`):
   :func:`flask.stream_with_context`) is iterated under the same end user and
   the context is reset when the server closes it;
 * :class:`~deepsec.TokenAcquisitionError` becomes a 503 JSON response (no
-  token or secret in it).
+  token or secret in it), or a 401 when the identity provider rejected the
+  end user's own token; ORA-52601 (the database rejected it) becomes a 401
+  too, unless the app registered its own ``oracledb.DatabaseError`` handler.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import oracledb
 from flask import Flask, Response, current_app, request
 from werkzeug.local import LocalProxy
 
@@ -108,6 +111,10 @@ class DeepSec:
         app.after_request(_after_request)
         app.teardown_request(_teardown_request)
         app.register_error_handler(TokenAcquisitionError, _token_error)
+        if oracledb.DatabaseError not in app.error_handler_spec[None][None]:
+            # ORA-52601 (the database rejected the end user's token) is a 401;
+            # every other database error is re-raised, exactly as unhandled.
+            app.register_error_handler(oracledb.DatabaseError, _database_error)
 
     def settings_from_config(self, config: Mapping[str, Any], *, where: str) -> WebSettings:
         """Merge this extension's defaults with the ``DEEPSEC_*`` keys of ``config``."""
@@ -214,6 +221,14 @@ def _reset(token: Activation) -> None:
         # Reset from another context (an unusual server): at least leave the
         # current one without an end user.
         activate(None)
+
+
+def _database_error(exc: oracledb.DatabaseError) -> Response:
+    rejection = rejection_for_error(exc, _state().settings)
+    if rejection is None:
+        raise exc
+    current_app.logger.warning("deepsec: the database rejected the end user's token")
+    return _response(rejection)
 
 
 def _token_error(exc: TokenAcquisitionError) -> Response:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote
 
+import oracledb
+
 from .context import EndUserContext, Identity, validate_identity
 from .errors import ConfigError, DeepSecError, IdentityError, TokenAcquisitionError
 
@@ -368,14 +370,50 @@ def _resolve(
     return Resolution(context=EndUserContext(identity, roles, attrs)), False
 
 
-def rejection_for_error(exc: BaseException, settings: WebSettings) -> Rejection | None:
-    """The response for a deepsec error raised while serving a request, if any.
+# The database rejected the end user's token (ORA-52601: expired, revoked,
+# wrong audience), or the identity provider rejected it as an on-behalf-of
+# assertion: the user must sign in again, which is a 401, not an outage.
+_END_USER_TOKEN_REJECTED = 52601
+_USER_TOKEN_PROVIDER_ERRORS = frozenset({"invalid_grant", "expired_user_token"})
 
-    A token that cannot be obtained fails closed with
-    ``settings.token_error_status`` (503 by default); the body carries the
-    provider's error code and correlation id, never a token or secret.
+
+def _oracle_error_code(exc: BaseException) -> int | None:
+    """The ORA number of a python-oracledb error, also when a framework wrapped it.
+
+    Django re-raises driver errors as ``django.db.DatabaseError`` *from* the
+    original; SQLAlchemy keeps it as ``.orig``.
+    """
+    current: object = exc
+    for _ in range(4):
+        if isinstance(current, oracledb.DatabaseError):
+            code = getattr(current.args[0], "code", None) if current.args else None
+            return code if isinstance(code, int) else None
+        current = getattr(current, "orig", None) or getattr(current, "__cause__", None)
+        if current is None:
+            return None
+    return None
+
+
+def rejection_for_error(exc: BaseException, settings: WebSettings) -> Rejection | None:
+    """The response for an end-user token failure raised while serving a request.
+
+    * The end user's own token was rejected — by the database (ORA-52601) or
+      by the identity provider as an on-behalf-of assertion (``invalid_grant``,
+      or already expired) — 401 with ``WWW-Authenticate: Bearer
+      error="invalid_token"``: the user must sign in again.
+    * Any other :class:`~deepsec.TokenAcquisitionError` fails closed with
+      ``settings.token_error_status`` (503 by default, with ``Retry-After``).
+
+    Bodies carry the provider's error code and correlation id, never a token
+    or secret.  ``None`` for every other exception: not ours to answer.
     """
     if isinstance(exc, TokenAcquisitionError):
+        if exc.error in _USER_TOKEN_PROVIDER_ERRORS:
+            return _deny(
+                "the identity provider rejected the end user's token",
+                401,
+                error="invalid_token",
+            )
         body = {"error": "token_unavailable", "detail": "the database-access token is unavailable"}
         if exc.error:
             body["provider_error"] = exc.error
@@ -385,4 +423,6 @@ def rejection_for_error(exc: BaseException, settings: WebSettings) -> Rejection 
         if settings.token_error_status == 503:
             headers = (("Retry-After", "5"),)
         return Rejection(settings.token_error_status, body, headers)
+    if _oracle_error_code(exc) == _END_USER_TOKEN_REJECTED:
+        return _deny("the database rejected the end user's token", 401, error="invalid_token")
     return None

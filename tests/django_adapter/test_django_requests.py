@@ -325,3 +325,17 @@ def test_asgi_django_user_resolver_and_token_failure(server: Any) -> None:
     assert tagged(server, "af", since=mark) == []
     assert ok.json()["username"] is None
     assert usernames(server, "aok", since=mark, minimum=2) == {None}
+
+
+def test_database_rejecting_the_end_user_token_is_401(server: Any) -> None:
+    """ORA-52601 (expired or revoked user token) means: sign in again."""
+    token = user_token("hank")
+    server.token_validator = lambda kind, value: kind != "end_user_token"
+    try:
+        response = get("/whoami?tag=rejected", HTTP_AUTHORIZATION=f"Bearer {token}")
+    finally:
+        server.token_validator = None
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+    assert response.json()["error"] == "invalid_token"
+    assert token not in response.content.decode()
