@@ -99,10 +99,14 @@ async def _two_concurrent_requests(server, set_identity, extra_auth_params):
     pool = oracledb.create_pool_async(
         **server.connect_kwargs(), extra_auth_params=extra_auth_params, min=0, max=4
     )
-    both_set = asyncio.Barrier(2)
+    arrived: list[str] = []
+    both_set = asyncio.Event()  # (asyncio.Barrier needs Python 3.11)
 
     async def request(name: str) -> str | None:
         set_identity(user_token(name))
+        arrived.append(name)
+        if len(arrived) == 2:
+            both_set.set()
         await both_set.wait()  # both requests have set their identity
         async with pool.acquire() as conn:
             cur = conn.cursor()

@@ -25,6 +25,7 @@ from .errors import (
     ConfigError,
     DeepSecError,
     IdentityError,
+    IdentityNotAccepted,
     TokenAcquisitionError,
     TokenNotReadyError,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "EndUserSecConfig",
     "Identity",
     "IdentityError",
+    "IdentityNotAccepted",
     "TokenAcquisitionError",
     "TokenNotReadyError",
     "__version__",

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMappi
 from typing import Any
 
 from .context import activate, deactivate
-from .errors import TokenAcquisitionError
+from .errors import DeepSecError
 from .hook import prepare
 from .web import Rejection, WebSettings, parse_cookie_header, rejection_for_error, resolve
 
@@ -191,8 +191,9 @@ class EndUserSecMiddleware:
             if ctx is not None:
                 try:
                     await prepare(ctx)
-                except TokenAcquisitionError as exc:
-                    await _reject_failure(scope, receive, send, exc, settings)
+                except DeepSecError as exc:
+                    if not await _reject_failure(scope, receive, send, exc, settings):
+                        raise
                     return
             started = False
 

@@ -12,6 +12,7 @@ __all__ = [
     "ConfigError",
     "DeepSecError",
     "IdentityError",
+    "IdentityNotAccepted",
     "TokenAcquisitionError",
     "TokenNotReadyError",
 ]
@@ -37,6 +38,15 @@ class ConfigError(DeepSecError, ValueError):
 
 class IdentityError(DeepSecError, ValueError):
     """An end-user identity, data role list or attribute mapping is malformed."""
+
+
+class IdentityNotAccepted(IdentityError):
+    """The end user's identity is well formed but does not fit the configuration.
+
+    ``auth_flow="on_behalf_of"`` exchanges the end user's access token, so a
+    ``(name, key)`` identity cannot be served.  Adapters answer 401
+    ``invalid_token``: the client must present a bearer token.
+    """
 
 
 class TokenAcquisitionError(DeepSecError):

@@ -48,7 +48,7 @@ from starlette.requests import HTTPConnection
 
 from .asgi import SCOPE_KEY
 from .context import EndUserContext, activate, deactivate
-from .errors import TokenAcquisitionError
+from .errors import DeepSecError
 from .hook import prepare
 from .web import Rejection, WebSettings, parse_cookie_header, rejection_for_error, resolve
 
@@ -142,10 +142,12 @@ class EndUserIdentity:
             if ctx is not None:
                 try:
                     await prepare(ctx)
-                except TokenAcquisitionError as exc:
+                except DeepSecError as exc:
                     rejection = rejection_for_error(exc, settings)
-                    assert rejection is not None
-                    raise _exception(scope, rejection, close_code=1013) from None
+                    if rejection is None:
+                        raise
+                    close_code = 1008 if rejection.status == 401 else 1013
+                    raise _exception(scope, rejection, close_code=close_code) from None
             yield ctx
         finally:
             try:

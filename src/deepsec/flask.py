@@ -44,7 +44,7 @@ from werkzeug.local import LocalProxy
 
 from . import context as _context
 from .context import Activation, EndUserContext, activate, current_context, deactivate
-from .errors import ConfigError, TokenAcquisitionError
+from .errors import ConfigError, DeepSecError
 from .web import Rejection, WebSettings, parse_cookie_header, rejection_for_error, resolve
 
 __all__ = ["CONFIG_PREFIX", "DeepSec", "DeepSecState", "current_end_user"]
@@ -110,11 +110,11 @@ class DeepSec:
         app.before_request_funcs.setdefault(None, []).insert(0, _before_request)
         app.after_request(_after_request)
         app.teardown_request(_teardown_request)
-        app.register_error_handler(TokenAcquisitionError, _token_error)
+        app.register_error_handler(DeepSecError, _deepsec_error)
         if oracledb.DatabaseError not in app.error_handler_spec[None][None]:
             # ORA-52601 (the database rejected the end user's token) is a 401;
             # every other database error is re-raised, exactly as unhandled.
-            app.register_error_handler(oracledb.DatabaseError, _database_error)
+            app.register_error_handler(oracledb.DatabaseError, _deepsec_error)
 
     def settings_from_config(self, config: Mapping[str, Any], *, where: str) -> WebSettings:
         """Merge this extension's defaults with the ``DEEPSEC_*`` keys of ``config``."""
@@ -223,16 +223,17 @@ def _reset(token: Activation) -> None:
         activate(None)
 
 
-def _database_error(exc: oracledb.DatabaseError) -> Response:
+def _deepsec_error(exc: Exception) -> Response:
+    """deepsec's own errors and ORA-52601 as responses; anything else re-raised.
+
+    Messages of deepsec errors never hold a token or secret, so they may be
+    logged; the driver's ORA-52601 text is not logged at all.
+    """
     rejection = rejection_for_error(exc, _state().settings)
     if rejection is None:
         raise exc
-    current_app.logger.warning("deepsec: the database rejected the end user's token")
-    return _response(rejection)
-
-
-def _token_error(exc: TokenAcquisitionError) -> Response:
-    rejection = rejection_for_error(exc, _state().settings)
-    assert rejection is not None
-    current_app.logger.warning("deepsec: %s", exc)
+    if isinstance(exc, DeepSecError):
+        current_app.logger.warning("deepsec: %s", exc)
+    else:
+        current_app.logger.warning("deepsec: the database rejected the end user's token")
     return _response(rejection)

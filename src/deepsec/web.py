@@ -29,7 +29,13 @@ from urllib.parse import unquote
 import oracledb
 
 from .context import EndUserContext, Identity, validate_identity
-from .errors import ConfigError, DeepSecError, IdentityError, TokenAcquisitionError
+from .errors import (
+    ConfigError,
+    DeepSecError,
+    IdentityError,
+    IdentityNotAccepted,
+    TokenAcquisitionError,
+)
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
@@ -397,6 +403,8 @@ def _oracle_error_code(exc: BaseException) -> int | None:
 def rejection_for_error(exc: BaseException, settings: WebSettings) -> Rejection | None:
     """The response for an end-user token failure raised while serving a request.
 
+    * The identity does not fit the configuration (a ``(name, key)`` user
+      where ``on_behalf_of`` needs a token): 401 ``invalid_token``.
     * The end user's own token was rejected — by the database (ORA-52601) or
       by the identity provider as an on-behalf-of assertion (``invalid_grant``,
       or already expired) — 401 with ``WWW-Authenticate: Bearer
@@ -407,6 +415,8 @@ def rejection_for_error(exc: BaseException, settings: WebSettings) -> Rejection 
     Bodies carry the provider's error code and correlation id, never a token
     or secret.  ``None`` for every other exception: not ours to answer.
     """
+    if isinstance(exc, IdentityNotAccepted):
+        return _deny("this service needs the end user's bearer token", 401, error="invalid_token")
     if isinstance(exc, TokenAcquisitionError):
         if exc.error in _USER_TOKEN_PROVIDER_ERRORS:
             return _deny(

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msal
 
-from ..errors import IdentityError, TokenAcquisitionError
+from ..errors import IdentityNotAccepted, TokenAcquisitionError
 from ._http import (
     TimeoutSession,
     error_from_exception,
@@ -257,7 +257,7 @@ class AzureTokenSource:
         identity = context.identity
         if not isinstance(identity, str) or not identity.strip():
             kind = "no identity" if identity is None else "a (name, key) identity"
-            raise IdentityError(
+            raise IdentityNotAccepted(
                 "auth_flow 'on_behalf_of' needs the end user's access token as the identity "
                 f"(a non-empty string); the current end-user context has {kind}"
             )
