@@ -647,3 +647,36 @@ def test_database_rejecting_the_access_token_drops_it_and_the_next_round_trip_re
     second = oracle.find_statements("/* second */")[0].context.database_access_token
     assert second != first
     assert len(spi_static.CALLS) == 2  # one fetch, one re-fetch after the rejection
+
+
+@pytest.mark.timeout(30)
+def test_rollback_and_close_still_work_when_no_token_can_be_had(oracle):
+    """Housekeeping must not strand a connection: it goes out with no context."""
+    conn = connect(oracle, extra_auth_params=params())
+    spi_static.FAIL.append(RuntimeError("identity provider down"))
+    try:
+        with deepsec.end_user(user_token("pat")):
+            with pytest.raises(deepsec.TokenAcquisitionError):
+                whoami(conn, "pat-fails")
+            mark = oracle.mark()
+            conn.rollback()
+            conn.close()
+    finally:
+        spi_static.FAIL.clear()
+    trips = oracle.round_trips(since=mark)
+    assert [t.function for t in trips] == ["rollback", "logoff"]
+    assert all(t.context is None for t in trips)
+    assert oracle.find_statements("pat-fails") == []
+
+
+@pytest.mark.timeout(30)
+def test_async_close_inside_a_block_without_token(oracle):
+    async def main() -> None:
+        conn = await oracledb.connect_async(**oracle.connect_kwargs(), extra_auth_params=params())
+        with deepsec.end_user(user_token("quinn")):  # plain `with`: nothing prefetched
+            with pytest.raises(TokenNotReadyError):
+                await conn.ping()
+            await conn.rollback()
+            await conn.close()
+
+    asyncio.run(main())

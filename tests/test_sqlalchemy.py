@@ -211,9 +211,9 @@ def test_async_engine_sync_block_without_token_fails_closed(server: Any) -> None
         try:
             async with engine.connect() as conn:
                 await conn.execute(sa.text("select 1 /* warm */ from dual"))
-            # A plain `with` cannot fetch a token off the loop: operations
-            # (the statement, then the pool's rollback on return) refuse to run
-            # rather than run as the application.
+            # A plain `with` cannot fetch a token off the loop: the statement
+            # refuses to run rather than run as the application; the pool's
+            # rollback on return (it reads nothing) still resets the connection.
             with pytest.raises(deepsec.TokenNotReadyError), deepsec.end_user(("never", None)):
                 async with engine.connect() as conn:
                     await conn.execute(sa.text("select 1 /* not-ready */ from dual"))

@@ -45,6 +45,8 @@ __all__ = ["install", "installed", "params_hook", "prepare", "uninstall"]
 log = logging.getLogger("deepsec")
 
 REFERENCE_PLUGIN = "oracledb.plugins.end_user_sec_provider"
+# Round trips that read nothing and must always be able to run (see _sync).
+_HOUSEKEEPING = frozenset({"rollback", "logoff"})
 # ORA-52602: the database rejected the database-access token.
 _BAD_ACCESS_TOKEN = 52602
 
@@ -151,7 +153,7 @@ class _ConnectionBinding:
         conn = self.conn_ref()
         if conn is not None:
             try:
-                completion = self._sync(conn, current_context())
+                completion = self._sync(conn, current_context(), name)
             except oracledb.InterfaceError:
                 # This Connection object was released to its pool or closed
                 # (DPY-1001): the round trip belongs to the pool, not to us.
@@ -165,7 +167,7 @@ class _ConnectionBinding:
                 return _both(completion, user_completion)
         return completion
 
-    def _sync(self, conn: Any, ctx: EndUserContext) -> Callable[[Any], None] | None:
+    def _sync(self, conn: Any, ctx: EndUserContext, name: str) -> Callable[[Any], None] | None:
         state = self.attached
         if ctx is state.context and time.monotonic() < state.recheck_at:
             return state.completion  # the hot path: same request, same connection
@@ -182,6 +184,15 @@ class _ConnectionBinding:
             # Raises InterfaceError on a Connection object already released to
             # its pool: checked first, so no token is fetched for it.
             version = conn.version
+            if token is None and name in _HOUSEKEEPING:
+                # No token at hand (and none fetched for this): a rollback or
+                # logoff reads nothing, and failing it would strand the
+                # connection (a pool could not reset or close it).  It goes
+                # out with no end-user context rather than not at all.
+                if state is not _CLEARED:
+                    conn.clear_end_user_security_context()
+                    self.attached = _CLEARED
+                return None
             if token is None:
                 pending, self.pending_error = self.pending_error, None
                 if pending is not None and pending[0] is ctx:
