@@ -22,7 +22,7 @@ from deepsec.demo import DemoEnvironment, ServedApp  # noqa: E402
 
 @pytest.fixture(scope="module")
 def hr_env() -> Iterator[DemoEnvironment]:
-    """Local IdP, dev sign-in endpoint and Oracle wire server with the HR table."""
+    """Local IdP (with its dev sign-in endpoint) and Oracle wire server with the HR table."""
     with DemoEnvironment() as env:
         yield env
 
