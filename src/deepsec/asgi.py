@@ -26,11 +26,13 @@ one if you need it (``starlette.requests.HTTPConnection(conn.scope)``).
 The resolved context (or ``None``) is stored in ``scope["deepsec.end_user"]``,
 which :mod:`deepsec.fastapi` uses to reuse it.
 
-Rejections: HTTP gets the JSON response (400/401 with ``WWW-Authenticate``,
-503 when a token cannot be obtained).  A WebSocket handshake is denied with
-that HTTP response when the server supports the ``websocket.http.response``
-extension, else closed with code 1008 (policy violation; 1013 "try again
-later" for a token failure), which servers turn into HTTP 403.
+Rejections: HTTP gets the JSON response (400/401 with ``WWW-Authenticate``;
+401 ``invalid_token`` also when the database or the identity provider rejects
+the end user's token; 503 when a token cannot be obtained).  A WebSocket
+handshake is denied with that HTTP response when the server supports the
+``websocket.http.response`` extension, else closed with code 1008 (policy
+violation; 1013 "try again later" for a provider failure), which servers turn
+into HTTP 403.
 """
 
 from __future__ import annotations
