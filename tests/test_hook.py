@@ -680,3 +680,33 @@ def test_async_close_inside_a_block_without_token(oracle):
             await conn.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_clearing_token_sources_reaches_existing_connections(oracle):
+    """Credential rotation: existing pools must not keep the old token source."""
+    with connect(oracle, extra_auth_params=params()) as conn, deepsec.end_user(user_token("rae")):
+        whoami(conn, "before-rotation")
+        before = oracle.find_statements("before-rotation")[0].context.database_access_token
+        clear_token_sources()
+        time.sleep(1.1)  # past the hook's once-a-second token re-check
+        whoami(conn, "after-rotation")
+    after = oracle.find_statements("after-rotation")[0].context.database_access_token
+    assert after != before
+    assert len(spi_static.CALLS) == 2
+
+
+@pytest.mark.timeout(30)
+def test_prepare_after_clearing_sources_still_fetches_for_open_connections(oracle):
+    async def main() -> str | None:
+        conn = await oracledb.connect_async(**oracle.connect_kwargs(), extra_auth_params=params())
+        try:
+            clear_token_sources()  # e.g. credential rotation while the connection stays open
+            async with deepsec.end_user(user_token("sam")):
+                cur = conn.cursor()
+                await cur.execute(USERNAME_SQL)
+                return (await cur.fetchone())[0]
+        finally:
+            await conn.close()
+
+    assert asyncio.run(main()) == "sam"

@@ -37,7 +37,7 @@ import oracledb
 from .config import EndUserSecConfig, parse_end_user_sec_params
 from .context import EndUserContext, current_context
 from .errors import ConfigError, IdentityError, TokenAcquisitionError, TokenNotReadyError
-from .tokens import TokenSource, all_token_sources, token_source_for
+from .tokens import TokenSource, token_source_for
 from .tokens.cache import jwt_expiry
 
 __all__ = ["install", "installed", "params_hook", "prepare", "uninstall"]
@@ -85,19 +85,27 @@ class _Binding:
     swap contexts between callback and round trip.
     """
 
-    __slots__ = ("config", "source", "user_on_connect", "user_round_trip")
+    __slots__ = ("config", "user_on_connect", "user_round_trip")
 
     def __init__(
         self,
         config: EndUserSecConfig,
-        source: TokenSource,
         user_on_connect: Callable[..., Any] | None,
         user_round_trip: Callable[..., Any] | None,
     ) -> None:
         self.config = config
-        self.source = source
         self.user_on_connect = user_on_connect
         self.user_round_trip = user_round_trip
+
+    @property
+    def source(self) -> TokenSource:
+        """The process-wide token source of this config.
+
+        Looked up rather than kept, so that
+        :func:`deepsec.tokens.clear_token_sources` (credential rotation)
+        reaches pools and connections that already exist.
+        """
+        return token_source_for(self.config)
 
     # -- on connect / acquire ------------------------------------------------
 
@@ -314,12 +322,14 @@ def params_hook(params: oracledb.ConnectParams) -> None:
         )
     if _is_ours(params.on_connect_callback):  # the hook ran twice on these params
         return
-    binding = _Binding(
-        config, token_source_for(config), params.on_connect_callback, params.round_trip_callback
-    )
+    token_source_for(config)  # build it now: a bad source fails the connect, not a query
+    _configs_in_use.setdefault(config.fingerprint, config)
+    binding = _Binding(config, params.on_connect_callback, params.round_trip_callback)
     params.set(on_connect_callback=binding.on_connect_callback)
 
 
+# Every config a connection or pool was made with: what prepare() fetches for.
+_configs_in_use: dict[str, EndUserSecConfig] = {}
 _install_lock = threading.Lock()
 _warned_reference = False
 
@@ -383,7 +393,9 @@ async def prepare(context: EndUserContext | None = None) -> None:
 
     asyncio connections never fetch tokens inside an operation (that would
     block the loop); ``async with deepsec.end_user(...)`` and the ASGI/FastAPI
-    adapters call this so the per-operation callback finds them cached.
+    adapters call this so the per-round-trip callback finds them cached.  It
+    covers the token source of every ``end_user_sec_params`` connected with so
+    far in this process.
 
     Raises:
         TokenAcquisitionError: a provider could not issue a token.
@@ -391,6 +403,7 @@ async def prepare(context: EndUserContext | None = None) -> None:
     ctx = context if context is not None else current_context()
     if ctx.identity is None:
         return
-    sources = [s for s in all_token_sources() if s.cached_token(ctx) is None]
+    configs = list(_configs_in_use.values())
+    sources = [s for s in map(token_source_for, configs) if s.cached_token(ctx) is None]
     if sources:
         await asyncio.gather(*(s.get_token_async(ctx) for s in sources))

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ..config import EndUserSecConfig
     from ..context import EndUserContext
 
-__all__ = ["TokenSource", "all_token_sources", "clear_token_sources", "token_source_for"]
+__all__ = ["TokenSource", "clear_token_sources", "token_source_for"]
 
 
 @runtime_checkable
@@ -78,11 +78,6 @@ def token_source_for(config: EndUserSecConfig) -> TokenSource:
             if source is None:
                 source = _sources[config.fingerprint] = _build(config)
     return source
-
-
-def all_token_sources() -> list[TokenSource]:
-    """Every token source built so far (used to fetch tokens ahead of time)."""
-    return list(_sources.values())
 
 
 def clear_token_sources() -> None:
