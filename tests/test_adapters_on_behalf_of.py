@@ -17,6 +17,7 @@ import oracledb
 import pytest
 from flask import Flask
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -74,9 +75,16 @@ def asgi_client(oracle: OracleTestServer, idp: LocalIdP) -> Iterator[TestClient]
     async def lifespan(app: Any) -> AsyncIterator[None]:
         state["pool"] = oracledb.create_pool_async(min=0, max=2, **_kwargs(oracle, idp))
         yield
-        await state["pool"].close(force=True)
+        # Close and drop it: deepsec prefetches tokens for every pool still alive.
+        await state.pop("pool").close(force=True)
 
-    app = EndUserSecMiddleware(Starlette(routes=[Route("/whoami", whoami)], lifespan=lifespan))
+    # Inside Starlette's error middleware (the documented form), so a deepsec
+    # error raised by a query still becomes deepsec's response, not a 500.
+    app = Starlette(
+        routes=[Route("/whoami", whoami)],
+        lifespan=lifespan,
+        middleware=[Middleware(EndUserSecMiddleware)],
+    )
     with TestClient(app) as client:
         yield client
 

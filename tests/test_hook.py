@@ -710,3 +710,30 @@ def test_prepare_after_clearing_sources_still_fetches_for_open_connections(oracl
             await conn.close()
 
     assert asyncio.run(main()) == "sam"
+
+
+@pytest.mark.timeout(30)
+def test_prepare_with_two_databases_one_down(oracle):
+    """A request may use only the database whose provider works: not failed up front."""
+
+    async def main() -> tuple[str | None, BaseException]:
+        ok = await oracledb.connect_async(**oracle.connect_kwargs(), extra_auth_params=params())
+        down = await oracledb.connect_async(
+            **oracle.connect_kwargs(),
+            extra_auth_params={"end_user_sec_params": {"spi_type": "spi_failing"}},
+        )
+        try:
+            async with deepsec.end_user(user_token("tess")):  # prepare(): no error
+                cur = ok.cursor()
+                await cur.execute(USERNAME_SQL)
+                who = (await cur.fetchone())[0]
+                with pytest.raises(deepsec.TokenAcquisitionError) as info:
+                    await down.ping()  # the real error, not TokenNotReadyError
+            return who, info.value
+        finally:
+            await ok.close()
+            await down.close()
+
+    who, error = asyncio.run(main())
+    assert who == "tess"
+    assert error.error == "temporarily_unavailable"

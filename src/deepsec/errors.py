@@ -49,6 +49,12 @@ class IdentityNotAccepted(IdentityError):
     """
 
 
+#: ``TokenAcquisitionError.error`` codes that mean "the end user's own token was
+#: refused" (an on-behalf-of assertion that is invalid or already expired), as
+#: opposed to a provider that failed or refused the application.
+USER_TOKEN_REJECTED = frozenset({"invalid_grant", "expired_user_token"})
+
+
 class TokenAcquisitionError(DeepSecError):
     """A database-access token could not be obtained from the identity provider.
 

@@ -36,7 +36,15 @@ import oracledb
 
 from .config import EndUserSecConfig, parse_end_user_sec_params
 from .context import EndUserContext, current_context
-from .errors import ConfigError, IdentityError, TokenAcquisitionError, TokenNotReadyError
+from .errors import (
+    USER_TOKEN_REJECTED,
+    ConfigError,
+    DeepSecError,
+    IdentityError,
+    IdentityNotAccepted,
+    TokenAcquisitionError,
+    TokenNotReadyError,
+)
 from .tokens import TokenSource, token_source_for
 from .tokens.cache import jwt_expiry
 
@@ -125,12 +133,12 @@ class _Binding:
         if ctx.identity is not None:
             try:
                 await self.source.get_token_async(ctx)
-            except TokenAcquisitionError as exc:
+            except DeepSecError as exc:
                 # Raising here would leave a pooled connection checked out
                 # forever (the pool counts it busy); the first round trip made
                 # for this context raises it instead, and the app's release of
                 # the connection returns it to the pool as usual.
-                binding.pending_error = (ctx, exc)
+                _remember_failure(self.config, ctx, exc)
         if self.user_on_connect is not None:
             result = self.user_on_connect(conn)
             if inspect.isawaitable(result):
@@ -146,14 +154,12 @@ class _ConnectionBinding:
     release).
     """
 
-    __slots__ = ("attached", "binding", "conn_ref", "pending_error")
+    __slots__ = ("attached", "binding", "conn_ref")
 
     def __init__(self, binding: _Binding, conn: Any) -> None:
         self.binding = binding
         self.conn_ref = weakref.ref(conn)
         self.attached = _UNKNOWN
-        #: A token failure met while connecting, raised by the first round trip.
-        self.pending_error: tuple[EndUserContext, TokenAcquisitionError] | None = None
 
     def round_trip(self, name: str) -> Any:
         """Attach, switch or clear the end-user context before one round trip."""
@@ -202,10 +208,10 @@ class _ConnectionBinding:
                     self.attached = _CLEARED
                 return None
             if token is None:
-                pending, self.pending_error = self.pending_error, None
-                if pending is not None and pending[0] is ctx:
-                    raise pending[1]
                 if isinstance(conn, oracledb.AsyncConnection):
+                    failure = _recalled_failure(self.binding.config, ctx)
+                    if failure is not None:  # prepare() or on-connect could not get it
+                        raise failure
                     raise TokenNotReadyError(
                         "no database-access token is cached for the current end user; in "
                         "asyncio code use `async with deepsec.end_user(...)`, `await "
@@ -328,7 +334,9 @@ def params_hook(params: oracledb.ConnectParams) -> None:
     params.set(on_connect_callback=binding.on_connect_callback)
 
 
-# Every config a connection or pool was made with: what prepare() fetches for.
+# Every config a connection or pool was made with in this process: what
+# prepare() fetches tokens for.  (Kept by value: tracking pools' lifetimes would
+# depend on when the garbage collector frees a closed pool.)
 _configs_in_use: dict[str, EndUserSecConfig] = {}
 _install_lock = threading.Lock()
 _warned_reference = False
@@ -388,6 +396,24 @@ def installed() -> bool:
     return params_hook in _registered_hooks()
 
 
+# Token failures met while fetching ahead of time (prepare(), async on-connect),
+# per (config, context object): the asyncio round trip that needed the token
+# raises the real error instead of TokenNotReadyError.  Bounded.
+_failures: dict[tuple[str, int], tuple[EndUserContext, DeepSecError]] = {}
+_FAILURES_KEPT = 256
+
+
+def _remember_failure(config: EndUserSecConfig, ctx: EndUserContext, exc: DeepSecError) -> None:
+    if len(_failures) >= _FAILURES_KEPT:
+        _failures.clear()
+    _failures[(config.fingerprint, id(ctx))] = (ctx, exc)
+
+
+def _recalled_failure(config: EndUserSecConfig, ctx: EndUserContext) -> DeepSecError | None:
+    entry = _failures.get((config.fingerprint, id(ctx)))
+    return entry[1] if entry is not None and entry[0] is ctx else None
+
+
 async def prepare(context: EndUserContext | None = None) -> None:
     """Fetch, off the event loop, the tokens the current end user will need.
 
@@ -397,13 +423,45 @@ async def prepare(context: EndUserContext | None = None) -> None:
     covers the token source of every ``end_user_sec_params`` connected with so
     far in this process.
 
+    An app may connect to several databases and a request use only some of
+    them, so a source that fails does not fail the request here: its error is
+    kept, and the first asyncio round trip that needs that token raises it
+    (fail closed, at the statement).  Only when *every* source failed -- the
+    usual single-database case -- is an error raised now, so adapters can
+    answer before the app runs: a provider failure first
+    (:class:`~deepsec.TokenAcquisitionError`, a 503), else the end user's
+    rejection (:class:`~deepsec.IdentityNotAccepted` or a refused user token,
+    a 401).
+
     Raises:
-        TokenAcquisitionError: a provider could not issue a token.
+        TokenAcquisitionError, IdentityNotAccepted: no source could serve
+            this end user.
     """
     ctx = context if context is not None else current_context()
     if ctx.identity is None:
         return
     configs = list(_configs_in_use.values())
-    sources = [s for s in map(token_source_for, configs) if s.cached_token(ctx) is None]
-    if sources:
-        await asyncio.gather(*(s.get_token_async(ctx) for s in sources))
+    missing = [c for c in configs if token_source_for(c).cached_token(ctx) is None]
+    if not missing:
+        return
+    results = await asyncio.gather(
+        *(token_source_for(c).get_token_async(ctx) for c in missing), return_exceptions=True
+    )
+    failures: list[DeepSecError] = []
+    for config, result in zip(missing, results, strict=True):
+        if isinstance(result, DeepSecError):
+            _remember_failure(config, ctx, result)
+            failures.append(result)
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            _failures.pop((config.fingerprint, id(ctx)), None)
+    if failures and len(failures) == len(configs):
+        raise next((f for f in failures if not _rejects_the_user(f)), failures[0])
+
+
+def _rejects_the_user(exc: DeepSecError) -> bool:
+    """Whether ``exc`` is about this end user, not about the provider or app."""
+    if isinstance(exc, IdentityNotAccepted):
+        return True
+    return isinstance(exc, TokenAcquisitionError) and exc.error in USER_TOKEN_REJECTED

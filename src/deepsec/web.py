@@ -30,6 +30,7 @@ import oracledb
 
 from .context import EndUserContext, Identity, validate_identity
 from .errors import (
+    USER_TOKEN_REJECTED,
     ConfigError,
     DeepSecError,
     IdentityError,
@@ -380,7 +381,6 @@ def _resolve(
 # wrong audience), or the identity provider rejected it as an on-behalf-of
 # assertion: the user must sign in again, which is a 401, not an outage.
 _END_USER_TOKEN_REJECTED = 52601
-_USER_TOKEN_PROVIDER_ERRORS = frozenset({"invalid_grant", "expired_user_token"})
 
 
 def _oracle_error_code(exc: BaseException) -> int | None:
@@ -418,7 +418,7 @@ def rejection_for_error(exc: BaseException, settings: WebSettings) -> Rejection 
     if isinstance(exc, IdentityNotAccepted):
         return _deny("this service needs the end user's bearer token", 401, error="invalid_token")
     if isinstance(exc, TokenAcquisitionError):
-        if exc.error in _USER_TOKEN_PROVIDER_ERRORS:
+        if exc.error in USER_TOKEN_REJECTED:
             return _deny(
                 "the identity provider rejected the end user's token",
                 401,
