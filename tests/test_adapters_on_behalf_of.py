@@ -49,7 +49,7 @@ def _kwargs(server: OracleTestServer, idp: LocalIdP) -> dict[str, Any]:
 def flask_client(oracle: OracleTestServer, idp: LocalIdP) -> Iterator[Any]:
     pool = oracledb.create_pool(min=0, max=2, **_kwargs(oracle, idp))
     app = Flask(__name__)
-    DeepSec(app)
+    DeepSec(app, client_local_users=True)  # to show a (name, key) user is refused
 
     @app.get("/whoami")
     def whoami() -> dict[str, Any]:
@@ -83,7 +83,7 @@ def asgi_client(oracle: OracleTestServer, idp: LocalIdP) -> Iterator[TestClient]
     app = Starlette(
         routes=[Route("/whoami", whoami)],
         lifespan=lifespan,
-        middleware=[Middleware(EndUserSecMiddleware)],
+        middleware=[Middleware(EndUserSecMiddleware, client_local_users=True)],
     )
     with TestClient(app) as client:
         yield client

@@ -106,7 +106,8 @@ def make_app(server: OracleTestServer, **settings: Any) -> Starlette:
             Route("/sync-stream/{rid}", sync_stream),
             WebSocketRoute("/ws/{rid}", ws),
         ],
-        middleware=[Middleware(EndUserSecMiddleware, **settings)],
+        # These tests send local [name, key] users in cookies: opt in.
+        middleware=[Middleware(EndUserSecMiddleware, **{"client_local_users": True, **settings})],
         lifespan=lifespan,
     )
 
@@ -225,7 +226,7 @@ def test_websocket_close_1008_without_http_response_extension() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover
         raise AssertionError("the app must not run")
 
-    mw = EndUserSecMiddleware(app, no_identity="deny")
+    mw = EndUserSecMiddleware(app, no_identity="deny", client_local_users=True)
     scope = {"type": "websocket", "path": "/ws", "headers": [], "extensions": {}}
     sent = asyncio.run(_asgi_call(mw, scope, [{"type": "websocket.connect"}]))
     assert sent == [{"type": "websocket.close", "code": 1008, "reason": ""}]
@@ -238,7 +239,7 @@ def test_lifespan_and_other_scopes_pass_through() -> None:
         seen.append((scope["type"], SCOPE_KEY in scope, current_end_user()))
         await send({"type": "lifespan.startup.complete"})
 
-    mw = EndUserSecMiddleware(app, no_identity="deny")
+    mw = EndUserSecMiddleware(app, no_identity="deny", client_local_users=True)
     sent = asyncio.run(_asgi_call(mw, {"type": "lifespan"}, [{"type": "lifespan.startup"}]))
     assert seen == [("lifespan", False, None)]
     assert sent == [{"type": "lifespan.startup.complete"}]
@@ -258,7 +259,7 @@ def test_resolver_gets_a_neutral_connection_and_context_is_reset() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": body})
 
-    mw = EndUserSecMiddleware(app, resolver=resolver)
+    mw = EndUserSecMiddleware(app, resolver=resolver, client_local_users=True)
     headers = [(b"x-user", b"erin"), (b"cookie", b"a=1; b=2"), (b"cookie", b"a=3")]
     scope = {"type": "http", "method": "GET", "path": "/p", "headers": headers}
 
@@ -333,7 +334,7 @@ def test_no_leak_under_load_through_uvicorn(oracle_server: OracleTestServer) -> 
 
     app = Starlette(
         routes=[Route("/whoami/{rid}", whoami)],
-        middleware=[Middleware(EndUserSecMiddleware)],
+        middleware=[Middleware(EndUserSecMiddleware, client_local_users=True)],
         lifespan=lifespan,
     )
     plan = load_plan(2000, seed=11)

@@ -36,7 +36,7 @@ from adapter_support import (
 )
 from deepsec import ConfigError, EndUserContext, current_end_user
 from deepsec.asgi import EndUserSecMiddleware
-from deepsec.fastapi import EndUser, EndUserIdentity, end_user_identity
+from deepsec.fastapi import EndUserIdentity, end_user_identity
 from deepsec.testing.oracle import OracleTestServer
 
 with warnings.catch_warnings():  # Starlette 1.x prefers httpx2 for its TestClient
@@ -46,9 +46,13 @@ with warnings.catch_warnings():  # Starlette 1.x prefers httpx2 for its TestClie
 pytestmark = pytest.mark.timeout(60)
 
 
+# These tests send local [name, key] users in cookies: opt in (off by default).
+LOCAL_USERS = EndUserIdentity(client_local_users=True)
+
+
 def make_app(
     server: OracleTestServer,
-    dependency: EndUserIdentity = end_user_identity,
+    dependency: EndUserIdentity = LOCAL_USERS,
     *,
     middleware: bool = False,
     background: bool = False,
@@ -83,7 +87,7 @@ def make_app(
 
     app = FastAPI(lifespan=lifespan)
     if middleware:
-        app.add_middleware(EndUserSecMiddleware)
+        app.add_middleware(EndUserSecMiddleware, client_local_users=True)
 
     @app.get("/whoami/{rid}")
     async def whoami(rid: str, request: Request, user: User) -> dict[str, Any]:
@@ -200,7 +204,9 @@ def test_openapi_declares_the_security_schemes(client: TestClient) -> None:
 def test_strict_mode(
     headers: dict[str, str], status: int, challenge: str | None, oracle_server: OracleTestServer
 ) -> None:
-    with TestClient(make_app(oracle_server, EndUserIdentity(strict=True))) as client:
+    with TestClient(
+        make_app(oracle_server, EndUserIdentity(strict=True, client_local_users=True))
+    ) as client:
         r = rid()
         response = client.get(f"/sync-whoami/{r}", headers=headers)
         assert response.status_code == status
@@ -216,7 +222,9 @@ def test_strict_mode(
 
 
 def test_deny_policy(oracle_server: OracleTestServer) -> None:
-    with TestClient(make_app(oracle_server, EndUserIdentity(no_identity="deny"))) as client:
+    with TestClient(
+        make_app(oracle_server, EndUserIdentity(no_identity="deny", client_local_users=True))
+    ) as client:
         r = rid()
         response = client.get(f"/whoami/{r}")
         assert response.status_code == 401
@@ -245,23 +253,35 @@ def test_token_failure_is_503_without_secrets(
     assert contexts_of(oracle_server, r) == []
 
 
-def test_reuses_the_middleware_context(oracle_server: OracleTestServer) -> None:
-    # The middleware is lenient and reads the cookie; the dependency would deny:
-    # the middleware's resolution wins and the dependency does not resolve again.
-    app = make_app(oracle_server, EndUserIdentity(no_identity="deny"), middleware=True)
+def test_reuses_the_middleware_context_only_under_the_same_rules(
+    oracle_server: OracleTestServer,
+) -> None:
+    # Same settings as the middleware: its resolution is reused.
+    app = make_app(oracle_server, LOCAL_USERS, middleware=True)
     with TestClient(app) as client:
         r = rid()
         assert client.get(f"/whoami/{r}").json() == {"db": [None, None], "has_user": False}
         response = client.get(f"/sync-whoami/{r}", headers={"Cookie": f"identity={ALICE}"})
         assert response.json() == {"db": ["alice", "alice"], "has_user": True}
     assert contexts_of(oracle_server, r) == [None, None, "alice", "alice"]
+    # A stricter dependency behind a lenient middleware keeps its own rules:
+    # it denies the anonymous request the middleware let through.
+    strict = EndUserIdentity(no_identity="deny", client_local_users=True)
+    with TestClient(make_app(oracle_server, strict, middleware=True)) as client:
+        r = rid()
+        denied = client.get(f"/whoami/{r}")
+        assert denied.status_code == 401
+        allowed = client.get(f"/whoami/{r}", headers={"Cookie": f"identity={ALICE}"})
+        assert allowed.json() == {"db": ["alice", "alice"], "has_user": True}
+    assert contexts_of(oracle_server, r) == ["alice", "alice"]
 
 
 def test_dependency_resets_the_context() -> None:
     app = FastAPI()
+    User = Annotated[EndUserContext | None, Depends(LOCAL_USERS)]
 
     @app.get("/")
-    async def root(user: EndUser) -> dict[str, Any]:
+    async def root(user: User) -> dict[str, Any]:
         return {"name": user.name if user else None}
 
     async def run() -> list[Any]:

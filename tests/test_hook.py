@@ -737,3 +737,18 @@ def test_prepare_with_two_databases_one_down(oracle):
     who, error = asyncio.run(main())
     assert who == "tess"
     assert error.error == "temporarily_unavailable"
+
+
+@pytest.mark.timeout(30)
+def test_app_setting_its_own_round_trip_callback_on_connect_is_chained(oracle):
+    """A tracing callback set in on_connect must not silently replace deepsec's."""
+    traced: list[str] = []
+
+    def on_connect(conn):
+        conn.round_trip_callback = traced.append
+
+    with connect(oracle, extra_auth_params=params(), on_connect_callback=on_connect) as conn:
+        with deepsec.end_user(user_token("uma")):
+            assert whoami(conn, "uma") == "uma"
+        assert whoami(conn, "anon") is None
+    assert "execute" in traced

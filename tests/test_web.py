@@ -136,8 +136,8 @@ def test_repeat_requests_share_one_context_object():
 def test_resolution_cache_is_bounded():
     settings = WebSettings()
     for i in range(2000):
-        resolve(settings, None, cookie=f'["user{i}", null]')
-    assert len(settings._resolved) <= 512
+        resolve(settings, None, cookie=spi_static.make_jwt({"sub": f"user{i}"}))
+    assert 0 < len(settings._resolved) <= 512
 
 
 def test_settings_validation_lists_every_problem():
@@ -206,3 +206,36 @@ def test_rejected_user_tokens_are_401_not_503():
     assert rejection_for_error(other, settings) is None
     provider_down = TokenAcquisitionError("down", error="connection_error")
     assert rejection_for_error(provider_down, settings).status == 503
+
+
+def test_client_sent_local_users_are_refused_unless_opted_in(caplog):
+    """Nothing authenticates a keyless local user: a client cookie cannot claim one."""
+    caplog.set_level(logging.WARNING, logger="deepsec.web")
+    cookie = '["hr_admin", null]'
+    refused = resolve(WebSettings(), None, cookie=cookie)
+    assert refused.context is None and refused.rejection is None
+    assert "client_local_users is off" in caplog.text
+    strict = resolve(WebSettings(strict=True), None, cookie=cookie)
+    assert strict.rejection is not None and strict.rejection.status == 400
+    accepted = resolve(WebSettings(client_local_users=True), None, cookie=cookie)
+    assert accepted.context == EndUserContext(("hr_admin", None))
+    # A resolver built on the app's own authentication may always return one.
+    resolved = resolve(WebSettings(resolver=lambda request: ("hr_admin", None)), None)
+    assert resolved.context == EndUserContext(("hr_admin", None))
+
+
+def test_a_bad_cookie_does_not_hide_a_good_bearer_header():
+    got = resolve(WebSettings(), None, cookie='{"x": 1}', authorization=f"Bearer {TOKEN}")
+    assert got.context == EndUserContext(TOKEN)
+    strict = resolve(
+        WebSettings(strict=True), None, cookie='{"x": 1}', authorization=f"Bearer {TOKEN}"
+    )
+    assert strict.rejection is not None and strict.rejection.status == 400
+
+
+def test_token_not_ready_is_a_retryable_503():
+    from deepsec import TokenNotReadyError
+
+    rejection = rejection_for_error(TokenNotReadyError("not fetched"), WebSettings())
+    assert rejection is not None and rejection.status == 503
+    assert ("Retry-After", "1") in rejection.headers

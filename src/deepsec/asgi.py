@@ -45,7 +45,7 @@ from .errors import DeepSecError
 from .hook import prepare
 from .web import Rejection, WebSettings, parse_cookie_header, rejection_for_error, resolve
 
-__all__ = ["SCOPE_KEY", "ASGIConnection", "EndUserSecMiddleware"]
+__all__ = ["SCOPE_KEY", "SETTINGS_KEY", "ASGIConnection", "EndUserSecMiddleware"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -55,6 +55,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Scope key holding the request's resolved context (``None``: no end user).
 SCOPE_KEY = "deepsec.end_user"
+#: Scope key holding the settings that context was resolved with.
+SETTINGS_KEY = "deepsec.settings"
 
 
 class _Headers(Mapping[str, str]):
@@ -187,6 +189,7 @@ class EndUserSecMiddleware:
             return
         ctx = resolution.context
         scope[SCOPE_KEY] = ctx
+        scope[SETTINGS_KEY] = settings
         # Activate even "no end user": the request must not inherit a context.
         token = activate(ctx)
         try:

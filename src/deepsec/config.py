@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -194,8 +195,9 @@ def _parse(params: Mapping[str, Any]) -> EndUserSecConfig:
         problems.append(
             f"auth_flow must be one of {', '.join(AUTH_FLOWS)}, got "
             + (
+                # Echo only what looks like a flow name: a misplaced secret must not show.
                 repr(auth_flow)
-                if isinstance(auth_flow, str) and len(auth_flow) < 40
+                if isinstance(auth_flow, str) and re.fullmatch(r"[a-z_]{1,32}", auth_flow)
                 else _shown(auth_flow)
             )
         )

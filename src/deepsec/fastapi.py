@@ -46,7 +46,7 @@ from fastapi import Depends, HTTPException, Security, WebSocketException
 from fastapi.security import APIKeyCookie, HTTPBearer
 from starlette.requests import HTTPConnection
 
-from .asgi import SCOPE_KEY
+from .asgi import SCOPE_KEY, SETTINGS_KEY
 from .context import EndUserContext, activate, deactivate
 from .errors import DeepSecError
 from .hook import prepare
@@ -121,10 +121,13 @@ class EndUserIdentity:
     ) -> AsyncIterator[EndUserContext | None]:
         """Resolve, activate and (after the response) reset the end-user context."""
         scope = connection.scope
-        if SCOPE_KEY in scope:  # the ASGI middleware already did it
+        settings = self.settings
+        if SCOPE_KEY in scope and scope.get(SETTINGS_KEY) == settings:
+            # The ASGI middleware already resolved this request by the same rules.
             yield scope[SCOPE_KEY]
             return
-        settings = self.settings
+        # Otherwise this dependency's own settings decide (its deny, strict,
+        # cookie and resolver choices must not be lost behind a laxer middleware).
         cookie = None
         if settings.cookie_name is not None:
             cookie = parse_cookie_header(connection.headers.get("cookie"), settings.cookie_name)

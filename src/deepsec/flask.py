@@ -191,21 +191,46 @@ def _after_request(response: Response) -> Response:
     # user, and reset when the server closes it.  File responses
     # (direct_passthrough) are left alone so servers can still sendfile them.
     if response.is_streamed and not response.direct_passthrough:
-        response.response = _scoped(response.response, current_context())
+        response.response = _ScopedBody(response.response, current_context())
     return response
 
 
-def _scoped(body: Iterable[Any], ctx: EndUserContext) -> Iterator[Any]:
-    token = activate(ctx)
-    try:
-        yield from body
-    finally:
+class _ScopedBody:
+    """A streamed body whose every chunk (and its close) runs as one end user.
+
+    The context is current only while a chunk is produced: between chunks,
+    and after the server drops the body, the server's thread has none.
+    """
+
+    __slots__ = ("_body", "_context", "_iterator")
+
+    def __init__(self, body: Iterable[Any], context: EndUserContext) -> None:
+        self._body = body
+        self._context = context
+        self._iterator: Iterator[Any] | None = None
+
+    def __iter__(self) -> _ScopedBody:
+        return self
+
+    def __next__(self) -> Any:
+        activation = activate(self._context)
         try:
-            close = getattr(body, "close", None)
-            if close is not None:
-                close()
+            if self._iterator is None:
+                self._iterator = iter(self._body)
+            return next(self._iterator)
         finally:
-            _reset(token)
+            _reset(activation)
+
+    def close(self) -> None:
+        """Close the body (a generator's ``finally`` runs as the end user too)."""
+        close = getattr(self._body, "close", None)
+        if close is None:
+            return
+        activation = activate(self._context)
+        try:
+            close()
+        finally:
+            _reset(activation)
 
 
 def _teardown_request(exc: BaseException | None) -> None:

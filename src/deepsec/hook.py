@@ -121,15 +121,25 @@ class _Binding:
         """Bind the per-round-trip callback; for asyncio, fetch the token first."""
         if isinstance(conn, oracledb.AsyncConnection):
             return self._on_connect_async(conn)
-        conn.round_trip_callback = _ConnectionBinding(self, conn).round_trip
+        self._bind(conn, self.user_round_trip)
         if self.user_on_connect is not None:
             self.user_on_connect(conn)
+            self._rebind_if_replaced(conn)
         return None
+
+    def _bind(self, conn: Any, theirs: Callable[..., Any] | None) -> None:
+        conn.round_trip_callback = _ConnectionBinding(self, conn, theirs).round_trip
+
+    def _rebind_if_replaced(self, conn: Any) -> None:
+        # The app's on-connect callback may set its own round_trip_callback
+        # (tracing, metrics): chain it, never let it silently replace ours.
+        current = conn.round_trip_callback
+        if not isinstance(getattr(current, "__self__", None), _ConnectionBinding):
+            self._bind(conn, current)
 
     async def _on_connect_async(self, conn: Any) -> None:
         ctx = current_context()
-        binding = _ConnectionBinding(self, conn)
-        conn.round_trip_callback = binding.round_trip
+        self._bind(conn, self.user_round_trip)
         if ctx.identity is not None:
             try:
                 await self.source.get_token_async(ctx)
@@ -143,6 +153,7 @@ class _Binding:
             result = self.user_on_connect(conn)
             if inspect.isawaitable(result):
                 await result
+            self._rebind_if_replaced(conn)
 
 
 class _ConnectionBinding:
@@ -154,12 +165,16 @@ class _ConnectionBinding:
     release).
     """
 
-    __slots__ = ("attached", "binding", "conn_ref")
+    __slots__ = ("attached", "binding", "conn_ref", "user_round_trip")
 
-    def __init__(self, binding: _Binding, conn: Any) -> None:
+    def __init__(
+        self, binding: _Binding, conn: Any, user_round_trip: Callable[..., Any] | None
+    ) -> None:
         self.binding = binding
         self.conn_ref = weakref.ref(conn)
         self.attached = _UNKNOWN
+        #: The app's own round-trip callback, called after ours.
+        self.user_round_trip = user_round_trip
 
     def round_trip(self, name: str) -> Any:
         """Attach, switch or clear the end-user context before one round trip."""
@@ -172,7 +187,7 @@ class _ConnectionBinding:
                 # This Connection object was released to its pool or closed
                 # (DPY-1001): the round trip belongs to the pool, not to us.
                 completion = None
-        user = self.binding.user_round_trip
+        user = self.user_round_trip
         if user is not None:
             user_completion = user(name)
             if completion is None:

@@ -36,6 +36,7 @@ from .errors import (
     IdentityError,
     IdentityNotAccepted,
     TokenAcquisitionError,
+    TokenNotReadyError,
 )
 
 __all__ = [
@@ -109,6 +110,11 @@ class WebSettings:
         max_size: largest cookie or header value accepted, in bytes.
         strict: reject malformed identities with 400/401 instead of
             treating them as absent.
+        client_local_users: accept a local ``[name, key|null]`` end user
+            from the client's cookie.  Off by default: nothing authenticates
+            a keyless local user, so any client could claim any of them; get
+            local users from a ``resolver`` built on your own authentication
+            (``deepsec.django.resolvers.django_user``) instead.
         no_identity: ``least_privilege`` runs the request with no end user;
             ``deny`` answers 401.
         token_error_status: status for a token-acquisition failure.
@@ -121,6 +127,7 @@ class WebSettings:
     attributes: Callable[[Any], Mapping[str, Any] | None] | None = None
     max_size: int = DEFAULT_MAX_SIZE
     strict: bool = False
+    client_local_users: bool = False
     no_identity: NoIdentityPolicy = "least_privilege"
     token_error_status: int = 503
     # Parsed (cookie, authorization) pairs -> Resolution, used only when the
@@ -150,6 +157,8 @@ class WebSettings:
             problems.append("max_size must be between 64 and 1048576 bytes")
         if not isinstance(self.strict, bool):
             problems.append("strict must be true or false")
+        if not isinstance(self.client_local_users, bool):
+            problems.append("client_local_users must be true or false")
         if self.no_identity not in ("least_privilege", "deny"):
             problems.append(
                 f"no_identity must be 'least_privilege' or 'deny', got {self.no_identity!r}"
@@ -338,6 +347,19 @@ _resolved_lock = threading.Lock()
 _NONE = Resolution(context=None)
 
 
+def _cookie_identity(settings: WebSettings, cookie: str | None) -> Identity | None:
+    identity = identity_from_cookie(cookie, max_size=settings.max_size)
+    if isinstance(identity, tuple) and not settings.client_local_users:
+        # Nothing authenticates a keyless local end user: whoever sends the
+        # cookie would be that user.  Local users come from a resolver that
+        # derives them from the app's own authentication, unless opted in.
+        raise MalformedIdentity(
+            "a (name, key) end user in the identity cookie is not accepted "
+            "(client_local_users is off)"
+        )
+    return identity
+
+
 def _resolve(
     settings: WebSettings, request: Any, cookie: str | None, authorization: str | None
 ) -> tuple[Resolution, bool]:
@@ -354,7 +376,14 @@ def _resolve(
         else:
             identity = None
             if settings.cookie_name is not None:
-                identity = identity_from_cookie(cookie, max_size=settings.max_size)
+                try:
+                    identity = _cookie_identity(settings, cookie)
+                except MalformedIdentity as exc:
+                    # A bad cookie is absent: a valid bearer header still counts.
+                    if settings.strict:
+                        return Resolution(rejection=_deny(str(exc), exc.status)), True
+                    _warn_malformed(exc)
+                    malformed = True
             if identity is None and settings.bearer:
                 identity = identity_from_authorization(authorization, max_size=settings.max_size)
     except MalformedIdentity as exc:
@@ -433,6 +462,11 @@ def rejection_for_error(exc: BaseException, settings: WebSettings) -> Rejection 
         if settings.token_error_status == 503:
             headers = (("Retry-After", "5"),)
         return Rejection(settings.token_error_status, body, headers)
+    if isinstance(exc, TokenNotReadyError):
+        # An asyncio statement found no token (dropped after ORA-52602, say):
+        # nothing was sent; the client's retry fetches one before the app runs.
+        body = {"error": "token_unavailable", "detail": "the database-access token is unavailable"}
+        return Rejection(settings.token_error_status, body, (("Retry-After", "1"),))
     if _oracle_error_code(exc) == _END_USER_TOKEN_REJECTED:
         return _deny("the database rejected the end user's token", 401, error="invalid_token")
     return None

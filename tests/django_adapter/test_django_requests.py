@@ -119,7 +119,7 @@ def test_malformed_cookie_is_no_identity(
 
 def test_malformed_cookie_strict_is_400(server: Any) -> None:
     mark = server.mark()
-    with override_settings(DEEPSEC={"STRICT": True}):
+    with override_settings(DEEPSEC={"STRICT": True, "client_local_users": True}):
         response = get("/whoami?tag=strict400", HTTP_COOKIE="identity={not-json")
     assert response.status_code == 400
     assert response.json()["error"] == "bad_request"
@@ -133,7 +133,7 @@ def test_oversized_header(server: Any) -> None:
     response = get("/whoami?tag=huge", HTTP_AUTHORIZATION=huge)
     assert response.status_code == 200
     assert usernames(server, "huge", since=mark, minimum=2) == {None}
-    with override_settings(DEEPSEC={"strict": True}):
+    with override_settings(DEEPSEC={"strict": True, "client_local_users": True}):
         response = get("/whoami?tag=huge-strict", HTTP_AUTHORIZATION=huge)
     assert response.status_code == 401
     assert response["WWW-Authenticate"] == 'Bearer error="invalid_token"'
@@ -144,7 +144,7 @@ def test_oversized_header(server: Any) -> None:
 
 def test_no_identity_deny_is_401(server: Any) -> None:
     mark = server.mark()
-    with override_settings(DEEPSEC={"no_identity": "deny"}):
+    with override_settings(DEEPSEC={"no_identity": "deny", "client_local_users": True}):
         response = get("/whoami?tag=deny")
         assert response.status_code == 401
         assert response["WWW-Authenticate"] == "Bearer"
@@ -291,7 +291,7 @@ def test_asgi_async_streaming(server: Any) -> None:
 @pytest.mark.filterwarnings("ignore:StreamingHttpResponse must consume synchronous iterators")
 def test_asgi_sync_streaming_and_rejection(server: Any) -> None:
     mark = server.mark()
-    with override_settings(DEEPSEC={"strict": True}):
+    with override_settings(DEEPSEC={"strict": True, "client_local_users": True}):
         ok, bad = asyncio.run(
             _asgi_requests(
                 [

@@ -20,6 +20,7 @@ MIDDLEWARE = [
 ROOT_URLCONF = "django_project.urls"
 # Filled by django_project.configure_databases() once the wire server runs.
 DATABASES: dict[str, Any] = {}
-DEEPSEC: dict[str, Any] = {}
+# The tests send local [name, key] users in cookies: opt in (off by default).
+DEEPSEC: dict[str, Any] = {"client_local_users": True}
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 LOGGING_CONFIG = None
