@@ -61,7 +61,8 @@ def test_safety_margin_is_applied_and_capped_for_short_tokens() -> None:
     assert cache.expires_at("exact") == pytest.approx(now + 60, abs=0.01)
 
 
-def test_expired_token_is_returned_once_but_not_cached() -> None:
+def test_expired_token_is_refused_and_not_cached() -> None:
+    """No caller ever receives a token that has already expired."""
     cache = TokenCache(10)
     fetch_calls = []
 
@@ -69,9 +70,11 @@ def test_expired_token_is_returned_once_but_not_cached() -> None:
         fetch_calls.append(1)
         return FetchResult("old", time.time() - 5)
 
-    assert cache.get("k", fetch) == "old"
+    with pytest.raises(TokenAcquisitionError, match="already expired"):
+        cache.get("k", fetch)
     assert cache.peek("k") is None
-    cache.get("k", fetch)
+    with pytest.raises(TokenAcquisitionError):
+        cache.get("k", fetch)
     assert len(fetch_calls) == 2
 
 
@@ -419,3 +422,36 @@ def test_key_memo_derives_once_per_object_and_never_confuses_objects() -> None:
         assert memo.key(s) == cache_key(s)
     assert len(memo._data) <= 4
     assert memo.key(("bob", None)) == cache_key(("bob", None))
+
+
+def test_a_failed_executor_submit_does_not_orphan_the_key() -> None:
+    import asyncio
+    import concurrent.futures
+    import threading
+    import time as _time_mod
+
+    from deepsec.tokens.cache import FetchResult, TokenCache
+
+    cache = TokenCache(10)
+
+    def fetch() -> FetchResult:
+        return FetchResult("tok", _time_mod.time() + 3600)
+
+    async def main() -> None:
+        executor = concurrent.futures.ThreadPoolExecutor(1)
+        executor.shutdown()
+        asyncio.get_running_loop().set_default_executor(executor)
+        with pytest.raises(RuntimeError):
+            await cache.aget("k", fetch)
+
+    asyncio.run(main())
+    done = threading.Event()
+    result: list[str] = []
+
+    def later() -> None:
+        result.append(cache.get("k", fetch))
+        done.set()
+
+    threading.Thread(target=later, daemon=True).start()
+    assert done.wait(5), "a later get() blocked on the orphaned in-flight fetch"
+    assert result == ["tok"]

@@ -111,8 +111,10 @@ class _Binding:
 
         Looked up rather than kept, so that
         :func:`deepsec.tokens.clear_token_sources` (credential rotation)
-        reaches pools and connections that already exist.
+        reaches pools and connections that already exist; and the config is
+        (re-)registered for :func:`prepare`.
         """
+        _configs_in_use.setdefault(self.config.fingerprint, self.config)
         return token_source_for(self.config)
 
     # -- on connect / acquire ------------------------------------------------
@@ -427,6 +429,15 @@ def _remember_failure(config: EndUserSecConfig, ctx: EndUserContext, exc: DeepSe
 def _recalled_failure(config: EndUserSecConfig, ctx: EndUserContext) -> DeepSecError | None:
     entry = _failures.get((config.fingerprint, id(ctx)))
     return entry[1] if entry is not None and entry[0] is ctx else None
+
+
+def forget_prefetch_configs() -> None:
+    """Forget which configs :func:`prepare` fetches for (test isolation).
+
+    Connections and pools still open register theirs again on their next
+    acquire or token lookup.
+    """
+    _configs_in_use.clear()
 
 
 async def prepare(context: EndUserContext | None = None) -> None:

@@ -25,15 +25,17 @@ __all__ = ["idp", "local_idp", "reset_token_state"]
 
 
 def reset_token_state() -> None:
-    """Forget every token source, cached token and MSAL application."""
+    """Forget every token source, cached token and MSAL application.
+
+    Also forgets which configs :func:`deepsec.prepare` fetches for, so one
+    test's identity providers (often stopped by now) are not asked again in
+    the next; connections still open register theirs again when next used.
+    """
+    from ..hook import forget_prefetch_configs
     from ..tokens import clear_token_sources
 
-    clear_token_sources()
-    try:
-        from ..tokens.azure import reset_msal_apps
-    except ImportError:  # msal not installed
-        return
-    reset_msal_apps()
+    clear_token_sources()  # also drops MSAL applications
+    forget_prefetch_configs()
 
 
 @pytest.fixture(scope="session")

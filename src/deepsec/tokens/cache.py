@@ -48,6 +48,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from ..errors import TokenAcquisitionError
+
 __all__ = [
     "DEFAULT_REFRESH_AHEAD",
     "DEFAULT_SKEW",
@@ -191,6 +193,9 @@ class _Refresher:
             except queue.Empty:
                 with self._lock:
                     self._idle -= 1
+                    if not self._queue.empty():
+                        # submit() saw this worker idle and queued a job for it.
+                        continue
                     self._workers -= 1
                 return
             with self._lock:
@@ -331,7 +336,13 @@ class TokenCache:
             return future.result()
         if leader:
             loop = asyncio.get_running_loop()
-            loop.run_in_executor(None, self._run_fetch, key, fetch, future)
+            try:
+                loop.run_in_executor(None, self._run_fetch, key, fetch, future)
+            except BaseException as exc:  # executor shut down: nobody would finish it
+                with self._lock:
+                    self._inflight.pop(key, None)
+                future.set_exception(exc)
+                raise
         # The future is already running, so a waiter's cancellation cannot
         # cancel it for the others.
         return await asyncio.wrap_future(future)
@@ -379,7 +390,15 @@ class TokenCache:
             return
         with self._lock:
             self._inflight.pop(key, None)
-            self._store(key, result, fetch)
+            stored = self._store(key, result, fetch)
+        if not stored:
+            future.set_exception(
+                TokenAcquisitionError(
+                    "the identity provider issued a token that has already expired",
+                    error="expired_token",
+                )
+            )
+            return
         future.set_result(result.token)
 
     # --- refresh-ahead ---------------------------------------------------------
@@ -422,8 +441,11 @@ class TokenCache:
 
     # --- storage ----------------------------------------------------------------
 
-    def _store(self, key: str, result: FetchResult, fetch: Fetcher) -> None:
-        """Insert under ``self._lock``; evicts the least recently used entries."""
+    def _store(self, key: str, result: FetchResult, fetch: Fetcher) -> bool:
+        """Insert under ``self._lock``; evicts the least recently used entries.
+
+        Returns False (and stores nothing) for a token with no usable life.
+        """
         now = _time()
         lifetime = result.expires_at - now
         margin = 0.0 if result.exact else min(self.skew, max(lifetime, 0.0) / 4)
@@ -432,13 +454,14 @@ class TokenCache:
         if usable <= 0:
             logger.debug("%s: token for key %s… is already expired; not cached", self.name, key[:8])
             self._data.pop(key, None)
-            return
+            return False
         refresh_at = expires_at - min(self.refresh_ahead, usable / 2)
         self._data[key] = _Entry(result.token, expires_at, refresh_at, fetch)
         self._data.move_to_end(key)
         while len(self._data) > self.maxsize:
             self._data.popitem(last=False)
         logger.debug("%s: cached token for key %s…, usable for %.1f s", self.name, key[:8], usable)
+        return True
 
     def put(self, key: str, token: str, expires_at: float, fetch: Fetcher | None = None) -> None:
         """Store ``token`` for ``key`` until ``expires_at`` (less the margin).
