@@ -229,3 +229,14 @@ def test_to_thread_copies_end_with_the_block():
         return out
 
     assert asyncio.run(main()) == [("zoe", None), None]
+
+
+def test_one_end_user_object_scopes_one_block_at_a_time():
+    scope = deepsec.end_user(("vic", None))
+    with scope:
+        with pytest.raises(RuntimeError, match="already in use"), scope:
+            pass
+        assert deepsec.get_end_user_identity() == ("vic", None)
+    with scope:  # free again once the block has ended
+        assert deepsec.get_end_user_identity() == ("vic", None)
+    assert deepsec.get_end_user_identity() is None

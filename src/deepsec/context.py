@@ -399,7 +399,7 @@ class end_user:  # a class used like a function: ``with deepsec.end_user(...)``
     Tasks started inside the block lose the end user when the block exits.
     """
 
-    __slots__ = ("_activations", "_context")
+    __slots__ = ("_activation", "_context")
 
     def __init__(
         self,
@@ -409,33 +409,45 @@ class end_user:  # a class used like a function: ``with deepsec.end_user(...)``
         attributes: Mapping[str, Any] | None = None,
     ) -> None:
         self._context = EndUserContext(identity, data_roles, attributes)
-        self._activations: list[Activation] = []
+        self._activation: Activation | None = None
 
     @property
     def context(self) -> EndUserContext:
         """The context this block runs under."""
         return self._context
 
+    def _begin(self) -> None:
+        # One block at a time: shared by two threads or tasks, their exits
+        # would end each other's activations.
+        if self._activation is not None:
+            raise RuntimeError("this end_user(...) object is already in use; create one per block")
+        self._activation = _start(self._context)
+
+    def _finish(self) -> None:
+        activation, self._activation = self._activation, None
+        if activation is not None:
+            _end(activation)
+
     def __enter__(self) -> EndUserContext:
-        self._activations.append(_start(self._context))
+        self._begin()
         return self._context
 
     def __exit__(self, *exc_info: object) -> None:
-        _end(self._activations.pop())
+        self._finish()
 
     async def __aenter__(self) -> EndUserContext:
-        self._activations.append(_start(self._context))
+        self._begin()
         try:
             from .hook import prepare
 
             await prepare()
         except BaseException:
-            _end(self._activations.pop())
+            self._finish()
             raise
         return self._context
 
     async def __aexit__(self, *exc_info: object) -> None:
-        _end(self._activations.pop())
+        self._finish()
 
     def __repr__(self) -> str:
         return f"end_user({self._context!r})"
