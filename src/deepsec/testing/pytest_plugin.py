@@ -16,15 +16,29 @@ Oracle wire test server fixtures:
 ``oracle`` (function scope)
     The same server after ``reset()``: records cleared, no token validator, no
     canned tables; the validator and tables are reset again after the test.
+
+Redis fixtures (shared token cache, Celery broker):
+
+``redis_server`` (session scope)
+    A running :class:`deepsec.testing.redis.RedisTestServer` (Debian's
+    ``redis-server`` on a free loopback port).  Skipped, saying why, when the
+    binary is missing -- unless ``DEEPSEC_REQUIRE_REDIS=1`` (set by
+    ``./run test`` once it has installed Redis), which makes that a failure.
+
+``redis`` (function scope)
+    The same server, started again if a test killed it, and flushed before
+    and after the test.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from deepsec.testing.oracle import OracleTestServer
+from deepsec.testing.redis import RedisTestServer, redis_server_binary
 
 # ---------------------------------------------------------------------------
 # Oracle wire test server
@@ -70,3 +84,35 @@ def oracle(oracle_server: OracleServerFixture) -> Iterator[OracleServerFixture]:
     finally:
         oracle_server.token_validator = None
         oracle_server.reset()
+
+
+# ---------------------------------------------------------------------------
+# Redis
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisTestServer]:
+    """A session-wide ``redis-server`` on a free loopback port."""
+    if redis_server_binary() is None:
+        message = "redis-server is not installed (./run test installs it)"
+        if os.environ.get("DEEPSEC_REQUIRE_REDIS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    server = RedisTestServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis(redis_server: RedisTestServer) -> Iterator[RedisTestServer]:
+    """The session's Redis, running and empty for this test."""
+    redis_server.start()
+    redis_server.flush()
+    try:
+        yield redis_server
+    finally:
+        redis_server.start()
+        redis_server.flush()
