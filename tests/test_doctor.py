@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import subprocess
@@ -155,6 +156,8 @@ def test_django_settings_module(idp, tmp_path, monkeypatch):
                 "other": {{"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
             }}
             DEEPSEC = {{"strict": True, "attributes": "json.dumps"}}
+            INSTALLED_APPS = ["deepsec.django"]
+            MIDDLEWARE = ["deepsec.django.middleware.EndUserSecMiddleware"]
             """
         )
     )
@@ -197,3 +200,186 @@ def test_command_line_entry_point(tmp_path):
         [sys.executable, "-m", "deepsec", "nope"], capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 3
+
+
+# -- doctor --settings runs deepsec's Django system checks ----------------------------
+
+GOOD_SETTINGS = {
+    "SECRET_KEY": "doctor-tests-only",
+    "INSTALLED_APPS": ["django.contrib.contenttypes", "django.contrib.auth", "deepsec.django"],
+    "MIDDLEWARE": [
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "deepsec.django.middleware.EndUserSecMiddleware",
+    ],
+    "DATABASES": {
+        "default": {
+            "ENGINE": "django.db.backends.oracle",
+            "NAME": "tcps://db.example.com:1522/hr",
+            "USER": "app_user",
+            "PASSWORD": "db-password-not-to-print",
+            "OPTIONS": {
+                "extra_auth_params": {
+                    "end_user_sec_params": {"spi_type": "spi_static", "client_id": "doctor"}
+                }
+            },
+        }
+    },
+    "DEEPSEC": {},
+}
+SRC_DIR = TESTS_DIR.parent / "src"
+
+
+def doctor_on_settings(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
+    """``python -m deepsec doctor --settings`` on ``source``, in a fresh process."""
+    (tmp_path / "doctor_case_settings.py").write_text(source)
+    return subprocess.run(
+        [sys.executable, "-m", "deepsec", "doctor", "--settings", "doctor_case_settings"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={"PYTHONPATH": f"{SRC_DIR}:{TESTS_DIR}", "PATH": "/usr/bin:/bin"},
+    )
+
+
+def settings_source(**changes: object) -> str:
+    values = {**copy.deepcopy(GOOD_SETTINGS), **changes}
+    return "".join(f"{name} = {value!r}\n" for name, value in values.items())
+
+
+def test_doctor_settings_all_good(tmp_path):
+    result = doctor_on_settings(tmp_path, settings_source())
+    assert result.returncode == EXIT_OK, result.stdout + result.stderr
+    assert "OK: INSTALLED_APPS, MIDDLEWARE, DEEPSEC and DATABASES" in result.stdout
+    assert result.stdout.rstrip().endswith("doctor: OK")
+    assert "db-password-not-to-print" not in result.stdout
+
+
+def _with_tcp_name(name: str) -> dict[str, object]:
+    databases = copy.deepcopy(GOOD_SETTINGS["DATABASES"])
+    databases["default"]["NAME"] = name  # type: ignore[index]
+    return {"DATABASES": databases}
+
+
+def _with_host_port() -> dict[str, object]:
+    databases = copy.deepcopy(GOOD_SETTINGS["DATABASES"])
+    databases["default"].update(NAME="hr", HOST="db.example.com", PORT="1521")  # type: ignore[union-attr]
+    return {"DATABASES": databases}
+
+
+MIDDLEWARE = GOOD_SETTINGS["MIDDLEWARE"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        pytest.param(
+            {"MIDDLEWARE": MIDDLEWARE[:2]},  # type: ignore[index]
+            [
+                "deepsec.E001 ERROR: deepsec.django.middleware.EndUserSecMiddleware is not in "
+                "MIDDLEWARE",
+                "fix: Add 'deepsec.django.middleware.EndUserSecMiddleware' to MIDDLEWARE, after "
+                "'django.contrib.auth.middleware.AuthenticationMiddleware'.",
+            ],
+            id="middleware-missing",
+        ),
+        pytest.param(
+            {"MIDDLEWARE": [MIDDLEWARE[0], MIDDLEWARE[2], MIDDLEWARE[1]]},  # type: ignore[index]
+            [
+                "deepsec.E002 ERROR: deepsec.django.middleware.EndUserSecMiddleware comes before "
+                "django.contrib.auth.middleware.AuthenticationMiddleware",
+                "fix: Move 'deepsec.django.middleware.EndUserSecMiddleware' below "
+                "'django.contrib.auth.middleware.AuthenticationMiddleware' in MIDDLEWARE.",
+            ],
+            id="middleware-before-auth",
+        ),
+        pytest.param(
+            _with_tcp_name("tcp://db.example.com:1521/hr"),
+            [
+                "deepsec.E008 ERROR: DATABASES['default'] has end_user_sec_params but NAME: "
+                "the connect string uses tcp, not TCPS",
+                "fix: Write NAME as 'tcps://host:port/service'",
+            ],
+            id="tcp-dsn",
+        ),
+        pytest.param(
+            _with_tcp_name(
+                "(DESCRIPTION=(ADDRESS=(PROTOCOL=TCP)(HOST=db)(PORT=1521))"
+                "(CONNECT_DATA=(SERVICE_NAME=hr)))"
+            ),
+            ["deepsec.E008 ERROR:", "not TCPS", "(PROTOCOL=TCPS)"],
+            id="tcp-descriptor",
+        ),
+        pytest.param(
+            _with_host_port(),
+            [
+                "deepsec.E008 ERROR: DATABASES['default'] has end_user_sec_params but HOST/PORT",
+                "fix: Leave HOST and PORT empty",
+            ],
+            id="host-and-port",
+        ),
+        pytest.param(
+            {"DEEPSEC": {"colour": "blue"}},
+            ["deepsec.E004 ERROR: settings.DEEPSEC is invalid: unknown setting(s): colour"],
+            id="bad-deepsec-key",
+        ),
+        pytest.param(
+            {"INSTALLED_APPS": ["django.contrib.contenttypes", "django.contrib.auth"]},
+            [
+                "deepsec.E009 ERROR: 'deepsec.django' is not in INSTALLED_APPS",
+                "fix: Add 'deepsec.django' to INSTALLED_APPS.",
+            ],
+            id="app-missing",
+        ),
+    ],
+)
+def test_doctor_settings_one_misconfiguration(tmp_path, changes, expected):
+    result = doctor_on_settings(tmp_path, settings_source(**changes))
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    for line in expected:
+        assert line in result.stdout, result.stdout
+    assert result.stdout.count(" ERROR: ") == 1, result.stdout  # that problem, and only it
+    assert "doctor: INVALID CONFIGURATION" in result.stdout
+    assert "db-password-not-to-print" not in result.stdout
+
+
+def test_doctor_settings_reports_every_problem(tmp_path):
+    source = settings_source(
+        MIDDLEWARE=[],
+        DEEPSEC={"colour": "blue", "no_identity": "maybe", "resolver": "no_such_mod.f"},
+        **_with_tcp_name("db.example.com:1521/hr"),
+    )
+    result = doctor_on_settings(tmp_path, source)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    for fragment in (
+        "deepsec.E001",
+        "unknown setting(s): colour",
+        "no_identity must be 'least_privilege' or 'deny'",
+        "resolver: cannot import 'no_such_mod.f'",
+        "deepsec.E008",
+    ):
+        assert fragment in result.stdout, result.stdout
+
+
+def test_doctor_settings_missing_environment_variable(tmp_path):
+    source = "import os\n" + settings_source().replace(
+        "'db-password-not-to-print'", "os.environ['HR_DB_PASSWORD_FOR_DOCTOR']"
+    )
+    result = doctor_on_settings(tmp_path, source)
+    assert result.returncode == EXIT_USAGE, result.stdout + result.stderr
+    assert "KeyError 'HR_DB_PASSWORD_FOR_DOCTOR'" in result.stdout
+    assert "environment variable HR_DB_PASSWORD_FOR_DOCTOR" in result.stdout
+    assert "doctor_case_settings.py, line" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_config_file_with_a_tcp_dsn_is_invalid(tmp_path):
+    params = {"spi_type": "spi_static", "client_id": "a"}
+    config = write_json(tmp_path, {"end_user_sec_params": params, "dsn": "db:1521/hr"})
+    code, text = run("--config", config)
+    assert code == EXIT_CONFIG, text
+    assert "ERROR: dsn: the connect string uses tcp, not TCPS" in text
+    config = write_json(tmp_path, {"end_user_sec_params": params, "dsn": "tcps://db:1522/hr"})
+    code, text = run("--config", config)
+    assert code == EXIT_OK, text

@@ -1,10 +1,16 @@
 """``python -m deepsec doctor``: check a configuration end to end, without a database.
 
-Give it a Django settings module (``--settings mysite.settings``: every
-``DATABASES[alias]["OPTIONS"]["extra_auth_params"]["end_user_sec_params"]``
-and the ``DEEPSEC`` adapter setting) or a JSON file (``--config file.json``
-holding ``end_user_sec_params``, ``extra_auth_params``, or the parameters
-themselves).  For each configuration it:
+Give it a Django settings module (``--settings mysite.settings``) or a JSON
+file (``--config file.json`` holding ``end_user_sec_params``,
+``extra_auth_params``, or the parameters themselves, and optionally ``dsn``
+and ``DEEPSEC``).
+
+With ``--settings`` it first runs deepsec's Django system checks on the
+module (``INSTALLED_APPS``, ``MIDDLEWARE`` order, ``DEEPSEC``, each
+database's ENGINE, TCPS connect string and ``end_user_sec_params``: see
+:mod:`deepsec.django.checks`), every problem listed with what to change; a
+module that fails to import is reported with its cause (the missing
+environment variable).  Then, for each configuration it:
 
 1. validates ``end_user_sec_params`` (every problem listed);
 2. acquires the database-access token from the identity provider, exactly as
@@ -15,12 +21,16 @@ themselves).  For each configuration it:
 4. reports what each connection would carry: spi_type, auth_flow, identity
    kind, the user name claim, data roles, attributes and the token's expiry.
 
-Exit codes: ``0`` all good; ``1`` invalid configuration (or identity);
-``2`` token acquisition failed; ``3`` usage error (bad arguments, unreadable
-file, settings module that cannot be imported).
+No database is contacted.
 
-Tokens, client secrets and keys are never printed: values are described by
-kind, and any error text is scrubbed of the secrets the command knows.
+Exit codes: ``0`` all good; ``1`` invalid configuration (a failing system
+check, invalid parameters or identity); ``2`` token acquisition failed;
+``3`` usage error (bad arguments, unreadable file, settings module that
+cannot be imported).
+
+Tokens, client secrets, database passwords and keys are never printed:
+values are described by kind, and any error text is scrubbed of the secrets
+the command knows.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -87,6 +98,7 @@ class Target:
     params: Any
     web_settings: Mapping[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
 
 def decode_claims(token: str) -> dict[str, Any]:
@@ -135,24 +147,62 @@ def _load_config_file(path: str) -> list[Target]:
         raise UsageError(f"{path} is not valid JSON ({exc.__class__.__name__})") from None
     params = _params_from_json(data, path)
     web = data.get("DEEPSEC") if isinstance(data, Mapping) else None
-    return [Target(path, params, web if isinstance(web, Mapping) else None)]
+    target = Target(path, params, web if isinstance(web, Mapping) else None)
+    dsn = data.get("dsn")
+    if isinstance(dsn, str) and dsn:
+        from .dsn import non_tcps_problem
+
+        problem = non_tcps_problem(dsn, data)
+        if problem is not None:
+            target.errors.append(f"dsn: {problem}")
+    return [target]
 
 
-def _load_settings(module_name: str, database: str | None) -> list[Target]:
+def _import_error_cause(exc: BaseException, module_name: str) -> str:
+    """Why a settings module failed to import, naming the cause (never a value it read)."""
+    where = ""
+    frames = traceback.extract_tb(exc.__traceback__)
+    tail = module_name.rpartition(".")[2]
+    for frame in reversed(frames):
+        if os.path.splitext(os.path.basename(frame.filename))[0] in (tail, "__init__"):
+            where = f" (at {os.path.basename(frame.filename)}, line {frame.lineno})"
+            break
+    if isinstance(exc, KeyError) and exc.args:
+        key = exc.args[0]
+        return (
+            f"KeyError {key!r}{where}: a key the settings read is missing, most likely the "
+            f"environment variable {key}; set it (export {key}=...) or read it with "
+            "os.environ.get() and a default"
+        )
+    if isinstance(exc, ModuleNotFoundError):
+        return (
+            f"ModuleNotFoundError{where}: no module named {exc.name!r}; run from the "
+            "project directory (the one holding manage.py) or add it to PYTHONPATH"
+        )
+    text = str(exc)
+    if len(text) > 200:
+        text = text[:200] + "..."
+    return f"{exc.__class__.__name__}{where}: {text}" if text else exc.__class__.__name__ + where
+
+
+def _import_settings(module_name: str) -> Any:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except Exception as exc:
         raise UsageError(
-            f"cannot import settings module {module_name!r}: {exc.__class__.__name__}"
+            f"cannot import settings module {module_name!r}: "
+            f"{_import_error_cause(exc, module_name)}"
         ) from None
+
+
+def _targets_from_settings(module: Any, module_name: str, database: str | None) -> list[Target]:
     databases = getattr(module, "DATABASES", None)
     if not isinstance(databases, Mapping):
         raise UsageError(f"{module_name} has no DATABASES dict")
     if database is not None and database not in databases:
         raise UsageError(f"{module_name}.DATABASES has no alias {database!r}")
-    web = getattr(module, "DEEPSEC", None)
     targets = []
     for alias, db in databases.items():
         if database is not None and alias != database:
@@ -166,19 +216,18 @@ def _load_settings(module_name: str, database: str | None) -> list[Target]:
                     "extra_auth_params['end_user_sec_params']"
                 )
             continue
-        target = Target(f"DATABASES[{alias!r}]", extra["end_user_sec_params"], web)
-        engine = db.get("ENGINE", "")
-        if engine and engine != "django.db.backends.oracle":
-            target.problems.append(
-                f"ENGINE is {engine!r}; only django.db.backends.oracle carries the context"
-            )
-        targets.append(target)
+        # ENGINE, DSN and DEEPSEC problems are the system checks' job (reported once).
+        targets.append(Target(f"DATABASES[{alias!r}]", extra["end_user_sec_params"]))
     if not targets:
         raise UsageError(
             f"no database in {module_name}.DATABASES has "
             "OPTIONS['extra_auth_params']['end_user_sec_params']"
         )
     return targets
+
+
+def _load_settings(module_name: str, database: str | None) -> list[Target]:
+    return _targets_from_settings(_import_settings(module_name), module_name, database)
 
 
 def load_targets(settings: str | None, config: str | None, database: str | None) -> list[Target]:
@@ -302,6 +351,8 @@ def _check(target: Target, identity: Identity | None, out: _Out) -> int:
         return EXIT_CONFIG
     for problem in target.problems:
         out(f"  WARNING: {problem}")
+    for problem in target.errors:
+        out(f"  ERROR: {problem}")
     out(f"  spi_type   : {config.spi_type}")
     out(f"  auth_flow  : {config.auth_flow}")
     if config.authority:
@@ -310,9 +361,9 @@ def _check(target: Target, identity: Identity | None, out: _Out) -> int:
         out(f"  client_id  : {config.client_id}")
     if config.scopes:
         out(f"  scopes     : {' '.join(config.scopes)}")
-    code = EXIT_OK
+    code = EXIT_CONFIG if target.errors else EXIT_OK
     if target.web_settings is not None:
-        code = _web_settings_lines(target.web_settings, out)
+        code = max(code, _web_settings_lines(target.web_settings, out))
 
     if config.auth_flow == "on_behalf_of" and not isinstance(identity, str):
         out("  identity   : MISSING: auth_flow on_behalf_of needs --identity <user token>")
@@ -392,6 +443,68 @@ def _context_lines(config: EndUserSecConfig, context: EndUserContext, token: str
     return EXIT_OK
 
 
+# -- Django system checks -----------------------------------------------------------
+
+
+def _setup_django(module_name: str) -> str | None:
+    """Set Django up from ``module_name`` unless something already did; a problem or None.
+
+    Dotted paths in ``DEEPSEC`` may import models, which needs the app
+    registry.  No database is touched: the deepsec checks read settings only.
+    """
+    import django
+    from django.conf import settings
+
+    if settings.configured:
+        return None
+    os.environ["DJANGO_SETTINGS_MODULE"] = module_name
+    try:
+        django.setup()
+    except Exception as exc:
+        return f"django.setup() failed: {_import_error_cause(exc, module_name)}"
+    return None
+
+
+def _django_check_lines(module: Any, module_name: str, out: _Out) -> int:
+    """Run deepsec's Django system checks on a settings module (E001-E009, W001).
+
+    The checks run as plain functions of the module's values, so they run
+    also when ``deepsec.django`` is missing from ``INSTALLED_APPS`` (then
+    ``manage.py check`` would run none of them).
+    """
+    out(f"Django system checks (deepsec) on {module_name}:")
+    try:
+        import django  # noqa: F401
+    except ImportError:
+        out("  skipped: Django is not installed")
+        return EXIT_OK
+    problem = _setup_django(module_name)
+    if problem is not None:
+        out(f"  WARNING: {problem}")
+    from .django.checks import all_messages
+
+    deepsec_setting = getattr(module, "DEEPSEC", None)
+    messages = all_messages(
+        installed_apps=getattr(module, "INSTALLED_APPS", None),
+        middleware=getattr(module, "MIDDLEWARE", None),
+        deepsec=deepsec_setting,
+        databases=getattr(module, "DATABASES", None),
+    )
+    code = EXIT_OK
+    for message in messages:
+        level = "ERROR" if message.is_serious() else "WARNING"
+        if message.is_serious():
+            code = EXIT_CONFIG
+        out(f"  {message.id} {level}: {message.msg}")
+        if message.hint:
+            out(f"      fix: {message.hint}")
+    if not messages:
+        out("  OK: INSTALLED_APPS, MIDDLEWARE, DEEPSEC and DATABASES")
+    if isinstance(deepsec_setting, Mapping) and not any(m.id == "deepsec.E004" for m in messages):
+        _web_settings_lines(deepsec_setting, out)
+    return code
+
+
 # -- command line ---------------------------------------------------------------------
 
 
@@ -424,6 +537,7 @@ def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int
     """Run the doctor; returns the exit code."""
     out = _Out(stream or sys.stdout)
     parser = build_parser()
+    code = EXIT_OK
     try:
         args = parser.parse_args(argv)
         identity_text = args.identity
@@ -432,6 +546,11 @@ def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int
         if identity_text:
             out.add_secret(identity_text)
         identity = _parse_identity(identity_text)
+        if args.settings and not args.config:
+            module = _import_settings(args.settings)
+            _add_settings_secrets(module, out)
+            code = _django_check_lines(module, args.settings, out)
+            out()
         targets = load_targets(args.settings, args.config, args.database)
     except UsageError as exc:
         out(f"usage error: {exc}")
@@ -440,7 +559,6 @@ def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int
             "[--database ALIAS] [--identity TOKEN_OR_JSON]"
         )
         return EXIT_USAGE
-    code = EXIT_OK
     for target in targets:
         code = max(code, _check(target, identity, out))
         out()
@@ -451,3 +569,18 @@ def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int
         ]
     )
     return code
+
+
+def _add_settings_secrets(module: Any, out: _Out) -> None:
+    """Scrub database passwords and client secrets of a settings module from the report."""
+    databases = getattr(module, "DATABASES", None)
+    for db in databases.values() if isinstance(databases, Mapping) else ():
+        if not isinstance(db, Mapping):
+            continue
+        out.add_secret(db.get("PASSWORD"))
+        options = db.get("OPTIONS")
+        extra = options.get("extra_auth_params") if isinstance(options, Mapping) else None
+        params = extra.get("end_user_sec_params") if isinstance(extra, Mapping) else None
+        if isinstance(params, Mapping):
+            out.add_secret(params.get("client_credential"))
+            out.add_secret(params.get("client_secret"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -198,3 +199,55 @@ def test_django_user_resolver_unit() -> None:
     assert django_user(req) is None
     req.user = User()
     assert django_user(req) == ("zoe", None)
+
+
+def test_e004_reports_every_problem_not_the_first() -> None:
+    bad = {"colour": "blue", "no_identity": "maybe", "resolver": "no_such_module.f"}
+    with override_settings(DEEPSEC=bad):
+        messages = checks.run_checks(tags=["deepsec"])
+    assert [m.id for m in messages] == ["deepsec.E004"] * 3
+    text = " ".join(m.msg for m in messages)
+    assert "unknown setting(s): colour" in text
+    assert "no_identity must be 'least_privilege' or 'deny'" in text
+    assert "resolver: cannot import 'no_such_module.f'" in text
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"NAME": "tcp://db.example.com:1521/hr"},
+        {"NAME": "db.example.com:1521/hr"},
+        {"NAME": "(DESCRIPTION=(ADDRESS=(PROTOCOL=TCP)(HOST=h)(PORT=1))(CONNECT_DATA=(SID=x)))"},
+        {"NAME": "hr", "HOST": "db.example.com", "PORT": "1521"},
+    ],
+)
+def test_e008_plain_tcp_with_end_user_params(changes: dict[str, str]) -> None:
+    with patched_databases(databases_with(**changes)):
+        (message,) = check_databases()
+    assert message.id == "deepsec.E008"
+    assert message.level == checks.ERROR
+    assert "TCPS" in message.msg and "tcps://" in message.hint
+    assert changes["NAME"] not in message.msg  # the connect string may hold a password
+
+
+def test_e008_not_raised_for_tcps_or_an_unresolvable_alias() -> None:
+    for name in ("tcps://db.example.com:1522/hr", "hr_high"):
+        with patched_databases(databases_with(NAME=name)):
+            assert check_databases() == []
+    dbs = databases_with(NAME="db.example.com:1522/hr", OPTIONS={"protocol": "tcps"})
+    with patched_databases(dbs):
+        assert check_databases() == []
+
+
+def test_middleware_refuses_to_start_without_the_app() -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    from deepsec.django.middleware import EndUserSecMiddleware
+
+    without_app = override_settings(
+        INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth"]
+    )
+    expected = re.escape("add 'deepsec.django' to INSTALLED_APPS")
+    with without_app, pytest.raises(ImproperlyConfigured, match=expected):
+        EndUserSecMiddleware(lambda request: None)
+    assert EndUserSecMiddleware(lambda request: None) is not None

@@ -14,7 +14,9 @@ Optional settings live in ``DEEPSEC = {...}`` (see :mod:`deepsec.django.conf`);
 
 from __future__ import annotations
 
-__all__ = ["MIDDLEWARE_PATH"]
+__all__ = ["APP_NAME", "MIDDLEWARE_PATH"]
 
+#: The application to put in ``INSTALLED_APPS``.
+APP_NAME = "deepsec.django"
 #: The dotted path to put in ``MIDDLEWARE``.
 MIDDLEWARE_PATH = "deepsec.django.middleware.EndUserSecMiddleware"

@@ -6,12 +6,20 @@ id       problem
 E001     ``EndUserSecMiddleware`` is not in ``MIDDLEWARE``.
 E002     ``EndUserSecMiddleware`` comes before ``AuthenticationMiddleware``.
 E003     the resolver uses ``request.user`` but ``AuthenticationMiddleware`` is missing.
-E004     ``DEEPSEC`` is invalid (unknown keys, bad values, unimportable paths).
+E004     ``DEEPSEC`` is invalid (one message per problem).
 E005     a database's ``end_user_sec_params`` are invalid.
 E006     a database with ``end_user_sec_params`` does not use ``django.db.backends.oracle``.
 E007     ``OPTIONS["extra_auth_params"]`` is not a dict.
+E008     a database with ``end_user_sec_params`` does not connect over TCPS.
+E009     ``deepsec.django`` is not in ``INSTALLED_APPS`` (reported by the doctor; Django
+         runs no check of an app that is not installed, so the middleware refuses to
+         start instead).
 W001     no database has ``OPTIONS["extra_auth_params"]["end_user_sec_params"]``.
 ======== ===========================================================================
+
+Each check is a pure function of the setting values (``*_messages``), so
+``python -m deepsec doctor --settings`` runs the very same checks on a settings
+module, also when ``deepsec.django`` is missing from ``INSTALLED_APPS``.
 """
 
 from __future__ import annotations
@@ -24,18 +32,24 @@ from django.core.checks import CheckMessage, Error, Tags, Warning
 from django.core.checks import register as _register_check
 
 from ..config import parse_end_user_sec_params
+from ..dsn import non_tcps_problem
 from ..errors import ConfigError
-from . import MIDDLEWARE_PATH
-from .conf import parse_settings
+from . import APP_NAME, MIDDLEWARE_PATH
 from .resolvers import django_user
 
 __all__ = [
     "AUTH_MIDDLEWARE",
     "ORACLE_ENGINE",
+    "all_messages",
     "check_databases",
     "check_middleware",
     "check_settings",
+    "database_messages",
+    "deepsec_setting_problems",
+    "installed_app_messages",
+    "middleware_messages",
     "register",
+    "settings_messages",
 ]
 
 AUTH_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
@@ -43,13 +57,11 @@ ORACLE_ENGINE = "django.db.backends.oracle"
 _TAG = "deepsec"
 
 
-def _middleware() -> list[str]:
-    value = getattr(settings, "MIDDLEWARE", None) or []
-    return [str(m) for m in value]
+def _names(value: object) -> list[str]:
+    return [str(m) for m in value] if isinstance(value, (list, tuple)) else []
 
 
-def _resolver_uses_user() -> bool:
-    raw = getattr(settings, "DEEPSEC", None)
+def _resolver_uses_user(raw: object) -> bool:
     if not isinstance(raw, Mapping):
         return False
     for key, value in raw.items():
@@ -62,21 +74,21 @@ def _resolver_uses_user() -> bool:
     return False
 
 
-def check_middleware(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
-    """E001-E003: the middleware is installed, after authentication."""
-    middleware = _middleware()
-    if MIDDLEWARE_PATH not in middleware:
+def middleware_messages(middleware: object, deepsec: object = None) -> list[CheckMessage]:
+    """E001-E003 for a ``MIDDLEWARE`` list (and ``DEEPSEC``, for its resolver)."""
+    names = _names(middleware)
+    if MIDDLEWARE_PATH not in names:
         return [
             Error(
                 f"{MIDDLEWARE_PATH} is not in MIDDLEWARE, so no request runs as its end user.",
-                hint=f"Add '{MIDDLEWARE_PATH}' to MIDDLEWARE, after {AUTH_MIDDLEWARE}.",
+                hint=f"Add '{MIDDLEWARE_PATH}' to MIDDLEWARE, after '{AUTH_MIDDLEWARE}'.",
                 id="deepsec.E001",
             )
         ]
     messages: list[CheckMessage] = []
-    ours = middleware.index(MIDDLEWARE_PATH)
-    if AUTH_MIDDLEWARE in middleware:
-        if middleware.index(AUTH_MIDDLEWARE) > ours:
+    ours = names.index(MIDDLEWARE_PATH)
+    if AUTH_MIDDLEWARE in names:
+        if names.index(AUTH_MIDDLEWARE) > ours:
             messages.append(
                 Error(
                     f"{MIDDLEWARE_PATH} comes before {AUTH_MIDDLEWARE}; request.user is not "
@@ -85,7 +97,7 @@ def check_middleware(app_configs: Sequence[Any] | None = None, **kwargs: Any) ->
                     id="deepsec.E002",
                 )
             )
-    elif _resolver_uses_user():
+    elif _resolver_uses_user(deepsec):
         messages.append(
             Error(
                 "DEEPSEC['resolver'] uses request.user but AuthenticationMiddleware is not "
@@ -97,28 +109,90 @@ def check_middleware(app_configs: Sequence[Any] | None = None, **kwargs: Any) ->
     return messages
 
 
-def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
-    """E004: ``DEEPSEC`` parses into valid adapter settings."""
+def deepsec_setting_problems(raw: object) -> list[str]:
+    """Every problem of a ``DEEPSEC`` value, not only the first.
+
+    Unknown keys, dotted paths that cannot be imported and bad values of the
+    known keys are all collected (the adapter itself stops at the first
+    group, which is enough to refuse to start but not to fix a file).
+    """
+    from django.utils.module_loading import import_string
+
+    from ..web import WebSettings
+    from .conf import CALLABLE_KEYS
+
+    if raw is None:
+        return []
+    if not isinstance(raw, Mapping):
+        return [f"DEEPSEC must be a dict, not {type(raw).__name__}"]
+    known = WebSettings.field_names()
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    unknown = sorted(str(key) for key in raw if str(key).lower() not in known)
+    if unknown:
+        problems.append(
+            f"unknown setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+    for key, value in raw.items():
+        name = str(key).lower()
+        if name not in known:
+            continue
+        if name in CALLABLE_KEYS and isinstance(value, str):
+            try:
+                value = import_string(value)
+            except Exception as exc:  # the imported module may raise anything
+                problems.append(f"{name}: cannot import {value!r} ({exc.__class__.__name__})")
+                continue
+        values[name] = value
     try:
-        parse_settings(getattr(settings, "DEEPSEC", None))
+        WebSettings(**values)
     except ConfigError as exc:
-        return [
-            Error(
-                f"settings.DEEPSEC is invalid: {'; '.join(exc.problems)}",
-                hint="Use the keys documented in deepsec.django.conf (case-insensitive); "
-                "resolver, data_roles and attributes take a callable or a dotted path.",
-                id="deepsec.E004",
-            )
-        ]
-    return []
+        problems.extend(exc.problems)
+    return problems
 
 
-def check_databases(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
-    """E005-E007, W001: each database's ``end_user_sec_params``."""
+def settings_messages(deepsec: object) -> list[CheckMessage]:
+    """E004, one message per problem of ``DEEPSEC``."""
+    return [
+        Error(
+            f"settings.DEEPSEC is invalid: {problem}",
+            hint="Use the keys documented in deepsec.django.conf (case-insensitive); "
+            "resolver, data_roles and attributes take a callable or a dotted path.",
+            id="deepsec.E004",
+        )
+        for problem in deepsec_setting_problems(deepsec)
+    ]
+
+
+def _tcps_message(alias: object, db: Mapping[str, Any], options: Any) -> CheckMessage | None:
+    options = options if isinstance(options, Mapping) else {}
+    if db.get("PORT"):
+        # Django then builds the DSN with makedsn(): always plain TCP.
+        return Error(
+            f"DATABASES[{alias!r}] has end_user_sec_params but HOST/PORT make Django "
+            "connect over plain TCP; the end-user security context travels only over TCPS "
+            "(the database would reset the connection: DPY-4011).",
+            hint="Leave HOST and PORT empty and put a TCPS connect string in NAME, "
+            "e.g. 'tcps://db.example.com:1522/service'.",
+            id="deepsec.E008",
+        )
+    name = db.get("NAME")
+    problem = non_tcps_problem(name, options) if isinstance(name, str) and name else None
+    if problem is None:
+        return None
+    return Error(
+        f"DATABASES[{alias!r}] has end_user_sec_params but NAME: {problem}.",
+        hint="Write NAME as 'tcps://host:port/service' (HOST and PORT empty), or set "
+        "(PROTOCOL=TCPS) in the descriptor.",
+        id="deepsec.E008",
+    )
+
+
+def database_messages(databases: object) -> list[CheckMessage]:
+    """E005-E008, W001 for a ``DATABASES`` dict."""
     messages: list[CheckMessage] = []
-    databases = getattr(settings, "DATABASES", None) or {}
     configured = 0
-    for alias, db in databases.items():
+    for alias, db in databases.items() if isinstance(databases, Mapping) else ():
         if not isinstance(db, Mapping):
             continue
         options = db.get("OPTIONS") or {}
@@ -149,6 +223,10 @@ def check_databases(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> 
                     id="deepsec.E006",
                 )
             )
+        else:
+            tcps = _tcps_message(alias, db, options)
+            if tcps is not None:
+                messages.append(tcps)
         try:
             parse_end_user_sec_params(params)
         except ConfigError as exc:
@@ -172,6 +250,51 @@ def check_databases(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> 
             )
         )
     return messages
+
+
+def installed_app_messages(installed_apps: object) -> list[CheckMessage]:
+    """E009: ``deepsec.django`` must be installed for the hook and these checks."""
+    apps = _names(installed_apps)
+    if APP_NAME in apps or any(a.startswith(f"{APP_NAME}.apps.") for a in apps):
+        return []
+    return [
+        Error(
+            f"'{APP_NAME}' is not in INSTALLED_APPS, so the python-oracledb hook is not "
+            "installed (statements carry no end user) and manage.py check runs none of "
+            "deepsec's checks.",
+            hint=f"Add '{APP_NAME}' to INSTALLED_APPS.",
+            id="deepsec.E009",
+        )
+    ]
+
+
+def all_messages(
+    *, installed_apps: object, middleware: object, deepsec: object, databases: object
+) -> list[CheckMessage]:
+    """Every deepsec check on these setting values (what the doctor runs)."""
+    return [
+        *installed_app_messages(installed_apps),
+        *middleware_messages(middleware, deepsec),
+        *settings_messages(deepsec),
+        *database_messages(databases),
+    ]
+
+
+def check_middleware(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """E001-E003: the middleware is installed, after authentication."""
+    return middleware_messages(
+        getattr(settings, "MIDDLEWARE", None) or [], getattr(settings, "DEEPSEC", None)
+    )
+
+
+def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """E004: ``DEEPSEC`` parses into valid adapter settings."""
+    return settings_messages(getattr(settings, "DEEPSEC", None))
+
+
+def check_databases(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """E005-E008, W001: each database's ``end_user_sec_params``."""
+    return database_messages(getattr(settings, "DATABASES", None) or {})
 
 
 def register() -> None:

@@ -165,6 +165,23 @@ def _scope_streaming(response: HttpResponseBase, context: EndUserContext | None)
     response.streaming_content = wrapper  # type: ignore[attr-defined]
 
 
+def _require_app() -> None:
+    # Without the app the python-oracledb hook is never installed: requests
+    # would resolve their end user and every statement would still run as
+    # the application alone.  Refuse to start rather than fail open.
+    from django.apps import apps
+    from django.core.exceptions import ImproperlyConfigured
+
+    from . import APP_NAME, MIDDLEWARE_PATH
+
+    if not apps.is_installed(APP_NAME):
+        raise ImproperlyConfigured(
+            f"{MIDDLEWARE_PATH} is in MIDDLEWARE but '{APP_NAME}' is not in INSTALLED_APPS: "
+            f"add '{APP_NAME}' to INSTALLED_APPS (it installs the python-oracledb hook and "
+            "deepsec's system checks)."
+        )
+
+
 class EndUserSecMiddleware:
     """Make each request's end user current for the database work it does.
 
@@ -177,6 +194,7 @@ class EndUserSecMiddleware:
     async_capable = True
 
     def __init__(self, get_response: GetResponse | AsyncGetResponse) -> None:
+        _require_app()
         self.get_response = get_response
         self.async_mode = iscoroutinefunction(get_response)
         if self.async_mode:
