@@ -1,21 +1,21 @@
 """System checks for deepsec's Django integration (``manage.py check``).
 
-======== ===========================================================================
-id       problem
-======== ===========================================================================
-E001     ``EndUserSecMiddleware`` is not in ``MIDDLEWARE``.
-E002     ``EndUserSecMiddleware`` comes before ``AuthenticationMiddleware``.
-E003     the resolver uses ``request.user`` but ``AuthenticationMiddleware`` is missing.
-E004     ``DEEPSEC`` is invalid (one message per problem).
-E005     a database's ``end_user_sec_params`` are invalid.
-E006     a database with ``end_user_sec_params`` does not use ``django.db.backends.oracle``.
-E007     ``OPTIONS["extra_auth_params"]`` is not a dict.
-E008     a database with ``end_user_sec_params`` does not connect over TCPS.
-E009     ``deepsec.django`` is not in ``INSTALLED_APPS`` (reported by the doctor; Django
-         runs no check of an app that is not installed, so the middleware refuses to
-         start instead).
-W001     no database has ``OPTIONS["extra_auth_params"]["end_user_sec_params"]``.
-======== ===========================================================================
+| id | problem |
+|---|---|
+| E001 | ``EndUserSecMiddleware`` is not in ``MIDDLEWARE``. |
+| E002 | ``EndUserSecMiddleware`` comes before ``AuthenticationMiddleware``. |
+| E003 | the resolver uses ``request.user`` but ``AuthenticationMiddleware`` is missing. |
+| E004 | ``DEEPSEC`` is invalid (one message per problem). |
+| E005 | a database's ``end_user_sec_params`` are invalid. |
+| E006 | a database with ``end_user_sec_params`` does not use ``django.db.backends.oracle``. |
+| E007 | ``OPTIONS["extra_auth_params"]`` is not a dict. |
+| E008 | a database with ``end_user_sec_params`` does not connect over TCPS. |
+| E009 | ``deepsec.django`` is not in ``INSTALLED_APPS`` (doctor only, see below). |
+| W001 | no database has ``OPTIONS["extra_auth_params"]["end_user_sec_params"]``. |
+
+Django runs no check of an app that is not installed, so E009 comes from
+``python -m deepsec doctor``; at run time the middleware refuses to start
+without the app (``ImproperlyConfigured``).
 
 Each check is a pure function of the setting values (``*_messages``), so
 ``python -m deepsec doctor --settings`` runs the very same checks on a settings
