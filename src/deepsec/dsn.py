@@ -33,6 +33,8 @@ def dsn_protocols(dsn: str, options: Mapping[str, Any] | None = None) -> list[st
         params.parse_connect_string(dsn)
     except Exception:  # an alias without tnsnames.ora, a malformed string: unknown
         return None
+    if getattr(params, "use_eztls", False) or (options and options.get("use_eztls") is True):
+        return ["tcps"]  # ezTLS encrypts a TCP address: the context may travel on it
     protocol: Any = params.protocol
     found = protocol if isinstance(protocol, list) else [protocol]
     return [str(p).lower() for p in found if p]
