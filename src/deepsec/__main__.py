@@ -1,4 +1,4 @@
-"""``python -m deepsec COMMAND``: ``doctor`` (check a configuration) or ``demo``."""
+"""``python -m deepsec COMMAND``: ``doctor`` (checks, a token, no database) or ``demo``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from collections.abc import Sequence
 USAGE = """usage: python -m deepsec COMMAND [options]
 
 commands:
-  doctor   validate end_user_sec_params, acquire a token, show what a connection carries
+  doctor   run deepsec's Django system checks (--settings), validate end_user_sec_params,
+           acquire a token and show what a connection carries; no database needed
   demo     run an example app against a local IdP and Oracle wire test server
 """
 

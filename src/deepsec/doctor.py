@@ -1,4 +1,4 @@
-"""``python -m deepsec doctor``: check a configuration end to end, without a database.
+"""``python -m deepsec doctor``: system checks, parameters and a token, without a database.
 
 Give it a Django settings module (``--settings mysite.settings``) or a JSON
 file (``--config file.json`` holding ``end_user_sec_params``,
