@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -14,6 +13,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from ... import _jwt
 from .codec import _FUNC_EXECUTE, _FUNC_REEXECUTE, _FUNC_REEXECUTE_AND_FETCH, Value
 
 # ---------------------------------------------------------------------------
@@ -25,17 +25,9 @@ def decode_jwt_claims(token: str | None) -> dict[str, Value]:
     """The claims of a JWT's payload, decoded **without** any verification.
 
     Returns an empty dict for ``None`` or anything that is not a JWT with a
-    JSON object payload.
+    JSON object payload (:func:`deepsec._jwt.decode_claims`).
     """
-    if not token or token.count(".") < 2:
-        return {}
-    payload = token.split(".")[1]
-    try:
-        raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-        claims = json.loads(raw)
-    except (ValueError, binascii.Error):
-        return {}
-    return claims if isinstance(claims, dict) else {}
+    return _jwt.decode_claims(token) or {}
 
 
 def _identity_from_claims(claims: Mapping[str, Value]) -> str | None:
