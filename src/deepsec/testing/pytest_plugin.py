@@ -17,11 +17,11 @@ Oracle wire test server fixtures:
     over TCPS; ``.dsn``, ``.client_ssl_context()``, ``.user``/``.password``
     (a password login that works), the recording API (``round_trips()``,
     ``statements()``, ``connections()``, ``mark()``, ``clear_records()``),
-    ``add_table()`` and ``token_validator``.
+    ``find_tagged()``, ``add_table()``, ``token_validator`` and ``row_policy``.
 
 ``oracle`` (function scope)
     The same server after ``reset()``: records cleared, no token validator, no
-    canned tables; the validator and tables are reset again after the test.
+    row policy, no canned tables; all reset again after the test.
 
 Redis fixtures (shared token cache, Celery broker):
 
@@ -97,7 +97,7 @@ def oracle_server() -> Iterator[OracleServerFixture]:
 
 @pytest.fixture
 def oracle(oracle_server: OracleServerFixture) -> Iterator[OracleServerFixture]:
-    """The session server, reset (records, validator, tables) around the test."""
+    """The session server, reset (records, validator, row policy, tables) around the test."""
     oracle_server.reset()
     try:
         yield oracle_server

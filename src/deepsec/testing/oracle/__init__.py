@@ -50,6 +50,7 @@ so ``from deepsec.testing.oracle import OracleTestServer`` is the import to use:
 * :mod:`.messages`: TTC answer builders and request readers (binds, piggybacks);
 * :mod:`.logon`: O5LOGON (password login), server side;
 * :mod:`.sql`: the tiny SQL engine (DUAL expressions, canned tables);
+* :mod:`.policy`: :data:`RowPolicy`, the emulated per-end-user row filter;
 * :mod:`.records`: :class:`WireContext`, :class:`RoundTrip`, :class:`ConnectionRecord`;
 * :mod:`.connection`: one client connection's conversation (a thread each);
 * :mod:`.server`: :class:`OracleTestServer` (listener, tables, records) and the CLI.
@@ -70,7 +71,14 @@ from .codec import (
     encode_oracle_number,
 )
 from .oson import decode_oson
-from .records import ConnectionRecord, RoundTrip, WireContext, decode_jwt_claims
+from .policy import Row, RowPolicy
+from .records import (
+    ConnectionRecord,
+    RoundTrip,
+    WireContext,
+    decode_jwt_claims,
+    statement_has_tag,
+)
 from .server import DEFAULT_USERS, OracleTestServer, TokenValidator, main
 from .sql import strip_sql_comments
 
@@ -86,6 +94,8 @@ __all__ = [
     "OracleError",
     "OracleTestServer",
     "RoundTrip",
+    "Row",
+    "RowPolicy",
     "TokenValidator",
     "Value",
     "WireContext",
@@ -94,5 +104,6 @@ __all__ = [
     "decode_oson",
     "encode_oracle_number",
     "main",
+    "statement_has_tag",
     "strip_sql_comments",
 ]

@@ -135,6 +135,7 @@ _MESSAGES: Mapping[int, str] = MappingProxyType(
         1017: "invalid credential or not authorized; logon denied",
         1403: "no data found",
         3115: "unsupported network datatype or representation",
+        28113: "policy predicate has error",
         52601: "end user security context: the end user token is invalid or expired",
         52602: "end user security context: the database access token is invalid or expired",
     }

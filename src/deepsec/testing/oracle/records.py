@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -28,6 +29,28 @@ def decode_jwt_claims(token: str | None) -> dict[str, Value]:
     JSON object payload (:func:`deepsec._jwt.decode_claims`).
     """
     return _jwt.decode_claims(token) or {}
+
+
+_COMMENT_OR_STRING = re.compile(r"'(?:[^']|'')*'|/\*.*?(?:\*/|\Z)|--[^\n]*", re.S)
+
+
+def statement_has_tag(sql: str | None, tag: str) -> bool:
+    """Whether ``tag`` is a word inside an SQL comment anywhere in ``sql``.
+
+    Finds ``/* t1 */`` at the start, middle or end of a statement, ``-- t1``,
+    ``/* app=hr t1 */`` and also ``/* t1 *``: Django's Oracle backend strips a
+    statement's trailing ``/`` (or ``;``), which breaks a tag at the very end.
+    Text in string literals is not a comment.  ``tag`` is matched whole
+    (``t1`` does not match ``t10``).
+    """
+    if not sql or not tag:
+        return False
+    word = re.compile(r"(?<![\w-])" + re.escape(tag) + r"(?![\w-])")
+    for match in _COMMENT_OR_STRING.finditer(sql):
+        token = match.group(0)
+        if not token.startswith("'") and word.search(token[2:]):
+            return True
+    return False
 
 
 def _identity_from_claims(claims: Mapping[str, Value]) -> str | None:

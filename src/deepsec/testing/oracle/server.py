@@ -25,7 +25,8 @@ from .codec import (
 )
 from .connection import _Answer, _ConnState, _Handler
 from .messages import _Request
-from .records import ConnectionRecord, RoundTrip, WireContext
+from .policy import RowPolicy
+from .records import ConnectionRecord, RoundTrip, WireContext, statement_has_tag
 from .sql import _SqlEngine, _Table, _type_of, _unquote_ident
 
 logger = logging.getLogger("deepsec.testing.oracle")
@@ -80,6 +81,7 @@ class OracleTestServer:
         service_name: service name used in :attr:`dsn` (any name is accepted).
         token_user: schema user reported for token (``access_token``) logins.
         token_validator: see :attr:`token_validator`.
+        row_policy: see :attr:`row_policy`.
 
     Attributes:
         token_validator: ``None`` (accept every token) or
@@ -89,6 +91,14 @@ class OracleTestServer:
             that carries it) or ``"database_access_token"`` (ORA-52602).  An
             exception raised by the validator counts as a rejection.  May be
             changed while the server runs.
+        row_policy: ``None`` (every caller sees every row of a canned table)
+            or ``policy(context, row) -> bool``, asked for each row of the
+            :meth:`add_table` tables with the end-user context of the round
+            trip (:class:`WireContext`, ``None`` when none came with it) and a
+            :class:`~deepsec.testing.oracle.policy.Row`.  An **emulation**
+            for tests and demos of a database that filters rows by end user,
+            not Oracle's policy language; a policy that raises answers
+            ORA-28113.  May be changed while the server runs.
 
     Example::
 
@@ -107,6 +117,7 @@ class OracleTestServer:
         service_name: str = "FREEPDB1",
         token_user: str = "APP_USER",  # noqa: S107 - a user name, not a password
         token_validator: TokenValidator | None = None,
+        row_policy: RowPolicy | None = None,
     ) -> None:
         self._users = {k.upper(): v for k, v in (users or DEFAULT_USERS).items()}
         self.host = host
@@ -116,6 +127,7 @@ class OracleTestServer:
         self.service_name = service_name
         self.token_user = token_user
         self.token_validator = token_validator
+        self.row_policy = row_policy
         identities = (host, "localhost") if host != "localhost" else ("localhost", "127.0.0.1")
         self._cert = self.ca.issue_server_cert(*identities, name=f"oracle-{host.replace(':', '_')}")
         self._server_ssl_context = self._cert.server_ssl_context()
@@ -278,6 +290,7 @@ class OracleTestServer:
         Supported queries: ``select *``, ``select col[, col ...]`` (with
         aliases), ``select count(*)``, optionally ``where col = :bind`` or
         ``where col = <literal>`` joined with ``and``; ``order by`` is ignored.
+        With a :attr:`row_policy`, each query sees only the rows it allows.
         """
         cols = _normalize_columns(columns, rows)
         fixed_rows = []
@@ -296,7 +309,7 @@ class OracleTestServer:
 
     def _engine(self) -> _SqlEngine:
         with self._lock:
-            return _SqlEngine(dict(self._tables))
+            return _SqlEngine(dict(self._tables), self.row_policy)
 
     def _token_ok(self, kind: str, token: str) -> bool:
         validator = self.token_validator
@@ -379,6 +392,16 @@ class OracleTestServer:
         """Executions whose SQL contains ``text`` (e.g. a ``/* req-17 */`` tag)."""
         return [t for t in self.statements(since=since) if t.sql is not None and text in t.sql]
 
+    def find_tagged(self, tag: str, *, since: int | None = None) -> list[RoundTrip]:
+        """Executions whose SQL carries ``tag`` in a comment, wherever it sits.
+
+        ``/* t1 */ select ...``, ``select ... /* t1 */ from dual``, ``-- t1``;
+        unlike :meth:`find_statements`, also a trailing ``/* t1 */`` that
+        Django's Oracle backend cut to ``/* t1 *`` (see
+        :func:`~deepsec.testing.oracle.records.statement_has_tag`).
+        """
+        return [t for t in self.statements(since=since) if statement_has_tag(t.sql, tag)]
+
     def connections(self) -> list[ConnectionRecord]:
         """Snapshots of every connection seen since the last :meth:`clear_records`."""
         with self._lock:
@@ -403,10 +426,11 @@ class OracleTestServer:
                 del self._conn_states[conn_id]
 
     def reset(self) -> None:
-        """Clear records, drop the token validator and every canned table."""
+        """Clear records, drop the token validator, the row policy and every canned table."""
         with self._lock:
             self.clear_records()
             self.token_validator = None
+            self.row_policy = None
             self._tables.clear()
 
     def iter_contexts(self, conn_id: int | None = None) -> Iterator[WireContext | None]:

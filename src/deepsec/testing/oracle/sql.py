@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from .codec import Column, ColumnType, OracleError, Value
+from .policy import Row, RowPolicy
 from .records import WireContext
 
 # ---------------------------------------------------------------------------
@@ -141,8 +142,9 @@ def _type_of(value: Value) -> ColumnType:
 class _SqlEngine:
     """Answers the few statement shapes the project's tests and demos need."""
 
-    def __init__(self, tables: Mapping[str, _Table]) -> None:
+    def __init__(self, tables: Mapping[str, _Table], row_policy: RowPolicy | None = None) -> None:
         self.tables = tables
+        self.row_policy = row_policy
 
     def run(self, sql: str, binds: Sequence[Value], session: _Session) -> _Result:
         text = strip_sql_comments(sql).strip().rstrip(";").strip()
@@ -192,7 +194,7 @@ class _SqlEngine:
         table = self.tables.get(table_name)
         if table is None:
             raise OracleError(942)
-        return self._select_table(table, select_list, tail, binds)
+        return self._select_table(table, select_list, tail, binds, session.context)
 
     def _expr_value(
         self, expr: str, binds: Mapping[str, Value], session: _Session
@@ -271,10 +273,15 @@ class _SqlEngine:
             return True
 
     def _select_table(
-        self, table: _Table, select_list: str, tail: str, binds: Mapping[str, Value]
+        self,
+        table: _Table,
+        select_list: str,
+        tail: str,
+        binds: Mapping[str, Value],
+        context: WireContext | None = None,
     ) -> _Result:
         index = {c.name: i for i, c in enumerate(table.columns)}
-        rows = list(table.rows)
+        rows = self._visible_rows(table, index, context)
         where_at = _find_keyword(tail, "where")
         if where_at >= 0:
             cond = tail[where_at + 5 :]
@@ -301,6 +308,19 @@ class _SqlEngine:
             picks.append(index[name])
             columns.append(Column(alias or name, table.columns[index[name]].type))
         return _Result(columns=tuple(columns), rows=[tuple(r[i] for i in picks) for r in rows])
+
+    def _visible_rows(
+        self, table: _Table, index: Mapping[str, int], context: WireContext | None
+    ) -> list[tuple[Value, ...]]:
+        """The rows the row policy lets this round trip's end user see (all without one)."""
+        policy = self.row_policy
+        if policy is None:
+            return list(table.rows)
+        try:
+            return [r for r in table.rows if policy(context, Row(table.name, index, r))]
+        except Exception as exc:
+            # Oracle answers a failing policy function with ORA-28113; never all rows.
+            raise OracleError(28113, f"row policy raised {type(exc).__name__}") from exc
 
     def _filter(
         self,
