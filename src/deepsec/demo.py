@@ -594,6 +594,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             print(f"error: cannot serve on port {args.port}: {exc}", file=sys.stderr)
             return 1
+        except ImportError as exc:
+            # The `demo` extra carries only the FastAPI example's dependencies.
+            print(
+                f"error: the {args.app} example needs {exc.name or 'a package'}: "
+                "./run demo --app " + args.app + " installs it (pip install -e '.[test]')",
+                file=sys.stderr,
+            )
+            return 1
         try:
             print(f"  identity provider : {env.idp.authority} (MSAL client_credentials)")
             print(f"  dev sign-in       : {env.idp.dev_signin_url}?user=NAME")
