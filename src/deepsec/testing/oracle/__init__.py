@@ -32,7 +32,10 @@ other conditions on DUAL are treated as true); ``select ... from <canned table>`
 PL/SQL blocks succeed without doing anything; any other query fails with a
 clear ORA error (ORA-00942 / ORA-00904 / ORA-00900).  Comments anywhere in a
 statement are ignored but kept in the recorded SQL text, so tests can tag a
-statement (``... /* req-17 */``) and find it again.
+statement (``/* req-17 */ select ...``) and find it again wherever the tag sits
+(:meth:`OracleTestServer.find_tagged`).  An optional row policy
+(:attr:`OracleTestServer.row_policy`) filters canned tables per end user: an
+emulation for tests and demos, not Oracle's policy language.
 
 Every round trip is recorded (:class:`RoundTrip`) with the end-user context
 that travelled with it (:class:`WireContext`), so tests can prove under which
