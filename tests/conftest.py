@@ -8,7 +8,5 @@ everyone's test sessions uninvited.
 
 from __future__ import annotations
 
-pytest_plugins = [
-    "deepsec.testing.pytest_plugin",  # oracle_server, oracle
-    "deepsec.testing.idp_fixtures",  # local_idp, idp
-]
+# oracle_server, oracle, local_idp, idp, redis_server, redis
+pytest_plugins = ["deepsec.testing.pytest_plugin"]

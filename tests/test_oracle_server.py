@@ -27,6 +27,7 @@ from deepsec.testing.oracle import (
     decode_jwt_claims,
     decode_oracle_number,
     encode_oracle_number,
+    statement_has_tag,
 )
 from deepsec.testing.pytest_plugin import OracleServerFixture
 from deepsec.testing.tls import TestCA
@@ -654,3 +655,144 @@ def test_jwt_claims_without_verification() -> None:
     assert decode_jwt_claims("not-a-jwt") == {}
     assert decode_jwt_claims(None) == {}
     assert WireContext(end_user_token="garbage").username is None
+
+
+# -- row policy (an emulation for tests and demos) -------------------------------------
+
+EMPLOYEES = [("alice", "Engineering", 9800), ("bob", "Sales", 7200), ("carol", "HR", 8900)]
+
+
+def attach(conn: oracledb.Connection, user: str, roles: list[str] | None = None, **attrs: Any):
+    ctx = oracledb.create_end_user_security_context(
+        make_jwt(sub="hr-app"),
+        end_user_identity=make_jwt(sub=f"id-{user}", preferred_username=f"{user}@example.test"),
+        data_roles=roles,
+        attributes=attrs or None,
+    )
+    conn.set_end_user_security_context(ctx)
+
+
+def names(conn: oracledb.Connection, sql: str = "select name from employees") -> list[str]:
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        return [row[0] for row in cur.fetchall()]
+
+
+def hr_grant(context: WireContext | None, row: Any) -> bool:
+    """No end user: nothing; the hr_viewer data role: everything; else one's own row."""
+    if context is None or context.username is None:
+        return False
+    if "HR_VIEWER" in (context.data_roles or ()):
+        return True
+    return row["name"] == context.username.partition("@")[0]
+
+
+@pytest.mark.timeout(30)
+def test_row_policy_per_end_user_on_the_wire(
+    oracle: OracleTestServer, conn: oracledb.Connection
+) -> None:
+    oracle.add_table("employees", ["name", "department", "salary"], EMPLOYEES)
+    oracle.row_policy = hr_grant
+    assert names(conn) == []  # no end user: no rows
+    attach(conn, "alice")
+    assert names(conn) == ["alice"]
+    assert names(conn, "select count(*) from employees") == [1]
+    assert names(conn, "select name from employees where department = 'Sales'") == []
+    attach(conn, "bob")
+    assert names(conn, "select name from employees /* as-bob */") == ["bob"]
+    attach(conn, "bob", roles=["HR_VIEWER"])
+    assert names(conn) == ["alice", "bob", "carol"]
+    conn.clear_end_user_security_context()
+    assert names(conn) == []
+    (as_bob,) = oracle.find_tagged("as-bob")
+    assert as_bob.rows == 1 and as_bob.context is not None
+    # DUAL is not a canned table: the policy never hides it.
+    assert query_one(conn, "select 1 from dual") == 1
+
+
+@pytest.mark.timeout(30)
+def test_row_policy_sees_roles_attributes_and_rows(
+    oracle: OracleTestServer, conn: oracledb.Connection
+) -> None:
+    oracle.add_table("employees", ["name", "department", "salary"], EMPLOYEES)
+    seen: list[tuple[str | None, tuple[str, ...] | None, dict[str, Any], str, dict[str, Any]]] = []
+
+    def policy(context: WireContext | None, row: Any) -> bool:
+        assert context is not None
+        seen.append(
+            (context.username, context.data_roles, dict(context.attributes), row.table, dict(row))
+        )
+        return row["DEPARTMENT"] == context.attributes["dept"]
+
+    oracle.row_policy = policy
+    attach(conn, "carol", roles=["EMP"], dept="Sales")
+    assert names(conn) == ["bob"]
+    assert len(seen) == len(EMPLOYEES)
+    user, roles, attrs, table, row = seen[1]
+    assert (user, roles, attrs, table) == (
+        "carol@example.test",
+        ("EMP",),
+        {"dept": "Sales"},
+        "EMPLOYEES",
+    )
+    assert row == {"NAME": "bob", "DEPARTMENT": "Sales", "SALARY": 7200}
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_row_policy_is_ora_28113_never_all_rows(
+    oracle: OracleTestServer, conn: oracledb.Connection
+) -> None:
+    oracle.add_table("employees", ["name"], [("alice",)])
+
+    def broken(context: WireContext | None, row: Any) -> bool:
+        raise KeyError("no such column")
+
+    oracle.row_policy = broken
+    with pytest.raises(oracledb.DatabaseError, match="ORA-28113"):
+        names(conn)
+    oracle.reset()  # what the `oracle` fixture does between tests
+    assert oracle.row_policy is None
+
+
+def test_row_policy_from_the_constructor() -> None:
+    with OracleTestServer(row_policy=hr_grant) as server:
+        server.add_table("employees", ["name"], [("alice",), ("bob",)])
+        with connect(server) as conn:
+            assert names(conn) == []
+            attach(conn, "alice")
+            assert names(conn) == ["alice"]
+
+
+# -- statement tags ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_tags_are_found_wherever_they_sit(
+    oracle: OracleTestServer, conn: oracledb.Connection
+) -> None:
+    query_one(conn, "/* lead */ select 1 from dual")
+    query_one(conn, "select 2 /* mid */ from dual")
+    # What Django's Oracle backend sends for "... from dual /* tail */": the trailing
+    # "/" is stripped, so a plain substring search for "/* tail */" finds nothing.
+    query_one(conn, "select 3 from dual /* tail *")
+    query_one(conn, "select 4 from dual -- dash")
+    query_one(conn, "select '/* quoted */' from dual")
+    assert oracle.find_statements("/* tail */") == []
+    for tag, value in (("lead", 1), ("mid", 2), ("tail", 3), ("dash", 4)):
+        (trip,) = oracle.find_tagged(tag)
+        assert trip.sql is not None and str(value) in trip.sql
+    assert oracle.find_tagged("quoted") == []
+    assert oracle.find_tagged("tai") == []
+    mark = oracle.mark()
+    query_one(conn, "select 5 from dual /* tail */")
+    assert len(oracle.find_tagged("tail")) == 2
+    assert len(oracle.find_tagged("tail", since=mark)) == 1
+
+
+def test_statement_has_tag() -> None:
+    assert statement_has_tag("select 1 from dual /* app=hr t1 */", "t1")
+    assert statement_has_tag("select 1 from dual /* t1 *", "t1")
+    assert not statement_has_tag("select 1 from dual /* t10 */", "t1")
+    assert not statement_has_tag("select 't1' from dual", "t1")
+    assert not statement_has_tag(None, "t1")
+    assert not statement_has_tag("select 1 from dual /* t1 */", "")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from deepsec.demo import EMPLOYEES
+from deepsec.demo import EMPLOYEES, visible_employees
 
 
 def db_user_on_page(html: str) -> str | None:
@@ -20,6 +20,11 @@ def db_user_on_page(html: str) -> str | None:
     found = re.search(r'data-db-user="([^"]*)"', html)
     assert found, "page does not show the database user"
     return found.group(1) or None
+
+
+def rows_on_page(html: str) -> list[str]:
+    """The employee names in the page's table, in order."""
+    return re.findall(r"<tr><td>([^<]*)</td>", html)
 
 
 def contexts_since(env: Any, mark: Any) -> list[Any]:
@@ -33,8 +38,8 @@ def assert_page_runs_as(client: Any, hr_env: Any, user: str) -> None:
     page = client.get("/")
     assert page.status_code == 200
     assert db_user_on_page(page.text) == f"{user}@example.test"
-    for name, *_ in EMPLOYEES:
-        assert f"<td>{name}</td>" in page.text
+    # The wire server's emulated row policy: alice and bob see their own row only.
+    assert rows_on_page(page.text) == visible_employees(f"{user}@example.test")
     contexts = contexts_since(hr_env, mark)
     assert contexts and all(
         c is not None and c.username == f"{user}@example.test" for c in contexts
@@ -48,7 +53,10 @@ def assert_page_runs_as(client: Any, hr_env: Any, user: str) -> None:
 def assert_page_runs_as_nobody(client: Any, hr_env: Any) -> None:
     """The page shows no end user and no statement behind it carried one."""
     mark = hr_env.oracle.mark()
-    assert db_user_on_page(client.get("/").text) is None
+    page = client.get("/").text
+    assert db_user_on_page(page) is None
+    assert rows_on_page(page) == []  # no end user: the policy returns no rows
+    assert "The database returned no rows." in page
     assert all(c is None for c in contexts_since(hr_env, mark))
 
 
@@ -60,10 +68,32 @@ class HRAppContract:
         token = hr_env.user_token("bob")
         body = client.get("/api/employees", headers={"Authorization": f"Bearer {token}"}).json()
         assert body["db_user"] == "bob@example.test"
-        assert [e["name"] for e in body["employees"]] == [row[0] for row in EMPLOYEES]
+        assert [e["name"] for e in body["employees"]] == ["bob"]
         contexts = contexts_since(hr_env, mark)
         assert contexts and all(c.username == "bob@example.test" for c in contexts)
         assert all(c.attributes.get("channel") in ("api", ["api"]) for c in contexts)
+
+    def test_each_end_user_sees_the_rows_the_row_policy_grants(self, client, hr_env):
+        seen = {}
+        for user in ("alice", "bob", "carol"):
+            token = hr_env.user_token(user)
+            body = client.get("/api/employees", headers={"Authorization": f"Bearer {token}"})
+            seen[user] = [e["name"] for e in body.json()["employees"]]
+        seen["nobody"] = [e["name"] for e in client.get("/api/employees").json()["employees"]]
+        assert seen == {
+            "alice": ["alice"],  # an employee: their own row
+            "bob": ["bob"],
+            "carol": [row[0] for row in EMPLOYEES],  # granted the hr_viewer data role
+            "nobody": [],  # no end user: no rows
+        }
+        # Carol's request is what the policy needed: her name and the requested role.
+        mark = hr_env.oracle.mark()
+        token = hr_env.user_token("carol")
+        client.get("/api/employees", headers={"Authorization": f"Bearer {token}"})
+        trips = [t for t in hr_env.oracle.round_trips(since=mark) if "employees" in (t.sql or "")]
+        assert sum(t.rows for t in trips) == len(EMPLOYEES)  # execute and fetch round trips
+        assert all(t.context.username == "carol@example.test" for t in trips)
+        assert all(t.context.data_roles == ("hr_viewer",) for t in trips)
 
     def test_no_identity_is_least_privilege(self, client, hr_env):
         mark = hr_env.oracle.mark()

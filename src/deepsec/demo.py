@@ -9,14 +9,18 @@ It starts, on ``127.0.0.1`` and sharing one throw-away test CA:
   that hands out an end-user token signed by that identity provider (a real
   deployment signs users in with the provider's own login flow instead);
 * the Oracle wire test server (:class:`deepsec.testing.oracle.OracleTestServer`)
-  over TCPS, with the canned HR table ``employees``;
+  over TCPS, with the canned HR table ``employees`` and a row policy shaped like
+  a Deep Data Security grant (:func:`hr_row_policy`: no end user, no rows; an
+  employee, their own row; the ``hr_viewer`` data role, every row) -- an
+  emulation for the demo, not Oracle's policy language;
 * one example application from ``example_projects/`` (FastAPI under uvicorn by
   default; ``--app flask`` or ``--app django`` under waitress), configured only
   through the ``HR_*`` environment variables.
 
-It then signs in as alice and bob (identity cookie and ``Authorization:
-Bearer``) and calls the app as nobody, and prints, from the wire server's
-records, what the database received with each request.  It exits non-zero
+It then signs in as alice, bob and carol (identity cookie and
+``Authorization: Bearer``) and calls the app as nobody, and prints, from the
+wire server's records, what the database received with each request and which
+rows came back.  It exits non-zero
 when any request did not reach the database with the expected context.  Unless
 ``--no-serve`` is given it then keeps everything running for a browser.
 
@@ -37,9 +41,11 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 __all__ = [
+    "DATA_ROLE_GRANTS",
     "DEMO_USERS",
     "EMPLOYEES",
     "EMPLOYEE_COLUMNS",
@@ -47,10 +53,12 @@ __all__ = [
     "RequestReport",
     "ServedApp",
     "example_projects_dir",
+    "hr_row_policy",
     "main",
     "run_scenario",
     "serve_asgi",
     "serve_wsgi",
+    "visible_employees",
 ]
 
 #: Users the sign-in pages offer.
@@ -61,16 +69,51 @@ EMPLOYEE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("department", "varchar"),
     ("salary", "number"),
 )
-#: Rows of the canned ``employees`` table.  The wire test server does not
-#: enforce row policies: every caller sees every row.
+#: Rows of the canned ``employees`` table (what :func:`hr_row_policy` filters).
 EMPLOYEES: tuple[tuple[str, str, int], ...] = (
     ("alice", "Engineering", 9800),
     ("bob", "Sales", 7200),
-    ("carol", "Engineering", 8900),
-    ("dave", "Human Resources", 6500),
+    ("carol", "Human Resources", 8900),
+    ("dave", "Engineering", 6500),
 )
 #: Data roles the example apps configure in ``end_user_sec_params``.
 DEMO_DATA_ROLES: tuple[str, ...] = ("hr_viewer",)
+#: Who the emulated database grants each data role to.  The apps ask for
+#: ``hr_viewer`` for everyone; as in Deep Data Security, a requested data role
+#: counts only for an end user it is granted to.
+DATA_ROLE_GRANTS: Mapping[str, frozenset[str]] = MappingProxyType(
+    {"hr_viewer": frozenset({"carol@example.test"})}
+)
+
+
+def hr_row_policy(context: Any, row: Mapping[str, Any]) -> bool:
+    """The demo database's grant on ``employees``, for the wire test server's ``row_policy``.
+
+    Shaped like a typical Deep Data Security grant: no end user sees no rows;
+    an end user holding the ``hr_viewer`` data role (requested by the app and
+    granted in :data:`DATA_ROLE_GRANTS`) sees every row; any other end user
+    sees only their own row (``name`` is the part of the user name before
+    ``@``).  An emulation for the demo and tests, not Oracle's policy language.
+    """
+    user = getattr(context, "username", None)
+    if not user:
+        return False
+    requested = getattr(context, "data_roles", None) or ()
+    if any(user in DATA_ROLE_GRANTS.get(role, ()) for role in requested):
+        return True
+    return bool(row["name"] == user.partition("@")[0])
+
+
+def visible_employees(db_user: str | None) -> list[str]:
+    """The names :func:`hr_row_policy` shows ``db_user`` (the apps request ``hr_viewer``)."""
+    from types import SimpleNamespace
+
+    context = SimpleNamespace(username=db_user, data_roles=DEMO_DATA_ROLES)
+    return [
+        name
+        for name, department, salary in sorted(EMPLOYEES)
+        if hr_row_policy(context, {"name": name, "department": department, "salary": salary})
+    ]
 
 
 def example_projects_dir() -> Path | None:
@@ -115,7 +158,9 @@ class DemoEnvironment:
         self.idp = LocalIdP(
             tenant="hr-tenant", clients={self.client_id: self._client_secret}, ca=self.ca
         )
-        self.oracle = OracleTestServer(users={self.db_user: self._db_password}, ca=self.ca)
+        self.oracle = OracleTestServer(
+            users={self.db_user: self._db_password}, ca=self.ca, row_policy=hr_row_policy
+        )
 
     def start(self) -> DemoEnvironment:
         """Start every server and create the canned HR table."""
@@ -125,8 +170,9 @@ class DemoEnvironment:
         return self
 
     def seed(self) -> None:
-        """(Re)create the canned ``employees`` table on the wire server."""
+        """(Re)create the canned ``employees`` table and its row policy on the wire server."""
         self.oracle.add_table("employees", EMPLOYEE_COLUMNS, EMPLOYEES)
+        self.oracle.row_policy = hr_row_policy
 
     def stop(self) -> None:
         """Stop every server and remove the CA directory."""
@@ -314,6 +360,7 @@ class RequestReport:
     app_tokens: list[str | None] = field(default_factory=list)
     statements: int = 0
     page_user: str | None = None
+    rows_seen: list[str] | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -367,7 +414,7 @@ def _collect(
 
 
 def run_scenario(env: DemoEnvironment, base_url: str) -> list[RequestReport]:
-    """Sign in as alice and bob (cookie and bearer), call as nobody; report each request."""
+    """Sign in as alice, bob and carol (cookie and bearer), call as nobody; report each."""
     import httpx
 
     reports: list[RequestReport] = []
@@ -386,15 +433,21 @@ def run_scenario(env: DemoEnvironment, base_url: str) -> list[RequestReport]:
         report.status = response.status_code
         trips = server.round_trips(since=mark)
         if response.headers.get("content-type", "").startswith("application/json"):
-            report.page_user = response.json().get("db_user")
+            body = response.json()
+            report.page_user = body.get("db_user")
+            report.rows_seen = [e.get("name") for e in body.get("employees", [])]
         else:
             found = re.search(r'data-db-user="([^"]*)"', response.text)
             report.page_user = (found.group(1) or None) if found else "<not shown>"
+            report.rows_seen = re.findall(r"<tr><td>([^<]*)</td>", response.text)
         _collect(report, trips, DEMO_DATA_ROLES, env.client_id)
+        expected_rows = visible_employees(expected)
+        if report.rows_seen != expected_rows:
+            report.problems.append(f"rows {report.rows_seen}, expected {expected_rows}")
         reports.append(report)
 
     timeout = httpx.Timeout(20.0)
-    for user in ("alice", "bob"):
+    for user in DEMO_USERS:
         expected = env.expected_db_user(user)
         with httpx.Client(base_url=base_url, timeout=timeout) as browser:
             form = {"user": user}
@@ -450,6 +503,7 @@ def format_reports(reports: Sequence[RequestReport]) -> str:
         "data roles",
         "attributes",
         "stmts",
+        "rows the database returned",
         "",
     )
     rows = []
@@ -469,6 +523,7 @@ def format_reports(reports: Sequence[RequestReport]) -> str:
                 _fmt_roles(r.data_roles),
                 _fmt_attrs(r.attributes),
                 str(r.statements),
+                ", ".join(r.rows_seen) if r.rows_seen else "(none)",
                 "ok" if r.ok else "FAIL",
             )
         )
@@ -539,6 +594,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             print(f"error: cannot serve on port {args.port}: {exc}", file=sys.stderr)
             return 1
+        except ImportError as exc:
+            # The `demo` extra carries only the FastAPI example's dependencies.
+            print(
+                f"error: the {args.app} example needs {exc.name or 'a package'}: "
+                "./run demo --app " + args.app + " installs it (pip install -e '.[test]')",
+                file=sys.stderr,
+            )
+            return 1
         try:
             print(f"  identity provider : {env.idp.authority} (MSAL client_credentials)")
             print(f"  dev sign-in       : {env.idp.dev_signin_url}?user=NAME")
@@ -556,8 +619,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else "RESULT: FAILED (see above)"
             )
             print(
-                "Note: the wire test server records contexts but enforces no row policies; "
-                "a real Oracle AI Database 26ai filters rows by the end user's data roles."
+                "Rows: the wire test server applies an emulated row policy shaped like a Deep "
+                "Data Security grant\n(no end user: none; an employee: own row; carol, granted "
+                "the hr_viewer data role: all).\nA real Oracle AI Database 26ai enforces the "
+                "grants written in the database instead."
             )
             if args.no_serve:
                 return 0 if ok else 1

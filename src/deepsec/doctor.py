@@ -46,6 +46,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from . import _jwt
 from .config import EndUserSecConfig, parse_end_user_sec_params
 from .context import EndUserContext, Identity
 from .errors import ConfigError, DeepSecError, IdentityError, TokenAcquisitionError
@@ -103,18 +104,7 @@ class Target:
 
 def decode_claims(token: str) -> dict[str, Any]:
     """The claims of a JWT, decoded **without** verification (``{}`` if not a JWT)."""
-    import base64
-    import binascii
-
-    parts = token.split(".")
-    if len(parts) < 2:
-        return {}
-    payload = parts[1]
-    try:
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (ValueError, binascii.Error):
-        return {}
-    return claims if isinstance(claims, dict) else {}
+    return _jwt.decode_claims(token) or {}
 
 
 # -- loading -------------------------------------------------------------------

@@ -1,8 +1,14 @@
-"""pytest fixtures of deepsec's test helpers.
+"""deepsec's pytest fixtures: the Oracle wire test server, the local identity provider, Redis.
 
-Registered as the ``deepsec`` pytest11 entry point and loaded by the test
-suite's ``conftest.py``.  Fixture groups live in clearly separated sections so
-other helpers (for example the identity provider) can add theirs.
+Opt-in, on purpose: there is **no** ``pytest11`` entry point, so installing
+deepsec never makes pytest import the test servers, and fixture names like
+``oracle`` never appear in a test session uninvited.  Load them in your
+top-level ``conftest.py``::
+
+    pytest_plugins = ["deepsec.testing.pytest_plugin"]
+
+(``deepsec.testing.idp_fixtures``, the former home of the identity provider
+fixtures, is kept as an alias of this module.)
 
 Oracle wire test server fixtures:
 
@@ -11,11 +17,11 @@ Oracle wire test server fixtures:
     over TCPS; ``.dsn``, ``.client_ssl_context()``, ``.user``/``.password``
     (a password login that works), the recording API (``round_trips()``,
     ``statements()``, ``connections()``, ``mark()``, ``clear_records()``),
-    ``add_table()`` and ``token_validator``.
+    ``find_tagged()``, ``add_table()``, ``token_validator`` and ``row_policy``.
 
 ``oracle`` (function scope)
     The same server after ``reset()``: records cleared, no token validator, no
-    canned tables; the validator and tables are reset again after the test.
+    row policy, no canned tables; all reset again after the test.
 
 Redis fixtures (shared token cache, Celery broker):
 
@@ -28,6 +34,19 @@ Redis fixtures (shared token cache, Celery broker):
 ``redis`` (function scope)
     The same server, started again if a test killed it, and flushed before
     and after the test.
+
+Local identity provider fixtures:
+
+``local_idp`` (session scope)
+    A running :class:`deepsec.testing.idp.LocalIdP` (its own test CA;
+    ``local_idp.ca_file`` is the PEM clients trust).
+
+``idp`` (function scope)
+    The same provider for one test: request log, faults, issued-token list
+    and lifetime settings reset before and after the test, and every token
+    source and MSAL application forgotten (:func:`reset_token_state`), so
+    each test starts cold.  Build ``end_user_sec_params`` with
+    ``idp.azure_params(auth_flow=...)`` and ``idp.oci_params()``.
 """
 
 from __future__ import annotations
@@ -37,6 +56,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from deepsec.testing.idp import LocalIdP
 from deepsec.testing.oracle import OracleTestServer
 from deepsec.testing.redis import RedisTestServer, redis_server_binary
 
@@ -77,13 +97,54 @@ def oracle_server() -> Iterator[OracleServerFixture]:
 
 @pytest.fixture
 def oracle(oracle_server: OracleServerFixture) -> Iterator[OracleServerFixture]:
-    """The session server, reset (records, validator, tables) around the test."""
+    """The session server, reset (records, validator, row policy, tables) around the test."""
     oracle_server.reset()
     try:
         yield oracle_server
     finally:
         oracle_server.token_validator = None
         oracle_server.reset()
+
+
+# ---------------------------------------------------------------------------
+# Local identity provider
+# ---------------------------------------------------------------------------
+
+
+def reset_token_state() -> None:
+    """Forget every token source, cached token and MSAL application.
+
+    Also forgets which configs :func:`deepsec.prepare` fetches for, so one
+    test's identity providers (often stopped by now) are not asked again in
+    the next; connections still open register theirs again when next used.
+    """
+    from deepsec.hook import forget_prefetch_configs
+    from deepsec.tokens import clear_token_sources
+
+    clear_token_sources()  # also drops MSAL applications
+    forget_prefetch_configs()
+
+
+@pytest.fixture(scope="session")
+def local_idp() -> Iterator[LocalIdP]:
+    """A running local HTTPS identity provider for the whole session."""
+    provider = LocalIdP().start()
+    try:
+        yield provider
+    finally:
+        provider.stop()
+
+
+@pytest.fixture
+def idp(local_idp: LocalIdP) -> Iterator[LocalIdP]:
+    """The session's provider, reset for this test (log, faults, caches)."""
+    local_idp.reset()
+    reset_token_state()
+    try:
+        yield local_idp
+    finally:
+        local_idp.reset()
+        reset_token_state()
 
 
 # ---------------------------------------------------------------------------

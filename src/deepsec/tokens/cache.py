@@ -36,10 +36,8 @@ Exceptions pass through unchanged, so typed errors such as
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import hashlib
-import json
 import logging
 import queue
 import threading
@@ -48,6 +46,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from .. import _jwt
 from ..errors import TokenAcquisitionError
 
 __all__ = [
@@ -139,15 +138,7 @@ class KeyMemo:
 
 def jwt_expiry(token: str) -> float | None:
     """The ``exp`` claim of a JWT (not verified), or ``None`` if it has none."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        payload = parts[1] + "=" * (-len(parts[1]) % 4)
-        exp = json.loads(base64.urlsafe_b64decode(payload)).get("exp")
-    except (ValueError, AttributeError, TypeError):
-        return None
-    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+    return _jwt.expiry(token)
 
 
 class _Entry:
