@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from deepsec.config import parse_end_user_sec_params
 from deepsec.context import EndUserContext
 from deepsec.testing.idp import LocalIdP
-from deepsec.testing.idp_fixtures import reset_token_state
+from deepsec.testing.pytest_plugin import reset_token_state
 from deepsec.tokens import token_source_for
 
 THREADS = 64

@@ -46,7 +46,7 @@ from deepsec.testing.cloud import (
     oci_auth_host,
 )
 from deepsec.testing.idp import OCI_SCOPED_TOKEN_PATH, LocalIdP
-from deepsec.testing.idp_fixtures import reset_token_state
+from deepsec.testing.pytest_plugin import reset_token_state
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -37,7 +37,7 @@ import pytest
 from .idp import LocalIdP
 from .oracle import RoundTrip
 
-pytest_plugins = ["deepsec.testing.pytest_plugin", "deepsec.testing.idp_fixtures"]
+pytest_plugins = ["deepsec.testing.pytest_plugin"]
 
 __all__ = [
     "DeepSecClient",
@@ -200,7 +200,7 @@ def django_db_setup(
     deepsec_end_user_sec_params: dict[str, Any],
 ) -> Iterator[None]:
     """The Oracle databases on the wire test server; no test database is created."""
-    from .idp_fixtures import reset_token_state
+    from .pytest_plugin import reset_token_state
 
     with django_db_blocker.unblock():
         saved = point_databases_at(oracle_server, deepsec_end_user_sec_params)

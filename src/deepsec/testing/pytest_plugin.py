@@ -7,8 +7,8 @@ top-level ``conftest.py``::
 
     pytest_plugins = ["deepsec.testing.pytest_plugin"]
 
-(``deepsec.testing.idp_fixtures``, the former home of the identity provider
-fixtures, is kept as an alias of this module.)
+Every deepsec fixture lives here (the identity provider's included); Django
+projects add :mod:`deepsec.testing.django` for pytest-django.
 
 Oracle wire test server fixtures:
 
