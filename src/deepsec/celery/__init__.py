@@ -166,15 +166,16 @@ def _current_app() -> Any:
 
 def _publishing_settings(task_name: str) -> _Settings | None:
     """The settings of the app that owns ``task_name``, if that app is ours."""
-    apps = [*list(_installed.keys()), _current_app()]
+    # EndUserTask.apply_async() registered its app in _from_conf already.
+    apps = [*list(_installed.keys()), *list(_from_conf.keys()), _current_app()]
     for app in apps:
         task = app._tasks.get(task_name)  # the registry as is: no finalize here
         if task is None:
             continue
         if app in _installed:
             return _installed[app]
-        if isinstance(task, EndUserTask):
-            return _settings_for_app(app)
+        # Known to an app that is not ours: only its EndUserTask tasks are signed.
+        return _settings_for_app(app) if isinstance(task, EndUserTask) else None
     # send_task() by name, for a task this process does not import.
     installed = list(_installed.values())
     return installed[0] if len(installed) == 1 else None
