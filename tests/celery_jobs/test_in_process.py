@@ -236,7 +236,8 @@ def test_end_user_task_reads_its_key_from_the_app_conf(
     try:
         t = new_tag()
         with deepsec.end_user(("carol", None)):
-            result = tasks["whoami"].apply_async((t,))
+            # A header passed by the caller is replaced, never trusted.
+            result = tasks["whoami"].apply_async((t,), headers={HEADER: {"end_user": "x"}})
             plain.apply_async()
     finally:
         signals.before_task_publish.disconnect(capture)
