@@ -20,8 +20,13 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import celery
-from celery import signals
+try:
+    import celery
+    from celery import signals
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "deepsec.celery needs Celery: pip install 'oracledb-deepsec[celery]'"
+    ) from exc
 
 from ..context import Activation, EndUserContext, activate, current_context, deactivate
 from ..errors import ConfigError, DeepSecError
