@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -28,7 +28,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "deepsec.celery needs Celery: pip install 'oracledb-deepsec[celery]'"
     ) from exc
 
-from ..context import Activation, EndUserContext, activate, current_context, deactivate
+from ..context import (
+    Activation,
+    EndUserContext,
+    _current,
+    activate,
+    current_context,
+    deactivate,
+)
 from ..errors import ConfigError, DeepSecError
 from ..hook import prepare
 from ..tokens.cache import jwt_expiry
@@ -216,7 +223,10 @@ def _on_before_publish(
 @dataclass
 class _Run:
     task_id: str
-    activation: Activation
+    #: Restores the context that was current before the task.
+    end: Callable[[], None]
+    #: The task's own scope (None for an eager task: it runs in its caller's).
+    activation: Activation | None
     error: DeepSecError | None
 
 
@@ -276,22 +286,24 @@ def _on_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     if settings is None:
         return
     request = task.request
-    error: DeepSecError | None = None
     if request.is_eager:
-        # Same process, no broker: the caller's end user, whatever it is.
-        ctx: EndUserContext | None = current_context()
-    else:
-        ctx, error = _verdict(task, request, settings)
-        if error is not None and not isinstance(task, EndUserTask):
-            log.error(
-                "task %s[%s]: %s; its base class is not deepsec.celery.EndUserTask, so it "
-                "cannot be failed early and runs with no end user",
-                task.name,
-                task_id,
-                type(error).__name__,
-            )
+        # Same process, no broker: the task runs in its caller's scope, exactly
+        # as it is (whatever kind of scope that is), and whatever the task
+        # changes in it (set_end_user_identity...) is undone when it ends.
+        token = _current.set(_current.get())
+        _stack().append(_Run(task_id, lambda: _current.reset(token), None, None))
+        return
+    ctx, error = _verdict(task, request, settings)
+    if error is not None and not isinstance(task, EndUserTask):
+        log.error(
+            "task %s[%s]: %s; its base class is not deepsec.celery.EndUserTask, so it "
+            "cannot be failed early and runs with no end user",
+            task.name,
+            task_id,
+            type(error).__name__,
+        )
     activation = activate(ctx)
-    _stack().append(_Run(task_id, activation, error))
+    _stack().append(_Run(task_id, lambda: deactivate(activation), activation, error))
     with _running_lock:
         _running[task_id] = activation
 
@@ -303,9 +315,9 @@ def _on_postrun(task_id: str | None = None, **_: Any) -> None:
     while stack:
         run = stack.pop()
         with _running_lock:
-            if _running.get(run.task_id) is run.activation:
+            if run.activation is not None and _running.get(run.task_id) is run.activation:
                 del _running[run.task_id]
-        deactivate(run.activation)
+        run.end()
         if run.task_id == task_id:
             return
 
