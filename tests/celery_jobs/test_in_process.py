@@ -163,7 +163,13 @@ def test_strict_mode_fails_a_refused_header_before_the_body(
     key = derive_key(KEY)
     whoami = strict["whoami"]
     alice = deepsec.EndUserContext(ALICE)
-    for header in (None, "garbage", sign(derive_key("x" * 32), "t", whoami.name, alice)):
+    refused = (
+        None,
+        "garbage",
+        sign(derive_key("x" * 32), "t", whoami.name, alice),
+        {**sign(key, "t", whoami.name, alice), "sig": "é" * 64},
+    )
+    for header in refused:
         t = new_tag()
         info = run_as_worker(whoami, (t,), header).info
         assert info.state == "FAILURE"
@@ -264,6 +270,7 @@ def test_header_round_trip_and_every_refusal() -> None:
         "is malformed": "x",
         "has an unknown format version": {**good, "v": 2},
         "is not signed": {**good, "sig": ""},
+        "bad signature": {**good, "sig": "é" * 64},
         "has a bad signature": {**good, "end_user": good["end_user"].replace('"a"', '"b"')},
         "was made for another message": sign(key, "id2", "t", ctx),
     }

@@ -293,7 +293,14 @@ def _on_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
         token = _current.set(_current.get())
         _stack().append(_Run(task_id, lambda: _current.reset(token), None, None))
         return
-    ctx, error = _verdict(task, request, settings)
+    try:
+        ctx, error = _verdict(task, request, settings)
+    except Exception:
+        # Whatever went wrong while judging the header, it is not trusted.
+        log.warning("task %s[%s]: end-user header could not be verified", task.name, task_id)
+        ctx, error = None, None
+        if settings.strict:
+            error = EndUserHeaderRefused(f"task {task.name}[{task_id}] refused: unverifiable")
     if error is not None and not isinstance(task, EndUserTask):
         log.error(
             "task %s[%s]: %s; its base class is not deepsec.celery.EndUserTask, so it "

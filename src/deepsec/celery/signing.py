@@ -106,6 +106,8 @@ def verify(key: bytes, header: object, task_id: str, task_name: str) -> EndUserC
         raise HeaderRefused("is malformed")
     if not isinstance(sig, str) or not sig:
         raise HeaderRefused("is not signed")
+    if len(sig) != 64 or not sig.isascii():  # compare_digest() refuses non-ASCII str
+        raise HeaderRefused("has a bad signature (tampered with, or signed with another key)")
     expected = _mac(key, task_id, task_name, end_user)
     if not hmac.compare_digest(expected, sig):
         if header.get("id") != task_id or header.get("task") != task_name:
