@@ -196,6 +196,31 @@ def test_expired_token_fails_without_retry(strict: dict[str, Any], oracle_server
     assert users_of(oracle_server, t) == []
 
 
+def test_a_task_with_a_foreign_base_cannot_fail_early_so_runs_as_nobody(
+    pool: oracledb.ConnectionPool, oracle_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import celery
+
+    import spi_static
+
+    app = make_app(pool, "foreign_base")
+    deepsec.celery.install(app, signing_key=KEY)
+    seen: list[Any] = []
+
+    @app.task(name="foreign_base.t", base=celery.Task)
+    def t() -> None:
+        seen.append((deepsec.current_end_user(), HEADER in t.request.__dict__))
+
+    expired = spi_static.make_jwt({"preferred_username": "old", "exp": int(time.time()) - 1})
+    task_id = str(uuid.uuid4())
+    header = sign(derive_key(KEY), task_id, t.name, deepsec.EndUserContext(expired))
+    with caplog.at_level("ERROR", logger="deepsec.celery"):
+        assert run_as_worker(t, (), header, task_id).info is None
+    assert seen == [(None, False)]
+    assert "EndUserExpired" in caplog.text and "not deepsec.celery.EndUserTask" in caplog.text
+    assert expired not in caplog.text
+
+
 def test_revoke_ends_the_scope_of_a_running_task(pool: oracledb.ConnectionPool) -> None:
     app = make_app(pool, "revoke")
     deepsec.celery.install(app, signing_key=KEY)

@@ -295,6 +295,9 @@ def _on_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
         return
     try:
         ctx, error = _verdict(task, request, settings)
+        # The header holds the token: keep it out of task.request, which task
+        # code and error reporters read and log.
+        request.__dict__.pop(HEADER, None)
     except Exception:
         # Whatever went wrong while judging the header, it is not trusted.
         log.warning("task %s[%s]: end-user header could not be verified", task.name, task_id)
