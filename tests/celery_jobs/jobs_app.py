@@ -133,18 +133,3 @@ def async_whoami(tag: str) -> str | None:
             await conn.close()
 
     return deepsec.celery.run_async(body())
-
-
-@app.task
-def end_user_seen() -> dict[str, Any] | None:
-    """What the task sees as its end user (no database)."""
-    ctx = deepsec.current_end_user()
-    if ctx is None:
-        return None
-    identity = ctx.identity
-    return {
-        "kind": "local" if isinstance(identity, tuple) else "token",
-        "name": ctx.name,
-        "data_roles": list(ctx.data_roles or ()),
-        "attributes": dict(ctx.attributes or {}),
-    }
