@@ -21,6 +21,8 @@ import deepsec  # noqa: F401  (registers the driver hook)
 from deepsec import EndUserContext
 from deepsec.fastapi import EndUserIdentity
 
+from . import jobs
+
 templates = Jinja2Templates(directory=TEMPLATES)  # shared with flask_hr
 
 
@@ -125,5 +127,24 @@ def create_app(settings: HRSettings | None = None) -> FastAPI:
             await cursor.execute(USERNAME_SQL)
             row = await cursor.fetchone()
         return {"db_user": row[0] if row else None}
+
+    @app.post("/api/exports", status_code=202)
+    async def queue_export(user: EndUser) -> dict[str, Any]:
+        """Queue a Celery export that runs as this request's end user."""
+        jobs.configure(cfg)
+        jobs.ensure_worker()
+        # Published in a worker thread that carries this request's end user.
+        result = await run_in_threadpool(jobs.export_employees.delay)
+        return {"task_id": result.id}
+
+    @app.get("/api/exports/{task_id}")
+    async def export_status(task_id: str, user: EndUser) -> dict[str, Any]:
+        """The export's state, and its result once done."""
+        result = jobs.celery_app.AsyncResult(task_id)
+        if not result.ready():
+            return {"state": result.state}
+        if result.failed():
+            return {"state": "FAILURE", "error": type(result.result).__name__}
+        return {"state": "SUCCESS", **result.result}
 
     return app

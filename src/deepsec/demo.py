@@ -609,6 +609,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  example app       : {served.name} at {served.base_url}")
             print()
             reports = run_scenario(env, served.base_url)
+            if args.app == "fastapi":  # its Celery task runs as the end user who queued it
+                jobs = _import_example("fastapi_hr.jobs")
+                reports += jobs.run_demo_jobs(env, served.base_url)
             print("What the database received with each request:")
             print(format_reports(reports))
             print()
