@@ -50,7 +50,10 @@ def _get_fn(mode: Mode, params: Mapping[str, Any]) -> tuple[Any, Any, Any]:
         from oracledb.plugins import azure_tokens
 
         def plugin_get(identity: str) -> str:
-            return str(azure_tokens.get_database_access_token(dict(params), identity))
+            token = azure_tokens.get_database_access_token(  # type: ignore[no-untyped-call]
+                dict(params), identity
+            )
+            return str(token)
 
         return plugin_get, None, None
 
