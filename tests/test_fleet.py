@@ -65,3 +65,21 @@ def test_without_token_cache_every_process_asks(fleet: Fleet, idp: LocalIdP) -> 
     result = fleet.run(idp.azure_params("on_behalf_of"), [user], threads=THREADS)
     assert result.errors == []
     assert idp.token_requests("on_behalf_of") == PROCESSES
+
+
+def test_fleet_with_redis_down_fails_nothing_and_shares_again_once_it_is_back(
+    fleet: Fleet, idp: LocalIdP, redis: RedisTestServer
+) -> None:
+    redis.kill()
+    users = [idp.issue_user_token(f"down-{i}") for i in range(4)]
+    result = fleet.run(_params(idp, redis), users, threads=THREADS, use_async=True)
+    assert result.errors == []  # no request failed
+    assert len(result.latencies) == PROCESSES * THREADS
+    # Every process asked for itself (once per user: in-process single-flight).
+    assert idp.token_requests("on_behalf_of") == PROCESSES * len(users)
+    redis.start()
+    idp.reset()
+    users = [idp.issue_user_token(f"back-{i}") for i in range(4)]
+    result = fleet.run(_params(idp, redis), users, threads=THREADS)
+    assert result.errors == []
+    assert idp.token_requests("on_behalf_of") == len(users)

@@ -375,6 +375,23 @@ def test_dead_redis_costs_no_per_request_wait(idp: LocalIdP, redis: RedisTestSer
     assert idp.token_requests("on_behalf_of") == 10
 
 
+def test_slow_redis_costs_one_timeout_per_outage(
+    idp: LocalIdP, redis: RedisTestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = _source(_params(idp, redis))
+    source.get_token(EndUserContext(idp.issue_user_token("warm")))
+    redis.command("CLIENT", "PAUSE", "4000", "ALL")  # Redis answers nobody for 4 s
+    users = [EndUserContext(idp.issue_user_token(f"slow{i}")) for i in range(8)]
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="deepsec.tokens"):
+        for ctx in users:
+            source.get_token(ctx)
+    elapsed = time.monotonic() - started
+    assert elapsed < 3.0  # one socket timeout (0.5 s), not one per request
+    assert len([r for r in caplog.records if "unavailable" in r.message]) == 1
+    assert idp.token_requests("on_behalf_of") == 9
+
+
 def test_full_redis_is_not_an_outage(idp: LocalIdP, redis: RedisTestServer) -> None:
     redis.command("CONFIG", "SET", "maxmemory", "1")  # every write now refused (OOM)
     try:

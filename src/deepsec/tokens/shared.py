@@ -125,6 +125,11 @@ class CircuitBreaker:
             self._probing = False
         logger.info("shared token cache at %s is reachable again; using it", self.where)
 
+    def abandon(self) -> None:
+        """A probe ended without an answer (cancelled): let another caller probe."""
+        with self._lock:
+            self._probing = False
+
     def failure(self, exc: BaseException) -> bool:
         """A Redis call failed; returns True when this opened the breaker."""
         with self._lock:
@@ -205,6 +210,9 @@ class RedisL2:
             if self.breaker.failure(exc):
                 self._client.connection_pool.disconnect(inuse_connections=False)
             raise _L2Down from None
+        except BaseException:
+            self.breaker.abandon()
+            raise
         self.breaker.success()
         return result
 
@@ -288,6 +296,9 @@ class RedisL2:
         except self._aerrors as exc:
             self.breaker.failure(exc)
             return None
+        except BaseException:  # cancelled: a probe must not stay taken forever
+            self.breaker.abandon()
+            raise
         self.breaker.success()
         opened = self.sealer.open(name, blob)
         if opened is None or opened.token == avoid or opened.expires_at <= time.time():
@@ -369,8 +380,9 @@ class SharedTokenCache(TokenCache):
         if self.peek(key) is None and key not in self._inflight:
             opened = await self.l2.aread(self._digest(key), self._rejected.get(key))
             if opened is not None:
-                with self._lock:
-                    if self.peek(key) is None:
+                with self._lock:  # not peek(): it may take this lock itself
+                    entry = self._data.get(key)
+                    if entry is None or time.time() >= entry.expires_at:
                         self._store(key, FetchResult(*opened), fetch)
                         self.l2_hits += 1
         return await super().aget(key, fetch)
