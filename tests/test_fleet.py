@@ -9,14 +9,18 @@ up across rounds (module-scoped fleet) to keep the test short.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis as redis_py
 
 from deepsec.testing.fleet import Fleet
 from deepsec.testing.idp import LocalIdP
 from deepsec.testing.redis import RedisTestServer
+from deepsec.tokens.sealed import LOCK_PREFIX
 
 PROCESSES = 8
 THREADS = 16
@@ -83,3 +87,40 @@ def test_fleet_with_redis_down_fails_nothing_and_shares_again_once_it_is_back(
     result = fleet.run(_params(idp, redis), users, threads=THREADS)
     assert result.errors == []
     assert idp.token_requests("on_behalf_of") == len(users)
+
+
+def test_redis_killed_in_the_middle_of_a_fleet_run(
+    fleet: Fleet, idp: LocalIdP, redis: RedisTestServer
+) -> None:
+    idp.faults.delay(0.8, times=None, target="azure")  # holders stay mid-fetch a while
+    killed = threading.Event()
+
+    def kill_once_a_lock_is_held() -> None:
+        client = redis_py.Redis.from_url(redis.url, socket_timeout=2)
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline:
+                if next(client.scan_iter(LOCK_PREFIX + "*", count=1000), None) is not None:
+                    break
+                time.sleep(0.005)
+        finally:
+            client.close()
+        redis.kill()  # a holder is fetching, the others poll Redis for its result
+        killed.set()
+
+    killer = threading.Thread(target=kill_once_a_lock_is_held)
+    killer.start()
+    users = [idp.issue_user_token(f"mid-{i}") for i in range(8)]
+    result = fleet.run(_params(idp, redis), users, threads=THREADS)
+    killer.join()
+    assert killed.is_set()
+    assert result.errors == []  # 0 failed requests
+    assert len(result.latencies) == PROCESSES * THREADS
+    assert len(users) <= idp.token_requests("on_behalf_of") <= PROCESSES * len(users)
+
+    redis.start()
+    idp.reset()
+    users = [idp.issue_user_token(f"after-{i}") for i in range(8)]
+    result = fleet.run(_params(idp, redis), users, threads=THREADS)
+    assert result.errors == []
+    assert idp.token_requests("on_behalf_of") == len(users)  # shared through L2 again
