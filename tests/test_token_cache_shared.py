@@ -102,6 +102,8 @@ def test_custom_module_without_credential_must_give_a_key() -> None:
         parse_end_user_sec_params(params)
     config = parse_end_user_sec_params({**params, "token_cache_key": KEY_A})
     assert cache_secret(config) == b"a" * 32
+    # The token module is never handed the Redis URL (password) or the key.
+    assert config.raw_params() == {"spi_type": "spi_static"}
 
 
 def test_derived_key_agrees_across_instances_and_differs_across_apps(idp: LocalIdP) -> None:

@@ -34,9 +34,10 @@ AuthFlow = Literal["client_credentials", "on_behalf_of"]
 AUTH_FLOWS: tuple[str, ...] = ("client_credentials", "on_behalf_of")
 BUILTIN_SPI_TYPES: tuple[str, ...] = ("azure_tokens", "oci_tokens")
 
-_COMMON_KEYS = frozenset(
-    {"spi_type", "auth_flow", "data_roles", "attributes", "cache_size"}
-    | {"token_cache", "token_cache_key"}
+_TOKEN_CACHE_KEYS = frozenset({"token_cache", "token_cache_key"})
+_COMMON_KEYS = (
+    frozenset({"spi_type", "auth_flow", "data_roles", "attributes", "cache_size"})
+    | _TOKEN_CACHE_KEYS
 )
 _PROVIDER_KEYS = frozenset(
     {
@@ -118,8 +119,13 @@ class EndUserSecConfig:
         return self.spi_type in BUILTIN_SPI_TYPES
 
     def raw_params(self) -> dict[str, Any]:
-        """A fresh copy of the parameters as given (for custom token modules)."""
-        return json.loads(json.dumps(self.raw, default=str))  # type: ignore[no-any-return]
+        """A fresh copy of the parameters as given (for custom token modules).
+
+        Without ``token_cache`` and ``token_cache_key``: a token module has no
+        use for the Redis password or the cache key, so it is not handed them.
+        """
+        params = {k: v for k, v in self.raw.items() if k not in _TOKEN_CACHE_KEYS}
+        return json.loads(json.dumps(params, default=str))  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return (
