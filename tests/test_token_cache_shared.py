@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import subprocess
 import threading
 import time
 from typing import Any
@@ -461,3 +462,65 @@ def test_sources_of_one_config_share_one_redis_client(
     clear_token_sources()  # drops the Redis clients and their breakers too
     fresh = token_source_for(config).cache  # type: ignore[attr-defined]
     assert fresh.l2 is not cache.l2
+
+
+# --- TLS ---------------------------------------------------------------------------------
+
+
+def test_rediss_with_a_private_ca_and_a_password(idp: LocalIdP, tmp_path: Any) -> None:
+    """``rediss://`` to a real TLS redis-server; a client that does not trust it goes on."""
+    from deepsec.testing.redis import _free_port, redis_server_binary
+    from deepsec.testing.tls import TestCA
+
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    port = _free_port()
+    with TestCA() as ca:
+        cert = ca.issue_server_cert("127.0.0.1", name="redis")
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port", "0",
+                "--tls-port", str(port),
+                "--bind", "127.0.0.1",
+                "--tls-cert-file", str(cert.cert_path),
+                "--tls-key-file", str(cert.key_path),
+                "--tls-ca-cert-file", str(ca.ca_pem_path),
+                "--tls-auth-clients", "no",
+                "--requirepass", "tls-Pass-9",
+                "--save", "",
+                "--dir", str(tmp_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            url = f"rediss://:tls-Pass-9@127.0.0.1:{port}/0?ssl_ca_certs={ca.ca_pem_path}"
+            probe = redis_py.Redis.from_url(url, socket_timeout=1)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    probe.ping()
+                    break
+                except redis_py.RedisError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            params = idp.azure_params("on_behalf_of", token_cache=url, timeout=10.0)
+            ctx = EndUserContext(idp.issue_user_token("tls"))
+            token = _source(params).get_token(ctx)
+            assert _source(params).get_token(ctx) == token
+            assert idp.token_requests("on_behalf_of") == 1
+            assert len(list(probe.scan_iter(ENTRY_PREFIX + "*"))) == 1
+            probe.close()
+            # Without the private CA the TLS handshake fails: L1 and the provider serve.
+            untrusted = idp.azure_params(
+                "on_behalf_of", token_cache=url.split("?")[0], timeout=10.0
+            )
+            clear_token_sources()
+            assert _source(untrusted).get_token(ctx)
+            assert idp.token_requests("on_behalf_of") == 2
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
