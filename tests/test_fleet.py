@@ -25,6 +25,8 @@ from deepsec.tokens.sealed import LOCK_PREFIX
 PROCESSES = 8
 THREADS = 16
 
+pytestmark = pytest.mark.timeout(180)
+
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
@@ -48,8 +50,9 @@ def test_one_user_one_call_for_the_whole_fleet(
     assert result.errors == []
     assert len(result.latencies) == PROCESSES * THREADS
     assert idp.token_requests("on_behalf_of") == 1
-    # The other processes took the token from Redis, not from the provider.
-    assert result.l2_hits == PROCESSES - 1
+    # The other processes took the token from Redis, not from the provider
+    # (at least once each; an asyncio task racing the fetch may count again).
+    assert result.l2_hits >= PROCESSES - 1
 
 
 @pytest.mark.parametrize("use_async", [False, True], ids=["threads", "asyncio"])

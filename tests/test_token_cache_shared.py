@@ -29,6 +29,8 @@ from deepsec.tokens.azure import AzureTokenSource
 from deepsec.tokens.sealed import ENTRY_PREFIX, LOCK_PREFIX, Sealer, cache_secret
 from deepsec.tokens.shared import SharedTokenCache
 
+pytestmark = pytest.mark.timeout(90)
+
 KEY_A = base64.urlsafe_b64encode(b"a" * 32).decode()
 KEY_B = base64.urlsafe_b64encode(b"b" * 32).decode()
 
