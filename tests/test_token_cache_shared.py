@@ -526,3 +526,36 @@ def test_rediss_with_a_private_ca_and_a_password(idp: LocalIdP, tmp_path: Any) -
         finally:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_async_path_never_blocks_the_event_loop_on_a_stuck_redis(
+    idp: LocalIdP, redis: RedisTestServer
+) -> None:
+    # A 2 s socket timeout: a blocking Redis call on the loop would stall it 2 s.
+    url = redis.url + "?socket_timeout=2&socket_connect_timeout=2"
+    params = idp.azure_params("on_behalf_of", token_cache=url, timeout=10.0)
+    source = _source(params)
+    users = [EndUserContext(idp.issue_user_token(f"lag{i}")) for i in range(4)]
+    redis.command("CLIENT", "PAUSE", "3000", "ALL")
+    lags: list[float] = []
+
+    async def ticker(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            before = time.monotonic()
+            await asyncio.sleep(0.01)
+            lags.append(time.monotonic() - before - 0.01)
+
+    async def main() -> list[str]:
+        stop = asyncio.Event()
+        tick = asyncio.create_task(ticker(stop))
+        started = time.monotonic()
+        tokens = await asyncio.gather(*(source.get_token_async(u) for u in users))
+        assert time.monotonic() - started >= 1.5  # Redis really held the calls up
+        source.invalidate(users[0])  # the L2 delete must not block the loop either
+        await asyncio.sleep(0.1)
+        stop.set()
+        await tick
+        return list(tokens)
+
+    assert len(set(asyncio.run(main()))) == 4
+    assert max(lags) < 1.0, f"event loop stalled {max(lags):.2f} s"
