@@ -8,7 +8,14 @@ on-behalf-of flow, on the same load:
   for 16 users (4 threads each); reported: identity-provider calls and the
   p50 / p99 latency of one ``get`` call;
 * **hit path**: the token is cached; reported: p50 / p99 per call, measured in
-  batches of 100 calls (a single call is shorter than the clock's resolution).
+  batches of 100 calls (a single call is shorter than the clock's resolution);
+  with ``token_cache`` (L1 + Redis) beside the in-process cache alone,
+  batches interleaved: the L1 hit path must not get slower;
+* **fleet**: :data:`FLEET_PROCESSES` spawned processes x :data:`FLEET_THREADS`
+  threads, cold, over :data:`FLEET_USERS` users, for the per-process cache,
+  the L1 + L2 (Redis) cache and python-oracledb's plugin, rounds interleaved;
+  reported: identity-provider calls per round and p50 / p99 latency.  Needs
+  ``redis-server`` (``./run test`` installs it); skipped without it.
 
 Pointing python-oracledb's plugin at a local provider without patching it:
 the plugin builds ``msal.ConfidentialClientApplication(client_id,
@@ -40,6 +47,10 @@ from deepsec.testing.pytest_plugin import reset_token_state
 from deepsec.tokens import token_source_for
 
 THREADS = 64
+FLEET_PROCESSES = 8
+FLEET_THREADS = 8
+FLEET_USERS = 4
+FLEET_ROUNDS = 2
 HIT_BATCHES = 2_000
 BATCH = 100
 
@@ -92,6 +103,64 @@ def hit_path(get: Callable[[], Any]) -> list[float]:
     return per_call
 
 
+def hit_pair(get_a: Callable[[], Any], get_b: Callable[[], Any]) -> tuple[list[float], list[float]]:
+    """:func:`hit_path` for two callables, batches interleaved (same conditions)."""
+    for _ in range(1_000):
+        get_a()
+        get_b()
+    per_a: list[float] = []
+    per_b: list[float] = []
+    for _ in range(HIT_BATCHES):
+        for get, out in ((get_a, per_a), (get_b, per_b)):
+            started = time.perf_counter_ns()
+            for _ in range(BATCH):
+                get()
+            out.append((time.perf_counter_ns() - started) / BATCH)
+    return per_a, per_b
+
+
+def fleet_rows(idp: LocalIdP, ref_params: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Cold fleet rounds: per-process cache, L1 + L2, plugin (interleaved)."""
+    from deepsec.testing.fleet import Fleet, Round
+    from deepsec.testing.redis import RedisTestServer, redis_server_binary
+
+    if redis_server_binary() is None:
+        print("fleet rows skipped: redis-server is not installed")
+        return []
+    redis = RedisTestServer().start()
+    modes = ("per-process cache", "L1 + L2 (Redis)", "python-oracledb plugin")
+    rounds: dict[str, list[tuple[Round, int]]] = {m: [] for m in modes}
+    try:
+        with Fleet(FLEET_PROCESSES) as fleet:
+            for n in range(FLEET_ROUNDS):
+                for mode in modes:
+                    users = [
+                        idp.issue_user_token(f"fleet{n}-{mode[:2]}-{i}") for i in range(FLEET_USERS)
+                    ]
+                    redis.flush()
+                    idp.reset()
+                    if mode == "python-oracledb plugin":
+                        result = fleet.run(ref_params, users, threads=FLEET_THREADS, mode="plugin")
+                    else:
+                        extra = {"token_cache": redis.url} if mode.startswith("L1") else {}
+                        params = idp.azure_params("on_behalf_of", timeout=10.0, **extra)
+                        result = fleet.run(params, users, threads=FLEET_THREADS)
+                    if result.errors:
+                        raise RuntimeError(
+                            f"{mode}: {len(result.errors)} failed: {result.errors[0]}"
+                        )
+                    rounds[mode].append((result, idp.token_requests("on_behalf_of")))
+    finally:
+        redis.stop()
+    rows = []
+    label = f"fleet cold, {FLEET_PROCESSES} proc x {FLEET_THREADS} thr, {FLEET_USERS} users"
+    for mode in modes:
+        calls = [c for _, c in rounds[mode]]
+        latencies = [x for r, _ in rounds[mode] for x in r.latencies]
+        rows.append((label, mode, f"{'/'.join(map(str, calls)):>8}", fmt_ms(latencies)))
+    return rows
+
+
 def fmt_ms(values: list[float]) -> str:
     return f"{pct(values, 0.5) * 1e3:8.2f} / {pct(values, 0.99) * 1e3:8.2f}"
 
@@ -124,6 +193,36 @@ def main() -> int:
         cache = source.cache  # type: ignore[attr-defined]
         key = next(iter(cache._data))
         ours_raw = hit_path(lambda: cache.peek(key))
+
+        # --- the L1 hit path with and without the Redis L2 behind it ------------------
+        from deepsec.testing.redis import RedisTestServer, redis_server_binary
+
+        l1_rows: list[tuple[str, str, str]] = []
+        if redis_server_binary() is not None:
+            redis = RedisTestServer().start()
+            try:
+                reset_token_state()
+                plain = token_source_for(
+                    parse_end_user_sec_params(idp.azure_params("on_behalf_of"))
+                )
+                shared = token_source_for(
+                    parse_end_user_sec_params(
+                        idp.azure_params("on_behalf_of", token_cache=redis.url)
+                    )
+                )
+                plain.get_token(ctx)
+                shared.get_token(ctx)
+                a, b = hit_pair(lambda: plain.get_token(ctx), lambda: shared.get_token(ctx))
+                l1_rows.append(
+                    ("hit path get_token, L1 only / L1+L2: p50/p99 ns", fmt_ns(a), fmt_ns(b))
+                )
+                a, b = hit_pair(lambda: plain.cached_token(ctx), lambda: shared.cached_token(ctx))
+                l1_rows.append(
+                    ("hit path cached_token, L1 only / L1+L2: p50/p99 ns", fmt_ns(a), fmt_ns(b))
+                )
+            finally:
+                reset_token_state()
+                redis.stop()
 
         # --- python-oracledb's plugin ----------------------------------------------------
         import oracledb
@@ -158,6 +257,7 @@ def main() -> int:
             ref[label] = (lat, idp.token_requests("on_behalf_of"), idp.requests())
         tok0 = user_tokens["user0"]
         ref_get = hit_path(lambda: azure_tokens.get_database_access_token(ref_params, tok0))
+        fleet = fleet_rows(idp, ref_params)
 
         # --- report ----------------------------------------------------------------------
         for label in ("1 user", "16 users"):
@@ -186,11 +286,24 @@ def main() -> int:
     finally:
         idp.stop()
 
-    width = max(len(r[0]) for r in rows)
+    width = max(len(r[0]) for r in rows + l1_rows)
     print(f"python {sys.version.split()[0]}, local IdP over HTTPS, flow on_behalf_of")
     print(f"{'':{width}}  {'deepsec':>24}  {'python-oracledb plugin':>30}")
     for name, a, b in rows:
         print(f"{name:{width}}  {a:>24}  {b:>30}")
+    if l1_rows:
+        print(f"\n{'':{width}}  {'L1 only':>24}  {'L1 + L2 (Redis)':>30}")
+        for name, a, b in l1_rows:
+            print(f"{name:{width}}  {a:>24}  {b:>30}")
+    if fleet:
+        fw = max(len(r[0]) for r in fleet)
+        print(f"\n{'':{fw}}  {'':24}  {'IdP calls/round':>16}  {'p50 / p99 ms':>20}")
+        for label, mode, calls, lat in fleet:
+            print(f"{label:{fw}}  {mode:24}  {calls:>16}  {lat:>20}")
+        print(
+            f"(target for L1 + L2: {FLEET_USERS} calls per round, one per user for the fleet; "
+            f"{FLEET_ROUNDS} rounds per mode, interleaved, each with new users)"
+        )
     print(
         "\nmedians of "
         f"{HIT_BATCHES} batches x {BATCH} calls; python-oracledb's plugin builds a new MSAL app "

@@ -4,19 +4,22 @@ The keys are python-oracledb's plugin keys (``spi_type``, ``auth_flow``,
 ``authority``, ``client_id``, ``client_credential`` / ``client_secret``,
 ``scopes``, ``data_roles``, ``attributes``) plus a few of our own
 (``timeout``, ``ca_file``, ``instance_discovery``, ``max_retries``,
-``cache_size``).  Every problem is reported at once in one
+``cache_size``, and the shared token cache's ``token_cache`` and
+``token_cache_key``).  Every problem is reported at once in one
 :class:`~deepsec.errors.ConfigError`; secrets never appear in ``repr``/``str``
 or in error messages.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib
 import json
 import os
 import re
 import threading
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -31,7 +34,11 @@ AuthFlow = Literal["client_credentials", "on_behalf_of"]
 AUTH_FLOWS: tuple[str, ...] = ("client_credentials", "on_behalf_of")
 BUILTIN_SPI_TYPES: tuple[str, ...] = ("azure_tokens", "oci_tokens")
 
-_COMMON_KEYS = frozenset({"spi_type", "auth_flow", "data_roles", "attributes", "cache_size"})
+_TOKEN_CACHE_KEYS = frozenset({"token_cache", "token_cache_key"})
+_COMMON_KEYS = (
+    frozenset({"spi_type", "auth_flow", "data_roles", "attributes", "cache_size"})
+    | _TOKEN_CACHE_KEYS
+)
 _PROVIDER_KEYS = frozenset(
     {
         "authority",
@@ -100,6 +107,11 @@ class EndUserSecConfig:
     #: sha256 of the canonical settings (secret included, then hashed): a
     #: cache key that holds no secret.
     fingerprint: str = field(repr=False, default="")
+    #: The shared (L2) token cache's Redis URL; may hold a password, so it
+    #: is shown redacted (:func:`redact_url`).
+    token_cache: str | None = field(repr=False, default=None)
+    #: The 32-byte key of the shared cache's entries; ``None``: derived.
+    token_cache_key: bytes | None = field(repr=False, default=None)
 
     @property
     def is_builtin(self) -> bool:
@@ -107,8 +119,13 @@ class EndUserSecConfig:
         return self.spi_type in BUILTIN_SPI_TYPES
 
     def raw_params(self) -> dict[str, Any]:
-        """A fresh copy of the parameters as given (for custom token modules)."""
-        return json.loads(json.dumps(self.raw, default=str))  # type: ignore[no-any-return]
+        """A fresh copy of the parameters as given (for custom token modules).
+
+        Without ``token_cache`` and ``token_cache_key``: a token module has no
+        use for the Redis password or the cache key, so it is not handed them.
+        """
+        params = {k: v for k, v in self.raw.items() if k not in _TOKEN_CACHE_KEYS}
+        return json.loads(json.dumps(params, default=str))  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return (
@@ -119,10 +136,97 @@ class EndUserSecConfig:
             f"attributes={None if self.attributes is None else sorted(self.attributes)!r}, "
             f"timeout={self.timeout!r}, ca_file={self.ca_file!r}, "
             f"instance_discovery={self.instance_discovery!r}, max_retries={self.max_retries!r}, "
-            f"cache_size={self.cache_size!r})"
+            f"cache_size={self.cache_size!r}"
+            + (
+                ""
+                if self.token_cache is None
+                else f", token_cache={redact_url(self.token_cache)!r}, "
+                f"token_cache_key={_redacted(self.token_cache_key)}"
+            )
+            + ")"
         )
 
     __str__ = __repr__
+
+
+TOKEN_CACHE_SCHEMES: tuple[str, ...] = ("redis", "rediss", "unix")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password or query: ``redis://***@host:6379/0``.
+
+    A Redis URL carries its password in the user-info part or in the query
+    (``?password=``); neither may reach a log line or a ``repr``.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparsable URL>"
+    auth = "***@" if "@" in parts.netloc else ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    return f"{parts.scheme}://{auth}{host}{port}{parts.path}"
+
+
+def _parse_token_cache(
+    params: Mapping[str, Any], credential: object, problems: list[str]
+) -> tuple[str | None, bytes | None]:
+    """Validate ``token_cache`` and ``token_cache_key``; never echo either value."""
+    url = params.get("token_cache")
+    raw_key = params.get("token_cache_key")
+    key: bytes | None = None
+    if raw_key is not None:
+        try:
+            if not isinstance(raw_key, str):
+                raise ValueError
+            key = base64.urlsafe_b64decode(raw_key.strip() + "=" * (-len(raw_key.strip()) % 4))
+        except ValueError:
+            key = None
+        if key is None or len(key) != 32:
+            problems.append(
+                "token_cache_key must be the URL-safe base64 of 32 random bytes "
+                "(python -c 'import secrets,base64; print(base64.urlsafe_b64encode("
+                "secrets.token_bytes(32)).decode())')"
+            )
+            key = None
+    if url is None:
+        if raw_key is not None:
+            problems.append("token_cache_key is set but token_cache (the Redis URL) is not")
+        return None, None
+    if not isinstance(url, str) or not url.strip():
+        problems.append(f"token_cache must be a Redis URL string, got {type(url).__name__}")
+        return None, None
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme not in TOKEN_CACHE_SCHEMES:
+        # Show the scheme only when it looks like one: the value may hold a password.
+        shown = f" {scheme!r}" if re.fullmatch(r"[a-z][a-z0-9+.-]{0,15}", scheme) else ""
+        problems.append(
+            f"token_cache must be a redis://, rediss:// or unix:// URL, not a{shown} URL"
+            if shown
+            else "token_cache must be a redis://, rediss:// or unix:// URL"
+        )
+        return None, None
+    try:
+        from redis.connection import parse_url
+
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ImportError:
+        problems.append(
+            "token_cache needs the redis and cryptography packages "
+            "(pip install 'oracledb-deepsec[redis]')"
+        )
+        return None, None
+    except (ValueError, TypeError):
+        problems.append(f"token_cache is not a valid {scheme}:// URL")
+        return None, None
+    if key is None and raw_key is None and not credential:
+        problems.append(
+            "token_cache needs token_cache_key: there is no client_credential to derive "
+            "the shared cache's encryption key from"
+        )
+    return url, key
 
 
 def _fingerprint(params: Mapping[str, Any]) -> str:
@@ -291,6 +395,8 @@ def _parse(params: Mapping[str, Any]) -> EndUserSecConfig:
         problems.append(f"cache_size must be an integer >= 1, got {_shown(cache_size)}")
         cache_size = DEFAULT_CACHE_SIZE
 
+    token_cache, token_cache_key = _parse_token_cache(params, credential, problems)
+
     if problems:
         raise ConfigError(problems)
     return EndUserSecConfig(
@@ -310,6 +416,8 @@ def _parse(params: Mapping[str, Any]) -> EndUserSecConfig:
         module=module,
         raw=dict(params),
         fingerprint=_fingerprint(params),
+        token_cache=token_cache,
+        token_cache_key=token_cache_key,
     )
 
 

@@ -327,6 +327,52 @@ def _web_settings_lines(values: Mapping[str, Any], out: _Out) -> int:
     return EXIT_OK
 
 
+def _token_cache_lines(config: EndUserSecConfig, out: _Out) -> int:
+    """Check the shared token cache: Redis answers, and a sealed probe round-trips.
+
+    Also prints a key id (a keyed hash, not the key) that must be equal on
+    every instance: different ids mean instances that share nothing.
+    """
+    import contextlib
+    import urllib.parse
+    import uuid
+
+    import redis
+
+    from .config import redact_url
+    from .tokens.sealed import Sealer, cache_secret
+
+    url = config.token_cache
+    assert url is not None
+    with contextlib.suppress(ValueError):
+        out.add_secret(urllib.parse.urlsplit(url).password)
+    out.add_secret(config.raw.get("token_cache_key"))
+    sealer = Sealer(cache_secret(config))
+    origin = "token_cache_key" if config.token_cache_key else "derived from the client credential"
+    out(f"  token_cache: {redact_url(url)}")
+    key_id = sealer.digest("deepsec key id")[:12]
+    out(f"    key      : {origin}; key id {key_id} (same on every instance)")
+    client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    name = "deepsec:probe:v1:" + uuid.uuid4().hex
+    try:
+        started = time.monotonic()
+        client.ping()
+        elapsed = (time.monotonic() - started) * 1000
+        client.set(name, sealer.seal(name, "probe", time.time() + 60, True), px=10_000)
+        opened = sealer.open(name, client.get(name))
+        client.delete(name)
+        if opened is None or opened.token != "probe":
+            raise redis.RedisError("a sealed probe entry did not read back")
+    except redis.RedisError as exc:
+        out(f"    redis    : FAILED: {type(exc).__name__}: {str(exc)[:200]}")
+        out("    (requests still work, but every process asks the identity provider itself)")
+        return EXIT_CONFIG
+    finally:
+        client.close()
+    out(f"    redis    : OK (ping {elapsed:.0f} ms; sealed write, read and delete work)")
+    return EXIT_OK
+
+
 def _check(target: Target, identity: Identity | None, out: _Out) -> int:
     out(f"{target.where}:")
     if isinstance(target.params, Mapping):
@@ -354,6 +400,8 @@ def _check(target: Target, identity: Identity | None, out: _Out) -> int:
     code = EXIT_CONFIG if target.errors else EXIT_OK
     if target.web_settings is not None:
         code = max(code, _web_settings_lines(target.web_settings, out))
+    if config.token_cache is not None:
+        code = max(code, _token_cache_lines(config, out))
 
     if config.auth_flow == "on_behalf_of" and not isinstance(identity, str):
         out("  identity   : MISSING: auth_flow on_behalf_of needs --identity <user token>")

@@ -8,6 +8,9 @@ source exists per distinct ``end_user_sec_params`` for the life of the process
 ``spi_type`` selects the source: ``azure_tokens`` (MSAL), ``oci_tokens`` (OCI
 IAM identity domain) or the dotted path of any module exposing
 ``get_database_access_token(end_user_sec_params: dict, identity) -> str``.
+
+With ``token_cache`` set, every source's cache is also shared by the fleet
+through Redis (:mod:`deepsec.tokens.shared`).
 """
 
 from __future__ import annotations
@@ -92,3 +95,6 @@ def clear_token_sources() -> None:
         azure = sys.modules.get(f"{__name__}.azure")
         if azure is not None:  # never import msal just to clear it
             azure.reset_msal_apps()
+        shared = sys.modules.get(f"{__name__}.shared")
+        if shared is not None:  # Redis clients and their circuit breakers
+            shared.reset_shared_caches()

@@ -48,7 +48,8 @@ from ._http import (
     scrub,
     token_expiry,
 )
-from .cache import FetchResult, KeyMemo, TokenCache, cache_key, jwt_expiry
+from .cache import FetchResult, KeyMemo, cache_key, jwt_expiry
+from .shared import token_cache_for
 
 if TYPE_CHECKING:
     from ..config import EndUserSecConfig
@@ -187,7 +188,7 @@ class AzureTokenSource:
         self.config = config
         self.flow: Flow = config.auth_flow
         self._scopes = list(config.scopes)
-        self.cache = TokenCache(config.cache_size, name=f"azure:{self.flow}")
+        self.cache = token_cache_for(config, f"azure:{self.flow}")
         self._cc_key = cache_key("azure", "client_credentials", config.fingerprint)
         prefix = f"azure-obo:{config.fingerprint}"
         self._keys = KeyMemo(lambda token: cache_key(prefix, token), max(1024, config.cache_size))

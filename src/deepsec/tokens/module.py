@@ -15,7 +15,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TokenAcquisitionError
-from .cache import FetchResult, KeyMemo, TokenCache, cache_key, jwt_expiry
+from .cache import FetchResult, KeyMemo, cache_key, jwt_expiry
+from .shared import token_cache_for
 
 if TYPE_CHECKING:
     from ..config import EndUserSecConfig
@@ -51,7 +52,7 @@ class ModuleTokenSource:
             raise ValueError("ModuleTokenSource needs a config with a custom spi_type module")
         self.config = config
         self._fn: Any = config.module.get_database_access_token
-        self.cache = TokenCache(config.cache_size, name=f"module:{config.spi_type}")
+        self.cache = token_cache_for(config, f"module:{config.spi_type}")
         prefix = config.fingerprint
         self._none_key = cache_key(prefix, identity_key(_NO_IDENTITY))
         self._keys = KeyMemo(

@@ -36,7 +36,8 @@ from ._http import (
     scrub,
     token_expiry,
 )
-from .cache import FetchResult, TokenCache, cache_key
+from .cache import FetchResult, cache_key
+from .shared import token_cache_for
 
 if TYPE_CHECKING:
     from ..config import EndUserSecConfig
@@ -84,7 +85,7 @@ class OCITokenSource:
         if not isinstance(config.client_credential, str):
             raise ValueError("oci_tokens needs a client secret string as client_credential")
         self.config = config
-        self.cache = TokenCache(config.cache_size, name="oci")
+        self.cache = token_cache_for(config, "oci")
         self._key = cache_key("oci", "client_credentials", config.fingerprint)
         self._session = TimeoutSession(config.timeout, config.ca_file)
         self._auth = (config.client_id or "", config.client_credential)
