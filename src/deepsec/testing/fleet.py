@@ -60,7 +60,7 @@ def _get_fn(mode: Mode, params: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     from ..config import parse_end_user_sec_params
     from ..context import EndUserContext
     from ..tokens import token_source_for
-    from .idp_fixtures import reset_token_state
+    from .pytest_plugin import reset_token_state
 
     reset_token_state()
     source = token_source_for(parse_end_user_sec_params(dict(params)))
