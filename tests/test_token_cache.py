@@ -424,12 +424,15 @@ def test_key_memo_derives_once_per_object_and_never_confuses_objects() -> None:
     assert memo.key(("bob", None)) == cache_key(("bob", None))
 
 
-def test_a_failed_executor_submit_does_not_orphan_the_key() -> None:
+def test_a_failed_executor_submit_does_not_orphan_the_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import asyncio
     import concurrent.futures
     import threading
     import time as _time_mod
 
+    from deepsec.tokens import cache as cache_module
     from deepsec.tokens.cache import FetchResult, TokenCache
 
     cache = TokenCache(10)
@@ -440,9 +443,10 @@ def test_a_failed_executor_submit_does_not_orphan_the_key() -> None:
     async def main() -> None:
         executor = concurrent.futures.ThreadPoolExecutor(1)
         executor.shutdown()
-        asyncio.get_running_loop().set_default_executor(executor)
+        monkeypatch.setattr(cache_module, "_executor", executor)
         with pytest.raises(RuntimeError):
             await cache.aget("k", fetch)
+        monkeypatch.setattr(cache_module, "_executor", None)
 
     asyncio.run(main())
     done = threading.Event()

@@ -6,7 +6,11 @@ The module exposes ``get_database_access_token(end_user_sec_params, identity)
 :class:`~deepsec.tokens.cache.TokenCache` (single-flight, refresh-ahead,
 bounded by ``cache_size``): until the JWT's ``exp`` claim (less the cache's
 safety margin) when the token is a JWT, otherwise for
-:data:`OPAQUE_TOKEN_TTL` seconds.
+:data:`OPAQUE_TOKEN_TTL` seconds.  An ``exp`` that is not a finite number or
+lies more than a day ahead is a :class:`~deepsec.errors.TokenAcquisitionError`.
+A failure is remembered for a few seconds per identity, and callers waiting
+for another caller's fetch give up after ``timeout``; the module's own call
+is bounded only by the module.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TokenAcquisitionError
-from .cache import FetchResult, KeyMemo, TokenCache, cache_key, jwt_expiry
+from ._lifetime import checked_exp
+from .cache import FAILURE_MEMORY, FetchResult, KeyMemo, TokenCache, cache_key, jwt_expiry
 
 if TYPE_CHECKING:
     from ..config import EndUserSecConfig
@@ -51,7 +56,12 @@ class ModuleTokenSource:
             raise ValueError("ModuleTokenSource needs a config with a custom spi_type module")
         self.config = config
         self._fn: Any = config.module.get_database_access_token
-        self.cache = TokenCache(config.cache_size, name=f"module:{config.spi_type}")
+        self.cache = TokenCache(
+            config.cache_size,
+            name=f"module:{config.spi_type}",
+            failure_backoff=FAILURE_MEMORY,
+            wait_timeout=config.timeout,
+        )
         prefix = config.fingerprint
         self._none_key = cache_key(prefix, identity_key(_NO_IDENTITY))
         self._keys = KeyMemo(
@@ -99,7 +109,7 @@ class ModuleTokenSource:
                 f"spi_type {self.config.spi_type!r} returned {type(token).__name__}, "
                 "not a non-empty token string"
             )
-        exp = jwt_expiry(token)
+        exp = checked_exp(token, time.time(), f"spi_type {self.config.spi_type!r}")
         if exp is not None:
             return FetchResult(token, exp)
         return FetchResult(token, time.time() + OPAQUE_TOKEN_TTL, exact=True)
