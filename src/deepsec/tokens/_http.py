@@ -364,7 +364,9 @@ def error_from_exception(
             status=status,
             retry_after=parse_retry_after(getattr(response, "headers", {}).get("Retry-After")),
         )
-    if isinstance(exc, (ValueError, OverflowError, json.JSONDecodeError)):
+    # ValueError/TypeError/OverflowError: MSAL choking on a reply field of the
+    # wrong type (int() of an expires_in that is NaN, a list...).
+    if isinstance(exc, (ValueError, TypeError, OverflowError, json.JSONDecodeError)):
         return TokenAcquisitionError(
             f"{what}: the identity provider sent an invalid response ({type(exc).__name__})",
             error="invalid_response",

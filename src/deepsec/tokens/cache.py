@@ -421,10 +421,14 @@ class TokenCache:
             raise self._wait_timed_out() from None
 
     def _wait_timed_out(self) -> TokenAcquisitionError:
+        # The fetch this caller waited for is still running and, bounded by
+        # the same timeout, about to end; if it fails it is remembered for
+        # failure_backoff: the longest the next caller can be refused.
         return TokenAcquisitionError(
             f"no database-access token within {self.wait_timeout:g} s "
             "(the identity provider is slow to answer)",
             error="timeout",
+            retry_after=self.failure_backoff if self.failure_backoff > 0 else None,
         )
 
     # --- misses -----------------------------------------------------------------
