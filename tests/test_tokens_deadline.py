@@ -136,11 +136,8 @@ def test_stuck_tls_handshake_is_bounded(idp: LocalIdP, flow: str, black_hole: in
     authority = f"https://127.0.0.1:{black_hole}/" + (
         "oauth2/v1/token" if flow == "oci" else idp.tenant
     )
-    source = (
-        source_for(idp, flow, authority=authority, max_retries=2)
-        if flow == "oci"
-        else (source_for(idp, flow, authority=authority))
-    )
+    extra = {"max_retries": 2} if flow == "oci" else {}
+    source = source_for(idp, flow, authority=authority, **extra)
     elapsed, exc = timed(lambda: source.get_token(context_for(idp, flow)))
     assert isinstance(exc, TokenAcquisitionError) and exc.error == "timeout", exc
     assert elapsed <= TIMEOUT + MARGIN, elapsed
@@ -201,3 +198,40 @@ def test_other_users_are_not_held_by_one_users_remembered_failure(idp: LocalIdP)
     assert exc is None and elapsed < 1.0
     with pytest.raises(TokenAcquisitionError):  # still remembered for the slow user
         source.get_token(slow)
+
+
+def test_the_deadline_tls_context_still_checks_trust_and_host_names() -> None:
+    """The session's own TLS context (for the deadline) verifies like requests' default."""
+    import ssl
+
+    import requests
+
+    from deepsec.testing.tls import TestCA
+    from deepsec.tokens._http import TimeoutSession, deadline
+
+    with TestCA() as ca:
+        server_ctx = ca.issue_server_cert("other.test", name="other").server_ssl_context()
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                try:
+                    server_ctx.wrap_socket(conn, server_side=True).close()
+                except (OSError, ssl.SSLError):
+                    conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        try:
+            for ca_file, reason in ((str(ca.ca_pem_path), "mismatch"), (None, "issuer")):
+                with deadline(TIMEOUT), pytest.raises(requests.exceptions.SSLError) as info:
+                    TimeoutSession(TIMEOUT, ca_file).get(f"https://127.0.0.1:{port}/")
+                assert reason in str(info.value)
+        finally:
+            listener.close()

@@ -145,7 +145,8 @@ class _DeadlineSSLSocket(ssl.SSLSocket):
         try:
             return operation()
         finally:
-            super().settimeout(base)
+            with contextlib.suppress(OSError):  # closed meanwhile: keep the real error
+                super().settimeout(base)
 
     def do_handshake(self, block: bool = False) -> None:
         self._bounded(lambda: super(_DeadlineSSLSocket, self).do_handshake(block))
