@@ -62,6 +62,7 @@ __all__ = [
     "DEFAULT_SKEW",
     "FAILURE_MEMORY",
     "MAX_RETRY_AFTER",
+    "MIN_RETRY_AFTER",
     "FetchResult",
     "Fetcher",
     "KeyMemo",
