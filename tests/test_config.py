@@ -84,7 +84,7 @@ def test_every_problem_listed_in_one_error():
 def test_missing_spi_type_and_bad_module():
     with pytest.raises(ConfigError, match="spi_type is required"):
         parse_end_user_sec_params({"auth_flow": "client_credentials"})
-    with pytest.raises(ConfigError, match="cannot import module"):
+    with pytest.raises(ConfigError, match="the module it names cannot be imported"):
         parse_end_user_sec_params({"spi_type": "no.such.module_xyz"})
     with pytest.raises(ConfigError, match="has no callable get_database_access_token"):
         parse_end_user_sec_params({"spi_type": "json"})
@@ -132,3 +132,53 @@ def test_secrets_never_in_repr_errors_or_logs(caplog):
         assert SECRET not in str(info.value)
         assert SECRET not in repr(info.value)
     assert SECRET not in caplog.text
+
+
+# Every key, known or not, given the secret as its value (or the secret as a
+# key name, or inside a value): no ConfigError may show it.
+_SECRET_PLACEMENTS: list[dict[str, object]] = [
+    {**AZURE, "spi_type": SECRET},
+    {**AZURE, "spi_type": f"pkg.{SECRET.replace('-', '_')}"},
+    {**AZURE, "ca_file": SECRET},
+    {**AZURE, "ca_file": f"/tmp/{SECRET}.pem"},
+    {**AZURE, "auth_flow": SECRET},
+    {**AZURE, "auth_flow": SECRET.replace("-", "_")},
+    {**AZURE, "authority": SECRET},
+    {**AZURE, "authority": [SECRET]},
+    {**AZURE, "client_id": [SECRET]},
+    {**AZURE, "scopes": [SECRET, 1]},
+    {**AZURE, "timeout": SECRET},
+    {**AZURE, "instance_discovery": SECRET},
+    {**AZURE, "max_retries": SECRET},
+    {**AZURE, "cache_size": SECRET},
+    {**AZURE, "data_roles": SECRET},
+    {**AZURE, "data_roles": [SECRET, ""]},
+    {**AZURE, "attributes": {SECRET: object()}},
+    {**AZURE, "attributes": {"x": {SECRET}}},
+    {**AZURE, "client_credential": [SECRET]},
+    {**AZURE, "client_credential": {"thumbprint": SECRET}},
+    {**AZURE, "bogus": SECRET},
+    {**AZURE, SECRET: "value"},
+    {**AZURE, "client_secret": SECRET},
+    {"spi_type": "oci_tokens", "client_credential": {"private_key": SECRET}},
+    {"spi_type": "spi_static", "bogus": SECRET, "ca_file": SECRET},
+]
+
+
+@pytest.mark.parametrize("params", _SECRET_PLACEMENTS, ids=[f"placement{i}" for i in range(25)])
+def test_no_config_error_ever_echoes_a_secret(params: dict[str, object]) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_end_user_sec_params(params)
+    for text in (str(info.value), repr(info.value), *info.value.problems):
+        assert SECRET not in text
+        assert SECRET.replace("-", "_") not in text
+
+
+def test_config_errors_still_name_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_end_user_sec_params({**AZURE, "ca_file": SECRET, "auth_flow": "client_credential"})
+    text = str(info.value)
+    assert "ca_file must be the path of a readable PEM file" in text
+    assert "did you mean 'client_credentials'?" in text
+    with pytest.raises(ConfigError, match=r"unknown key\(s\).*1 key\(s\) whose names are not"):
+        parse_end_user_sec_params({**AZURE, "Not A Key!": 1})

@@ -27,6 +27,8 @@ from concurrency_support import run_threads
 from deepsec import ConfigError, IdentityError, TokenNotReadyError
 from deepsec.hook import REFERENCE_PLUGIN, params_hook
 from deepsec.tokens import clear_token_sources
+from deepsec.tokens.cache import FAILURE_MEMORY
+from token_support import skip_ahead
 
 USERNAME_SQL = "select xs_sys_context('xs$session','username') from dual"
 SECRET = "s3cr3t-client-credential-value"
@@ -536,7 +538,7 @@ def test_one_async_connection_shared_by_tasks_each_round_trip_has_its_tasks_user
 
 
 @pytest.mark.timeout(30)
-def test_token_failure_on_async_acquire_fails_the_statement_not_the_pool(oracle):
+def test_token_failure_on_async_acquire_fails_the_statement_not_the_pool(oracle, monkeypatch):
     """Failing on acquire would leave the pool counting the connection busy."""
 
     async def main() -> None:
@@ -552,6 +554,7 @@ def test_token_failure_on_async_acquire_fails_the_statement_not_the_pool(oracle)
                     await cur.execute(USERNAME_SQL)
             assert pool.busy == 0
             spi_static.FAIL.clear()
+            skip_ahead(monkeypatch, FAILURE_MEMORY + 0.1)  # past the remembered failure
             async with deepsec.end_user(user_token("kim")), pool.acquire() as conn:
                 cur = conn.cursor()
                 await cur.execute(USERNAME_SQL)
@@ -564,7 +567,7 @@ def test_token_failure_on_async_acquire_fails_the_statement_not_the_pool(oracle)
 
 
 @pytest.mark.timeout(30)
-def test_token_failure_on_sync_pool_fails_closed_and_recovers(oracle):
+def test_token_failure_on_sync_pool_fails_closed_and_recovers(oracle, monkeypatch):
     pool = oracledb.create_pool(**oracle.connect_kwargs(), extra_auth_params=params(), min=1, max=1)
     try:
         spi_static.FAIL.append(RuntimeError("identity provider down"))
@@ -578,6 +581,7 @@ def test_token_failure_on_sync_pool_fails_closed_and_recovers(oracle):
         assert oracle.find_statements("lee-fails", since=before) == []  # nothing ran as the app
         assert pool.busy == 0
         spi_static.FAIL.clear()
+        skip_ahead(monkeypatch, FAILURE_MEMORY + 0.1)  # past the remembered failure
         with deepsec.end_user(user_token("lee")), pool.acquire() as conn:
             assert whoami(conn) == "lee"
     finally:

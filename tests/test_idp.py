@@ -256,3 +256,102 @@ def test_dev_signin_endpoint_issues_a_signed_user_token(idp: LocalIdP) -> None:
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"{idp.dev_signin_url}?user=Robert%27);--", context=context)
     assert info.value.code == 400
+
+
+# --- slow and throttling faults ----------------------------------------------------------
+
+
+def _raw_token_request(idp: LocalIdP) -> socket.socket:
+    """A TLS connection that has sent one OCI token request (read the answer yourself)."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=idp.ca_file)
+    conn = ctx.wrap_socket(
+        socket.create_connection(("127.0.0.1", idp.port)), server_hostname="127.0.0.1"
+    )
+    auth = base64.b64encode(f"{idp.client_id}:{idp.client_secret}".encode()).decode()
+    body = "grant_type=client_credentials&scope=urn%3Aoracle%3Adb%3A%3Aid%3A%3A%2A"
+    conn.sendall(
+        (
+            f"POST /oauth2/v1/token HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Basic {auth}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}"
+        ).encode()
+    )
+    return conn
+
+
+def _read_for(conn: socket.socket, seconds: float) -> bytes:
+    conn.settimeout(0.05)
+    data = b""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            chunk = conn.recv(4096)
+        except TimeoutError:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_drip_sends_one_byte_at_a_time_and_stops_on_reset(idp: LocalIdP) -> None:
+    idp.faults.drip(0.1, target="oci")
+    conn = _raw_token_request(idp)
+    try:
+        first = _read_for(conn, 0.55)
+        assert first == b"HTTP/1.1 200 OK"[: len(first)]
+        assert 2 <= len(first) <= 10  # ~one byte per 0.1 s, not the whole answer
+        idp.reset()  # ends the drip: the connection closes without the rest
+        started = time.monotonic()
+        rest = _read_for(conn, 3.0)
+        assert time.monotonic() - started < 1.5 and len(rest) <= 2
+    finally:
+        conn.close()
+
+
+def test_drip_after_headers_and_stall_send_the_headers_at_once(idp: LocalIdP) -> None:
+    s = session(idp)
+    auth = (idp.client_id, idp.client_secret)
+    form = {"grant_type": "client_credentials", "scope": "urn:oracle:db::id::*"}
+    idp.faults.stall(0.6, target="oci")
+    started = time.monotonic()
+    response = s.post(idp.oci_token_url, data=form, auth=auth, timeout=5, stream=True)
+    assert response.status_code == 200 and time.monotonic() - started < 0.5
+    assert response.json()["access_token"] and time.monotonic() - started >= 0.6
+    idp.faults.drip(0.2, after_headers=True, target="oci")
+    conn = _raw_token_request(idp)
+    try:
+        data = _read_for(conn, 0.5)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"Content-Length" in head
+        assert 1 <= len(body) <= 4
+    finally:
+        conn.close()
+
+
+def test_throttle_metadata_target_and_reply_expires_in(idp: LocalIdP) -> None:
+    s = session(idp)
+    discovery = idp.authority + "/v2.0/.well-known/openid-configuration"
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": idp.client_id,
+        "client_secret": idp.client_secret,
+        "scope": "api://oracle-db/.default",
+    }
+    idp.faults.throttle(60, status=429, target="metadata")
+    assert s.post(idp.token_url, data=form, timeout=2).status_code == 200  # not a token fault
+    answer = s.get(discovery, timeout=2)
+    assert answer.status_code == 429 and answer.headers["Retry-After"] == "60"
+    assert s.get(discovery, timeout=2).status_code == 200  # one-shot
+    idp.faults.throttle(7)
+    answer = s.post(idp.token_url, data=form, timeout=2)
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "7"
+    idp.reply_expires_in = float("nan")
+    raw = s.post(idp.token_url, data=form, timeout=2).text
+    assert '"expires_in": NaN' in raw
+    claims = jwt.decode(json.loads(raw)["access_token"], options={"verify_signature": False})
+    assert claims["exp"] > time.time()  # the token itself stays sane
+    idp.reset()
+    assert s.post(idp.token_url, data=form, timeout=2).json()["expires_in"] == idp.expires_in

@@ -399,12 +399,15 @@ def test_key_memo_derives_once_per_object_and_never_confuses_objects() -> None:
     assert memo.key(("bob", None)) == cache_key(("bob", None))
 
 
-def test_a_failed_executor_submit_does_not_orphan_the_key() -> None:
+def test_a_failed_executor_submit_does_not_orphan_the_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import asyncio
     import concurrent.futures
     import threading
     import time as _time_mod
 
+    from deepsec.tokens import cache as cache_module
     from deepsec.tokens.cache import FetchResult, TokenCache
 
     cache = TokenCache(10)
@@ -415,9 +418,10 @@ def test_a_failed_executor_submit_does_not_orphan_the_key() -> None:
     async def main() -> None:
         executor = concurrent.futures.ThreadPoolExecutor(1)
         executor.shutdown()
-        asyncio.get_running_loop().set_default_executor(executor)
+        monkeypatch.setattr(cache_module, "_executor", executor)
         with pytest.raises(RuntimeError):
             await cache.aget("k", fetch)
+        monkeypatch.setattr(cache_module, "_executor", None)
 
     asyncio.run(main())
     done = threading.Event()
@@ -430,3 +434,98 @@ def test_a_failed_executor_submit_does_not_orphan_the_key() -> None:
     threading.Thread(target=later, daemon=True).start()
     assert done.wait(5), "a later get() blocked on the orphaned in-flight fetch"
     assert result == ["tok"]
+
+
+# --- remembered failures, Retry-After, waiting deadline -----------------------------
+
+
+def test_remembered_failure_window_follows_a_capped_retry_after() -> None:
+    from deepsec.tokens.cache import MAX_RETRY_AFTER, MIN_RETRY_AFTER
+
+    cache = TokenCache(10, failure_backoff=5.0)
+    for hint, window in ((60.0, MAX_RETRY_AFTER), (3.0, 3.0), (0.0, MIN_RETRY_AFTER), (None, 5.0)):
+        fetch = Fetcher()
+        fetch.fail = TokenAcquisitionError("throttled", error="x", retry_after=hint)
+        key = f"k{hint}"
+        with pytest.raises(TokenAcquisitionError) as first:
+            cache.get(key, fetch)
+        assert first.value.retry_after == window
+        with pytest.raises(TokenAcquisitionError) as again:
+            cache.get(key, fetch)
+        assert fetch.calls == 1
+        assert again.value is not first.value and 0 < again.value.retry_after <= window
+    cache.invalidate("k60.0")  # forgets the remembered failure
+    fetch = Fetcher()
+    assert cache.get("k60.0", fetch) == "token-1"
+
+
+def test_without_failure_memory_retry_after_is_unknown() -> None:
+    cache = TokenCache(10)
+    fetch = Fetcher()
+    fetch.fail = TokenAcquisitionError("throttled", error="x", retry_after=60)
+    with pytest.raises(TokenAcquisitionError) as info:
+        cache.get("k", fetch)
+    assert info.value.retry_after is None
+
+
+def test_remembered_failures_are_bounded_like_the_tokens() -> None:
+    cache = TokenCache(8, failure_backoff=60.0)
+    fetch = Fetcher()
+    fetch.fail = TokenAcquisitionError("down", error="x")
+    for i in range(100):
+        with pytest.raises(TokenAcquisitionError):
+            cache.get(f"user{i}", fetch)
+    assert len(cache._failures) <= 8
+
+
+def test_waiters_give_up_after_wait_timeout_sync_and_async() -> None:
+    cache = TokenCache(10, failure_backoff=5.0, wait_timeout=0.3)
+    fetch = Fetcher(delay=1.5)  # a fetch that does not bound itself (a custom module)
+    leader = threading.Thread(target=lambda: cache.get("k", fetch), daemon=True)
+    leader.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(TokenAcquisitionError) as info:
+        cache.get("k", fetch)
+    assert info.value.error == "timeout" and time.monotonic() - started < 0.8
+
+    async def main() -> list[object]:
+        return list(
+            await asyncio.gather(
+                *(cache.aget("k", fetch) for _ in range(5)), return_exceptions=True
+            )
+        )
+
+    started = time.monotonic()
+    results = asyncio.run(main())
+    assert time.monotonic() - started < 0.8
+    assert all(isinstance(r, TokenAcquisitionError) and r.error == "timeout" for r in results)
+    leader.join(3)
+    assert fetch.calls == 1
+    assert cache.get("k", fetch) == "token-1"  # the fetch finished meanwhile: served
+
+
+def test_nan_expiry_from_any_fetcher_is_refused() -> None:
+    cache = TokenCache(10, failure_backoff=5.0)
+
+    def fetch() -> FetchResult:
+        return FetchResult("tok", float("nan"))
+
+    with pytest.raises(TokenAcquisitionError) as info:
+        cache.get("k", fetch)
+    assert info.value.error == "invalid_response" and cache.peek("k") is None
+
+
+def test_parse_retry_after() -> None:
+    from datetime import datetime, timedelta, timezone
+    from email.utils import format_datetime
+
+    from deepsec.tokens._http import parse_retry_after
+
+    assert parse_retry_after("60") == 60.0
+    assert parse_retry_after(" 5 ") == 5.0
+    assert parse_retry_after("1.5") == 1.5
+    later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    assert 25 <= (parse_retry_after(later) or 0) <= 31
+    for bad in (None, "", "-1", "NaN", "inf", "soon", "1e9", "9" * 80, 5):
+        assert parse_retry_after(bad) is None, bad

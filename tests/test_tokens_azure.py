@@ -20,6 +20,8 @@ from deepsec.errors import IdentityError, TokenAcquisitionError
 from deepsec.testing.idp import LocalIdP
 from deepsec.tokens import token_source_for
 from deepsec.tokens.azure import AzureTokenSource
+from deepsec.tokens.cache import FAILURE_MEMORY
+from token_support import skip_ahead
 
 SCOPE = "api://oracle-db/.default"
 
@@ -287,13 +289,23 @@ def test_idp_unreachable_at_startup_then_recovers(idp: LocalIdP) -> None:
     assert time.perf_counter() - started < 1.5
 
 
-def test_failure_then_success_is_not_cached(idp: LocalIdP) -> None:
+def test_failure_is_remembered_briefly_then_success_is_fetched(
+    idp: LocalIdP, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = source(idp.azure_params("on_behalf_of", timeout=TIMEOUT))
     ctx = EndUserContext(idp.issue_user_token("hank"))
     idp.faults.drop()
-    with pytest.raises(TokenAcquisitionError):
+    with pytest.raises(TokenAcquisitionError) as first:
         src.get_token(ctx)
+    assert first.value.retry_after == FAILURE_MEMORY
     assert src.cached_token(ctx) is None
+    sent = idp.token_requests()
+    with pytest.raises(TokenAcquisitionError) as again:  # remembered: no new request
+        src.get_token(ctx)
+    assert idp.token_requests() == sent
+    assert again.value.error == first.value.error
+    assert 0 < (again.value.retry_after or 0) <= FAILURE_MEMORY
+    skip_ahead(monkeypatch, FAILURE_MEMORY + 0.1)
     assert claims(src.get_token(ctx))["preferred_username"] == "hank@example.test"
 
 

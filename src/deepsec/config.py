@@ -13,6 +13,7 @@ or in error messages.
 from __future__ import annotations
 
 import base64
+import difflib
 import hashlib
 import importlib
 import json
@@ -20,7 +21,7 @@ import os
 import re
 import threading
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Literal
@@ -72,6 +73,20 @@ def _shown(value: object) -> str:
     if value is None or isinstance(value, (bool, int, float)):
         return repr(value)
     return f"a {type(value).__name__}"
+
+
+#: Key names shown in errors: plain lowercase names, like every real key.  Any
+#: other name (a pasted secret that became a key) is counted, not shown.
+_SHOWN_KEY = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def _key_names(keys: Sequence[object]) -> str:
+    """Unknown key names for an error message, without echoing odd ones."""
+    shown = sorted(str(k) for k in keys if isinstance(k, str) and _SHOWN_KEY.fullmatch(k))
+    hidden = len(keys) - len(shown)
+    if hidden:
+        shown.append(f"{hidden} key(s) whose names are not shown")
+    return ", ".join(shown)
 
 
 def _redacted(value: object) -> str:
@@ -235,10 +250,21 @@ def _fingerprint(params: Mapping[str, Any]) -> str:
 
 
 def _load_module(spi_type: str, problems: list[str]) -> ModuleType | None:
+    # spi_type is echoed only once it names a module that exists: a secret
+    # pasted into it cannot be imported, and is then described, not shown.
     try:
         module = importlib.import_module(spi_type)
     except ImportError as exc:
-        problems.append(f"spi_type {spi_type!r}: cannot import module ({exc.__class__.__name__})")
+        problems.append(
+            "spi_type is not 'azure_tokens' or 'oci_tokens' and the module it names cannot "
+            f"be imported ({exc.__class__.__name__}; the value is not shown)"
+        )
+        return None
+    except Exception as exc:  # a module that fails while importing, a malformed name
+        problems.append(
+            "spi_type names a module that fails to import "
+            f"({exc.__class__.__name__}; the value is not shown)"
+        )
         return None
     if not callable(getattr(module, "get_database_access_token", None)):
         problems.append(
@@ -287,23 +313,25 @@ def _parse(params: Mapping[str, Any]) -> EndUserSecConfig:
         allowed = _COMMON_KEYS | _PROVIDER_KEYS | frozenset(extra)
 
     if allowed is not None:
-        unknown = sorted(str(k) for k in params if k not in allowed)
-        if unknown:
+        unknown = [k for k in params if k not in allowed]
+        if unknown:  # names only, never values
             problems.append(
-                f"unknown key(s) for spi_type {spi_type!r}: {', '.join(unknown)} "
+                f"unknown key(s) for spi_type {spi_type!r}: {_key_names(unknown)} "
                 f"(allowed: {', '.join(sorted(allowed))})"
             )
 
     auth_flow = params.get("auth_flow", "client_credentials")
     if auth_flow not in AUTH_FLOWS:
+        # The value is never echoed (a misplaced secret must not show); a near
+        # miss is named by the flow it resembles.
+        close = (
+            difflib.get_close_matches(auth_flow, AUTH_FLOWS, n=1, cutoff=0.75)
+            if isinstance(auth_flow, str)
+            else []
+        )
         problems.append(
             f"auth_flow must be one of {', '.join(AUTH_FLOWS)}, got "
-            + (
-                # Echo only what looks like a flow name: a misplaced secret must not show.
-                repr(auth_flow)
-                if isinstance(auth_flow, str) and re.fullmatch(r"[a-z_]{1,32}", auth_flow)
-                else _shown(auth_flow)
-            )
+            + (f"a str (did you mean {close[0]!r}?)" if close else _shown(auth_flow))
         )
     elif spi_type == "oci_tokens" and auth_flow != "client_credentials":
         problems.append("auth_flow for spi_type 'oci_tokens' must be 'client_credentials'")
@@ -358,8 +386,11 @@ def _parse(params: Mapping[str, Any]) -> EndUserSecConfig:
         problems.append(str(exc))
     try:
         attributes = validate_attributes(params.get("attributes"))
-    except (TypeError, IdentityError) as exc:
-        problems.append(str(exc))
+    except (TypeError, IdentityError):
+        # Our own words: the validator's message quotes the attribute's name.
+        problems.append(
+            "attributes must be a dict of non-empty string names to JSON-compatible values"
+        )
 
     timeout = params.get("timeout", DEFAULT_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -371,8 +402,9 @@ def _parse(params: Mapping[str, Any]) -> EndUserSecConfig:
         problems.append(
             "ca_file must be the path of a readable PEM file"
             + (
-                f", and {ca_file!r} is not one"
-                if isinstance(ca_file, str) and len(ca_file) < 512
+                # Not echoed: a secret pasted here must not show in the error.
+                ", and the path given is not a readable file (the value is not shown)"
+                if isinstance(ca_file, str)
                 else f", got {_shown(ca_file)}"
             )
         )

@@ -62,6 +62,13 @@ class TokenAcquisitionError(DeepSecError):
     ``invalid_grant``, ``timeout``...), ``correlation_id`` the provider's
     correlation/trace id when it sent one. The message never contains the
     client secret or a user token.
+
+    ``retry_after`` is how many seconds the library will wait before it asks
+    the provider again for this token (the failure is remembered that long
+    and re-raised at once meanwhile); ``None`` when unknown.  Token sources
+    set it to the provider's ``Retry-After``; the token cache replaces it with
+    the window it really applies (capped; see docs/tokens.md), so a web
+    adapter's ``Retry-After`` header can simply repeat it.
     """
 
     def __init__(
@@ -71,10 +78,12 @@ class TokenAcquisitionError(DeepSecError):
         error: str | None = None,
         correlation_id: str | None = None,
         status: int | None = None,
+        retry_after: float | None = None,
     ) -> None:
         self.error = error
         self.correlation_id = correlation_id
         self.status = status
+        self.retry_after = retry_after
         parts = [message]
         if error:
             parts.append(f"error={error}")

@@ -30,8 +30,26 @@ throw-away CA (:class:`~deepsec.testing.tls.TestCA`):
   a host name points its endpoints at that host name;
 * RS256 JWTs with configurable claims and lifetime;
 * a thread-safe request log (:meth:`LocalIdP.token_requests`);
-* fault injection (:attr:`LocalIdP.faults`): delays, HTTP errors, malformed
-  JSON and dropped connections, one-shot or persistent.
+* fault injection (:attr:`LocalIdP.faults`), one-shot or persistent, on the
+  token endpoints (``target="any"``, ``"azure"`` or ``"oci"``) or on the
+  OpenID metadata MSAL reads (``target="metadata"``: discovery and JWKS):
+
+  - ``delay(s)``: sleep, then answer normally;
+  - ``status(code, error, retry_after=...)``: an OAuth error answer;
+    ``throttle(retry_after, status=503)`` is the same with a ``Retry-After``
+    header (``429``/``503``, as Entra ID sends when it sheds load);
+  - ``malformed_json()``, ``drop()``, ``down()``;
+  - ``drip(per_byte=1.0)``: the whole answer, status line and headers
+    included, one byte every ``per_byte`` seconds (``after_headers=True``:
+    headers at once, then the body dripped): every single read succeeds, so
+    only a deadline on the whole call ends it;
+  - ``stall(s)``: status line and headers at once, then nothing for ``s``
+    seconds before the body.
+
+  A drip or stall stops when the client goes away or :meth:`LocalIdP.reset`
+  / :meth:`LocalIdP.stop` is called.  :attr:`LocalIdP.reply_expires_in`
+  replaces the ``expires_in`` of token answers (``NaN``, ``"3600"``...) to
+  test lifetime validation while the JWT ``exp`` stays sane.
 
 Every response carries ``Connection: close``, so a stopped provider is really
 down.  Run it by hand with ``python -m deepsec.testing.idp --port 8443
@@ -81,8 +99,9 @@ JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 OCI_SCOPED_TOKEN_PATH = "/v1/actions/generateScopedAccessToken"
 _OIDC_SCOPES = frozenset({"openid", "profile", "offline_access", "email"})
 
-FaultKind = Literal["status", "delay", "malformed_json", "drop"]
-Target = Literal["any", "azure", "oci"]
+FaultKind = Literal["status", "delay", "malformed_json", "drop", "drip", "stall"]
+Target = Literal["any", "azure", "oci", "metadata"]
+_UNSET: Any = object()
 
 
 @dataclass
@@ -92,10 +111,15 @@ class Fault:
     Attributes:
         kind: ``"status"`` (answer ``status`` with an OAuth error body),
             ``"delay"`` (sleep ``seconds``, then answer normally),
-            ``"malformed_json"`` (200 with ``body`` or a truncated JSON body) or
-            ``"drop"`` (close the connection without answering).
-        times: how many token requests it applies to; ``None`` = persistent.
-        target: ``"azure"``, ``"oci"`` or ``"any"`` token endpoint.
+            ``"malformed_json"`` (200 with ``body`` or a truncated JSON body),
+            ``"drop"`` (close the connection without answering), ``"drip"``
+            (answer normally, one byte every ``seconds``; with
+            ``after_headers`` the headers go at once) or ``"stall"`` (headers
+            at once, then ``seconds`` of silence before the body).
+        times: how many requests it applies to; ``None`` = persistent.
+        target: ``"azure"``, ``"oci"`` or ``"any"`` token endpoint, or
+            ``"metadata"`` (OpenID discovery and JWKS, which MSAL reads when
+            it builds an application).
     """
 
     kind: FaultKind
@@ -107,6 +131,7 @@ class Fault:
     times: int | None = 1
     target: Target = "any"
     body: bytes | None = None
+    after_headers: bool = False
 
 
 class Faults:
@@ -161,6 +186,36 @@ class Faults:
         """Answer 200 with a body that is not valid JSON (``body``, or a truncated object)."""
         return self.add(Fault("malformed_json", times=times, target=target, body=body))
 
+    def throttle(
+        self,
+        retry_after: float = 60.0,
+        *,
+        status: int = 503,
+        times: int | None = 1,
+        target: Target = "any",
+    ) -> Fault:
+        """Answer ``status`` (503 or 429) with ``Retry-After: retry_after``."""
+        return self.status(
+            status, description="throttled", times=times, retry_after=retry_after, target=target
+        )
+
+    def drip(
+        self,
+        per_byte: float = 1.0,
+        *,
+        after_headers: bool = False,
+        times: int | None = 1,
+        target: Target = "any",
+    ) -> Fault:
+        """Send the answer one byte every ``per_byte`` seconds (a slow-loris provider)."""
+        return self.add(
+            Fault("drip", seconds=per_byte, after_headers=after_headers, times=times, target=target)
+        )
+
+    def stall(self, seconds: float, *, times: int | None = 1, target: Target = "any") -> Fault:
+        """Send the headers, then nothing for ``seconds``, then the body."""
+        return self.add(Fault("stall", seconds=seconds, times=times, target=target))
+
     def drop(self, *, times: int | None = 1, target: Target = "any") -> Fault:
         """Close the connection without sending a response."""
         return self.add(Fault("drop", times=times, target=target))
@@ -174,11 +229,14 @@ class Faults:
         with self._lock:
             self._faults.clear()
 
-    def take(self, target: Literal["azure", "oci"]) -> Fault | None:
-        """The fault for one request to ``target``, consuming a one-shot use."""
+    def take(self, target: Literal["azure", "oci", "metadata"]) -> Fault | None:
+        """The fault for one request to ``target``, consuming a one-shot use.
+
+        ``"any"`` faults apply to the token endpoints, not to metadata.
+        """
         with self._lock:
             for i, fault in enumerate(self._faults):
-                if fault.target not in ("any", target):
+                if fault.target != target and not (fault.target == "any" and target != "metadata"):
                     continue
                 if fault.times is not None:
                     fault.times -= 1
@@ -272,11 +330,18 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
+    _headers_buffer: list[bytes]  # BaseHTTPRequestHandler's, untyped there
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def _send(self, code: int, body: Mapping[str, Any] | bytes, headers: Mapping[str, str]) -> None:
+    def _send(
+        self,
+        code: int,
+        body: Mapping[str, Any] | bytes,
+        headers: Mapping[str, str],
+        delivery: Fault | None = None,
+    ) -> None:
         raw = body if isinstance(body, bytes) else json.dumps(dict(body)).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
@@ -286,16 +351,56 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in headers.items():
             self.send_header(name, value)
         self.close_connection = True
-        self.end_headers()
-        self.wfile.write(raw)
+        if delivery is None:
+            self.end_headers()
+            self.wfile.write(raw)
+            return
+        self._headers_buffer.append(b"\r\n")  # what end_headers() would add and flush
+        head = b"".join(self._headers_buffer)
+        self._headers_buffer = []
+        idp = self.server.idp
+        generation = idp._generation
+        try:
+            if delivery.kind == "stall":
+                self.wfile.write(head)
+                if idp._sleep_unless_reset(delivery.seconds, generation):
+                    self.wfile.write(raw)
+                return
+            data = head + raw
+            if delivery.after_headers:
+                self.wfile.write(head)
+                data = raw
+            for i in range(len(data)):
+                self.wfile.write(data[i : i + 1])
+                if not idp._sleep_unless_reset(delivery.seconds, generation):
+                    return
+        except OSError:
+            return  # the client gave up: the point of the fault
 
     def do_GET(self) -> None:
         url = urlparse(self.path)
+        idp = self.server.idp
         if url.path == DEV_TOKEN_PATH:
-            code, body = self.server.idp._dev_token(parse_qs(url.query).get("user", [""])[0])
-        else:
-            code, body = self.server.idp._handle_get(url.path, self.headers.get("Host"))
-        self._send(code, body, {})
+            code, body = idp._dev_token(parse_qs(url.query).get("user", [""])[0])
+            self._send(code, body, {})
+            return
+        fault = idp.faults.take("metadata")
+        try:
+            reply, delivery = idp._apply_fault(fault)
+        except _Drop:
+            self._drop()
+            return
+        if reply is not None:
+            idp._record(TokenRequest("GET", url.path, None, None, "other", status=reply[0]))
+            self._send(reply[0], reply[1], reply[2])
+            return
+        code, body = idp._handle_get(url.path, self.headers.get("Host"))
+        self._send(code, body, {}, delivery)
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -307,15 +412,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         form = {k: v[0] for k, v in parse_qs(raw).items()}
         try:
-            code, body, headers = self.server.idp._handle_post(
+            code, body, headers, delivery = self.server.idp._handle_post(
                 urlparse(self.path).path, form, self.headers.get("Authorization", "")
             )
         except _Drop:
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self.connection.shutdown(socket.SHUT_RDWR)
+            self._drop()
             return
-        self._send(code, body, headers)
+        self._send(code, body, headers, delivery)
 
 
 class LocalIdP:
@@ -364,6 +467,12 @@ class LocalIdP:
         self.obo_account_info = obo_account_info
         #: Claims merged into every access token issued.
         self.extra_claims: dict[str, Any] = {}
+        #: When set, the ``expires_in`` of every token answer (any JSON value:
+        #: ``float("nan")``, ``"3600"``, ``-1``...); the JWT ``exp`` still
+        #: follows :attr:`expires_in`.  :meth:`reset` unsets it.
+        self.reply_expires_in: Any = _UNSET
+        self._generation = 0
+        self._stopping = threading.Event()
         self.host = host
         self.extra_hostnames: tuple[str, ...] = tuple(h.lower() for h in extra_hostnames)
         self.oci_api_keys: dict[str, str] = {}
@@ -388,6 +497,7 @@ class LocalIdP:
         cert = self.ca.issue_server_cert(
             "127.0.0.1", "localhost", *self.extra_hostnames, name="idp"
         )
+        self._stopping.clear()
         self._server = _Server((self.host, port), self, cert.server_ssl_context())
         self.port = int(self._server.server_address[1])
         self._thread = serve_in_background(self._server, "deepsec-local-idp")
@@ -396,6 +506,7 @@ class LocalIdP:
     def stop(self) -> None:
         """Stop serving (idempotent); the CA directory is removed if it is ours."""
         if self._server is not None:
+            self._stopping.set()  # ends drips and stalls
             stop_serving(self._server)
             self._server = None
         if self._owns_ca:
@@ -418,6 +529,8 @@ class LocalIdP:
         with self._lock:
             self._log.clear()
             self._issued.clear()
+            self._generation += 1  # ends drips and stalls in progress
+        self.reply_expires_in = _UNSET
         self.expires_in = self._default_expires_in
         self.obo_account_info = self._default_obo_account_info
         self.extra_claims = {}
@@ -694,9 +807,49 @@ class LocalIdP:
             return None
         return cid
 
+    def _sleep_unless_reset(self, seconds: float, generation: int) -> bool:
+        """Sleep ``seconds``; False (early) if the provider was reset or stopped meanwhile."""
+        end = time.monotonic() + seconds
+        while True:
+            if self._generation != generation or self._stopping.is_set():
+                return False
+            left = end - time.monotonic()
+            if left <= 0:
+                return True
+            self._stopping.wait(min(left, 0.05))
+
+    def _apply_fault(
+        self, fault: Fault | None
+    ) -> tuple[tuple[int, dict[str, Any] | bytes, dict[str, str]] | None, Fault | None]:
+        """What ``fault`` does to a request: a reply instead of the normal one, or a delivery.
+
+        Raises :class:`_Drop` for a dropped connection; sleeps for a delay.
+        """
+        if fault is None:
+            return None, None
+        if fault.kind == "drop":
+            raise _Drop
+        if fault.kind == "malformed_json":
+            return (200, fault.body or b'{"token_type": "Bearer", "access_token": ', {}), None
+        if fault.kind == "status":
+            headers: dict[str, str] = {}
+            if fault.retry_after is not None:
+                headers["Retry-After"] = f"{fault.retry_after:g}"
+            body = {
+                "error": fault.error,
+                "error_description": fault.description,
+                "correlation_id": str(uuid.uuid4()),
+                "trace_id": str(uuid.uuid4()),
+            }
+            return (fault.status, body, headers), None
+        if fault.kind == "delay":
+            time.sleep(fault.seconds)
+            return None, None
+        return None, fault  # drip, stall: the normal answer, delivered slowly
+
     def _handle_post(
         self, path: str, form: Mapping[str, str], authorization: str
-    ) -> tuple[int, dict[str, Any] | bytes, dict[str, str]]:
+    ) -> tuple[int, dict[str, Any] | bytes, dict[str, str], Fault | None]:
         endpoint: Literal["azure", "oci", "other"]
         if path == "/oauth2/v1/token":
             endpoint = "oci"
@@ -715,33 +868,18 @@ class LocalIdP:
         try:
             if endpoint == "other":
                 status, body = 404, {"error": "not_found"}
-                return status, body, headers
-            fault = self.faults.take(endpoint)
-            if fault is not None:
-                if fault.kind == "drop":
-                    raise _Drop
-                if fault.kind == "malformed_json":
-                    status = 200
-                    raw = fault.body or b'{"token_type": "Bearer", "access_token": '
-                    return status, raw, headers
-                if fault.kind == "status":
-                    if fault.retry_after is not None:
-                        headers["Retry-After"] = f"{fault.retry_after:g}"
-                    status = fault.status
-                    body = {
-                        "error": fault.error,
-                        "error_description": fault.description,
-                        "correlation_id": str(uuid.uuid4()),
-                        "trace_id": str(uuid.uuid4()),
-                    }
-                    return status, body, headers
-                if fault.kind == "delay":
-                    time.sleep(fault.seconds)
+                return status, body, headers, None
+            reply, delivery = self._apply_fault(self.faults.take(endpoint))
+            if reply is not None:
+                status = reply[0]
+                return (*reply, None)
             if endpoint == "oci":
                 status, body = self._oci_token(form, authorization)
             else:
                 status, body, subject = self._azure_token(form, authorization)
-            return status, body, headers
+            if status == 200 and self.reply_expires_in is not _UNSET:
+                body["expires_in"] = self.reply_expires_in
+            return status, body, headers, delivery
         finally:
             self._record(
                 TokenRequest("POST", path, grant_type, client_id, endpoint, subject, status)

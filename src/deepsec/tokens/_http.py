@@ -8,51 +8,208 @@ the configured ``ca_file`` or silently widen trust.  Without ``ca_file`` the
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
 import json
 import logging
 import re
+import socket
+import ssl
 import threading
+import time
 import weakref
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import requests
+import requests.adapters
+from urllib3.util.ssl_ import create_urllib3_context
 
 from ..errors import TokenAcquisitionError
-from .cache import jwt_expiry
 
 __all__ = [
+    "Deadline",
+    "DeadlineExceeded",
     "TimeoutSession",
+    "current_deadline",
+    "deadline",
     "error_from_exception",
     "install_log_redaction",
+    "parse_retry_after",
     "register_secret",
     "scrub",
 ]
+
+_T = TypeVar("_T")
 
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _MAX_DESCRIPTION = 300
 
 
-class TimeoutSession(requests.Session):
-    """A session that always applies ``timeout`` and ignores the environment.
+class Deadline:
+    """The time budget of one token fetch: every request and socket operation inside it.
 
-    MSAL ignores its own ``timeout=`` argument when it is given an
-    ``http_client``; binding the timeout here enforces it on every request,
-    including MSAL's OpenID discovery in its constructor.
+    While active (:func:`deadline`) it is thread-local: MSAL and our own code
+    call the session from the thread that runs the fetch, so every HTTP
+    request of that fetch (MSAL's discovery and token calls, OCI retries) and
+    every socket operation under them (connect, TLS handshake, each read and
+    write) gets only the time that is left.  It also records the largest
+    ``Retry-After`` the provider sent during the fetch (MSAL drops the headers
+    of the answers it returns).
+    """
+
+    __slots__ = ("at", "retry_after", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        #: The provider's largest ``Retry-After`` (seconds) in this fetch, if any.
+        self.retry_after: float | None = None
+
+    def remaining(self) -> float:
+        """Seconds left (negative once expired)."""
+        return self.at - time.monotonic()
+
+    @property
+    def expired(self) -> bool:
+        """Whether the budget is spent."""
+        return self.at <= time.monotonic()
+
+    def note(self, response: Any) -> None:
+        """Remember the ``Retry-After`` of an HTTP answer."""
+        value = parse_retry_after(getattr(response, "headers", {}).get("Retry-After"))
+        if value is not None and (self.retry_after is None or value > self.retry_after):
+            self.retry_after = value
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[Deadline]:
+    """Bound every session request and TLS socket operation in this thread to ``seconds``."""
+    previous = getattr(_local, "deadline", None)
+    budget = _local.deadline = Deadline(seconds)
+    try:
+        yield budget
+    finally:
+        _local.deadline = previous
+
+
+def current_deadline() -> Deadline | None:
+    """The active :class:`Deadline` of this thread, if any."""
+    return getattr(_local, "deadline", None)
+
+
+class DeadlineExceeded(requests.exceptions.Timeout):
+    """The fetch's time budget ran out before a request could start."""
+
+
+_RETRY_AFTER_SECONDS = re.compile(r"\s*(\d{1,9})(?:\.\d{1,6})?\s*")
+
+
+def parse_retry_after(value: object) -> float | None:
+    """``Retry-After`` in seconds (delta-seconds or an HTTP date), or ``None``."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    match = _RETRY_AFTER_SECONDS.fullmatch(value)
+    if match:
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class _DeadlineSSLSocket(ssl.SSLSocket):
+    """A TLS socket whose every operation gets at most the fetch's remaining time.
+
+    A per-operation timeout does not bound a call: a provider that drips one
+    byte a second satisfies every read.  Shrinking each operation's timeout to
+    what is left of the thread's :class:`Deadline` does, with no watchdog
+    thread.  Without an active deadline it behaves like ``ssl.SSLSocket``.
+    """
+
+    def _bounded(self, operation: Callable[[], _T]) -> _T:
+        budget = current_deadline()
+        if budget is None:
+            return operation()
+        left = budget.remaining()
+        if left <= 0:
+            raise TimeoutError("the token fetch's deadline has passed")
+        base = self.gettimeout()
+        super().settimeout(left if base is None else min(base, left))
+        try:
+            return operation()
+        finally:
+            with contextlib.suppress(OSError):  # closed meanwhile: keep the real error
+                super().settimeout(base)
+
+    def do_handshake(self, block: bool = False) -> None:
+        self._bounded(lambda: super(_DeadlineSSLSocket, self).do_handshake(block))
+
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:
+        return self._bounded(lambda: super(_DeadlineSSLSocket, self).read(len, buffer))
+
+    def write(self, data: Any) -> int:
+        return self._bounded(lambda: super(_DeadlineSSLSocket, self).write(data))
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        return self._bounded(lambda: super(_DeadlineSSLSocket, self).send(data, flags))
+
+
+class _DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """Gives urllib3 a TLS context that makes :class:`_DeadlineSSLSocket` sockets.
+
+    No CA is loaded here: requests passes ``ca_file`` (or certifi's bundle)
+    to urllib3, which loads it into this context, so trust is unchanged.
+    """
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        context = create_urllib3_context()
+        context.sslsocket_class = _DeadlineSSLSocket
+        kwargs["ssl_context"] = context
+        super().init_poolmanager(*args, **kwargs)
+
+
+class TimeoutSession(requests.Session):
+    """A session bounded by the thread's :class:`Deadline`, ignoring the environment.
+
+    Every request gets ``timeout`` (connect and read) or the time left of the
+    active deadline if that is less, and fails at once when it is spent;
+    every TLS socket operation is bounded by the deadline too (so a provider
+    dripping bytes cannot stretch a call).  MSAL ignores its own
+    ``timeout=`` argument when it is given an ``http_client``; binding the
+    timeout here enforces it on every request, including MSAL's OpenID
+    discovery in its constructor.
     """
 
     def __init__(self, timeout: float, ca_file: str | None) -> None:
         super().__init__()
         self.trust_env = False
         self.verify = ca_file if ca_file else True
-        self.timeout = (timeout, timeout)
+        self.timeout = timeout
+        self.mount("https://", _DeadlineAdapter())
 
     def request(  # type: ignore[override]
         self, method: str, url: str | bytes, *args: Any, **kwargs: Any
     ) -> Any:
-        """Send a request with the session's (connect, read) timeout."""
-        kwargs["timeout"] = self.timeout
-        return super().request(method, url, *args, **kwargs)
+        """Send a request within the session's timeout and the thread's deadline."""
+        budget = current_deadline()
+        seconds = self.timeout
+        if budget is not None:
+            left = budget.remaining()
+            if left <= 0:
+                raise DeadlineExceeded("the token fetch's deadline has passed")
+            seconds = min(seconds, left)
+        kwargs["timeout"] = (seconds, seconds)
+        response = super().request(method, url, *args, **kwargs)
+        if budget is not None:
+            budget.note(response)
+        return response
 
 
 class _SecretRegistry:
@@ -79,24 +236,6 @@ class _SecretRegistry:
 
 
 _registry = _SecretRegistry()
-
-
-#: Lifetime assumed for a token whose reply gives neither ``expires_in`` nor an ``exp``.
-DEFAULT_LIFETIME = 60.0
-
-
-def token_expiry(token: str, expires_in: object, started: float) -> float:
-    """When a freshly issued token expires (epoch seconds).
-
-    The reply's ``expires_in`` counted from ``started`` (the request time, so
-    network delay shortens rather than lengthens it), capped by the JWT's own
-    ``exp`` when there is one; the ``exp`` alone otherwise; else a minute.
-    """
-    exp = jwt_expiry(token)
-    if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool):
-        expires_at = started + float(expires_in)
-        return min(expires_at, exp) if exp is not None else expires_at
-    return exp if exp is not None else started + DEFAULT_LIFETIME
 
 
 def register_secret(owner: object, secret: str) -> None:
@@ -169,6 +308,28 @@ def provider_error_fields(body: Mapping[str, Any]) -> tuple[str | None, str | No
     )
 
 
+def is_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` ended a fetch because time ran out.
+
+    A body read cut short by the deadline surfaces from requests as a
+    ``ConnectionError`` (it wraps urllib3's read timeout), so an exception
+    raised once the thread's deadline has passed counts as a timeout too.
+    """
+    if isinstance(exc, (requests.Timeout, socket.timeout)):
+        return True
+    budget = current_deadline()
+    return budget is not None and budget.expired and isinstance(exc, OSError)
+
+
+def timeout_error(what: str) -> TokenAcquisitionError:
+    """The error of a fetch that did not finish within its deadline."""
+    budget = current_deadline()
+    within = f" within {budget.seconds:g} s" if budget is not None else ""
+    return TokenAcquisitionError(
+        f"{what}: the identity provider did not answer{within} (timeout)", error="timeout"
+    )
+
+
 def error_from_exception(
     exc: BaseException, what: str, secrets: Iterable[str] = ()
 ) -> TokenAcquisitionError:
@@ -177,8 +338,8 @@ def error_from_exception(
     The message holds our own words, the exception class name and (scrubbed)
     provider fields, never the exception's text, which may echo a request.
     """
-    if isinstance(exc, requests.Timeout):
-        return TokenAcquisitionError(f"{what}: the identity provider timed out", error="timeout")
+    if is_timeout(exc):
+        return timeout_error(what)
     if isinstance(exc, requests.exceptions.SSLError):
         return TokenAcquisitionError(
             f"{what}: TLS verification with the identity provider failed "
@@ -202,8 +363,11 @@ def error_from_exception(
             error=error or "server_error",
             correlation_id=correlation,
             status=status,
+            retry_after=parse_retry_after(getattr(response, "headers", {}).get("Retry-After")),
         )
-    if isinstance(exc, (ValueError, json.JSONDecodeError)):
+    # ValueError/TypeError/OverflowError: MSAL choking on a reply field of the
+    # wrong type (int() of an expires_in that is NaN, a list...).
+    if isinstance(exc, (ValueError, TypeError, OverflowError, json.JSONDecodeError)):
         return TokenAcquisitionError(
             f"{what}: the identity provider sent an invalid response ({type(exc).__name__})",
             error="invalid_response",

@@ -27,6 +27,7 @@ application stores nothing in MSAL's cache: an OBO reply without
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import re
@@ -40,14 +41,17 @@ import msal
 
 from ..errors import IdentityNotAccepted, TokenAcquisitionError
 from ._http import (
+    Deadline,
     TimeoutSession,
+    deadline,
     error_from_exception,
     install_log_redaction,
     provider_error_fields,
     register_secret,
     scrub,
-    token_expiry,
+    timeout_error,
 )
+from ._lifetime import token_expiry
 from .cache import FetchResult, KeyMemo, cache_key, jwt_expiry
 from .shared import token_cache_for
 
@@ -90,6 +94,21 @@ class _NoStoreTokenCache(msal.TokenCache):  # type: ignore[misc]
         return None
 
 
+class _NoStoreHttpCache(dict):  # type: ignore[type-arg]
+    """MSAL's ``http_cache`` that keeps nothing: MSAL's own throttling is off.
+
+    MSAL replays a 429/5xx answer for its ``Retry-After`` (up to an hour)
+    under a key without the user for on-behalf-of requests, so one user's
+    throttled answer blocked every user, new ones included, long after the
+    provider recovered.  deepsec remembers failures itself, per cache key
+    (one user, or the application's client-credentials token) and for a
+    capped time (:data:`deepsec.tokens.cache.MAX_RETRY_AFTER`).
+    """
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        return None
+
+
 # --- one MSAL application per identity, for the life of the process ---------------
 
 _apps: dict[str, Future[Any]] = {}
@@ -125,17 +144,19 @@ def _build_app(config: EndUserSecConfig, flow: Flow) -> Any:
         client_credential=config.client_credential,
         authority=config.authority,
         http_client=session,
+        http_cache=_NoStoreHttpCache(),
         instance_discovery=config.instance_discovery,
         azure_region=False,  # MSAL_FORCE_REGION in the environment must not apply
         **kwargs,
     )
 
 
-def _msal_app(config: EndUserSecConfig, flow: Flow) -> Any:
+def _msal_app(config: EndUserSecConfig, flow: Flow, budget: Deadline) -> Any:
     """The process-wide MSAL application; built once (single-flight).
 
     Building it fetches the provider's OpenID configuration; a failure is
-    not remembered, so the next call tries again.
+    not remembered, so the next call tries again.  A caller waiting for
+    another thread's build waits no longer than its own ``budget``.
     """
     key = _app_key(config, flow)
     future = _apps.get(key)
@@ -153,7 +174,7 @@ def _msal_app(config: EndUserSecConfig, flow: Flow) -> Any:
             except BaseException as exc:
                 future.set_exception(exc)
     assert future is not None
-    return future.result()
+    return future.result(timeout=max(0.0, budget.remaining()))
 
 
 def _existing_app(config: EndUserSecConfig, flow: Flow) -> Any | None:
@@ -235,20 +256,26 @@ class AzureTokenSource:
         if self.flow == "client_credentials":
             token = self.cache.peek(self._cc_key)
             self.cache.invalidate(self._cc_key)
-            app = _existing_app(self.config, "client_credentials")
-            if token is not None and app is not None:
-                cache = app.token_cache
-                stale = [
-                    at
-                    for at in cache.search(cache.CredentialType.ACCESS_TOKEN)
-                    if at.get("secret") == token
-                ]
-                for at in stale:
-                    cache.remove_at(at)
+            if token is not None:
+                self._forget_in_msal(token)
             return
         identity = context.identity
         if isinstance(identity, str):
             self.cache.invalidate(self._keys.key(identity))
+
+    def _forget_in_msal(self, token: str) -> None:
+        """Remove ``token`` from the client-credentials application's MSAL cache."""
+        app = _existing_app(self.config, "client_credentials")
+        if app is None:
+            return
+        cache = app.token_cache
+        stale = [
+            at
+            for at in cache.search(cache.CredentialType.ACCESS_TOKEN)
+            if at.get("secret") == token
+        ]
+        for at in stale:
+            cache.remove_at(at)
 
     # --- fetching ------------------------------------------------------------------------
 
@@ -291,27 +318,34 @@ class AzureTokenSource:
     def _acquire(
         self, flow: Flow, call: Callable[[Any], Any], extra_secrets: tuple[str, ...]
     ) -> FetchResult:
+        """One MSAL call, all of it (discovery, token request) within ``timeout``."""
         what = f"Entra ID {flow.replace('_', '-')} token request"
         secrets = (*self._secrets, *extra_secrets)
         started = time.time()
-        try:
-            app = _msal_app(self.config, flow)
-            result = call(app)
-        except msal.exceptions.MsalServiceError as exc:
-            # MSAL raises this for HTTP >= 500 ("HTTP Error: 503"); the body is gone.
-            match = re.search(r"HTTP Error: (\d{3})", str(exc))
-            status = int(match.group(1)) if match else None
-            error = TokenAcquisitionError(
-                f"{what}: the identity provider answered HTTP {status}",
-                error="server_error",
-                status=status,
-            )
-            logger.debug("%s failed: %s", what, error)
-            raise error from None
-        except Exception as exc:
-            error = error_from_exception(exc, what, secrets)
-            logger.debug("%s failed: %s", what, error)
-            raise error from None
+        with deadline(self.config.timeout) as budget:
+            try:
+                app = _msal_app(self.config, flow, budget)
+                result = call(app)
+            except concurrent.futures.TimeoutError:  # another thread's app build
+                error = timeout_error(what)
+                logger.debug("%s failed: %s", what, error)
+                raise error from None
+            except msal.exceptions.MsalServiceError as exc:
+                # MSAL raises this for HTTP >= 500 ("HTTP Error: 503"); the body is gone.
+                match = re.search(r"HTTP Error: (\d{3})", str(exc))
+                status = int(match.group(1)) if match else None
+                error = TokenAcquisitionError(
+                    f"{what}: the identity provider answered HTTP {status}",
+                    error="server_error",
+                    status=status,
+                    retry_after=budget.retry_after,
+                )
+                logger.debug("%s failed: %s", what, error)
+                raise error from None
+            except Exception as exc:
+                error = error_from_exception(exc, what, secrets)
+                logger.debug("%s failed: %s", what, error)
+                raise error from None
         if not isinstance(result, Mapping):
             raise TokenAcquisitionError(
                 f"{what}: MSAL returned no result", error="invalid_response"
@@ -324,9 +358,17 @@ class AzureTokenSource:
                 message += f": {scrub(description, secrets)}"
             logger.debug("%s failed: error=%s correlation_id=%s", what, error_code, correlation)
             raise TokenAcquisitionError(
-                message, error=error_code or "invalid_response", correlation_id=correlation
+                message,
+                error=error_code or "invalid_response",
+                correlation_id=correlation,
+                retry_after=budget.retry_after,
             )
-        expires_at = token_expiry(token, result.get("expires_in"), started)
+        try:
+            expires_at = token_expiry(token, result.get("expires_in"), started, what)
+        except TokenAcquisitionError:
+            if flow == "client_credentials":
+                self._forget_in_msal(token)  # MSAL must not serve it from its cache either
+            raise
         logger.debug(
             "%s succeeded (source=%s, expires in %.0f s)",
             what,

@@ -25,20 +25,27 @@ Keys must hold no secret: callers pass sha256 hex digests, built with
 plugin keyed its cache by tuples holding the client secret and the user's
 token.)
 
-Failures are never cached as success.  By default they are not cached at
-all: the next call fetches again.  With ``failure_backoff > 0`` a failed fetch
-is remembered for that many seconds and re-raised to callers without calling
-the provider, which protects an identity provider that is already failing.
-Exceptions pass through unchanged, so typed errors such as
-:class:`~deepsec.errors.TokenAcquisitionError` reach the caller as raised.
+Failures are never cached as success.  With ``failure_backoff > 0`` (the
+token sources use :data:`FAILURE_MEMORY`) a failed fetch is remembered *per
+key* and re-raised to callers at once, without calling the provider: requests
+queued behind a failing fetch fail fast instead of fetching again in waves,
+and a provider that is already failing is spared.  A provider's
+``Retry-After`` lengthens (or shortens) the window for that key only, capped
+at :data:`MAX_RETRY_AFTER`.  Every :class:`~deepsec.errors.TokenAcquisitionError`
+raised carries in ``retry_after`` the seconds until the cache will fetch
+again.  With ``wait_timeout`` a caller waiting for another caller's fetch
+gives up after that many seconds (``error="timeout"``).  Other exceptions
+pass through unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import hashlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -52,6 +59,9 @@ from ..errors import TokenAcquisitionError
 __all__ = [
     "DEFAULT_REFRESH_AHEAD",
     "DEFAULT_SKEW",
+    "FAILURE_MEMORY",
+    "MAX_RETRY_AFTER",
+    "MIN_RETRY_AFTER",
     "FetchResult",
     "Fetcher",
     "KeyMemo",
@@ -71,6 +81,16 @@ DEFAULT_SKEW = 30.0
 #: treats a cached token as expired: so MSAL really goes to the network
 #: instead of handing back the token we want to replace.
 DEFAULT_REFRESH_AHEAD = 240.0
+#: Seconds a failed fetch is remembered per key by the token sources (when
+#: the provider sent no ``Retry-After``).
+FAILURE_MEMORY = 5.0
+#: Longest a provider's ``Retry-After`` is honoured (seconds).  MSAL honours
+#: up to an hour: one throttled answer then failed every request long after
+#: the provider had recovered.
+MAX_RETRY_AFTER = 10.0
+#: Shortest window a provider's ``Retry-After`` can set (seconds), so a queue
+#: of callers behind a failed fetch still fails fast.
+MIN_RETRY_AFTER = 1.0
 
 _time = time.time
 
@@ -201,6 +221,38 @@ class _Refresher:
 
 _refresher = _Refresher()
 
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _fetch_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that run :meth:`TokenCache.aget` fetches (created on first use)."""
+    global _executor
+    if _executor is None:
+        with _executor_lock:
+            if _executor is None:
+                _executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=32, thread_name_prefix="deepsec-token-fetch"
+                )
+    return _executor
+
+
+def _recalled(exc: BaseException, left: float) -> BaseException:
+    """A remembered failure to raise again: a copy with ``retry_after`` = time left.
+
+    A copy, because concurrent callers raise it at the same time (each raise
+    would otherwise add to one shared traceback).
+    """
+    if not isinstance(exc, TokenAcquisitionError):
+        return exc
+    try:
+        again = copy.copy(exc)
+    except Exception:  # a subclass that cannot be copied: share the original
+        return exc
+    again.retry_after = left
+    again.__traceback__ = None
+    return again
+
 
 class TokenCache:
     """A bounded, single-flight token cache with refresh-ahead.
@@ -211,8 +263,14 @@ class TokenCache:
             a quarter of the token's lifetime, so short-lived tokens work).
         refresh_ahead: length of the refresh window in seconds (capped at half
             the usable lifetime).  ``0`` disables refresh-ahead.
-        failure_backoff: seconds a failed fetch is remembered and re-raised
-            without a new fetch; ``0`` (default) remembers nothing.
+        failure_backoff: seconds a failed fetch is remembered (per key) and
+            re-raised without a new fetch; ``0`` (default) remembers nothing.
+            A :class:`~deepsec.errors.TokenAcquisitionError` whose
+            ``retry_after`` was set by the source (the provider's
+            ``Retry-After``) is remembered that long instead, within
+            ``[MIN_RETRY_AFTER, MAX_RETRY_AFTER]``.
+        wait_timeout: most seconds a caller waits for a fetch it did not start
+            (``None``: no limit); then ``TokenAcquisitionError(error="timeout")``.
         name: shown in ``repr`` and log messages.
 
     Thread-safe and asyncio-safe.  Keys must be non-secret strings (use
@@ -226,6 +284,7 @@ class TokenCache:
         skew: float = DEFAULT_SKEW,
         refresh_ahead: float = DEFAULT_REFRESH_AHEAD,
         failure_backoff: float = 0.0,
+        wait_timeout: float | None = None,
         name: str = "tokens",
     ) -> None:
         if maxsize < 1:
@@ -234,6 +293,7 @@ class TokenCache:
         self.skew = skew
         self.refresh_ahead = refresh_ahead
         self.failure_backoff = failure_backoff
+        self.wait_timeout = wait_timeout
         self.name = name
         self._data: OrderedDict[str, _Entry] = OrderedDict()
         self._inflight: dict[str, concurrent.futures.Future[str]] = {}
@@ -297,10 +357,17 @@ class TokenCache:
                 entry.fetch = fetch
                 self._schedule_refresh(key, entry, now)
                 return entry.token
+        started = time.monotonic()
         future, leader = self._join(key, fetch)
         if leader:
             self._run_fetch(key, fetch, future)
-        return future.result()
+            return future.result()
+        if self.wait_timeout is None or future.done():
+            return future.result()
+        try:
+            return future.result(timeout=self.wait_timeout - (time.monotonic() - started))
+        except concurrent.futures.TimeoutError:
+            raise self._wait_timed_out() from None
 
     async def aget(self, key: str, fetch: Fetcher) -> str:
         """Like :meth:`get`, but a miss runs ``fetch`` in a worker thread.
@@ -328,15 +395,33 @@ class TokenCache:
         if leader:
             loop = asyncio.get_running_loop()
             try:
-                loop.run_in_executor(None, self._run_fetch, key, fetch, future)
+                # Not the loop's default executor: slow fetches must not starve
+                # the app's own run_in_executor work (or asyncio's getaddrinfo).
+                loop.run_in_executor(_fetch_executor(), self._run_fetch, key, fetch, future)
             except BaseException as exc:  # executor shut down: nobody would finish it
                 with self._lock:
                     self._inflight.pop(key, None)
                 future.set_exception(exc)
                 raise
-        # The future is already running, so a waiter's cancellation cannot
-        # cancel it for the others.
-        return await asyncio.wrap_future(future)
+        # The future is already running, so a waiter's cancellation (or
+        # timeout) cannot cancel it for the others.
+        if self.wait_timeout is None:
+            return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.wait_timeout)
+        except asyncio.TimeoutError:
+            raise self._wait_timed_out() from None
+
+    def _wait_timed_out(self) -> TokenAcquisitionError:
+        # The fetch this caller waited for is still running and, bounded by
+        # the same timeout, about to end; if it fails it is remembered for
+        # failure_backoff: the longest the next caller can be refused.
+        return TokenAcquisitionError(
+            f"no database-access token within {self.wait_timeout:g} s "
+            "(the identity provider is slow to answer)",
+            error="timeout",
+            retry_after=self.failure_backoff if self.failure_backoff > 0 else None,
+        )
 
     # --- misses -----------------------------------------------------------------
 
@@ -351,9 +436,10 @@ class TokenCache:
                 return future, False
             failure = self._failures.get(key)
             if failure is not None:
-                if _time() < failure[0]:
+                left = failure[0] - _time()
+                if left > 0:
                     future = concurrent.futures.Future()
-                    future.set_exception(failure[1])
+                    future.set_exception(_recalled(failure[1], left))
                     return future, False
                 del self._failures[key]
             inflight = self._inflight.get(key)
@@ -369,11 +455,15 @@ class TokenCache:
     def _run_fetch(self, key: str, fetch: Fetcher, future: concurrent.futures.Future[str]) -> None:
         try:
             result = fetch()
+            if not math.isfinite(result.expires_at):  # NaN would be stored yet never served
+                raise TokenAcquisitionError(
+                    "the token source gave a token an expiry that is not a finite number",
+                    error="invalid_response",
+                )
         except BaseException as exc:
             with self._lock:
                 self._inflight.pop(key, None)
-                if self.failure_backoff > 0:
-                    self._failures[key] = (_time() + self.failure_backoff, exc)
+                self._remember(key, exc)
             logger.debug(
                 "%s: fetch for key %s… failed (%s)", self.name, key[:8], type(exc).__name__
             )
@@ -382,15 +472,42 @@ class TokenCache:
         with self._lock:
             self._inflight.pop(key, None)
             stored = self._store(key, result, fetch)
-        if not stored:
-            future.set_exception(
-                TokenAcquisitionError(
+            if not stored:
+                expired = TokenAcquisitionError(
                     "the identity provider issued a token that has already expired",
                     error="expired_token",
                 )
-            )
+                self._remember(key, expired)
+        if not stored:
+            future.set_exception(expired)
             return
         future.set_result(result.token)
+
+    def _remember(self, key: str, exc: BaseException) -> None:
+        """Remember a failed fetch for ``key`` (under ``self._lock``).
+
+        Sets ``retry_after`` of a :class:`TokenAcquisitionError` to the window
+        really applied (``None`` when nothing is remembered), so what clients
+        are told matches what the cache does.
+        """
+        if not isinstance(exc, Exception) or self.failure_backoff <= 0:
+            if isinstance(exc, TokenAcquisitionError):
+                exc.retry_after = None
+            return
+        window = self.failure_backoff
+        if isinstance(exc, TokenAcquisitionError):
+            hint = exc.retry_after
+            if hint is not None and math.isfinite(hint):
+                window = min(max(hint, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
+            exc.retry_after = window
+        now = _time()
+        if len(self._failures) >= self.maxsize:  # bounded like the tokens
+            for stale in [k for k, (until, _) in self._failures.items() if until <= now]:
+                del self._failures[stale]
+            while len(self._failures) >= self.maxsize:
+                del self._failures[next(iter(self._failures))]
+        self._failures.pop(key, None)
+        self._failures[key] = (now + window, exc)
 
     # --- refresh-ahead ---------------------------------------------------------
 

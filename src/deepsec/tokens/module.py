@@ -6,7 +6,11 @@ The module exposes ``get_database_access_token(end_user_sec_params, identity)
 :class:`~deepsec.tokens.cache.TokenCache` (single-flight, refresh-ahead,
 bounded by ``cache_size``): until the JWT's ``exp`` claim (less the cache's
 safety margin) when the token is a JWT, otherwise for
-:data:`OPAQUE_TOKEN_TTL` seconds.
+:data:`OPAQUE_TOKEN_TTL` seconds.  An ``exp`` that is not a finite number or
+lies more than a day ahead is a :class:`~deepsec.errors.TokenAcquisitionError`.
+A failure is remembered for a few seconds per identity, and callers waiting
+for another caller's fetch give up after ``timeout``; the module's own call
+is bounded only by the module.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TokenAcquisitionError
+from ._lifetime import checked_exp
 from .cache import FetchResult, KeyMemo, cache_key, jwt_expiry
 from .shared import token_cache_for
 
@@ -100,7 +105,7 @@ class ModuleTokenSource:
                 f"spi_type {self.config.spi_type!r} returned {type(token).__name__}, "
                 "not a non-empty token string"
             )
-        exp = jwt_expiry(token)
+        exp = checked_exp(token, time.time(), f"spi_type {self.config.spi_type!r}")
         if exp is not None:
             return FetchResult(token, exp)
         return FetchResult(token, time.time() + OPAQUE_TOKEN_TTL, exact=True)

@@ -6,15 +6,16 @@ full token URL of an identity domain (for example
 is ``POST`` with HTTP Basic client authentication and the form
 ``grant_type=client_credentials&scope=...``.
 
-Fixes over python-oracledb's ``oci_tokens`` plugin: connect and read
-timeouts (the plugin had none), bounded retries with exponential backoff and
+Fixes over python-oracledb's ``oci_tokens`` plugin: one deadline of
+``timeout`` seconds for the whole fetch, retries and backoff included (the
+plugin had no timeout at all), bounded retries with exponential backoff and
 jitter on 429, 5xx and connection failures (a small ``Retry-After`` is
-honoured), TLS trust from ``ca_file`` or the ``certifi`` bundle that the
-environment cannot change, single-flight caching, typed errors without
-secrets.
+honoured when it fits in the time left), TLS trust from ``ca_file`` or the
+``certifi`` bundle that the environment cannot change, single-flight caching,
+typed errors without secrets.
 
 A read timeout is not retried: the provider may still be working on the
-request, and retrying would multiply the caller's wait.
+request, and retrying would multiply the load on it.
 """
 
 from __future__ import annotations
@@ -30,12 +31,17 @@ import requests
 from ..errors import TokenAcquisitionError
 from ._http import (
     TimeoutSession,
+    current_deadline,
+    deadline,
     error_from_exception,
+    is_timeout,
+    parse_retry_after,
     provider_error_fields,
     register_secret,
     scrub,
-    token_expiry,
+    timeout_error,
 )
+from ._lifetime import token_expiry
 from .cache import FetchResult, cache_key
 from .shared import token_cache_for
 
@@ -51,22 +57,17 @@ logger = logging.getLogger("deepsec.tokens.oci")
 BACKOFF_BASE = 0.1
 #: Longest backoff delay in seconds.
 BACKOFF_MAX = 2.0
-#: A ``Retry-After`` longer than this (seconds) is not waited for: the error
-#: is raised at once.
+#: A ``Retry-After`` longer than this (seconds), or longer than the time left
+#: of the fetch's deadline, is not waited for inside the fetch: the error is
+#: raised at once (and the token cache remembers it, see
+#: :data:`deepsec.tokens.cache.MAX_RETRY_AFTER`).
 MAX_RETRY_AFTER = 5.0
 
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 def _retry_after(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None  # an HTTP date: treated as "too long"
-    return seconds if seconds >= 0 else None
+    return parse_retry_after(response.headers.get("Retry-After"))
 
 
 class OCITokenSource:
@@ -74,7 +75,7 @@ class OCITokenSource:
 
     Config keys used: ``authority`` (token URL), ``client_id``,
     ``client_credential`` (secret), ``scopes`` (joined with spaces),
-    ``timeout`` (connect and read, per attempt), ``max_retries``, ``ca_file``,
+    ``timeout`` (the whole fetch, retries included), ``max_retries``, ``ca_file``,
     ``cache_size``.  The end-user identity does not change the token (one
     cache entry).
     """
@@ -127,6 +128,24 @@ class OCITokenSource:
         return random.uniform(0, min(BACKOFF_MAX, BACKOFF_BASE * (2**attempt)))
 
     def _fetch(self) -> FetchResult:
+        with deadline(self.config.timeout):
+            try:
+                return self._attempts()
+            except TokenAcquisitionError:
+                raise
+            except Exception as exc:
+                raise error_from_exception(exc, "OCI IAM token request", (self._secret,)) from None
+
+    def _sleep(self, seconds: float, what: str, reason: str) -> bool:
+        """Back off before a retry if that leaves time for it; False if it does not."""
+        budget = current_deadline()
+        if budget is not None and seconds >= budget.remaining():
+            return False
+        logger.debug("%s: %s; retry in %.2f s", what, reason, seconds)
+        time.sleep(seconds)
+        return True
+
+    def _attempts(self) -> FetchResult:
         what = "OCI IAM token request"
         url = self.config.authority or ""
         attempts = self.config.max_retries + 1
@@ -140,22 +159,20 @@ class OCITokenSource:
                     auth=self._auth,
                     headers={"Accept": "application/json"},
                 )
-            except requests.Timeout as exc:
-                # connect timeouts are retried; read timeouts are not (see module doc)
-                if isinstance(exc, requests.ConnectTimeout) and not last:
-                    delay = self._backoff(attempt)
-                    logger.debug("%s: connect timeout; retry in %.2f s", what, delay)
-                    time.sleep(delay)
-                    continue
-                raise error_from_exception(exc, what, (self._secret,)) from None
-            except requests.ConnectionError as exc:
-                if not last and not isinstance(exc, requests.exceptions.SSLError):
-                    delay = self._backoff(attempt)
-                    logger.debug("%s: %s; retry in %.2f s", what, type(exc).__name__, delay)
-                    time.sleep(delay)
-                    continue
-                raise error_from_exception(exc, what, (self._secret,)) from None
             except requests.RequestException as exc:
+                if is_timeout(exc):
+                    # connect timeouts are retried; read timeouts are not (see module doc)
+                    retry = isinstance(exc, requests.ConnectTimeout) and not last
+                    if retry and self._sleep(self._backoff(attempt), what, "connect timeout"):
+                        continue
+                    raise timeout_error(what) from None
+                if (
+                    isinstance(exc, requests.ConnectionError)
+                    and not isinstance(exc, requests.exceptions.SSLError)
+                    and not last
+                    and self._sleep(self._backoff(attempt), what, type(exc).__name__)
+                ):
+                    continue
                 raise error_from_exception(exc, what, (self._secret,)) from None
 
             status = response.status_code
@@ -164,15 +181,10 @@ class OCITokenSource:
             if status in _RETRY_STATUS and not last:
                 delay = self._backoff(attempt)
                 retry_after = _retry_after(response)
-                if retry_after is not None and retry_after <= MAX_RETRY_AFTER:
-                    delay = max(delay, retry_after)
-                    retry = True
-                else:
-                    retry = retry_after is None
-                if retry:
-                    logger.debug("%s: HTTP %s; retry in %.2f s", what, status, delay)
-                    time.sleep(delay)
-                    continue
+                if retry_after is None or retry_after <= MAX_RETRY_AFTER:
+                    delay = max(delay, retry_after or 0.0)
+                    if self._sleep(delay, what, f"HTTP {status}"):
+                        continue
             raise self._http_error(response, what)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -195,6 +207,7 @@ class OCITokenSource:
             error=error or ("server_error" if status >= 500 else "invalid_request"),
             correlation_id=correlation,
             status=status,
+            retry_after=_retry_after(response),
         )
 
     def _parse(self, response: requests.Response, started: float, what: str) -> FetchResult:
@@ -213,6 +226,6 @@ class OCITokenSource:
                 error="invalid_response",
                 status=response.status_code,
             )
-        expires_at = token_expiry(token, body.get("expires_in"), started)
+        expires_at = token_expiry(token, body.get("expires_in"), started, what)
         logger.debug("%s succeeded (expires in %.0f s)", what, expires_at - time.time())
         return FetchResult(token, expires_at)

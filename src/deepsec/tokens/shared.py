@@ -36,7 +36,7 @@ import uuid
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from .cache import Fetcher, FetchResult, TokenCache, _Entry
+from .cache import FAILURE_MEMORY, Fetcher, FetchResult, TokenCache, _Entry
 
 if TYPE_CHECKING:
     from ..config import EndUserSecConfig
@@ -483,6 +483,13 @@ def reset_shared_caches() -> None:
 
 def token_cache_for(config: EndUserSecConfig, name: str) -> TokenCache:
     """The cache a token source uses: L1 only, or L1 + Redis when ``token_cache`` is set."""
+    # Failures are remembered briefly and waiters give up after ``timeout``
+    # (see TokenCache), with or without the shared level.
+    options: dict[str, Any] = {
+        "name": name,
+        "failure_backoff": FAILURE_MEMORY,
+        "wait_timeout": config.timeout,
+    }
     if config.token_cache is None:
-        return TokenCache(config.cache_size, name=name)
-    return SharedTokenCache(_l2_for(config), config.cache_size, wait=config.timeout, name=name)
+        return TokenCache(config.cache_size, **options)
+    return SharedTokenCache(_l2_for(config), config.cache_size, wait=config.timeout, **options)
