@@ -49,6 +49,44 @@ def test_own_token(deepsec_client):
 def test_local_user_cookie_is_refused_by_default(deepsec_client):
     deepsec_client.django_client.cookies["identity"] = '["carol", null]'
     assert deepsec_client.get("/whoami/").json() == {"username": None}
+
+
+def test_statements_tagged_finds_a_trailing_tag(deepsec_client):
+    deepsec_client.sign_in("dave")
+    deepsec_client.get("/tagged/")
+    (trip,) = deepsec_client.statements_tagged("t1")
+    assert trip.context.username == "dave"
+    assert deepsec_client.statements_tagged("t10") == []
+
+
+def test_sign_out_keeps_other_cookies(deepsec_client):
+    deepsec_client.django_client.cookies["sessionid"] = "kept"
+    deepsec_client.sign_in("bob")
+    deepsec_client.sign_out()
+    assert deepsec_client.django_client.cookies["sessionid"].value == "kept"
+    assert "identity" not in deepsec_client.django_client.cookies
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+def test_a_non_oracle_alias_gets_a_test_database():
+    from django.db import connections
+
+    with connections["other"].cursor() as cursor:
+        cursor.execute("create table deepsec_probe (x integer)")
+    assert "real.sqlite3" not in str(connections["other"].settings_dict["NAME"])
+"""
+EXTRA_TESTS = "import pytest\n" + EXTRA_TESTS
+
+TAGGED_VIEW = """
+from django.db import connection
+from django.http import JsonResponse
+
+
+def tagged(request):
+    with connection.cursor() as cursor:
+        cursor.execute("select 1 from dual /* t1 */")
+        cursor.fetchone()
+    return JsonResponse({})
 """
 
 
@@ -134,7 +172,14 @@ def test_fresh_startproject_runs_its_documented_tests(tmp_path: Path) -> None:
         timeout=60,
     )
     settings = project / "mysite" / "settings.py"
-    settings.write_text(settings.read_text() + settings_additions(settings.read_text()))
+    real_sqlite = tmp_path / "real.sqlite3"  # must stay untouched: tests get a test database
+    settings.write_text(
+        settings.read_text()
+        + settings_additions(settings.read_text())
+        + f"DATABASES['other'] = {{'ENGINE': 'django.db.backends.sqlite3', "
+        f"'NAME': {str(real_sqlite)!r}}}\n"
+    )
+    (project / "mysite" / "extra_views.py").write_text(TAGGED_VIEW)
     for name, text in documented_files().items():
         if name != "settings.py":  # merged into the project's own above
             (project / name).write_text(text)
@@ -143,7 +188,8 @@ def test_fresh_startproject_runs_its_documented_tests(tmp_path: Path) -> None:
     urls.write_text(
         urls.read_text().replace(
             "urlpatterns = [",
-            "from mysite.views import whoami\n\nurlpatterns = [\n    path('whoami/', whoami),",
+            "from mysite.views import whoami\nfrom mysite.extra_views import tagged\n\n"
+            "urlpatterns = [\n    path('whoami/', whoami),\n    path('tagged/', tagged),",
         )
     )
     (project / "pyproject.toml").write_text(
@@ -166,4 +212,5 @@ def test_fresh_startproject_runs_its_documented_tests(tmp_path: Path) -> None:
     assert result.returncode == 0, output
     assert "PASSED test_whoami.py::test_alice_runs_as_alice" in output
     assert "PASSED test_whoami.py::test_no_identity_runs_with_none" in output
-    assert re.search(r"\b5 passed\b", output), output
+    assert re.search(r"\b8 passed\b", output), output
+    assert not real_sqlite.exists()
