@@ -298,7 +298,7 @@ MIDDLEWARE = GOOD_SETTINGS["MIDDLEWARE"]
             _with_tcp_name("tcp://db.example.com:1521/hr"),
             [
                 "deepsec.E008 ERROR: DATABASES['default'] has end_user_sec_params but NAME: "
-                "the connect string uses tcp, not TCPS",
+                "the connect string uses 'tcp', not TCPS",
                 "fix: Write NAME as 'tcps://host:port/service'",
             ],
             id="tcp-dsn",
@@ -379,7 +379,7 @@ def test_config_file_with_a_tcp_dsn_is_invalid(tmp_path):
     config = write_json(tmp_path, {"end_user_sec_params": params, "dsn": "db:1521/hr"})
     code, text = run("--config", config)
     assert code == EXIT_CONFIG, text
-    assert "ERROR: dsn: the connect string uses tcp, not TCPS" in text
+    assert "ERROR: dsn: the connect string uses 'tcp', not TCPS" in text
     config = write_json(tmp_path, {"end_user_sec_params": params, "dsn": "tcps://db:1522/hr"})
     code, text = run("--config", config)
     assert code == EXIT_OK, text

@@ -25,7 +25,7 @@ def test_require_tcps_refuses_a_plain_address(dsn: str) -> None:
     with pytest.raises(ConfigError) as raised:
         require_tcps(parsed(dsn))
     text = str(raised.value)
-    assert "uses tcp, not TCPS" in text and "DPY-2073" in text
+    assert "uses 'tcp', not TCPS" in text and "DPY-2073" in text
     assert "db:1521" not in text and "DESCRIPTION" not in text
 
 

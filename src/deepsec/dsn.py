@@ -39,8 +39,9 @@ __all__ = [
 #: python-oracledb's error when a context is set on a connection without TLS.
 DRIVER_ERROR = "DPY-2073 (end_user_security_context requires use of the tcps protocol)"
 _FIX = (
-    "Use a tcps:// Easy Connect string (tcps://host:port/service), (PROTOCOL=TCPS) in "
-    "every ADDRESS of the descriptor, or the use_eztls=True connect parameter"
+    "Use a tcps:// Easy Connect string (tcps://host:port/service) or (PROTOCOL=TCPS) in "
+    "every ADDRESS of the descriptor, with ssl_context= or a wallet; or the use_eztls=True "
+    "connect parameter"
 )
 
 
@@ -66,7 +67,8 @@ def protocols_problem(protocols: Iterable[str | None], *, use_eztls: bool = Fals
     if not plain or use_eztls:
         return None
     return (
-        f"the connect string uses {', '.join(plain)}, not TCPS; python-oracledb sends the "
+        f"the connect string uses {', '.join(repr(p) for p in plain)}, not TCPS; "
+        "python-oracledb sends the "
         "end-user security context only over TLS, so the first statement with an end user "
         f"would fail with {DRIVER_ERROR}. {_FIX}"
     )
