@@ -11,7 +11,8 @@ import re
 import sys
 from pathlib import Path
 
-ROLES = ("class", "func", "meth", "data", "attr", "exc", "mod", "obj", "const")
+from mkdocs_sphinx_roles import ROLES  # the roles the extension rewrites (this directory)
+
 #: A role as Markdown renders it (``<code>`` from the backticks) or left raw.
 RAW_ROLE = re.compile(r":(?:py:)?(?:" + "|".join(ROLES) + r"):(?:<code>|`)")
 

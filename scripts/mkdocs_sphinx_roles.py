@@ -21,6 +21,7 @@ from typing import Any
 
 import griffe
 
+#: The Sphinx roles rewritten here (and looked for by ``check_docs_roles.py``).
 ROLES = ("class", "func", "meth", "data", "attr", "exc", "mod", "obj", "const")
 #: ``:class:`target```, ``:py:meth:`~a.b```, ``:func:`title <target>```.
 ROLE_RE = re.compile(r":(?:py:)?(?P<role>" + "|".join(ROLES) + r"):`(?P<body>[^`]+)`")

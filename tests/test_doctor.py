@@ -298,7 +298,7 @@ MIDDLEWARE = GOOD_SETTINGS["MIDDLEWARE"]
             _with_tcp_name("tcp://db.example.com:1521/hr"),
             [
                 "deepsec.E008 ERROR: DATABASES['default'] has end_user_sec_params but NAME: "
-                "the connect string uses tcp, not TCPS",
+                "the connect string uses 'tcp', not TCPS",
                 "fix: Write NAME as 'tcps://host:port/service'",
             ],
             id="tcp-dsn",
@@ -379,7 +379,70 @@ def test_config_file_with_a_tcp_dsn_is_invalid(tmp_path):
     config = write_json(tmp_path, {"end_user_sec_params": params, "dsn": "db:1521/hr"})
     code, text = run("--config", config)
     assert code == EXIT_CONFIG, text
-    assert "ERROR: dsn: the connect string uses tcp, not TCPS" in text
+    assert "ERROR: dsn: the connect string uses 'tcp', not TCPS" in text
     config = write_json(tmp_path, {"end_user_sec_params": params, "dsn": "tcps://db:1522/hr"})
     code, text = run("--config", config)
     assert code == EXIT_OK, text
+
+
+def test_settings_import_error_never_prints_its_message(tmp_path):
+    # int() puts the default value, a secret here, in its ValueError message.
+    source = 'import os\nPORT = int(os.environ.get("DBP_FOR_DOCTOR", "hunter2-secret"))\n'
+    result = doctor_on_settings(tmp_path, source)
+    assert result.returncode == EXIT_USAGE, result.stdout + result.stderr
+    assert "hunter2-secret" not in result.stdout + result.stderr
+    assert "ValueError (at doctor_case_settings.py, line 2)" in result.stdout
+
+
+def test_settings_calling_sys_exit_is_reported(tmp_path):
+    result = doctor_on_settings(tmp_path, 'import sys\nsys.exit("exit-secret-value")\n')
+    assert result.returncode == EXIT_USAGE, result.stdout + result.stderr
+    assert "SystemExit (at doctor_case_settings.py, line 2)" in result.stdout
+    assert "exit-secret-value" not in result.stdout + result.stderr
+
+
+def test_key_error_not_from_the_environment_is_not_blamed_on_it(tmp_path):
+    result = doctor_on_settings(tmp_path, 'PARTS = {}\nNAME = PARTS["db_name"]\n')
+    assert result.returncode == EXIT_USAGE, result.stdout + result.stderr
+    assert "KeyError 'db_name' (at doctor_case_settings.py, line 2)" in result.stdout
+    assert "environment variable" not in result.stdout
+
+
+def test_missing_module_advice_mentions_pip(tmp_path):
+    result = doctor_on_settings(tmp_path, "import no_such_pkg_for_doctor\n")
+    assert result.returncode == EXIT_USAGE, result.stdout + result.stderr
+    assert "no module named 'no_such_pkg_for_doctor'" in result.stdout
+    assert "pip install" in result.stdout and "PYTHONPATH" in result.stdout
+
+
+def test_django_setup_failure_is_an_error(tmp_path):
+    apps = [*GOOD_SETTINGS["INSTALLED_APPS"], "no_such_app_for_doctor"]  # type: ignore[misc]
+    result = doctor_on_settings(tmp_path, settings_source(INSTALLED_APPS=apps))
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    assert (
+        "ERROR: django.setup() failed: ModuleNotFoundError (at apps/config.py, line"
+        in result.stdout
+    ), result.stdout
+    assert "no module named 'no_such_app_for_doctor'" in result.stdout
+    assert "importlib" not in result.stdout
+    assert "doctor: INVALID CONFIGURATION" in result.stdout
+
+
+def test_flat_config_file_with_dsn(tmp_path):
+    flat = {"spi_type": "spi_static", "client_id": "a", "dsn": "tcps://db:1522/hr"}
+    code, text = run("--config", write_json(tmp_path, flat))
+    assert code == EXIT_OK, text
+    assert "unknown" not in text
+
+
+def test_config_file_dsn_protocol_unknown_is_a_warning(tmp_path):
+    params = {"spi_type": "spi_static", "client_id": "a"}
+    config = write_json(tmp_path, {"end_user_sec_params": params, "dsn": "u/pw-9x@hr_alias"})
+    code, text = run("--config", config)
+    assert code == EXIT_OK, text
+    assert "WARNING: cannot tell the protocol of dsn" in text
+    assert "pw-9x" not in text and "hr_alias" not in text
+    config = write_json(tmp_path, {"end_user_sec_params": params, "dsn": "u/pw-9x@tcp://db/hr"})
+    code, text = run("--config", config)
+    assert code == EXIT_CONFIG, text
+    assert "DPY-2073" in text and "pw-9x" not in text

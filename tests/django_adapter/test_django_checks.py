@@ -230,13 +230,83 @@ def test_e008_plain_tcp_with_end_user_params(changes: dict[str, str]) -> None:
     assert changes["NAME"] not in message.msg  # the connect string may hold a password
 
 
-def test_e008_not_raised_for_tcps_or_an_unresolvable_alias() -> None:
-    for name in ("tcps://db.example.com:1522/hr", "hr_high"):
+def test_e008_not_raised_for_tcps_or_eztls() -> None:
+    for name in ("tcps://db.example.com:1522/hr", "app/pw-123@tcps://db.example.com:1522/hr"):
         with patched_databases(databases_with(NAME=name)):
             assert check_databases() == []
     dbs = databases_with(NAME="db.example.com:1522/hr", OPTIONS={"protocol": "tcps"})
     with patched_databases(dbs):
         assert check_databases() == []
+    # ezTLS encrypts a TCP address: accepted from OPTIONS, with NAME or with HOST/PORT.
+    for changes in (
+        {"NAME": "tcp://db.example.com:1521/hr"},
+        {"NAME": "hr", "HOST": "db.example.com", "PORT": "1521"},
+    ):
+        with patched_databases(databases_with(**changes, OPTIONS={"use_eztls": True})):
+            assert check_databases() == [], changes
+
+
+def test_e008_message_names_the_driver_error() -> None:
+    with patched_databases(databases_with(NAME="tcp://db.example.com:1521/hr")):
+        (message,) = check_databases()
+    assert "DPY-2073" in message.msg and "requires use of the tcps protocol" in message.msg
+    assert "DPY-4011" not in message.msg
+
+
+def test_e008_with_credentials_in_name_never_echoes_them() -> None:
+    with patched_databases(databases_with(NAME="app/pw-secret-77@tcp://db.example.com:1521/hr")):
+        (message,) = check_databases()
+    assert message.id == "deepsec.E008"
+    assert "pw-secret-77" not in message.msg + (message.hint or "")
+
+
+def test_use_eztls_in_the_connect_string_is_not_eztls() -> None:
+    # python-oracledb ignores use_eztls inside a connect string: still plain TCP.
+    with patched_databases(databases_with(NAME="tcp://db.example.com:1521/hr?use_eztls=true")):
+        (message,) = check_databases()
+    assert message.id == "deepsec.E008"
+    assert "OPTIONS['use_eztls']" in message.msg
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "hr_high",  # a TNS alias without tnsnames.ora here
+        "(DESCRIPTION=(ADDRESS=(PROTOCOL=ipc)(KEY=x))(CONNECT_DATA=(SERVICE_NAME=hr)))",
+        "config-file:///nonexistent/app/pw-secret-88.json",
+    ],
+)
+def test_w002_when_the_protocol_cannot_be_told(name: str) -> None:
+    with patched_databases(databases_with(NAME=name)):
+        (message,) = check_databases()
+    assert message.id == "deepsec.W002" and message.level == checks.WARNING
+    assert "cannot tell the protocol of DATABASES['default']['NAME']" in message.msg
+    assert name not in message.msg and "pw-secret" not in message.msg
+
+
+def test_e004_and_parse_settings_agree_on_a_raising_import() -> None:
+    # A dotted path whose module raises (not ImportError) is one problem, for both.
+    bad = {"resolver": "tests_raising_module_xyz.f", "colour": "blue"}
+    import sys
+    import types
+
+    module = types.ModuleType("tests_raising_module_xyz")
+    module.__getattr__ = lambda name: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore[attr-defined]
+    sys.modules["tests_raising_module_xyz"] = module
+    try:
+        with pytest.raises(ConfigError) as raised:
+            parse_settings(bad)
+        with override_settings(DEEPSEC=bad):
+            messages = checks.run_checks(tags=["deepsec"])
+    finally:
+        del sys.modules["tests_raising_module_xyz"]
+    assert len(raised.value.problems) == 2
+    assert [m.msg for m in messages] == [
+        f"settings.DEEPSEC is invalid: {p}" for p in raised.value.problems
+    ]
+    assert "resolver: cannot import 'tests_raising_module_xyz.f' (RuntimeError)" in (
+        raised.value.problems
+    )
 
 
 def test_middleware_refuses_to_start_without_the_app() -> None:

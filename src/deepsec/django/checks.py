@@ -12,6 +12,7 @@
 | E008 | a database with ``end_user_sec_params`` does not connect over TCPS. |
 | E009 | ``deepsec.django`` is not in ``INSTALLED_APPS`` (doctor only, see below). |
 | W001 | no database has ``OPTIONS["extra_auth_params"]["end_user_sec_params"]``. |
+| W002 | the protocol of a database's ``NAME`` cannot be determined here (alias, provider URL). |
 
 Django runs no check of an app that is not installed, so E009 comes from
 ``python -m deepsec doctor``; at run time the middleware refuses to start
@@ -32,7 +33,7 @@ from django.core.checks import CheckMessage, Error, Tags, Warning
 from django.core.checks import register as _register_check
 
 from ..config import parse_end_user_sec_params
-from ..dsn import non_tcps_problem
+from ..dsn import dsn_tcps_problem, protocols_problem
 from ..errors import ConfigError
 from . import APP_NAME, MIDDLEWARE_PATH
 from .resolvers import django_user
@@ -45,7 +46,6 @@ __all__ = [
     "check_middleware",
     "check_settings",
     "database_messages",
-    "deepsec_setting_problems",
     "installed_app_messages",
     "middleware_messages",
     "register",
@@ -109,50 +109,16 @@ def middleware_messages(middleware: object, deepsec: object = None) -> list[Chec
     return messages
 
 
-def deepsec_setting_problems(raw: object) -> list[str]:
-    """Every problem of a ``DEEPSEC`` value, not only the first.
-
-    Unknown keys, dotted paths that cannot be imported and bad values of the
-    known keys are all collected (the adapter itself stops at the first
-    group, which is enough to refuse to start but not to fix a file).
-    """
-    from django.utils.module_loading import import_string
-
-    from ..web import WebSettings
-    from .conf import CALLABLE_KEYS
-
-    if raw is None:
-        return []
-    if not isinstance(raw, Mapping):
-        return [f"DEEPSEC must be a dict, not {type(raw).__name__}"]
-    known = WebSettings.field_names()
-    values: dict[str, Any] = {}
-    problems: list[str] = []
-    unknown = sorted(str(key) for key in raw if str(key).lower() not in known)
-    if unknown:
-        problems.append(
-            f"unknown setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
-        )
-    for key, value in raw.items():
-        name = str(key).lower()
-        if name not in known:
-            continue
-        if name in CALLABLE_KEYS and isinstance(value, str):
-            try:
-                value = import_string(value)
-            except Exception as exc:  # the imported module may raise anything
-                problems.append(f"{name}: cannot import {value!r} ({exc.__class__.__name__})")
-                continue
-        values[name] = value
-    try:
-        WebSettings(**values)
-    except ConfigError as exc:
-        problems.extend(exc.problems)
-    return problems
-
-
 def settings_messages(deepsec: object) -> list[CheckMessage]:
-    """E004, one message per problem of ``DEEPSEC``."""
+    """E004, one message per problem of ``DEEPSEC`` (:func:`deepsec.django.conf.parse_settings`)."""
+    from .conf import parse_settings
+
+    try:
+        parse_settings(deepsec)
+    except ConfigError as exc:
+        problems = exc.problems
+    else:
+        return []
     return [
         Error(
             f"settings.DEEPSEC is invalid: {problem}",
@@ -160,28 +126,39 @@ def settings_messages(deepsec: object) -> list[CheckMessage]:
             "resolver, data_roles and attributes take a callable or a dotted path.",
             id="deepsec.E004",
         )
-        for problem in deepsec_setting_problems(deepsec)
+        for problem in problems
     ]
 
 
 def _tcps_message(alias: object, db: Mapping[str, Any], options: Any) -> CheckMessage | None:
     options = options if isinstance(options, Mapping) else {}
     if db.get("PORT"):
-        # Django then builds the DSN with makedsn(): always plain TCP.
+        # Django then builds the DSN with makedsn(): always a plain TCP address.
+        problem = protocols_problem(["tcp"], use_eztls=options.get("use_eztls") is True)
+        if problem is None:
+            return None
         return Error(
             f"DATABASES[{alias!r}] has end_user_sec_params but HOST/PORT make Django "
-            "connect over plain TCP; the end-user security context travels only over TCPS "
-            "(the database would reset the connection: DPY-4011).",
+            f"connect over plain TCP: {problem}.",
             hint="Leave HOST and PORT empty and put a TCPS connect string in NAME, "
-            "e.g. 'tcps://db.example.com:1522/service'.",
+            "e.g. 'tcps://db.example.com:1522/service' (or set OPTIONS['use_eztls']=True).",
             id="deepsec.E008",
         )
     name = db.get("NAME")
-    problem = non_tcps_problem(name, options) if isinstance(name, str) and name else None
-    if problem is None:
+    if not isinstance(name, str) or not name:
         return None
+    found = dsn_tcps_problem(name, options, what=f"DATABASES[{alias!r}]['NAME']")
+    if found is None:
+        return None
+    if not found.certain:
+        return Warning(
+            f"{found.message}.",
+            hint="Make sure the alias or provider resolves to (PROTOCOL=TCPS) addresses, "
+            "or write NAME as 'tcps://host:port/service'.",
+            id="deepsec.W002",
+        )
     return Error(
-        f"DATABASES[{alias!r}] has end_user_sec_params but NAME: {problem}.",
+        f"DATABASES[{alias!r}] has end_user_sec_params but NAME: {found.message}.",
         hint="Write NAME as 'tcps://host:port/service' (HOST and PORT empty), or set "
         "(PROTOCOL=TCPS) in the descriptor.",
         id="deepsec.E008",
@@ -219,7 +196,8 @@ def database_messages(databases: object) -> list[CheckMessage]:
                 Error(
                     f"DATABASES[{alias!r}] has end_user_sec_params but ENGINE is {engine!r}; "
                     "only python-oracledb connections carry an end-user security context.",
-                    hint=f"Use ENGINE '{ORACLE_ENGINE}' (python-oracledb, thin or thick mode).",
+                    hint=f"Use ENGINE '{ORACLE_ENGINE}' (python-oracledb in Thin mode; "
+                    "deepsec refuses Thick mode).",
                     id="deepsec.E006",
                 )
             )

@@ -52,30 +52,44 @@ def parse_settings(raw: object) -> WebSettings:
     """Validate a ``DEEPSEC`` value and return the adapter settings.
 
     Dotted paths in ``resolver``, ``data_roles`` and ``attributes`` are
-    imported.
+    imported.  This is the one validation of ``DEEPSEC``: the middleware,
+    ``manage.py check`` (E004) and ``python -m deepsec doctor`` all call it.
 
     Raises:
-        ConfigError: listing every problem (unknown keys, bad values,
-            paths that cannot be imported).
+        ConfigError: listing every problem, not the first (unknown keys,
+            paths that cannot be imported, bad values of the known keys).
     """
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"must be a dict, not {type(raw).__name__}", where=_WHERE)
+        raise ConfigError(f"DEEPSEC must be a dict, not {type(raw).__name__}", where=_WHERE)
+    known = WebSettings.field_names()
     values: dict[str, Any] = {}
     problems: list[str] = []
+    unknown = sorted(str(key) for key in raw if str(key).lower() not in known)
+    if unknown:
+        problems.append(
+            f"unknown setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
     for key, value in raw.items():
         name = str(key).lower()
+        if name not in known:
+            continue
         if name in CALLABLE_KEYS and isinstance(value, str):
             try:
                 value = import_string(value)
-            except ImportError as exc:
-                problems.append(f"{name}: cannot import {value!r} ({exc})")
+            except Exception as exc:  # the imported module may raise anything
+                # The class only: an import error's text may quote the module's source.
+                problems.append(f"{name}: cannot import {value!r} ({exc.__class__.__name__})")
                 continue
         values[name] = value
+    try:
+        settings = WebSettings(**values)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems, where=_WHERE)
-    return WebSettings.from_mapping(values, where=_WHERE)
+    return settings
 
 
 def get_settings() -> WebSettings:

@@ -9,10 +9,11 @@ Load them from the project's top-level ``conftest.py`` (pytest-django installed,
     Points every ``django.db.backends.oracle`` database of the settings at the
     session's Oracle wire test server (``NAME`` its TCPS DSN, a working
     ``USER``/``PASSWORD``, its ``ssl_context``) and swaps its
-    ``end_user_sec_params`` for :func:`deepsec_end_user_sec_params`.  No test
-    database is created: pytest-django's default would connect to the real
+    ``end_user_sec_params`` for :func:`deepsec_end_user_sec_params`.  No Oracle
+    test database is created: pytest-django's default would connect to the real
     host from the settings first (``gaierror``), and the wire server has no
-    DDL.  The settings are restored at the end of the session.
+    DDL.  Every other database (SQLite, PostgreSQL...) gets pytest-django's
+    usual test database.  The settings are restored at the end of the session.
 ``deepsec_end_user_sec_params`` (session)
     The ``end_user_sec_params`` used in tests: Azure client credentials
     against the local identity provider.  Override it to test another flow.
@@ -34,8 +35,9 @@ from typing import Any
 
 import pytest
 
+from ..django.checks import ORACLE_ENGINE
 from .idp import LocalIdP
-from .oracle import RoundTrip
+from .oracle import RoundTrip, statement_has_tag
 
 pytest_plugins = ["deepsec.testing.pytest_plugin"]
 
@@ -47,8 +49,6 @@ __all__ = [
     "point_databases_at",
     "restore_databases",
 ]
-
-ORACLE_ENGINE = "django.db.backends.oracle"
 
 
 class DeepSecClient:
@@ -94,13 +94,25 @@ class DeepSecClient:
         return token
 
     def sign_out(self) -> None:
-        """Send no identity from now on."""
+        """Send no identity from now on (other cookies, e.g. a ``force_login`` session, stay)."""
+        from deepsec.django.conf import get_settings
+
         self._bearer = None
-        self.django_client.cookies.clear()
+        cookie_name = get_settings().cookie_name
+        if cookie_name is not None:
+            self.django_client.cookies.pop(cookie_name, None)
 
     def statements_containing(self, text: str) -> list[RoundTrip]:
         """The last request's statements whose SQL contains ``text`` (plain substring)."""
         return [t for t in self.statements if t.sql is not None and text in t.sql]
+
+    def statements_tagged(self, tag: str) -> list[RoundTrip]:
+        """The last request's statements with ``tag`` in an SQL comment, wherever it sits.
+
+        Uses :func:`deepsec.testing.oracle.statement_has_tag`, so ``/* t1 */`` is
+        found also at the end of a statement that Django's Oracle backend rewrote.
+        """
+        return [t for t in self.statements if statement_has_tag(t.sql, tag)]
 
     def usernames(self) -> list[str | None]:
         """The end user each statement of the last request ran as (``None``: no end user)."""
@@ -192,22 +204,92 @@ def deepsec_end_user_sec_params(local_idp: LocalIdP) -> dict[str, Any]:
     return local_idp.azure_params("client_credentials")
 
 
+def _aliases_to_set_up(
+    request: pytest.FixtureRequest, oracle_aliases: set[str]
+) -> tuple[set[str], set[str]]:
+    """The non-Oracle aliases (and serialized ones) the session's tests use, as pytest-django
+    computes them; every non-Oracle alias if its helper is not there."""
+    from django.db import connections
+
+    try:
+        from pytest_django.fixtures import _get_databases_for_setup
+
+        aliases, serialized = _get_databases_for_setup(request.session.items)
+    except ImportError:  # pytest-django moved its private helper: set up every alias
+        aliases, serialized = set(connections), set()
+    return set(aliases) - oracle_aliases, set(serialized) - oracle_aliases
+
+
+def _set_up_others(
+    verbosity: int, aliases: set[str], serialized: set[str], oracle: set[str], keepdb: bool
+) -> Any:
+    """pytest-django's test databases for the non-Oracle ``aliases`` (``None``: none).
+
+    Django orders test databases after their ``TEST["DEPENDENCIES"]``
+    (``["default"]`` unless set); an Oracle alias gets no test database, so it
+    is left out of them for the setup, else Django reports a circular dependency.
+    """
+    from django.db import connections
+    from django.test.utils import setup_databases
+
+    if not aliases:
+        return None
+    missing = object()
+    saved: dict[str, object] = {}
+    for alias in aliases:
+        test = connections[alias].settings_dict.setdefault("TEST", {})
+        saved[alias] = test.get("DEPENDENCIES", missing)
+        test["DEPENDENCIES"] = [d for d in test.get("DEPENDENCIES", ["default"]) if d not in oracle]
+    try:
+        return setup_databases(
+            verbosity=verbosity,
+            interactive=False,
+            aliases=aliases,
+            serialized_aliases=serialized,
+            keepdb=keepdb,
+        )
+    finally:
+        for alias, value in saved.items():
+            test = connections[alias].settings_dict["TEST"]
+            if value is missing:
+                del test["DEPENDENCIES"]
+            else:
+                test["DEPENDENCIES"] = value
+
+
 @pytest.fixture(scope="session")
 def django_db_setup(
+    request: pytest.FixtureRequest,
     django_test_environment: None,
     django_db_blocker: Any,
+    django_db_keepdb: bool,
+    django_db_createdb: bool,
+    django_db_modify_db_settings: None,
     oracle_server: Any,
     deepsec_end_user_sec_params: dict[str, Any],
 ) -> Iterator[None]:
-    """The Oracle databases on the wire test server; no test database is created."""
+    """Oracle databases on the wire test server; the others get pytest-django's test databases.
+
+    No Oracle test database is created (the wire server has no DDL).  Every
+    other alias (SQLite, PostgreSQL...) is set up exactly as pytest-django
+    would, so a ``db`` test never writes to a real non-Oracle database.
+    """
+    from django.test.utils import teardown_databases
+
     from .pytest_plugin import reset_token_state
 
+    verbosity = request.config.option.verbose
+    keepdb = django_db_keepdb and not django_db_createdb
     with django_db_blocker.unblock():
         saved = point_databases_at(oracle_server, deepsec_end_user_sec_params)
+        aliases, serialized = _aliases_to_set_up(request, set(saved))
+        created = _set_up_others(verbosity, aliases, serialized, set(saved), keepdb)
     try:
         yield
     finally:
         with django_db_blocker.unblock():
+            if created is not None and not django_db_keepdb:
+                teardown_databases(created, verbosity=verbosity)
             restore_databases(saved)
         reset_token_state()
 
