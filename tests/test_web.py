@@ -69,7 +69,14 @@ def test_authorization_header():
 def test_parse_cookie_header():
     header = f'theme=dark; identity="{TOKEN}"; other=1'
     assert parse_cookie_header(header, "identity") == f'"{TOKEN}"'
-    assert parse_cookie_header("a=1; identity=x; identity=y", "identity") == "x"
+    # The same cookie twice: the same value is that value; two values are ambiguous.
+    assert parse_cookie_header("a=1; identity=x; identity=x", "identity") == "x"
+    with pytest.raises(MalformedIdentity, match="more than once"):
+        parse_cookie_header("a=1; identity=x; identity=y", "identity")
+    # Repeated Cookie fields, as a list or joined by a server with "," or "; ".
+    for header in (["a=1", "identity=x"], "a=1, identity=x", "a=1,identity=x", "a=1; identity=x"):
+        assert parse_cookie_header(header, "identity") == "x"
+    assert parse_cookie_header('identity=["bob", null]', "identity") == '["bob", null]'
     assert parse_cookie_header("identityx=1", "identity") is None
     assert parse_cookie_header(None, "identity") is None
 
