@@ -164,16 +164,17 @@ def test_streaming_response_runs_as_the_end_user(
     assert_ran_as(oracle_server, r2, None, 3)
 
 
-def test_function_scoped_dependency_exits_before_the_stream(
+def test_identity_lasts_the_request_whatever_the_depends_scope(
     client: TestClient, oracle_server: OracleTestServer
 ) -> None:
-    """``scope="function"``: the body runs after exit, with no end user (never another one)."""
+    """The dependency has no exit code: the request's exit stack ends the identity,
+    after the response, also with ``Depends(..., scope="function")``."""
     r = rid()
     response = client.get(
         f"/stream-function-scope/{r}", headers={"Authorization": f"Bearer {ALICE}"}
     )
-    assert response.text == "endpoint:alice\nstream:None\n"
-    assert contexts_of(oracle_server, r) == ["alice", None]
+    assert response.text == "endpoint:alice\nstream:alice\n"
+    assert contexts_of(oracle_server, r) == ["alice", "alice"]
 
 
 def test_websocket_route(client: TestClient, oracle_server: OracleTestServer) -> None:
