@@ -23,6 +23,7 @@ from adapter_support import (
     ALICE,
     CAROL,
     CASES,
+    RAW_EXPECTED,
     SECRET,
     STRICT_REJECTIONS,
     WHOAMI,
@@ -36,6 +37,7 @@ from adapter_support import (
     load_plan,
     query_async,
     query_sync,
+    raw_case_answers,
     rid,
     run_load,
     tag,
@@ -366,3 +368,10 @@ def test_database_rejecting_the_end_user_token_is_401(
         assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
         assert response.json()["error"] == "invalid_token"
         assert CAROL not in response.text
+
+
+def test_raw_header_fields_through_uvicorn(oracle_server: OracleTestServer) -> None:
+    """Repeated fields, nested JSON, surrogates, UTF-8: the same end user as every adapter."""
+    with uvicorn_server(make_app(oracle_server)) as url:
+        answers = raw_case_answers(url, lambda r: f"/whoami/{r}", lambda body: body["db"][0])
+    assert answers == RAW_EXPECTED

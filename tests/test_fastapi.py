@@ -19,6 +19,7 @@ from adapter_support import (
     ALICE,
     CAROL,
     CASES,
+    RAW_EXPECTED,
     SECRET,
     STRICT_REJECTIONS,
     Case,
@@ -30,6 +31,7 @@ from adapter_support import (
     load_plan,
     query_async,
     query_sync,
+    raw_case_answers,
     rid,
     run_load,
     uvicorn_server,
@@ -333,3 +335,13 @@ def test_no_leak_under_load_through_uvicorn(oracle_server: OracleTestServer) -> 
     assert report.requests == 2001
     assert report.outside > 10
     assert_ran_as(oracle_server, r, "bob", 3)
+
+
+@pytest.mark.parametrize("middleware", [False, True])
+def test_raw_header_fields_through_uvicorn(
+    oracle_server: OracleTestServer, middleware: bool
+) -> None:
+    """Repeated fields, nested JSON, surrogates, UTF-8: the same end user as every adapter."""
+    with uvicorn_server(make_app(oracle_server, middleware=middleware)) as url:
+        answers = raw_case_answers(url, lambda r: f"/whoami/{r}", lambda body: body["db"][0])
+    assert answers == RAW_EXPECTED
