@@ -14,6 +14,7 @@ import pytest
 from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 
+import deepsec
 import spi_static
 from adapter_support import (
     ALICE,
@@ -22,6 +23,7 @@ from adapter_support import (
     RAW_EXPECTED,
     SECRET,
     STRICT_REJECTIONS,
+    WHOAMI,
     Case,
     app_pools,
     assert_no_secret,
@@ -34,6 +36,8 @@ from adapter_support import (
     raw_case_answers,
     rid,
     run_load,
+    tag,
+    user_token,
     uvicorn_server,
 )
 from deepsec import ConfigError, EndUserContext, current_end_user
@@ -126,6 +130,19 @@ def make_app(
             yield f"stream:{(await query_async(pool, rid, 1))[0]}\n"
 
         return StreamingResponse(rows(), media_type="text/plain")
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("not a deepsec error")
+
+    @app.get("/not-ready/{rid}")
+    async def not_ready(rid: str, request: Request, user: User) -> dict[str, Any]:
+        # A new end user inside the request, without prepare(): the asyncio
+        # statement finds no token cached and raises TokenNotReadyError.
+        async with request.app.state.apool.acquire() as conn:
+            with deepsec.end_user(user_token(f"fresh-{rid}")):
+                await conn.cursor().execute(f"{WHOAMI} {tag(rid)}")
+        return {"unreachable": True}
 
     @app.websocket("/ws/{rid}")
     async def ws(websocket: WebSocket, rid: str, user: User) -> None:
@@ -345,3 +362,46 @@ def test_raw_header_fields_through_uvicorn(
     with uvicorn_server(make_app(oracle_server, middleware=middleware)) as url:
         answers = raw_case_answers(url, lambda r: f"/whoami/{r}", lambda body: body["db"][0])
     assert answers == RAW_EXPECTED
+
+
+def _assert_answers_endpoint_errors(base_url: str, oracle_server: OracleTestServer) -> None:
+    """ORA-52601 and TokenNotReadyError raised *in the endpoint*: 401 / 503, never 500."""
+    r = rid()
+    oracle_server.token_validator = lambda kind, token: kind != "end_user_token"
+    try:
+        with httpx.Client(base_url=base_url, timeout=20) as http:
+            rejected = [
+                http.get(f"/{ep}/{r}", headers={"Authorization": f"Bearer {CAROL}"})
+                for ep in ("whoami", "sync-whoami")
+            ]
+    finally:
+        oracle_server.token_validator = None
+    for response in rejected:
+        assert response.status_code == 401, response.text
+        assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+        assert CAROL not in response.text
+    with httpx.Client(base_url=base_url, timeout=20) as http:
+        not_ready = http.get(f"/not-ready/{r}", headers={"Authorization": f"Bearer {ALICE}"})
+    assert not_ready.status_code == 503, not_ready.text
+    assert int(not_ready.headers["retry-after"]) >= 1
+    assert "token_unavailable" in not_ready.text
+
+
+def test_dependency_answers_errors_raised_in_the_endpoint(
+    oracle_server: OracleTestServer,
+) -> None:
+    """The README's FastAPI path (the dependency alone), under uvicorn."""
+    with uvicorn_server(make_app(oracle_server)) as url:
+        _assert_answers_endpoint_errors(url, oracle_server)
+
+
+def test_middleware_wrapping_the_app_from_outside_answers_endpoint_errors(
+    oracle_server: OracleTestServer,
+) -> None:
+    """``EndUserSecMiddleware(app)``: FastAPI's error middleware answers 500 first."""
+    app = EndUserSecMiddleware(make_app(oracle_server), client_local_users=True)
+    with uvicorn_server(app) as url:
+        _assert_answers_endpoint_errors(url, oracle_server)
+        # Errors that are not ours still get the framework's 500.
+        with httpx.Client(base_url=url, timeout=20) as http:
+            assert http.get("/boom").status_code == 500
