@@ -47,7 +47,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
-from .lifecycle import answer, context_of, start_async
+from .lifecycle import answer, start_async
 from .web import Rejection, WebSettings
 
 __all__ = ["SCOPE_KEY", "SETTINGS_KEY", "ASGIConnection", "EndUserSecMiddleware"]
@@ -172,6 +172,10 @@ class EndUserSecMiddleware:
             if settings is not None
             else WebSettings.from_mapping(kwargs, where="EndUserSecMiddleware settings")
         )
+        s = self.settings
+        self._reads_request = not (
+            s.resolver is None and s.data_roles is None and s.attributes is None
+        )
 
     def __repr__(self) -> str:
         return f"EndUserSecMiddleware({self.app!r})"
@@ -184,14 +188,16 @@ class EndUserSecMiddleware:
         cookie_header, authorization = _identity_headers(scope.get("headers"))
         outcome = await start_async(
             settings,
-            ASGIConnection(scope),
+            # Only the app's callables read the request: build it only for them.
+            ASGIConnection(scope) if self._reads_request else None,
             cookie_header=cookie_header,
             authorization=authorization,
         )
         if isinstance(outcome, Rejection):
             await _reject(scope, receive, send, outcome)
             return
-        scope[SCOPE_KEY] = context_of(outcome)
+        ctx = outcome.context
+        scope[SCOPE_KEY] = ctx if ctx.identity is not None else None
         scope[SETTINGS_KEY] = settings
         responder = _Responder(send)
         try:
@@ -208,7 +214,8 @@ class EndUserSecMiddleware:
                 raise
             await _reject(scope, receive, send, rejection)
         else:
-            await responder.flush()
+            if responder.held is not None:
+                await responder.flush()
         finally:
             outcome.end()
 
@@ -254,24 +261,22 @@ def _identity_headers(raw: Any) -> tuple[str | list[str] | None, str | list[str]
     """
     cookie: str | list[str] | None = None
     authorization: str | list[str] | None = None
+    # ASGI servers give header names lowercased (the spec requires it).
     for name, value in raw or ():
-        if len(name) == 6 and name.lower() == b"cookie":
-            text = value.decode("latin-1")
-            if cookie is None:
-                cookie = text
-            elif isinstance(cookie, str):
-                cookie = [cookie, text]
-            else:
-                cookie.append(text)
-        elif len(name) == 13 and name.lower() == b"authorization":
-            text = value.decode("latin-1")
-            if authorization is None:
-                authorization = text
-            elif isinstance(authorization, str):
-                authorization = [authorization, text]
-            else:
-                authorization.append(text)
+        if name == b"cookie":
+            cookie = _one_more(cookie, value.decode("latin-1"))
+        elif name == b"authorization":
+            authorization = _one_more(authorization, value.decode("latin-1"))
     return cookie, authorization
+
+
+def _one_more(seen: str | list[str] | None, text: str) -> str | list[str]:
+    if seen is None:
+        return text
+    if isinstance(seen, str):
+        return [seen, text]
+    seen.append(text)
+    return seen
 
 
 async def _reject(scope: Scope, receive: Receive, send: Send, rejection: Rejection) -> None:

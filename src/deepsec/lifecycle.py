@@ -25,6 +25,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from . import hook as _hook
 from .context import Activation, EndUserContext, activate
 from .errors import DeepSecError
 from .hook import prepare
@@ -66,10 +67,13 @@ async def start_async(
     asyncio connections never fetch a token inside a statement, so the
     tokens must be cached before the app runs; a failure is answered now.
     """
-    outcome = begin(
-        resolve(settings, request, cookie_header=cookie_header, authorization=authorization)
+    resolution = resolve(
+        settings, request, cookie_header=cookie_header, authorization=authorization
     )
-    if type(outcome) is Activation and outcome.context.identity is not None:
+    if resolution.rejection is not None:
+        return rejected(resolution.rejection)
+    outcome = activate(resolution.context)
+    if outcome.context.identity is not None and _may_need_tokens():
         try:
             await prepare(outcome.context)
         except DeepSecError as exc:
@@ -79,6 +83,14 @@ async def start_async(
                 raise
             return rejection
     return outcome
+
+
+def _may_need_tokens() -> bool:
+    # prepare() has nothing to do before any connection used end_user_sec_params
+    # (the driver hook registers each configuration it serves); skipping the
+    # call saves a coroutine per request.  Unknown internals: always prepare.
+    configs = getattr(_hook, "_configs_in_use", None)
+    return configs is None or bool(configs)
 
 
 def answer(exc: BaseException, settings: WebSettings) -> Rejection | None:

@@ -113,8 +113,15 @@ class WebSettings:
     _resolved: dict[tuple[str | None, str | None], tuple[Resolution, str | None]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _cacheable: bool = field(default=True, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # Whether the identity depends on the header values alone (see _resolved).
+        object.__setattr__(
+            self,
+            "_cacheable",
+            self.resolver is None and self.data_roles is None and self.attributes is None,
+        )
         problems = []
         if self.cookie_name is not None and (
             not isinstance(self.cookie_name, str) or not self.cookie_name
@@ -371,17 +378,18 @@ def resolve(
     is an already-extracted value of ``settings.cookie_name`` (for callers
     that have one).  ``request`` is passed to the app's callables.
     """
-    cached = (
-        settings.resolver is None and settings.data_roles is None and (settings.attributes is None)
-    )
+    cached = settings._cacheable
     warning: str | None = None
+    name = settings.cookie_name
     if (
         cookie_header is not None
-        and settings.cookie_name is not None
-        and (settings.resolver is None)
+        and name is not None
+        and settings.resolver is None
+        # Most requests without our cookie: skip the parser.
+        and (name in cookie_header if isinstance(cookie_header, str) else True)
     ):
         try:
-            cookie = parse_cookie_header(cookie_header, settings.cookie_name)
+            cookie = parse_cookie_header(cookie_header, name)
             if cookie is not None:
                 cookie = _from_wire(cookie)
         except MalformedIdentity as exc:
