@@ -131,6 +131,33 @@ def make_app(
 
         return StreamingResponse(rows(), media_type="text/plain")
 
+    @app.get("/spawn/{rid}")
+    async def spawn(rid: str, request: Request, user: User) -> dict[str, Any]:
+        # Work that outlives the request: a task and a thread (to_thread copies
+        # the context), both querying after the response has been sent.
+        gate = threading.Event()
+
+        async def later() -> Any:
+            await asyncio.to_thread(gate.wait, 10)
+            return (await query_async(request.app.state.apool, rid, 1))[0]
+
+        def later_thread() -> Any:
+            gate.wait(10)
+            return query_sync(request.app.state.pool, rid, 1)[0]
+
+        request.app.state.spawned = (
+            gate,
+            asyncio.create_task(later()),
+            asyncio.ensure_future(asyncio.to_thread(later_thread)),
+        )
+        return {"during": (await query_async(request.app.state.apool, rid, 1))[0]}
+
+    @app.get("/spawned")
+    async def spawned(request: Request) -> dict[str, Any]:
+        gate, task, thread = request.app.state.spawned
+        gate.set()
+        return {"after": [await task, await thread]}
+
     @app.get("/boom")
     async def boom() -> None:
         raise RuntimeError("not a deepsec error")
@@ -405,3 +432,15 @@ def test_middleware_wrapping_the_app_from_outside_answers_endpoint_errors(
         # Errors that are not ours still get the framework's 500.
         with httpx.Client(base_url=url, timeout=20) as http:
             assert http.get("/boom").status_code == 500
+
+
+def test_work_spawned_by_the_request_loses_the_identity_when_it_ends(
+    oracle_server: OracleTestServer,
+) -> None:
+    """The dependency has no exit code: the request's exit stack still ends the lease."""
+    r = rid()
+    with uvicorn_server(make_app(oracle_server)) as url, httpx.Client(base_url=url) as http:
+        during = http.get(f"/spawn/{r}", headers={"Authorization": f"Bearer {ALICE}"})
+        assert during.json() == {"during": "alice"}
+        assert http.get("/spawned").json() == {"after": [None, None]}
+    assert contexts_of(oracle_server, r) == ["alice", None, None]
