@@ -184,6 +184,24 @@ def raw_case_answers(
     return answers
 
 
+def assert_token_rejected_is_401(client: Any, server: OracleTestServer, paths: list[str]) -> None:
+    """The wire server rejects end-user tokens (ORA-52601): each path answers 401.
+
+    ``client`` is an httpx client or a framework's TestClient (httpx-based).
+    """
+    server.token_validator = lambda kind, token: kind != "end_user_token"
+    try:
+        responses = [
+            client.get(path, headers={"Authorization": f"Bearer {CAROL}"}) for path in paths
+        ]
+    finally:
+        server.token_validator = None
+    for response in responses:
+        assert response.status_code == 401, response.text
+        assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+        assert response.json() and CAROL not in response.text
+
+
 def rid() -> str:
     """A fresh request id (see :func:`tag`)."""
     return uuid.uuid4().hex[:12]
