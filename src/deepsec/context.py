@@ -284,6 +284,8 @@ class Activation:
             children, self._children = self._children, None
             for child in children:
                 child.active = False
+                child._children = None  # no cycle left for the garbage collector
+            children.clear()
         token = self._token
         if token is not None:
             self._token = None
