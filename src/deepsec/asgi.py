@@ -231,6 +231,9 @@ class _Responder:
         self.held: list[Message] | None = None
 
     async def send(self, message: Message) -> None:
+        if self.started:  # the common path once the status line is out
+            await self._send(message)
+            return
         if self.held is not None:
             self.held.append(message)
             return
