@@ -1,16 +1,24 @@
-"""Adapter overhead: requests/s of a bare app vs the same app with deepsec's adapter.
+"""Adapter cost: bare app vs hand-written floor vs deepsec, per framework.
 
-Run ``python bench/adapters.py [--requests N] [--rounds R]``.  No database and
-no server: each WSGI/ASGI app is called directly, in process, with a request
-carrying an end-user identity (a bearer token, or a ``["name", null]``
-cookie) so the adapter does its full work: read the header or cookie, parse
-and validate the identity, build and activate the context, reset it.  Bare
-and adapted rounds are interleaved (and their order alternates) to cancel
-drift and noise; the reported figure is the median per-request time.
+Run ``python bench/adapters.py [--requests N] [--rounds R] [--no-db]``.
 
-Frameworks: Flask (:class:`deepsec.flask.DeepSec`), Starlette with the ASGI
-middleware, FastAPI with the ``end_user_identity`` dependency (and with the
-middleware), and Django when ``deepsec.django`` is importable.
+Each WSGI/ASGI app is called in process with a request carrying an end-user
+bearer token and two unrelated cookies, so every adapter does its full work.
+Three apps per framework: **bare** (no identity handling), **floor** (the
+adapter a competent developer writes by hand, ``bench/floors.py``: read the
+header or cookie, set a contextvar, reset it) and **deepsec**.  All variants
+of a framework run interleaved in each round (order rotating) and the figure
+is the median CPU time per request (``time.process_time``: other load on the
+machine does not count).  Targets (issue 9): deepsec adds at most 1.5x what
+the floor adds over bare; the FastAPI dependency at most 5 us above a
+minimal ``async def`` dependency without ``yield``.
+
+Table 2 repeats it with an endpoint that runs one ``select 1`` through a
+pool (python-oracledb thin, TCPS) to the wire test server in its own process
+(``bench/_wire.py``), reporting wall-clock time per request as well: the
+adapter's share of a realistic request.  The pool is the same plain pool for
+all three apps, so the table isolates the adapter (the driver hook's cost is
+``bench/hook.py``'s subject).
 """
 
 from __future__ import annotations
@@ -18,12 +26,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import io
 import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import floors
 
 TOKEN = (
     ".".join(
@@ -32,15 +46,16 @@ TOKEN = (
     )
     + ".sig"
 )
-HEADERS = {"authorization": f"Bearer {TOKEN}", "cookie": 'theme=dark; identity=["bob", null]'}
+HEADERS = {"authorization": f"Bearer {TOKEN}", "cookie": "theme=dark; csrftoken=f00ba4"}
+SELECT = "select 1 from dual"
 
-Runner = Callable[[int], float]  # run n requests, return seconds
-
-
-# -- WSGI ------------------------------------------------------------------------
+Runner = Callable[[int], tuple[float, float]]  # n requests -> (cpu seconds, wall seconds)
 
 
-def wsgi_runner(app: Any, path: str = "/") -> Runner:
+# -- request drivers ---------------------------------------------------------------
+
+
+def wsgi_runner(app: Any, path: str) -> Runner:
     environ = {
         "REQUEST_METHOD": "GET",
         "PATH_INFO": path,
@@ -49,7 +64,6 @@ def wsgi_runner(app: Any, path: str = "/") -> Runner:
         "SERVER_PORT": "80",
         "SERVER_PROTOCOL": "HTTP/1.1",
         "wsgi.url_scheme": "http",
-        "wsgi.input": None,
         "wsgi.errors": sys.stderr,
         "wsgi.multithread": False,
         "wsgi.multiprocess": False,
@@ -61,10 +75,8 @@ def wsgi_runner(app: Any, path: str = "/") -> Runner:
     def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
         assert status.startswith("200"), status
 
-    def run(n: int) -> float:
-        import io
-
-        start = time.perf_counter()
+    def run(n: int) -> tuple[float, float]:
+        cpu, wall = time.process_time(), time.perf_counter()
         for _ in range(n):
             env = dict(environ)
             env["wsgi.input"] = io.BytesIO()
@@ -76,69 +88,14 @@ def wsgi_runner(app: Any, path: str = "/") -> Runner:
                 close = getattr(body, "close", None)
                 if close is not None:
                     close()
-        return time.perf_counter() - start
+        return time.process_time() - cpu, time.perf_counter() - wall
 
     return run
 
 
-def flask_apps() -> tuple[Any, Any]:
-    from flask import Flask
-
-    from deepsec.flask import DeepSec
-
-    def build(adapted: bool) -> Any:
-        app = Flask("bench")
-        if adapted:
-            DeepSec(app)
-
-        @app.get("/")
-        def index() -> dict[str, str]:
-            return {"status": "ok"}
-
-        return app
-
-    return build(False), build(True)
-
-
-def django_apps() -> tuple[Any, Any] | None:
-    try:
-        import django
-        from django.conf import settings
-
-        import deepsec.django
-    except ImportError:
-        return None
-    from django.http import JsonResponse
-    from django.urls import path
-
-    def index(request: Any) -> Any:
-        return JsonResponse({"status": "ok"})
-
-    settings.configure(
-        DEBUG=False,
-        ALLOWED_HOSTS=["*"],
-        ROOT_URLCONF=__name__,
-        MIDDLEWARE=[],
-        INSTALLED_APPS=[],
-        SECRET_KEY="bench-only",
-        LOGGING_CONFIG=None,
-    )
-    globals()["urlpatterns"] = [path("", index)]
-    django.setup()
-    from django.core.handlers.wsgi import WSGIHandler
-
-    bare = WSGIHandler()
-    settings.MIDDLEWARE = [deepsec.django.MIDDLEWARE_PATH]
-    adapted = WSGIHandler()
-    return bare, adapted
-
-
-# -- ASGI ------------------------------------------------------------------------
-
-
-def asgi_runner(app: Any, loop: asyncio.AbstractEventLoop, path: str = "/") -> Runner:
+def asgi_runner(app: Any, loop: asyncio.AbstractEventLoop, path: str) -> Runner:
     headers = [(k.encode(), v.encode()) for k, v in HEADERS.items()]
-    scope_template = {
+    template = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
         "http_version": "1.1",
@@ -160,16 +117,114 @@ def asgi_runner(app: Any, loop: asyncio.AbstractEventLoop, path: str = "/") -> R
         if message["type"] == "http.response.start":
             assert message["status"] == 200, message
 
-    async def many(n: int) -> float:
-        start = time.perf_counter()
+    async def many(n: int) -> tuple[float, float]:
+        cpu, wall = time.process_time(), time.perf_counter()
         for _ in range(n):
-            await app(dict(scope_template), receive, send)
-        return time.perf_counter() - start
+            await app(dict(template), receive, send)
+        return time.process_time() - cpu, time.perf_counter() - wall
 
     return lambda n: loop.run_until_complete(many(n))
 
 
-def starlette_apps() -> tuple[Any, Any]:
+# -- apps ------------------------------------------------------------------------------
+
+
+class Pools:
+    """The wire server's pools (``None`` without a database)."""
+
+    sync: Any = None
+    aio: Any = None
+
+
+POOLS = Pools()
+
+
+def sync_statement() -> None:
+    with POOLS.sync.acquire() as conn, conn.cursor() as cur:
+        cur.execute(SELECT)
+        cur.fetchone()
+
+
+async def async_statement() -> None:
+    async with POOLS.aio.acquire() as conn:
+        cur = conn.cursor()
+        await cur.execute(SELECT)
+        await cur.fetchone()
+
+
+def flask_apps() -> dict[str, Any]:
+    from flask import Flask
+
+    from deepsec.flask import DeepSec
+
+    def build(variant: str) -> Any:
+        app = Flask(f"bench-{variant}")
+        if variant == "floor":
+            floors.install_flask_floor(app)
+        elif variant == "deepsec":
+            DeepSec(app)
+
+        @app.get("/")
+        def index() -> dict[str, str]:
+            return {"status": "ok"}
+
+        @app.get("/db")
+        def db() -> dict[str, str]:
+            sync_statement()
+            return {"status": "ok"}
+
+        return app
+
+    return {v: build(v) for v in ("bare", "floor", "deepsec")}
+
+
+def _django_index(request: Any) -> Any:
+    from django.http import JsonResponse
+
+    return JsonResponse({"status": "ok"})
+
+
+def _django_db(request: Any) -> Any:
+    from django.http import JsonResponse
+
+    sync_statement()
+    return JsonResponse({"status": "ok"})
+
+
+def django_apps() -> dict[str, Any] | None:
+    try:
+        import django
+        from django.conf import settings
+        from django.urls import path
+
+        import deepsec.django
+    except ImportError:
+        return None
+    settings.configure(
+        DEBUG=False,
+        ALLOWED_HOSTS=["*"],
+        ROOT_URLCONF=__name__,
+        MIDDLEWARE=[],
+        INSTALLED_APPS=[],
+        SECRET_KEY="bench-only",
+        LOGGING_CONFIG=None,
+    )
+    globals()["urlpatterns"] = [path("", _django_index), path("db", _django_db)]
+    django.setup()
+    from django.core.handlers.wsgi import WSGIHandler
+
+    apps = {}
+    for variant, middleware in (
+        ("bare", []),
+        ("floor", ["floors.django_floor"]),
+        ("deepsec", [deepsec.django.MIDDLEWARE_PATH]),
+    ):
+        settings.MIDDLEWARE = middleware
+        apps[variant] = WSGIHandler()
+    return apps
+
+
+def starlette_apps() -> dict[str, Any]:
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.requests import Request
@@ -181,97 +236,185 @@ def starlette_apps() -> tuple[Any, Any]:
     async def index(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    bare = Starlette(routes=[Route("/", index)])
-    adapted = Starlette(routes=[Route("/", index)], middleware=[Middleware(EndUserSecMiddleware)])
-    return bare, adapted
+    async def db(request: Request) -> JSONResponse:
+        await async_statement()
+        return JSONResponse({"status": "ok"})
+
+    routes = [Route("/", index), Route("/db", db)]
+    return {
+        "bare": Starlette(routes=routes),
+        "floor": Starlette(routes=routes, middleware=[Middleware(floors.ASGIFloor)]),
+        "deepsec": Starlette(routes=routes, middleware=[Middleware(EndUserSecMiddleware)]),
+    }
 
 
-def fastapi_apps() -> tuple[Any, Any, Any]:
+def fastapi_apps() -> dict[str, Any]:
     from fastapi import Depends, FastAPI
 
     from deepsec.asgi import EndUserSecMiddleware
     from deepsec.fastapi import end_user_identity
 
-    def build(dependencies: list[Any], middleware: bool = False) -> Any:
+    def build(dependencies: list[Any], middleware: Any = None) -> Any:
         app = FastAPI(dependencies=dependencies)
-        if middleware:
-            app.add_middleware(EndUserSecMiddleware)
+        if middleware is not None:
+            app.add_middleware(middleware)
 
         @app.get("/")
         async def index() -> dict[str, str]:
             return {"status": "ok"}
 
+        @app.get("/db")
+        async def db() -> dict[str, str]:
+            await async_statement()
+            return {"status": "ok"}
+
         return app
 
-    return build([]), build([Depends(end_user_identity)]), build([], middleware=True)
+    return {
+        "bare": build([]),
+        "floor": build([], floors.ASGIFloor),
+        "deepsec": build([], EndUserSecMiddleware),
+        "floor-dependency": build([Depends(floors.fastapi_floor_dependency)]),
+        "deepsec-dependency": build([Depends(end_user_identity)]),
+    }
 
 
-# -- measurement -----------------------------------------------------------------
+# -- measurement -----------------------------------------------------------------------
 
 
-def compare(name: str, bare: Runner, adapted: Runner, n: int, rounds: int) -> float:
-    bare(max(n // 5, 50))  # warm up both
-    adapted(max(n // 5, 50))
-    times: dict[str, list[float]] = {"bare": [], "adapted": []}
+Samples = dict[str, list[tuple[float, float]]]  # variant -> per-round (cpu, wall) per request
+
+
+def measure(runners: dict[str, Runner], n: int, rounds: int) -> Samples:
+    """Per-round (cpu, wall) seconds per request of each runner, rounds interleaved.
+
+    Every round runs each variant once, back to back (order rotating and
+    reversing), so a round's variants share the machine's load of the moment.
+    """
+    for run in runners.values():
+        run(max(n // 5, 20))  # warm up
+    samples: Samples = {k: [] for k in runners}
+    names = list(runners)
     for i in range(rounds):
-        order = [("bare", bare), ("adapted", adapted)]
+        order = names[i % len(names) :] + names[: i % len(names)]
         if i % 2:
             order.reverse()
-        for label, run in order:
-            times[label].append(run(n) / n)
-    b, a = statistics.median(times["bare"]), statistics.median(times["adapted"])
-    overhead = (a / b - 1) * 100
-    print(
-        f"{name:<28} {1 / b:>10,.0f} req/s {1 / a:>10,.0f} req/s "
-        f"{(a - b) * 1e6:>7.1f} us {overhead:>+7.1f} %"
+        for name in order:
+            c, w = runners[name](n)
+            samples[name].append((c / n, w / n))
+    return samples
+
+
+def _median(samples: Samples, name: str, column: int) -> float:
+    return statistics.median(s[column] for s in samples[name])
+
+
+def _median_delta(samples: Samples, a: str, b: str, column: int) -> float:
+    """Median over rounds of ``a - b`` (paired within each round: load cancels)."""
+    return statistics.median(
+        x[column] - y[column] for x, y in zip(samples[a], samples[b], strict=True)
     )
-    return overhead
+
+
+def row(samples: Samples, label: str, bare: str, floor: str, ours: str, column: int) -> str:
+    us = 1e6
+    floor_adds = _median_delta(samples, floor, bare, column)
+    ours_adds = _median_delta(samples, ours, bare, column)
+    ratio = ours_adds / floor_adds if floor_adds > 0 else float("inf")
+    above = _median_delta(samples, ours, floor, column)
+    return (
+        f"| {label} | {_median(samples, bare, column) * us:.1f} | "
+        f"{_median(samples, floor, column) * us:.1f} | {_median(samples, ours, column) * us:.1f} | "
+        f"{floor_adds * us:+.1f} | {ours_adds * us:+.1f} | {above * us:+.1f} | {ratio:.2f}x |"
+    )
+
+
+def report(title: str, results: dict[str, Samples], column: int) -> None:
+    unit = "CPU" if column == 0 else "wall-clock"
+    print(f"\n{title} ({unit} us per request; medians of {unit} per round, deltas paired)\n")
+    print(
+        "| framework | bare | floor | deepsec | floor adds | deepsec adds | deepsec - floor "
+        "| deepsec adds / floor adds |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for framework, r in results.items():
+        print(row(r, framework, "bare", "floor", "deepsec", column))
+        if "deepsec-dependency" in r:
+            label = "FastAPI (dependency)"
+            print(row(r, label, "bare", "floor-dependency", "deepsec-dependency", column))
+
+
+def run_all(path: str, n: int, rounds: int, loop: asyncio.AbstractEventLoop) -> dict[str, Samples]:
+    results: dict[str, Samples] = {}
+    apps = FRAMEWORKS["flask"]
+    results["Flask (DeepSec)"] = measure(
+        {k: wsgi_runner(a, path) for k, a in apps.items()}, n, rounds
+    )
+    if FRAMEWORKS.get("django") is not None:
+        apps = FRAMEWORKS["django"]
+        dpath = path.rstrip("/") or "/"
+        results["Django (middleware)"] = measure(
+            {k: wsgi_runner(a, dpath) for k, a in apps.items()}, n, rounds
+        )
+    apps = FRAMEWORKS["starlette"]
+    results["Starlette (ASGI middleware)"] = measure(
+        {k: asgi_runner(a, loop, path) for k, a in apps.items()}, n, rounds
+    )
+    apps = FRAMEWORKS["fastapi"]
+    results["FastAPI (ASGI middleware)"] = measure(
+        {k: asgi_runner(a, loop, path) for k, a in apps.items()}, n, rounds
+    )
+    return results
+
+
+FRAMEWORKS: dict[str, Any] = {}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=2000, help="requests per round")
-    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--requests", type=int, default=300, help="requests per round")
+    parser.add_argument("--rounds", type=int, default=31, help="interleaved rounds")
+    parser.add_argument("--db-requests", type=int, default=50, help="requests per round (db)")
+    parser.add_argument("--no-db", action="store_true", help="skip the wire-server table")
     args = parser.parse_args(argv)
 
     import logging
 
     logging.disable(logging.WARNING)
-    print(f"{'framework':<28} {'bare':>16} {'with deepsec':>16} {'added':>10} {'overhead':>9}")
-    n, rounds = args.requests, args.rounds
-
-    flask_bare, flask_adapted = flask_apps()
-    compare("Flask (DeepSec)", wsgi_runner(flask_bare), wsgi_runner(flask_adapted), n, rounds)
-
-    django = django_apps()
-    if django is not None:
-        compare("Django (middleware)", wsgi_runner(django[0]), wsgi_runner(django[1]), n, rounds)
-
+    FRAMEWORKS.update(
+        flask=flask_apps(),
+        django=django_apps(),
+        starlette=starlette_apps(),
+        fastapi=fastapi_apps(),
+    )
     loop = asyncio.new_event_loop()
     try:
-        s_bare, s_adapted = starlette_apps()
-        compare(
-            "Starlette (ASGI middleware)",
-            asgi_runner(s_bare, loop),
-            asgi_runner(s_adapted, loop),
-            n,
-            rounds,
-        )
-        f_bare, f_dep, f_mw = fastapi_apps()
-        compare(
-            "FastAPI (dependency)",
-            asgi_runner(f_bare, loop),
-            asgi_runner(f_dep, loop),
-            n,
-            rounds,
-        )
-        compare(
-            "FastAPI (ASGI middleware)",
-            asgi_runner(f_bare, loop),
-            asgi_runner(f_mw, loop),
-            n,
-            rounds,
-        )
+        print(f"python {sys.version.split()[0]}, {args.rounds} rounds")
+        results = run_all("/", args.requests, args.rounds, loop)
+        report("Table 1: no database", results, 0)
+        if not args.no_db:
+            import oracledb
+            from _wire import wire_server
+
+            with wire_server() as wire:
+                kwargs = {"user": wire.user, "password": wire.password, "dsn": wire.dsn}
+                POOLS.sync = oracledb.create_pool(
+                    min=1, max=1, ssl_context=wire.ssl_context(), **kwargs
+                )
+
+                async def make_async_pool() -> Any:
+                    return oracledb.create_pool_async(
+                        min=1, max=1, ssl_context=wire.ssl_context(), **kwargs
+                    )
+
+                POOLS.aio = loop.run_until_complete(make_async_pool())
+                try:
+                    results = run_all("/db", args.db_requests, args.rounds, loop)
+                finally:
+                    loop.run_until_complete(POOLS.aio.close(force=True))
+                    POOLS.sync.close(force=True)
+            report("Table 2: one statement through a pool to the wire test server", results, 0)
+            report("Table 2 (same run)", results, 1)
     finally:
         loop.close()
     return 0

@@ -87,12 +87,119 @@ CASES: list[Case] = [
     Case("oversized-cookie", {"Cookie": "identity=" + "a" * 17_000}, None),
 ]
 
+#: A cookie that made json raise RecursionError (a 500 in every adapter before).
+NESTED_COOKIE = "identity=" + "[" * 1000
+#: A lone surrogate in a local user's name (UnicodeEncodeError -> 500 before).
+SURROGATE_COOKIE = 'identity=["\\ud800", null]'
+
 #: ``(headers, status, WWW-Authenticate)``: what strict mode answers a malformed identity.
 STRICT_REJECTIONS: list[tuple[dict[str, str], int, str | None]] = [
     ({"Cookie": 'identity=["bob"'}, 400, None),
+    ({"Cookie": NESTED_COOKIE}, 400, None),
+    ({"Cookie": SURROGATE_COOKIE}, 400, None),
     ({"Authorization": "Bearer not a token"}, 401, 'Bearer error="invalid_token"'),
     ({"Authorization": "Bearer " + "a" * 17_000}, 401, 'Bearer error="invalid_token"'),
 ]
+
+
+@dataclass(frozen=True)
+class RawCase:
+    """Raw header fields (repeats, bytes) that must name the same end user everywhere."""
+
+    name: str
+    headers: list[tuple[str, bytes]]
+    user: str | None
+
+
+ZOE = "zo\u00eb"
+RAW_CASES: list[RawCase] = [
+    RawCase("nested-json-cookie", [("Cookie", NESTED_COOKIE.encode())], None),
+    RawCase("surrogate-cookie", [("Cookie", SURROGATE_COOKIE.encode())], None),
+    RawCase(
+        "surrogate-cookie-percent",
+        [("Cookie", b"identity=%5B%22%ED%A0%80%22%2Cnull%5D")],
+        None,
+    ),
+    RawCase("utf8-name", [("Cookie", f'identity=["{ZOE}", null]'.encode())], ZOE),
+    RawCase("utf8-name-percent", [("Cookie", b"identity=%5B%22zo%C3%AB%22%2Cnull%5D")], ZOE),
+    RawCase("latin1-byte-is-malformed", [("Cookie", b'identity=["zo\xeb", null]')], None),
+    RawCase(
+        "two-cookie-fields",
+        [("Cookie", b"theme=dark"), ("Cookie", f"identity={ALICE}".encode())],
+        "alice",
+    ),
+    RawCase(
+        "identity-twice-same-value",
+        [("Cookie", f"identity={ALICE}; identity={ALICE}".encode())],
+        "alice",
+    ),
+    RawCase(
+        "identity-twice-different",
+        [("Cookie", f"identity={ALICE}; identity={CAROL}".encode())],
+        None,
+    ),
+    RawCase(
+        "identity-in-two-fields-different",
+        [("Cookie", f"identity={ALICE}".encode()), ("Cookie", f"identity={CAROL}".encode())],
+        None,
+    ),
+    RawCase(
+        "two-bearer-fields",
+        [
+            ("Authorization", f"Bearer {ALICE}".encode()),
+            ("Authorization", f"Bearer {CAROL}".encode()),
+        ],
+        None,
+    ),
+    RawCase(
+        "bearer-and-basic-fields",
+        [("Authorization", b"Basic YWxpY2U6cHc="), ("Authorization", f"Bearer {CAROL}".encode())],
+        None,
+    ),
+    RawCase(
+        "bad-cookie-field-then-bearer",
+        [("Cookie", b'identity=["bob"'), ("Authorization", f"Bearer {CAROL}".encode())],
+        "carol",
+    ),
+]
+
+
+#: What every adapter must answer for :data:`RAW_CASES`: (status, end user).
+RAW_EXPECTED = {case.name: (200, case.user) for case in RAW_CASES}
+
+
+def raw_case_answers(
+    base_url: str, path: Callable[[str], str], user_of: Callable[[Any], str | None]
+) -> dict[str, tuple[int, str | None]]:
+    """Send every :data:`RAW_CASES` request to a real server: (status, end user) by case.
+
+    Header fields go out exactly as given (repeats kept, bytes as they are).
+    """
+    answers: dict[str, tuple[int, str | None]] = {}
+    with httpx.Client(base_url=base_url, timeout=20) as client:
+        for case in RAW_CASES:
+            response = client.get(path(rid()), headers=case.headers)
+            user = user_of(response.json()) if response.status_code == 200 else None
+            answers[case.name] = (response.status_code, user)
+    return answers
+
+
+def assert_token_rejected_is_401(client: Any, server: OracleTestServer, paths: list[str]) -> None:
+    """The wire server rejects end-user tokens (ORA-52601): each path answers 401.
+
+    ``client`` is an httpx client or a framework's TestClient (httpx-based).
+    """
+    server.token_validator = lambda kind, token: kind != "end_user_token"
+    try:
+        responses = [
+            client.get(path, headers={"Authorization": f"Bearer {CAROL}"}) for path in paths
+        ]
+    finally:
+        server.token_validator = None
+    for response in responses:
+        assert response.status_code == 401, response.text
+        assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+        assert response.json() and CAROL not in response.text
 
 
 def rid() -> str:

@@ -30,6 +30,7 @@ from adapter_support import (
     app_pools,
     assert_no_secret,
     assert_ran_as,
+    assert_token_rejected_is_401,
     check_leaks,
     connect_kwargs,
     contexts_of,
@@ -53,7 +54,9 @@ from deepsec.testing.oracle import OracleTestServer
 pytestmark = pytest.mark.timeout(60)
 
 
-def make_app(server: OracleTestServer, **settings: Any) -> Starlette:
+def make_app(server: OracleTestServer, *, outer: bool = False, **settings: Any) -> Any:
+    """The test app; ``outer=True`` wraps a plain Starlette app from outside instead."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with app_pools(app.state, server):
@@ -98,7 +101,8 @@ def make_app(server: OracleTestServer, **settings: Any) -> Starlette:
             await websocket.send_text(str(db[0]))
         await websocket.close()
 
-    return Starlette(
+    mw_settings = {"client_local_users": True, **settings}
+    app = Starlette(
         routes=[
             Route("/whoami/{rid}", whoami),
             Route("/sync-whoami/{rid}", sync_whoami),
@@ -107,9 +111,10 @@ def make_app(server: OracleTestServer, **settings: Any) -> Starlette:
             WebSocketRoute("/ws/{rid}", ws),
         ],
         # These tests send local [name, key] users in cookies: opt in.
-        middleware=[Middleware(EndUserSecMiddleware, **{"client_local_users": True, **settings})],
+        middleware=[] if outer else [Middleware(EndUserSecMiddleware, **mw_settings)],
         lifespan=lifespan,
     )
+    return EndUserSecMiddleware(app, **mw_settings) if outer else app
 
 
 @pytest.fixture(scope="module")
@@ -353,16 +358,16 @@ def test_database_rejecting_the_end_user_token_is_401(
 ) -> None:
     """ORA-52601 (expired or revoked user token) means: sign in again."""
     r = rid()
-    oracle_server.token_validator = lambda kind, token: kind != "end_user_token"
-    try:
-        responses = [
-            client.get(f"{path}/{r}", headers={"Authorization": f"Bearer {CAROL}"})
-            for path in ("/whoami", "/sync-whoami")
-        ]
-    finally:
-        oracle_server.token_validator = None
-    for response in responses:
-        assert response.status_code == 401
-        assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
-        assert response.json()["error"] == "invalid_token"
-        assert CAROL not in response.text
+    assert_token_rejected_is_401(client, oracle_server, [f"/whoami/{r}", f"/sync-whoami/{r}"])
+
+
+def test_middleware_wrapping_a_starlette_app_answers_endpoint_errors(
+    oracle_server: OracleTestServer,
+) -> None:
+    """``EndUserSecMiddleware(app)``: Starlette's error middleware sends 500 first."""
+    with uvicorn_server(make_app(oracle_server, outer=True)) as url:
+        r = rid()
+        with httpx.Client(base_url=url, timeout=20) as http:
+            assert_token_rejected_is_401(http, oracle_server, [f"/whoami/{r}", f"/sync-whoami/{r}"])
+            ok = http.get(f"/whoami/{r}", headers={"Authorization": f"Bearer {ALICE}"})
+            assert ok.json()["db"] == ["alice", "alice"]

@@ -200,6 +200,7 @@ def test_setters_inside_a_request_end_with_it_and_work_after_it():
 
         activation = activate(None)
         deepsec.set_end_user_identity("in-request")  # same lease as the request
+        deepsec.set_end_user_attributes({"a": 1})  # derived twice: still that lease
         task = asyncio.create_task(background())
         await asyncio.sleep(0)
         inside = deepsec.get_end_user_identity()

@@ -14,24 +14,31 @@ import pytest
 from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 
+import deepsec
 import spi_static
 from adapter_support import (
     ALICE,
     CAROL,
     CASES,
+    RAW_EXPECTED,
     SECRET,
     STRICT_REJECTIONS,
+    WHOAMI,
     Case,
     app_pools,
     assert_no_secret,
     assert_ran_as,
+    assert_token_rejected_is_401,
     check_leaks,
     contexts_of,
     load_plan,
     query_async,
     query_sync,
+    raw_case_answers,
     rid,
     run_load,
+    tag,
+    user_token,
     uvicorn_server,
 )
 from deepsec import ConfigError, EndUserContext, current_end_user
@@ -125,6 +132,46 @@ def make_app(
 
         return StreamingResponse(rows(), media_type="text/plain")
 
+    @app.get("/spawn/{rid}")
+    async def spawn(rid: str, request: Request, user: User) -> dict[str, Any]:
+        # Work that outlives the request: a task and a thread (to_thread copies
+        # the context), both querying after the response has been sent.
+        gate = threading.Event()
+
+        async def later() -> Any:
+            await asyncio.to_thread(gate.wait, 10)
+            return (await query_async(request.app.state.apool, rid, 1))[0]
+
+        def later_thread() -> Any:
+            gate.wait(10)
+            return query_sync(request.app.state.pool, rid, 1)[0]
+
+        request.app.state.spawned = (
+            gate,
+            asyncio.create_task(later()),
+            asyncio.ensure_future(asyncio.to_thread(later_thread)),
+        )
+        return {"during": (await query_async(request.app.state.apool, rid, 1))[0]}
+
+    @app.get("/spawned")
+    async def spawned(request: Request) -> dict[str, Any]:
+        gate, task, thread = request.app.state.spawned
+        gate.set()
+        return {"after": [await task, await thread]}
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("not a deepsec error")
+
+    @app.get("/not-ready/{rid}")
+    async def not_ready(rid: str, request: Request, user: User) -> dict[str, Any]:
+        # A new end user inside the request, without prepare(): the asyncio
+        # statement finds no token cached and raises TokenNotReadyError.
+        async with request.app.state.apool.acquire() as conn:
+            with deepsec.end_user(user_token(f"fresh-{rid}")):
+                await conn.cursor().execute(f"{WHOAMI} {tag(rid)}")
+        return {"unreachable": True}
+
     @app.websocket("/ws/{rid}")
     async def ws(websocket: WebSocket, rid: str, user: User) -> None:
         await websocket.accept()
@@ -164,16 +211,17 @@ def test_streaming_response_runs_as_the_end_user(
     assert_ran_as(oracle_server, r2, None, 3)
 
 
-def test_function_scoped_dependency_exits_before_the_stream(
+def test_identity_lasts_the_request_whatever_the_depends_scope(
     client: TestClient, oracle_server: OracleTestServer
 ) -> None:
-    """``scope="function"``: the body runs after exit, with no end user (never another one)."""
+    """The dependency has no exit code: the request's exit stack ends the identity,
+    after the response, also with ``Depends(..., scope="function")``."""
     r = rid()
     response = client.get(
         f"/stream-function-scope/{r}", headers={"Authorization": f"Bearer {ALICE}"}
     )
-    assert response.text == "endpoint:alice\nstream:None\n"
-    assert contexts_of(oracle_server, r) == ["alice", None]
+    assert response.text == "endpoint:alice\nstream:alice\n"
+    assert contexts_of(oracle_server, r) == ["alice", "alice"]
 
 
 def test_websocket_route(client: TestClient, oracle_server: OracleTestServer) -> None:
@@ -332,3 +380,57 @@ def test_no_leak_under_load_through_uvicorn(oracle_server: OracleTestServer) -> 
     assert report.requests == 2001
     assert report.outside > 10
     assert_ran_as(oracle_server, r, "bob", 3)
+
+
+@pytest.mark.parametrize("middleware", [False, True])
+def test_raw_header_fields_through_uvicorn(
+    oracle_server: OracleTestServer, middleware: bool
+) -> None:
+    """Repeated fields, nested JSON, surrogates, UTF-8: the same end user as every adapter."""
+    with uvicorn_server(make_app(oracle_server, middleware=middleware)) as url:
+        answers = raw_case_answers(url, lambda r: f"/whoami/{r}", lambda body: body["db"][0])
+    assert answers == RAW_EXPECTED
+
+
+def _assert_answers_endpoint_errors(base_url: str, oracle_server: OracleTestServer) -> None:
+    """ORA-52601 and TokenNotReadyError raised *in the endpoint*: 401 / 503, never 500."""
+    r = rid()
+    with httpx.Client(base_url=base_url, timeout=20) as http:
+        assert_token_rejected_is_401(http, oracle_server, [f"/whoami/{r}", f"/sync-whoami/{r}"])
+    with httpx.Client(base_url=base_url, timeout=20) as http:
+        not_ready = http.get(f"/not-ready/{r}", headers={"Authorization": f"Bearer {ALICE}"})
+    assert not_ready.status_code == 503, not_ready.text
+    assert int(not_ready.headers["retry-after"]) >= 1
+    assert "token_unavailable" in not_ready.text
+
+
+def test_dependency_answers_errors_raised_in_the_endpoint(
+    oracle_server: OracleTestServer,
+) -> None:
+    """The README's FastAPI path (the dependency alone), under uvicorn."""
+    with uvicorn_server(make_app(oracle_server)) as url:
+        _assert_answers_endpoint_errors(url, oracle_server)
+
+
+def test_middleware_wrapping_the_app_from_outside_answers_endpoint_errors(
+    oracle_server: OracleTestServer,
+) -> None:
+    """``EndUserSecMiddleware(app)``: FastAPI's error middleware answers 500 first."""
+    app = EndUserSecMiddleware(make_app(oracle_server), client_local_users=True)
+    with uvicorn_server(app) as url:
+        _assert_answers_endpoint_errors(url, oracle_server)
+        # Errors that are not ours still get the framework's 500.
+        with httpx.Client(base_url=url, timeout=20) as http:
+            assert http.get("/boom").status_code == 500
+
+
+def test_work_spawned_by_the_request_loses_the_identity_when_it_ends(
+    oracle_server: OracleTestServer,
+) -> None:
+    """The dependency has no exit code: the request's exit stack still ends the lease."""
+    r = rid()
+    with uvicorn_server(make_app(oracle_server)) as url, httpx.Client(base_url=url) as http:
+        during = http.get(f"/spawn/{r}", headers={"Authorization": f"Bearer {ALICE}"})
+        assert during.json() == {"during": "alice"}
+        assert http.get("/spawned").json() == {"after": [None, None]}
+    assert contexts_of(oracle_server, r) == ["alice", None, None]

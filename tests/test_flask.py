@@ -16,6 +16,7 @@ import spi_static
 from adapter_support import (
     ALICE,
     CASES,
+    RAW_EXPECTED,
     SECRET,
     STRICT_REJECTIONS,
     WHOAMI,
@@ -27,6 +28,7 @@ from adapter_support import (
     contexts_of,
     load_plan,
     query_sync,
+    raw_case_answers,
     rid,
     run_load,
     tag,
@@ -336,3 +338,10 @@ def test_database_rejecting_the_end_user_token_is_401(
     assert response.json["error"] == "invalid_token"
     assert ALICE not in response.text
     assert current_context_user() is None
+
+
+def test_raw_header_fields_through_waitress(pool: oracledb.ConnectionPool) -> None:
+    """Repeated fields, nested JSON, surrogates, UTF-8: the same end user as every adapter."""
+    with waitress_server(make_app(pool)) as url:
+        answers = raw_case_answers(url, lambda r: f"/whoami/{r}", lambda body: body["db"][0])
+    assert answers == RAW_EXPECTED

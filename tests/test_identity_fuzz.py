@@ -111,7 +111,11 @@ def test_identity_from_authorization(value: str | None, max_size: int) -> None:
 )
 def test_parse_cookie_header(pairs: list[tuple[str, str]], noise: str, name: str) -> None:
     header = "; ".join(f"{k}={v}" for k, v in pairs) + noise
-    result = parse_cookie_header(header, name)
+    try:
+        result = parse_cookie_header(header, name)
+    except MalformedIdentity as exc:  # the cookie twice, with different values
+        assert exc.status == 400 and header.count(f"{name}=") >= 2
+        return
     assert result is None or (isinstance(result, str) and result in header)
     assert parse_cookie_header(None, name) is None and parse_cookie_header("", name) is None
 
@@ -169,12 +173,12 @@ raw_headers = st.lists(
 
 
 def test_asgi_middleware_never_answers_500(monkeypatch: pytest.MonkeyPatch) -> None:
-    from deepsec import asgi
+    from deepsec import asgi, lifecycle
 
     async def no_prepare(context: Any = None) -> None:  # no token source needed here
         return None
 
-    monkeypatch.setattr(asgi, "prepare", no_prepare)
+    monkeypatch.setattr(lifecycle, "prepare", no_prepare)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         user = current_end_user()
@@ -214,3 +218,111 @@ def test_asgi_middleware_never_answers_500(monkeypatch: pytest.MonkeyPatch) -> N
     finally:
         loop.close()
     assert statuses == {200, 400, 401}  # every branch was exercised
+
+
+# -- mutation fuzzing: >= 100,000 resolve() calls, a fast loop --------------------
+
+_SEEDS_COOKIE = [
+    'identity=["bob", null]',
+    'identity=["bob","k1"]',
+    "identity=%5B%22bob%22%2Cnull%5D",
+    'identity="eyJhbGciOiJub25lIn0.eyJzdWIiOiJhIn0.sig"',
+    "identity=eyJhbGciOiJub25lIn0.eyJzdWIiOiJhIn0.sig",
+    'theme=dark; identity="[\\"bob\\"\\054 null]"; other=1',
+    'a=1, identity=["zo\u00eb", null]',
+]
+_SEEDS_AUTH = [
+    "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJhIn0.sig",
+    "bearer abc.def.ghi",
+    "Basic YWxpY2U6cHc=",
+    "Bearer a, Bearer b",
+]
+# What mutations insert: structure, escapes, separators, odd code points.
+_ALPHABET = [
+    *'[]{}",:;=\\% \t\x00\x7f',
+    "\ud800",
+    "\udfff",
+    "\u00e9",
+    "\U0001f600",
+    "\\ud800",
+    "%ED%A0%80",
+    "%C3",
+    "[" * 50,
+    "1" * 5000,
+    "null",
+    "identity=",
+    "Bearer ",
+    ", ",
+]
+
+
+def _mutate(rng: Any, value: str) -> str:
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(6)
+        pos = rng.randint(0, len(value))
+        if op == 0:
+            value = value[:pos] + rng.choice(_ALPHABET) + value[pos:]
+        elif op == 1 and value:
+            value = value[:pos] + value[pos + rng.randint(1, 8) :]
+        elif op == 2 and value:
+            value = value[:pos] + chr(rng.randrange(0x110000)) + value[pos + 1 :]
+        elif op == 3:
+            value = (
+                value[:pos]
+                + value[pos : pos + rng.randint(1, 20)] * rng.randint(2, 60)
+                + (value[pos:])
+            )
+        elif op == 4:
+            value = value[: rng.randint(0, len(value))]
+        else:
+            value = value[:pos] + "[" * rng.randint(10, 1500) + value[pos:]
+    return value
+
+
+def test_mutation_fuzz_resolve_100k_cases_without_an_exception() -> None:
+    """Issue 8: 7,500 of 300,000 mutated inputs raised (RecursionError...).  Now none."""
+    import logging
+    import random
+
+    rng = random.Random(20261207)
+    variants = [
+        WebSettings(strict=strict, client_local_users=local, no_identity=policy)
+        for strict in (False, True)
+        for local in (False, True)
+        for policy in ("least_privilege", "deny")
+    ]
+    cases = 100_000
+    outcomes: dict[str, int] = {"context": 0, "none": 0, "rejection": 0}
+    previous = logging.getLogger("deepsec.web").level
+    logging.getLogger("deepsec.web").setLevel(logging.ERROR)  # a warning per malformed case
+    try:
+        for i in range(cases):
+            web = variants[i % len(variants)]
+            cookie: Any = _mutate(rng, rng.choice(_SEEDS_COOKIE)) if rng.random() < 0.8 else None
+            auth: Any = _mutate(rng, rng.choice(_SEEDS_AUTH)) if rng.random() < 0.5 else None
+            if cookie is not None and rng.random() < 0.2:
+                cookie = [cookie, _mutate(rng, rng.choice(_SEEDS_COOKIE))]
+            if auth is not None and rng.random() < 0.1:
+                auth = [auth, auth]
+            resolution = resolve(web, None, cookie_header=cookie, authorization=auth)
+            if resolution.rejection is not None:
+                assert resolution.rejection.status in (400, 401)
+                outcomes["rejection"] += 1
+            elif resolution.context is None:
+                outcomes["none"] += 1
+            else:
+                identity = resolution.context.identity
+                if isinstance(identity, tuple):
+                    identity[0].encode("utf-8")  # what the driver will do with it
+                    assert identity[0].isprintable()
+                else:
+                    assert isinstance(identity, str) and identity.isascii()
+                outcomes["context"] += 1
+            if i % 20_000 == 0:
+                for web in variants:  # let parsing run, not only the cache
+                    web._resolved.clear()
+    finally:
+        logging.getLogger("deepsec.web").setLevel(previous)
+    assert sum(outcomes.values()) == cases
+    # Every outcome was reached: the mutations exercise every branch.
+    assert min(outcomes.values()) > 1000, outcomes

@@ -69,7 +69,14 @@ def test_authorization_header():
 def test_parse_cookie_header():
     header = f'theme=dark; identity="{TOKEN}"; other=1'
     assert parse_cookie_header(header, "identity") == f'"{TOKEN}"'
-    assert parse_cookie_header("a=1; identity=x; identity=y", "identity") == "x"
+    # The same cookie twice: the same value is that value; two values are ambiguous.
+    assert parse_cookie_header("a=1; identity=x; identity=x", "identity") == "x"
+    with pytest.raises(MalformedIdentity, match="more than once"):
+        parse_cookie_header("a=1; identity=x; identity=y", "identity")
+    # Repeated Cookie fields, as a list or joined by a server with "," or "; ".
+    for header in (["a=1", "identity=x"], "a=1, identity=x", "a=1,identity=x", "a=1; identity=x"):
+        assert parse_cookie_header(header, "identity") == "x"
+    assert parse_cookie_header('identity=["bob", null]', "identity") == '["bob", null]'
     assert parse_cookie_header("identityx=1", "identity") is None
     assert parse_cookie_header(None, "identity") is None
 
@@ -239,3 +246,62 @@ def test_token_not_ready_is_a_retryable_503():
     rejection = rejection_for_error(TokenNotReadyError("not fetched"), WebSettings())
     assert rejection is not None and rejection.status == 503
     assert ("Retry-After", "1") in rejection.headers
+
+
+def test_malformed_cookie_with_a_valid_bearer_warns_on_every_request(caplog):
+    """Issue 9: the cached resolution dropped the warning; now it is logged per request."""
+    caplog.set_level(logging.WARNING, logger="deepsec.web")
+    settings = WebSettings()
+    for _ in range(3):
+        got = resolve(
+            settings, None, cookie_header='identity=["bob"', authorization=f"Bearer {TOKEN}"
+        )
+        assert got.context == EndUserContext(TOKEN)
+    records = [r for r in caplog.records if r.name == "deepsec.web"]
+    assert len(records) == 3
+    assert all(r.levelno == logging.WARNING for r in records)
+    assert '["bob"' not in caplog.text and TOKEN not in caplog.text
+    # ...and still served from the cache: one context object.
+    a = resolve(settings, None, cookie_header='identity=["bob"', authorization=f"Bearer {TOKEN}")
+    b = resolve(settings, None, cookie_header='identity=["bob"', authorization=f"Bearer {TOKEN}")
+    assert a.context is b.context
+
+
+def test_nested_and_surrogate_cookies_are_one_warning_without_the_value(caplog):
+    caplog.set_level(logging.WARNING, logger="deepsec.web")
+    local = WebSettings(client_local_users=True)
+    for header in ("identity=" + "[" * 1000, 'identity=["\\ud800", null]'):
+        caplog.clear()
+        got = resolve(local, None, cookie_header=header)
+        assert got.context is None and got.rejection is None
+        records = [r for r in caplog.records if r.name == "deepsec.web"]
+        assert len(records) == 1 and "[[[" not in caplog.text and "ud800" not in caplog.text
+        strict = resolve(
+            WebSettings(strict=True, client_local_users=True), None, cookie_header=header
+        )
+        assert strict.rejection is not None and strict.rejection.status == 400
+        assert strict.rejection.reason == "malformed_identity"
+
+
+def test_rejection_reasons_and_close_codes():
+    from deepsec import TokenNotReadyError
+
+    settings = WebSettings()
+    deny = resolve(WebSettings(no_identity="deny"), None).rejection
+    assert deny is not None and (deny.reason, deny.close_code) == ("no_identity", 1008)
+    rejected = rejection_for_error(TokenAcquisitionError("x", error="invalid_grant"), settings)
+    assert rejected is not None and rejected.reason == "user_token_rejected"
+    down = rejection_for_error(TokenAcquisitionError("x", error="timeout"), settings)
+    assert down is not None and (down.reason, down.close_code) == ("provider_unavailable", 1013)
+    not_ready = rejection_for_error(TokenNotReadyError("x"), settings)
+    assert not_ready is not None and not_ready.reason == "token_not_ready"
+
+
+def test_retry_after_follows_what_the_library_will_do():
+    """The TOKENS helper's ``retry_after`` (seconds) wins over the default."""
+    exc = TokenAcquisitionError("throttled", error="temporarily_unavailable")
+    exc.retry_after = 12.2  # type: ignore[attr-defined]
+    rejection = rejection_for_error(exc, WebSettings())
+    assert rejection is not None and ("Retry-After", "13") in rejection.headers
+    exc.retry_after = None  # type: ignore[attr-defined]
+    assert ("Retry-After", "5") in rejection_for_error(exc, WebSettings()).headers

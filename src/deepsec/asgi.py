@@ -26,13 +26,20 @@ one if you need it (``starlette.requests.HTTPConnection(conn.scope)``).
 The resolved context (or ``None``) is stored in ``scope["deepsec.end_user"]``,
 which :mod:`deepsec.fastapi` uses to reuse it.
 
-Rejections: HTTP gets the JSON response (400/401 with ``WWW-Authenticate``;
-401 ``invalid_token`` also when the database or the identity provider rejects
-the end user's token; 503 when a token cannot be obtained).  A WebSocket
+Rejections (one mapping for every adapter, :mod:`deepsec.lifecycle`): HTTP
+gets the JSON response (400/401 with ``WWW-Authenticate``; 401
+``invalid_token`` also when the database or the identity provider rejects the
+end user's token; 503 with ``Retry-After`` when a token cannot be obtained),
+also for such an error raised by a statement inside the endpoint, as long as
+the response has not started.  Wrapped around a whole framework app, whose
+error middleware answers 500 and re-raises, the middleware holds that 500
+back and answers in its place.  A WebSocket
 handshake is denied with that HTTP response when the server supports the
 ``websocket.http.response`` extension, else closed with code 1008 (policy
 violation; 1013 "try again later" for a provider failure), which servers turn
 into HTTP 403.
+
+Settings: the one table in ``docs/settings.md``.
 """
 
 from __future__ import annotations
@@ -40,10 +47,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
-from .context import activate, deactivate
-from .errors import DeepSecError
-from .hook import prepare
-from .web import Rejection, WebSettings, parse_cookie_header, rejection_for_error, resolve
+from .lifecycle import answer, start_async
+from .web import Rejection, WebSettings
 
 __all__ = ["SCOPE_KEY", "SETTINGS_KEY", "ASGIConnection", "EndUserSecMiddleware"]
 
@@ -151,9 +156,8 @@ class EndUserSecMiddleware:
     Args:
         app: the ASGI application to wrap.
         settings: a complete :class:`~deepsec.web.WebSettings`; or give its
-            fields as keyword arguments (``cookie_name``, ``bearer``,
-            ``resolver``, ``data_roles``, ``attributes``, ``max_size``,
-            ``strict``, ``no_identity``, ``token_error_status``), not both.
+            fields as keyword arguments, not both (the names are in
+            ``docs/settings.md``).
 
     Raises:
         ConfigError: an unknown setting or a bad value (all of them listed).
@@ -168,6 +172,10 @@ class EndUserSecMiddleware:
             if settings is not None
             else WebSettings.from_mapping(kwargs, where="EndUserSecMiddleware settings")
         )
+        s = self.settings
+        self._reads_request = not (
+            s.resolver is None and s.data_roles is None and s.attributes is None
+        )
 
     def __repr__(self) -> str:
         return f"EndUserSecMiddleware({self.app!r})"
@@ -178,88 +186,103 @@ class EndUserSecMiddleware:
             return
         settings = self.settings
         cookie_header, authorization = _identity_headers(scope.get("headers"))
-        cookie = None
-        if settings.cookie_name is not None and cookie_header is not None:
-            cookie = parse_cookie_header(cookie_header, settings.cookie_name)
-        resolution = resolve(
-            settings, ASGIConnection(scope), cookie=cookie, authorization=authorization
+        outcome = await start_async(
+            settings,
+            # Only the app's callables read the request: build it only for them.
+            ASGIConnection(scope) if self._reads_request else None,
+            cookie_header=cookie_header,
+            authorization=authorization,
         )
-        if resolution.rejection is not None:
-            await _reject(scope, receive, send, resolution.rejection, close_code=1008)
+        if isinstance(outcome, Rejection):
+            await _reject(scope, receive, send, outcome)
             return
-        ctx = resolution.context
-        scope[SCOPE_KEY] = ctx
+        ctx = outcome.context
+        scope[SCOPE_KEY] = ctx if ctx.identity is not None else None
         scope[SETTINGS_KEY] = settings
-        # Activate even "no end user": the request must not inherit a context.
-        token = activate(ctx)
+        responder = _Responder(send)
         try:
-            if ctx is not None:
-                try:
-                    await prepare(ctx)
-                except DeepSecError as exc:
-                    if not await _reject_failure(scope, receive, send, exc, settings):
-                        raise
-                    return
-            started = False
-
-            async def send_tracking(message: Message) -> None:
-                nonlocal started
-                if message["type"] in (
-                    "http.response.start",
-                    "websocket.accept",
-                    "websocket.close",
-                    "websocket.http.response.start",
-                ):
-                    started = True
-                await send(message)
-
-            try:
-                await self.app(scope, receive, send_tracking)
-            except Exception as exc:
-                # A token that failed during the request (a sync connection
-                # fetching it), or the database rejecting the end user's token:
-                # answer 503/401 if nothing was sent yet; anything else is the
-                # app's to handle.
-                if started or not await _reject_failure(scope, receive, send, exc, settings):
-                    raise
+            await self.app(scope, receive, responder.send)
+        except Exception as exc:
+            # A statement in the endpoint failed for the end user's token
+            # (ORA-52601, a provider failure, a token dropped after ORA-52602):
+            # answer 401/503 if the response has not started -- also when a
+            # framework inside already answered 500 (its error middleware
+            # sends that, then re-raises: we hold a 500 back to replace it).
+            rejection = None if responder.started else answer(exc, settings)
+            if rejection is None:
+                await responder.flush()
+                raise
+            await _reject(scope, receive, send, rejection)
+        else:
+            if responder.held is not None:
+                await responder.flush()
         finally:
-            deactivate(token)
+            outcome.end()
 
 
-def _identity_headers(raw: Any) -> tuple[str | None, str | None]:
-    """The ``Cookie`` and ``Authorization`` values, without decoding other headers.
+class _Responder:
+    """``send`` for the app: notes when the response started; holds back a 500."""
 
-    Same semantics as :class:`ASGIConnection` headers: repeated fields joined.
+    __slots__ = ("_send", "held", "started")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self.held: list[Message] | None = None
+
+    async def send(self, message: Message) -> None:
+        if self.started:  # the common path once the status line is out
+            await self._send(message)
+            return
+        if self.held is not None:
+            self.held.append(message)
+            return
+        kind = message["type"]
+        if kind == "http.response.start":
+            if message.get("status") == 500:
+                self.held = [message]
+                return
+            self.started = True
+        elif kind in ("websocket.accept", "websocket.close", "websocket.http.response.start"):
+            self.started = True
+        await self._send(message)
+
+    async def flush(self) -> None:
+        """Send a held-back 500 after all (the error was not ours, or none came)."""
+        held, self.held = self.held, None
+        if held:
+            self.started = True
+            for message in held:
+                await self._send(message)
+
+
+def _identity_headers(raw: Any) -> tuple[str | list[str] | None, str | list[str] | None]:
+    """The raw ``Cookie`` and ``Authorization`` values, without decoding other headers.
+
+    A repeated field gives a list of its values: :func:`deepsec.web.resolve`
+    applies the one rule for repeats.
     """
-    cookie: str | None = None
-    authorization: str | None = None
+    cookie: str | list[str] | None = None
+    authorization: str | list[str] | None = None
+    # ASGI servers give header names lowercased (the spec requires it).
     for name, value in raw or ():
-        if len(name) == 6 and name.lower() == b"cookie":
-            text = value.decode("latin-1")
-            cookie = text if cookie is None else f"{cookie}; {text}"
-        elif len(name) == 13 and name.lower() == b"authorization":
-            text = value.decode("latin-1")
-            authorization = text if authorization is None else f"{authorization}, {text}"
+        if name == b"cookie":
+            cookie = _one_more(cookie, value.decode("latin-1"))
+        elif name == b"authorization":
+            authorization = _one_more(authorization, value.decode("latin-1"))
     return cookie, authorization
 
 
-async def _reject_failure(
-    scope: Scope, receive: Receive, send: Send, exc: Exception, settings: WebSettings
-) -> bool:
-    """Answer ``exc`` if it is an end-user token failure; False if it is not ours."""
-    rejection = rejection_for_error(exc, settings)
-    if rejection is None:
-        return False
-    # WebSocket: 1008 (policy) for a rejected user token, 1013 (try again later)
-    # for a provider that could not issue one.
-    close_code = 1008 if rejection.status == 401 else 1013
-    await _reject(scope, receive, send, rejection, close_code=close_code)
-    return True
+def _one_more(seen: str | list[str] | None, text: str) -> str | list[str]:
+    if seen is None:
+        return text
+    if isinstance(seen, str):
+        return [seen, text]
+    seen.append(text)
+    return seen
 
 
-async def _reject(
-    scope: Scope, receive: Receive, send: Send, rejection: Rejection, *, close_code: int
-) -> None:
+async def _reject(scope: Scope, receive: Receive, send: Send, rejection: Rejection) -> None:
     body = rejection.json_body()
     headers = [
         (b"content-type", b"application/json"),
@@ -284,4 +307,4 @@ async def _reject(
         )
         await send({"type": "websocket.http.response.body", "body": body})
     else:
-        await send({"type": "websocket.close", "code": close_code, "reason": ""})
+        await send({"type": "websocket.close", "code": rejection.close_code, "reason": ""})

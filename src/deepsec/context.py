@@ -248,52 +248,74 @@ class EndUserContext:
 _EMPTY = EndUserContext(None)
 
 
-class _Lease:
-    """Whether the activation a context came from is still running.
+class Activation:
+    """One activation of a context: the contextvar's value, and its own lease.
 
-    A contextvar value is copied into every asyncio task and every
-    ``asyncio.to_thread``/executor call made while it is set, and such work
-    can outlive the request.  All those copies share this object, so ending
-    the request ends the identity everywhere at once: work still running
-    afterwards has no end user.
+    :func:`activate` returns one; ending it (:meth:`end`, :func:`deactivate`,
+    or leaving ``with``) restores the previous context.  A contextvar value is
+    copied into every asyncio task and every ``asyncio.to_thread``/executor
+    call made while it is set, and such work can outlive the request.  All
+    those copies hold this same object, so ending it ends the identity
+    everywhere at once: work still running afterwards has no end user.
     """
 
-    __slots__ = ("active",)
+    __slots__ = ("_children", "_token", "active", "context")
 
-    def __init__(self) -> None:
-        self.active = True
+    context: EndUserContext
+    active: bool
 
-
-class _Scope:
-    """The contextvar's value: a context and the lease it lives under."""
-
-    __slots__ = ("context", "lease")
-
-    def __init__(self, context: EndUserContext, lease: _Lease) -> None:
+    def __init__(self, context: EndUserContext, *, current: bool = True) -> None:
         self.context = context
-        self.lease = lease
+        self.active = True
+        # Values the plugin-style setters derive from this one: they end with it.
+        self._children: list[Activation] | None = None
+        self._token: contextvars.Token[Activation] | None = _current.set(self) if current else None
 
+    def end(self) -> None:
+        """End the identity everywhere and restore the previous context.
 
-_FOREVER = _Lease()  # never ends: the default, and values set outside any activation
-# The default is shared by every thread and task, which is safe: a _Scope is
-# never modified after creation, and nothing ever ends the _FOREVER lease.
-_current: contextvars.ContextVar[_Scope] = contextvars.ContextVar(
-    "deepsec_end_user",
-    default=_Scope(_EMPTY, _FOREVER),  # noqa: B039
-)
+        Safe to call twice, and from another thread or task than the one that
+        activated it (then only the lease ends: that context is not ours to reset).
+        """
+        # End the lease first: even if the reset below fails, no copy of this
+        # context keeps its identity.
+        self.active = False
+        if self._children:
+            children, self._children = self._children, None
+            for child in children:
+                child.active = False
+                child._children = None  # no cycle left for the garbage collector
+            children.clear()
+        token = self._token
+        if token is not None:
+            self._token = None
+            # Runs on every request: a plain try (contextlib.suppress costs more).
+            try:  # noqa: SIM105
+                _current.reset(token)
+            except ValueError:
+                pass  # made in another Context: its copy reads as ended anyway
 
+    def __enter__(self) -> EndUserContext:
+        return self.context
 
-class Activation:
-    """What :func:`activate` returns and :func:`deactivate` takes (opaque)."""
-
-    __slots__ = ("_lease", "_token")
-
-    def __init__(self, token: contextvars.Token[_Scope], lease: _Lease) -> None:
-        self._token = token
-        self._lease = lease
+    def __exit__(self, *exc_info: object) -> None:
+        self.end()
 
     def __repr__(self) -> str:
-        return f"<deepsec Activation {'active' if self._lease.active else 'ended'}>"
+        return f"<deepsec Activation {'active' if self.active else 'ended'}>"
+
+
+# The default is shared by every thread and task, which is safe: it is never
+# ended and its context is immutable.
+_FOREVER = Activation.__new__(Activation)
+_FOREVER.context = _EMPTY
+_FOREVER.active = True
+_FOREVER._children = None
+_FOREVER._token = None
+_current: contextvars.ContextVar[Activation] = contextvars.ContextVar(
+    "deepsec_end_user",
+    default=_FOREVER,
+)
 
 
 def current_context() -> EndUserContext:
@@ -301,8 +323,8 @@ def current_context() -> EndUserContext:
 
     A context whose activation has ended (the request is over) is no context.
     """
-    scope = _current.get()
-    return scope.context if scope.lease.active else _EMPTY
+    activation = _current.get()
+    return activation.context if activation.active else _EMPTY
 
 
 def current_end_user() -> EndUserContext | None:
@@ -312,26 +334,24 @@ def current_end_user() -> EndUserContext | None:
 
 
 def _start(context: EndUserContext) -> Activation:
-    lease = _Lease()
-    return Activation(_current.set(_Scope(context, lease)), lease)
+    return Activation(context)
 
 
 def _end(activation: Activation) -> None:
-    # End the lease first: even if the reset below fails (a token reset from
-    # another Context), no copy of this context keeps its identity.
-    activation._lease.active = False
-    _current.reset(activation._token)
+    activation.end()
 
 
 def activate(context: EndUserContext | None) -> Activation:
-    """Make ``context`` current; return what :func:`deactivate` needs.
+    """Make ``context`` current; return the :class:`Activation` that ends it.
 
-    Adapters call this at the start of a request and :func:`deactivate` in a
-    ``finally`` when the response is done.
+    Adapters call this at the start of a request and end the activation when
+    the response is done (:func:`deactivate`, or ``activation.end()``).
     """
-    if context is not None and not isinstance(context, EndUserContext):
+    if context is None:
+        return Activation(_EMPTY)
+    if type(context) is not EndUserContext and not isinstance(context, EndUserContext):
         raise TypeError(f"expected EndUserContext or None, not {type(context).__name__}")
-    return _start(context if context is not None else _EMPTY)
+    return Activation(context)
 
 
 def deactivate(activation: Activation) -> None:
@@ -340,17 +360,28 @@ def deactivate(activation: Activation) -> None:
     Tasks and threads that copied the context (and may outlive the request)
     see no end user from now on.
     """
-    _end(activation)
+    activation.end()
 
 
 def _replace_current(**changes: Any) -> None:
     # The plugin-style setters change the current context in place; the new
-    # value lives under the same lease (it ends with the request that is
-    # running), or under none if that request is already over.
-    scope = _current.get()
-    lease = scope.lease if scope.lease.active else _FOREVER
-    base = scope.context if scope.lease.active else _EMPTY
-    _current.set(_Scope(base.replace(**changes), lease))
+    # value ends with the activation that is running (the request), or never
+    # if that one is already over.
+    parent = _current.get()
+    family: list[Activation] | None = None
+    if parent.active:
+        base = parent.context
+        # One list per activation, shared by every value derived from it.
+        family = parent._children
+        if family is None and parent._token is not None:
+            family = parent._children = []
+    else:
+        base = _EMPTY
+    child = Activation(base.replace(**changes), current=False)
+    if family is not None:
+        family.append(child)
+        child._children = family
+    _current.set(child)
 
 
 # --- the python-oracledb plugin's functions, on the contextvar -------------
@@ -421,12 +452,12 @@ class end_user:  # a class used like a function: ``with deepsec.end_user(...)``
         # would end each other's activations.
         if self._activation is not None:
             raise RuntimeError("this end_user(...) object is already in use; create one per block")
-        self._activation = _start(self._context)
+        self._activation = Activation(self._context)
 
     def _finish(self) -> None:
         activation, self._activation = self._activation, None
         if activation is not None:
-            _end(activation)
+            activation.end()
 
     def __enter__(self) -> EndUserContext:
         self._begin()

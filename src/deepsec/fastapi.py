@@ -11,48 +11,89 @@
     async def me(user: EndUser):          # EndUserContext | None
         ...
 
-:data:`end_user_identity` is an ``async def`` dependency *with* ``yield``: it
-activates the request's :class:`~deepsec.EndUserContext` before the endpoint
-runs, fetches the database-access tokens off the event loop
-(:func:`deepsec.prepare`), and restores the previous context when FastAPI
-exits the dependency.  It must be async: FastAPI runs a sync dependency in a
-worker thread, and a context variable set there never reaches the endpoint.
-Both ``async def`` endpoints and ``def`` endpoints (run in the thread pool,
-which copies the context) see the identity.
+:data:`end_user_identity` is an ``async def`` dependency *without* ``yield``
+(FastAPI's ``yield`` machinery alone costs tens of microseconds a request):
+it resolves and activates the request's :class:`~deepsec.EndUserContext`,
+fetches the database-access tokens off the event loop
+(:func:`deepsec.prepare`), and hands the activation to FastAPI's request exit
+stack, which ends it after the response has been sent -- so a
+``StreamingResponse`` body and background tasks still run as the end user,
+and tasks or threads that outlive the request lose it then.  It must be
+async: FastAPI runs a sync dependency in a worker thread, and a context
+variable set there never reaches the endpoint.  ``async def`` endpoints and
+``def`` endpoints (run in the thread pool, which copies the context) both see
+the identity.
 
-Exit timing (FastAPI 0.118+, checked on 0.165): a dependency with ``yield``
-in the default ``"request"`` scope exits after the response has been sent, so
-a ``StreamingResponse`` body and background tasks still run as the end user.
-With ``Depends(end_user_identity, scope="function")`` it exits before the
-response is sent, and a streaming body then runs with *no* end user
-(least privilege, never another user's identity).
+Errors get the same answers as in every other adapter (one mapping,
+:mod:`deepsec.lifecycle`): a refused identity or a token failure while
+resolving is an :class:`fastapi.HTTPException` (``WebSocketException`` on
+WebSocket routes, code 1008 or 1013); ORA-52601, rejected user tokens,
+provider failures and :class:`~deepsec.TokenNotReadyError` raised *inside
+the endpoint* are answered 401/503 by exception handlers the dependency adds
+to the app on its first request (unless the app has its own for
+``DeepSecError`` / ``oracledb.DatabaseError``).  Bodies are
+``{"detail": {...}}``, as FastAPI's own errors.
 
-It also declares the ``HTTPBearer`` and ``APIKeyCookie`` security schemes, so
-OpenAPI shows how to send the identity.  When the ASGI middleware
-(:class:`deepsec.asgi.EndUserSecMiddleware`) already resolved the request, the
-dependency reuses that context and does nothing else.  Rejections become
-:class:`fastapi.HTTPException` (with ``WWW-Authenticate`` for 401) and, on
-WebSocket routes, :class:`fastapi.WebSocketException` (code 1008, or 1013 for a
-token failure).  Use :class:`EndUserIdentity` for other settings.
+The ``HTTPBearer`` and ``APIKeyCookie`` security schemes appear in OpenAPI:
+the dependency itself is the bearer scheme and declares the cookie one with a
+sub-dependency that does nothing.  When the ASGI middleware
+(:class:`deepsec.asgi.EndUserSecMiddleware`) already resolved the request by
+the same settings, the dependency reuses that context.  Settings: the one
+table in ``docs/settings.md``; use :class:`EndUserIdentity` to change them.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import oracledb
 from fastapi import Depends, HTTPException, Security, WebSocketException
-from fastapi.security import APIKeyCookie, HTTPBearer
+from fastapi.openapi.models import APIKey, HTTPBearer
+from fastapi.openapi.models import SecurityBase as SecurityBaseModel
+from fastapi.security.base import SecurityBase
 from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse, Response
+from starlette.websockets import WebSocket
 
-from .asgi import SCOPE_KEY, SETTINGS_KEY
-from .context import EndUserContext, activate, deactivate
+from .asgi import SCOPE_KEY, SETTINGS_KEY, _identity_headers
+from .context import EndUserContext
 from .errors import DeepSecError
-from .hook import prepare
-from .web import Rejection, WebSettings, parse_cookie_header, rejection_for_error, resolve
+from .lifecycle import answer, context_of, start_async
+from .web import Rejection, WebSettings
 
 __all__ = ["EndUser", "EndUserIdentity", "end_user_identity"]
+
+_BEARER_DESCRIPTION = "End-user identity token (IAM access token)."
+_COOKIE_DESCRIPTION = 'End-user identity: a token, or JSON ["name", key|null].'
+
+
+class _CookieScheme(SecurityBase):
+    """The identity cookie as an OpenAPI security scheme; reads nothing when run."""
+
+    def __init__(self, name: str) -> None:
+        self.model = _cookie_model(name)
+        self.scheme_name = "APIKeyCookie"
+
+    async def __call__(self) -> None:
+        return None
+
+
+def _cookie_model(name: str) -> APIKey:
+    return APIKey.model_validate(
+        {"type": "apiKey", "in": "cookie", "name": name, "description": _COOKIE_DESCRIPTION}
+    )
+
+
+def _declares(settings: WebSettings | None, kwargs: dict[str, Any], openapi: bool) -> bool:
+    """Whether these settings show any security scheme in OpenAPI."""
+    if settings is None:
+        given = {str(k).lower(): v for k, v in kwargs.items()}
+        resolver = given.get("resolver")
+        bearer, cookie = given.get("bearer", True), given.get("cookie_name", "identity")
+    else:
+        resolver, bearer, cookie = settings.resolver, settings.bearer, settings.cookie_name
+    return openapi and resolver is None and (bearer is True or cookie is not None)
 
 
 class EndUserIdentity:
@@ -60,24 +101,32 @@ class EndUserIdentity:
 
     Args:
         settings: a complete :class:`~deepsec.web.WebSettings`; or give its
-            fields as keyword arguments (``cookie_name``, ``bearer``,
-            ``resolver``, ``strict``, ``no_identity``...), not both.  The
-            ``resolver``, ``data_roles`` and ``attributes`` callables receive
-            the Starlette ``HTTPConnection`` (a ``Request`` or ``WebSocket``).
-        openapi: declare the ``HTTPBearer`` / ``APIKeyCookie`` security schemes
-            (sub-dependencies FastAPI runs on every request; ``False`` saves
-            about 20 us per request and hides them from OpenAPI).
+            fields as keyword arguments (names in ``docs/settings.md``), not
+            both.  The ``resolver``, ``data_roles`` and ``attributes``
+            callables receive the Starlette ``HTTPConnection``.
+        openapi: declare the ``HTTPBearer`` / ``APIKeyCookie`` security
+            schemes in OpenAPI (``False`` hides them).
 
     Raises:
         ConfigError: an unknown setting or a bad value (all of them listed).
     """
+
+    def __new__(
+        cls, settings: WebSettings | None = None, *, openapi: bool = True, **kwargs: Any
+    ) -> EndUserIdentity:
+        # Declaring, the dependency is itself a security scheme (the bearer
+        # one, or the cookie one without bearer): FastAPI lists it in OpenAPI
+        # at no cost per request.
+        if cls is EndUserIdentity and _declares(settings, kwargs, openapi):
+            return super().__new__(_DeclaredEndUserIdentity)
+        return super().__new__(cls)
 
     def __init__(
         self, settings: WebSettings | None = None, *, openapi: bool = True, **kwargs: Any
     ) -> None:
         if settings is not None and kwargs:
             raise TypeError("give either settings or individual settings, not both")
-        self.settings = (
+        self.settings = s = (
             settings
             if settings is not None
             else WebSettings.from_mapping(kwargs, where="EndUserIdentity settings")
@@ -87,90 +136,109 @@ class EndUserIdentity:
                 "connection", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=HTTPConnection
             )
         ]
-        # Declared only for OpenAPI: the raw cookie and header are read below,
-        # so that deepsec.web decides what is valid (not FastAPI's parsers).
-        declare = openapi and self.settings.resolver is None
-        if declare and self.settings.bearer:
-            self.bearer_scheme: HTTPBearer | None = HTTPBearer(
-                auto_error=False,
-                description="End-user identity token (IAM access token).",
-            )
-            params.append(_scheme_param("_bearer", self.bearer_scheme))
-        else:
-            self.bearer_scheme = None
-        if declare and self.settings.cookie_name is not None:
-            self.cookie_scheme: APIKeyCookie | None = APIKeyCookie(
-                name=self.settings.cookie_name,
-                auto_error=False,
-                description='End-user identity: a token, or JSON ["name", key|null].',
-            )
-            params.append(_scheme_param("_cookie", self.cookie_scheme))
-        else:
-            self.cookie_scheme = None
+        self.bearer_scheme: SecurityBase | None = None
+        self.cookie_scheme: SecurityBase | None = None
+        if isinstance(self, SecurityBase):
+            if s.bearer:
+                self.bearer_scheme = self
+                self.model = HTTPBearer(description=_BEARER_DESCRIPTION)
+                self.scheme_name = "HTTPBearer"
+            if s.cookie_name is not None:
+                if self.bearer_scheme is None:
+                    self.cookie_scheme = self
+                    self.model = _cookie_model(s.cookie_name)
+                    self.scheme_name = "APIKeyCookie"
+                else:
+                    # The second scheme needs a dependant of its own: one
+                    # that does nothing (the raw cookie is read above).
+                    self.cookie_scheme = _CookieScheme(s.cookie_name)
+                    params.append(
+                        inspect.Parameter(
+                            "_cookie",
+                            inspect.Parameter.KEYWORD_ONLY,
+                            default=Security(self.cookie_scheme),
+                            annotation=Any,
+                        )
+                    )
         # FastAPI reads the dependency's parameters from this signature.
-        self.__signature__ = inspect.Signature(
-            params, return_annotation=AsyncIterator[EndUserContext | None]
-        )
+        self.__signature__ = inspect.Signature(params, return_annotation=EndUserContext | None)
 
     def __repr__(self) -> str:
         s = self.settings
         return f"EndUserIdentity(strict={s.strict}, no_identity={s.no_identity!r})"
 
-    async def __call__(
-        self, connection: HTTPConnection, **_schemes: Any
-    ) -> AsyncIterator[EndUserContext | None]:
-        """Resolve, activate and (after the response) reset the end-user context."""
+    async def __call__(self, connection: HTTPConnection, **_schemes: Any) -> EndUserContext | None:
+        """Resolve and activate the end-user context; FastAPI ends it after the response."""
         scope = connection.scope
         settings = self.settings
-        if SCOPE_KEY in scope and scope.get(SETTINGS_KEY) == settings:
-            # The ASGI middleware already resolved this request by the same rules.
-            yield scope[SCOPE_KEY]
-            return
-        # Otherwise this dependency's own settings decide (its deny, strict,
-        # cookie and resolver choices must not be lost behind a laxer middleware).
-        cookie = None
-        if settings.cookie_name is not None:
-            cookie = parse_cookie_header(connection.headers.get("cookie"), settings.cookie_name)
-        resolution = resolve(
-            settings,
-            connection,
-            cookie=cookie,
-            authorization=connection.headers.get("authorization"),
+        done = scope.get(SETTINGS_KEY)
+        if done is not None and (done is settings or done == settings):
+            # Resolved already by the same rules (the ASGI middleware, or this
+            # dependency declared twice).  A laxer middleware's resolution is
+            # not reused: this dependency's deny/strict/resolver choices hold.
+            ctx: EndUserContext | None = scope[SCOPE_KEY]
+            return ctx
+        cookie_header, authorization = _identity_headers(scope["headers"])
+        outcome = await start_async(
+            settings, connection, cookie_header=cookie_header, authorization=authorization
         )
-        if resolution.rejection is not None:
-            raise _exception(scope, resolution.rejection, close_code=1008)
-        ctx = resolution.context
-        token = activate(ctx)
-        try:
-            if ctx is not None:
-                try:
-                    await prepare(ctx)
-                except DeepSecError as exc:
-                    rejection = rejection_for_error(exc, settings)
-                    if rejection is None:
-                        raise
-                    close_code = 1008 if rejection.status == 401 else 1013
-                    raise _exception(scope, rejection, close_code=close_code) from None
-            yield ctx
-        finally:
-            try:
-                deactivate(token)
-            except ValueError:  # exited from another context: clear this one
-                activate(None)
+        if isinstance(outcome, Rejection):
+            raise _exception(scope, outcome)
+        stack = scope.get("fastapi_inner_astack")
+        if stack is None:  # pragma: no cover - FastAPI older than 0.118
+            outcome.end()
+            raise RuntimeError("deepsec.fastapi needs FastAPI 0.118 or later")
+        # FastAPI closes this stack after the response is sent (in this task).
+        stack.push(outcome)
+        ctx = context_of(outcome)
+        scope[SCOPE_KEY] = ctx
+        scope[SETTINGS_KEY] = settings
+        _install_error_handlers(scope)
+        return ctx
 
 
-def _scheme_param(name: str, scheme: Any) -> inspect.Parameter:
-    return inspect.Parameter(
-        name,
-        inspect.Parameter.KEYWORD_ONLY,
-        default=Security(scheme),
-        annotation=Any,
+class _DeclaredEndUserIdentity(EndUserIdentity, SecurityBase):
+    """An :class:`EndUserIdentity` that FastAPI lists as a security scheme."""
+
+    model: SecurityBaseModel
+    scheme_name: str
+
+
+def _install_error_handlers(scope: Any) -> None:
+    """Answer deepsec's errors raised in the endpoint, as every adapter does.
+
+    Starlette's ExceptionMiddleware puts its handler dicts in the scope; the
+    route looks a handler up when an exception arrives, so adding ours here
+    (once per app) covers this request already.  The app's own handlers win.
+    """
+    handlers = scope.get("starlette.exception_handlers")
+    if handlers is None or DeepSecError in handlers[0]:
+        return
+    by_type = handlers[0]
+    by_type.setdefault(oracledb.DatabaseError, _answer_error)
+    by_type[DeepSecError] = _answer_error
+
+
+_DEFAULT_SETTINGS = WebSettings()
+
+
+async def _answer_error(connection: HTTPConnection, exc: Exception) -> Response | None:
+    settings = connection.scope.get(SETTINGS_KEY) or _DEFAULT_SETTINGS
+    rejection = answer(exc, settings)
+    if rejection is None:
+        raise exc  # not ours: exactly as if no handler were registered
+    if connection.scope["type"] == "websocket":
+        assert isinstance(connection, WebSocket)
+        await connection.close(code=rejection.close_code)
+        return None
+    return JSONResponse(
+        {"detail": rejection.body}, rejection.status, headers=dict(rejection.headers) or None
     )
 
 
-def _exception(scope: Any, rejection: Rejection, *, close_code: int) -> Exception:
+def _exception(scope: Any, rejection: Rejection) -> Exception:
     if scope.get("type") == "websocket":
-        return WebSocketException(code=close_code, reason=rejection.body.get("error"))
+        return WebSocketException(code=rejection.close_code, reason=rejection.body.get("error"))
     return HTTPException(
         status_code=rejection.status,
         detail=dict(rejection.body),

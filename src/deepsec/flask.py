@@ -9,11 +9,10 @@
     app.config["DEEPSEC_STRICT"] = True
     DeepSec(app)                # or: deepsec = DeepSec(); deepsec.init_app(app)
 
-Settings are the fields of :class:`deepsec.web.WebSettings`, given as keyword
-arguments to :class:`DeepSec` (defaults for every app) and overridden per app
-by ``DEEPSEC_<NAME>`` config keys (``DEEPSEC_COOKIE_NAME``, ``DEEPSEC_STRICT``,
-``DEEPSEC_NO_IDENTITY``, ``DEEPSEC_RESOLVER``...).  An unknown ``DEEPSEC_``
-key is a :class:`~deepsec.ConfigError` naming it.
+Settings (the one table: ``docs/settings.md``) are given as keyword arguments
+to :class:`DeepSec` (defaults for every app) and overridden per app by
+``DEEPSEC_<NAME>`` config keys (``DEEPSEC_STRICT``, ``DEEPSEC_NO_IDENTITY``...).
+An unknown ``DEEPSEC_`` key is a :class:`~deepsec.ConfigError` naming it.
 
 What the extension does, and nothing more (the logic is in :mod:`deepsec.web`):
 
@@ -26,10 +25,12 @@ What the extension does, and nothing more (the logic is in :mod:`deepsec.web`):
 * a streamed response body (a generator, with or without
   :func:`flask.stream_with_context`) is iterated under the same end user and
   the context is reset when the server closes it;
-* :class:`~deepsec.TokenAcquisitionError` becomes a 503 JSON response (no
-  token or secret in it), or a 401 when the identity provider rejected the
-  end user's own token; ORA-52601 (the database rejected it) becomes a 401
-  too, unless the app registered its own ``oracledb.DatabaseError`` handler.
+* errors get the answer every adapter gives (:mod:`deepsec.lifecycle`):
+  :class:`~deepsec.TokenAcquisitionError` and
+  :class:`~deepsec.TokenNotReadyError` a 503 JSON response with
+  ``Retry-After`` (no token or secret in it), a rejected end-user token a 401;
+  ORA-52601 (the database rejected it) a 401 too, unless the app registered
+  its own ``oracledb.DatabaseError`` handler.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ from flask import Flask, Response, current_app, request
 from werkzeug.local import LocalProxy
 
 from . import context as _context
-from .context import Activation, EndUserContext, activate, current_context, deactivate
+from .context import EndUserContext, activate, current_context
 from .errors import ConfigError, DeepSecError
-from .web import Rejection, WebSettings, parse_cookie_header, rejection_for_error, resolve
+from .lifecycle import answer, start
+from .web import Rejection, WebSettings
 
 __all__ = ["CONFIG_PREFIX", "DeepSec", "DeepSecState", "current_end_user"]
 
@@ -72,10 +74,8 @@ class DeepSec:
 
     Args:
         app: the application to set up now; or call :meth:`init_app` later.
-        **settings: default :class:`~deepsec.web.WebSettings` fields
-            (``cookie_name``, ``bearer``, ``resolver``, ``data_roles``,
-            ``attributes``, ``max_size``, ``strict``, ``no_identity``,
-            ``token_error_status``); ``DEEPSEC_*`` config keys override them.
+        **settings: default settings (names in ``docs/settings.md``);
+            ``DEEPSEC_*`` config keys override them.
 
     Raises:
         ConfigError: an unknown setting or a bad value (all of them listed).
@@ -163,25 +163,21 @@ def _response(rejection: Rejection) -> Response:
 
 
 def _before_request() -> Response | None:
-    settings = _state().settings
-    req = request._get_current_object()  # type: ignore[attr-defined]
-    environ = req.environ
-    resolution = resolve(
-        settings,
-        req,
-        # The raw header: werkzeug's parser drops values such as ["bob", null].
-        cookie=(
-            parse_cookie_header(environ.get("HTTP_COOKIE"), settings.cookie_name)
-            if settings.cookie_name
-            else None
-        ),
+    environ = request.environ
+    # The raw header values: web.resolve applies the one rule for repeats,
+    # encodings and quoting (werkzeug's cookie parser would drop ["bob", null]).
+    outcome = start(
+        _state().settings,
+        request._get_current_object(),  # type: ignore[attr-defined]
+        cookie_header=environ.get("HTTP_COOKIE"),
         authorization=environ.get("HTTP_AUTHORIZATION"),
     )
-    # Always activate, even "no end user": the request must not inherit
-    # whatever the worker thread's context holds.
-    environ[_ENVIRON_KEY] = activate(resolution.context)
-    if resolution.rejection is not None:
-        return _response(resolution.rejection)
+    if isinstance(outcome, Rejection):
+        # Still activate "no end user": the request must not inherit whatever
+        # the worker thread's context holds (after_request functions run).
+        environ[_ENVIRON_KEY] = activate(None)
+        return _response(outcome)
+    environ[_ENVIRON_KEY] = outcome
     return None
 
 
@@ -213,52 +209,29 @@ class _ScopedBody:
         return self
 
     def __next__(self) -> Any:
-        activation = activate(self._context)
-        try:
+        with activate(self._context):
             if self._iterator is None:
                 self._iterator = iter(self._body)
             return next(self._iterator)
-        finally:
-            _reset(activation)
 
     def close(self) -> None:
         """Close the body (a generator's ``finally`` runs as the end user too)."""
         close = getattr(self._body, "close", None)
         if close is None:
             return
-        activation = activate(self._context)
-        try:
+        with activate(self._context):
             close()
-        finally:
-            _reset(activation)
 
 
 def _teardown_request(exc: BaseException | None) -> None:
-    token = request.environ.pop(_ENVIRON_KEY, None)
-    if token is not None:
-        _reset(token)
-
-
-def _reset(token: Activation) -> None:
-    try:
-        deactivate(token)
-    except ValueError:
-        # Reset from another context (an unusual server): at least leave the
-        # current one without an end user.
-        activate(None)
+    activation = request.environ.pop(_ENVIRON_KEY, None)
+    if activation is not None:
+        activation.end()
 
 
 def _deepsec_error(exc: Exception) -> Response:
-    """deepsec's own errors and ORA-52601 as responses; anything else re-raised.
-
-    Messages of deepsec errors never hold a token or secret, so they may be
-    logged; the driver's ORA-52601 text is not logged at all.
-    """
-    rejection = rejection_for_error(exc, _state().settings)
+    """deepsec's own errors and ORA-52601 as responses; anything else re-raised."""
+    rejection = answer(exc, _state().settings)
     if rejection is None:
         raise exc
-    if isinstance(exc, DeepSecError):
-        current_app.logger.warning("deepsec: %s", exc)
-    else:
-        current_app.logger.warning("deepsec: the database rejected the end user's token")
     return _response(rejection)

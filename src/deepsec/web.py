@@ -1,47 +1,54 @@
 """What every web adapter shares: identity from a request, policies, rejections.
 
 Adapters (``deepsec.django``, ``deepsec.flask``, ``deepsec.asgi``,
-``deepsec.fastapi``) only pull raw values out of their framework's request —
-the ``identity`` cookie, the ``Authorization`` header — and hand them, with
-the request object, to :func:`resolve`.  Everything else lives here once:
+``deepsec.fastapi``) only pull the *raw* ``Cookie`` and ``Authorization``
+header values out of their framework's request and hand them, with the
+request object, to :func:`resolve` (through :mod:`deepsec.lifecycle`).
+Everything else lives here once, so the same bytes give the same end user in
+every adapter:
 
 * order: the app's ``resolver(request)``; else the cookie; else
   ``Authorization: Bearer <token>`` (scheme case-insensitive);
+* raw values: several ``Cookie`` fields are one list (``;``, or ``,`` before
+  the next ``name=``, as servers join them); several ``Authorization`` fields
+  are one list (``,``); header bytes are UTF-8 (invalid UTF-8 is malformed);
+* ambiguity is malformed: two different ``identity`` cookies, or a Bearer
+  credential next to another credential;
 * cookie values: a JSON string is a token, JSON ``[name, key|null]`` a local
-  end user, a bare (non-JSON) value a token;
-* strict parsing with a size limit; malformed input is *no identity* (one
-  WARNING log record, never the value) or, with ``strict=True``, HTTP 400/401;
+  end user, a bare (non-JSON) value a token; size- and depth-bounded parsing;
+* malformed input is *no identity* (one WARNING per request, never the value)
+  or, with ``strict=True``, HTTP 400/401; no input reaches a 500;
 * the ``no_identity`` policy: ``least_privilege`` (default) or ``deny`` (401);
-* the response for a token-acquisition failure (503 by default).
+* the answer to each error (:func:`rejection_for_error`, one mapping).
+
+The settings are documented once, in ``docs/settings.md``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import unquote
 
-import oracledb
-
-from .context import EndUserContext, Identity, validate_identity
-from .errors import (
-    USER_TOKEN_REJECTED,
-    ConfigError,
-    DeepSecError,
-    IdentityError,
-    IdentityNotAccepted,
-    TokenAcquisitionError,
-    TokenNotReadyError,
+from ._identity_parse import (
+    DEFAULT_MAX_SIZE,
+    MalformedIdentity,
+    from_wire,
+    identity_from_authorization,
+    identity_from_cookie,
+    parse_cookie_header,
 )
+from ._rejections import Reason, Rejection, deny
+from ._rejections import rejection_for_error as _rejection_for_error
+from .context import EndUserContext, Identity, validate_identity
+from .errors import ConfigError, IdentityError
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
     "MalformedIdentity",
+    "Reason",
     "Rejection",
     "Resolution",
     "WebSettings",
@@ -54,38 +61,9 @@ __all__ = [
 
 log = logging.getLogger("deepsec.web")
 
-DEFAULT_MAX_SIZE = 16 * 1024
 NoIdentityPolicy = Literal["least_privilege", "deny"]
 #: ``resolver(request)`` returns an identity, a full context, or ``None``.
 Resolver = Callable[[Any], "Identity | EndUserContext | list[Any] | None"]
-
-# RFC 6750 b64token: the characters a bearer token may contain.
-_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-
-
-class MalformedIdentity(DeepSecError):
-    """The request carried an identity we cannot parse.
-
-    ``status`` is 400 for bad syntax in a cookie, 401 for a bad bearer token.
-    The message describes the problem, never the value.
-    """
-
-    def __init__(self, message: str, *, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """An HTTP response an adapter sends instead of running the app."""
-
-    status: int
-    body: dict[str, str]
-    headers: tuple[tuple[str, str], ...] = ()
-
-    def json_body(self) -> bytes:
-        """The body as compact UTF-8 JSON."""
-        return json.dumps(self.body, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -100,24 +78,10 @@ class Resolution:
 class WebSettings:
     """Adapter settings, shared by all frameworks.
 
-    Attributes:
-        cookie_name: cookie holding the identity (``None`` disables cookies).
-        bearer: read ``Authorization: Bearer <token>``.
-        resolver: ``resolver(request)`` -> identity, :class:`EndUserContext`
-            or ``None``; when set, the cookie and header are not read.
-        data_roles: ``data_roles(request)`` -> list of role names or ``None``.
-        attributes: ``attributes(request)`` -> dict or ``None``.
-        max_size: largest cookie or header value accepted, in bytes.
-        strict: reject malformed identities with 400/401 instead of
-            treating them as absent.
-        client_local_users: accept a local ``[name, key|null]`` end user
-            from the client's cookie.  Off by default: nothing authenticates
-            a keyless local user, so any client could claim any of them; get
-            local users from a ``resolver`` built on your own authentication
-            (``deepsec.django.resolvers.django_user``) instead.
-        no_identity: ``least_privilege`` runs the request with no end user;
-            ``deny`` answers 401.
-        token_error_status: status for a token-acquisition failure.
+    Every field, its type, default and meaning is in the one settings table,
+    ``docs/settings.md``; the adapters take the same names (Django
+    ``DEEPSEC``, Flask ``DEEPSEC_*``, keyword arguments of the ASGI
+    middleware and the FastAPI dependency).
     """
 
     cookie_name: str | None = "identity"
@@ -130,16 +94,24 @@ class WebSettings:
     client_local_users: bool = False
     no_identity: NoIdentityPolicy = "least_privilege"
     token_error_status: int = 503
-    # Parsed (cookie, authorization) pairs -> Resolution, used only when the
-    # identity depends on nothing else (no resolver, no roles/attributes
-    # callables).  Repeat requests of one user then skip parsing and reuse one
-    # EndUserContext object, which also lets the driver hook skip its token
-    # lookup.  Bounded; malformed input is never cached (it must be logged).
-    _resolved: dict[tuple[str | None, str | None], Resolution] = field(
+    # (identity cookie, Authorization) -> resolution and its warning, used
+    # only when the identity depends on nothing else (no resolver, no
+    # roles/attributes callables).  Repeat requests of one user then skip
+    # parsing and reuse one EndUserContext object, which also lets the driver
+    # hook skip its token lookup.  Bounded.  A malformed input's warning is
+    # kept with it and logged again on every hit: one line per request.
+    _resolved: dict[tuple[str | None, str | None], tuple[Resolution, str | None]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _cacheable: bool = field(default=True, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # Whether the identity depends on the header values alone (see _resolved).
+        object.__setattr__(
+            self,
+            "_cacheable",
+            self.resolver is None and self.data_roles is None and self.attributes is None,
+        )
         problems = []
         if self.cookie_name is not None and (
             not isinstance(self.cookie_name, str) or not self.cookie_name
@@ -198,115 +170,9 @@ class WebSettings:
             raise ConfigError(exc.problems, where=where) from None
 
 
-def _size_ok(value: str, max_size: int) -> bool:
-    return len(value) <= max_size and len(value.encode("utf-8", "surrogatepass")) <= max_size
-
-
-_COOKIE_ESCAPE = re.compile(r"\\(?:([0-3][0-7][0-7])|(.))")
-
-
-def _unquote_cookie(inner: str) -> str:
-    return _COOKIE_ESCAPE.sub(
-        lambda m: chr(int(m.group(1), 8)) if m.group(1) else m.group(2), inner
-    )
-
-
-def identity_from_cookie(value: str | None, *, max_size: int = DEFAULT_MAX_SIZE) -> Identity | None:
-    """Parse the ``identity`` cookie value.
-
-    A JSON string is a token, JSON ``[name, key|null]`` a local end user, a
-    bare value a token.  Percent-encoded JSON (``%5B...``, ``%22...``) and
-    the backslash-escaped quoted form that ``http.cookies`` and werkzeug write
-    (``"[\\"bob\\"\\054 null]"``) are decoded first.
-
-    Raises:
-        MalformedIdentity: the value is oversized or not one of those forms.
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    if not value:
-        return None
-    if not _size_ok(value, max_size):
-        raise MalformedIdentity(f"identity cookie is larger than {max_size} bytes")
-    if value[:3].upper() in ("%5B", "%22"):
-        value = unquote(value)
-    elif len(value) >= 2 and value[0] == value[-1] == '"' and "\\" in value:
-        # An RFC 2109 quoted-string, as http.cookies and werkzeug write a value
-        # with commas or spaces: '"[\\"bob\\"\\054 null]"' is ["bob", null].
-        value = _unquote_cookie(value[1:-1])
-    if value[0] in '["{':
-        try:
-            decoded = json.loads(value)
-        except ValueError:
-            raise MalformedIdentity("identity cookie is not valid JSON") from None
-        if isinstance(decoded, str) and not _B64TOKEN.fullmatch(decoded):
-            raise MalformedIdentity("identity cookie holds a string that is not a token")
-        if not isinstance(decoded, (str, list)):
-            raise MalformedIdentity(
-                "identity cookie must be a JSON string (token) or [name, key|null]"
-            )
-        try:
-            return validate_identity(decoded)
-        except (TypeError, IdentityError) as exc:
-            raise MalformedIdentity(f"identity cookie: {exc}") from None
-    if not _B64TOKEN.fullmatch(value):
-        raise MalformedIdentity("identity cookie is neither JSON nor a token")
-    return value
-
-
-def identity_from_authorization(
-    value: str | None, *, max_size: int = DEFAULT_MAX_SIZE
-) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, or ``None``.
-
-    Other schemes (``Basic``...) are not ours and give ``None``.
-
-    Raises:
-        MalformedIdentity: (status 401) a Bearer header with a bad or oversized token.
-    """
-    if value is None:
-        return None
-    if not _size_ok(value, max_size + 7):
-        raise MalformedIdentity(f"Authorization header is larger than {max_size} bytes", status=401)
-    scheme, _, token = value.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    token = token.strip()
-    if not token or not _B64TOKEN.fullmatch(token):
-        raise MalformedIdentity("Authorization: Bearer token is malformed", status=401)
-    return token
-
-
-def parse_cookie_header(header: str | None, name: str) -> str | None:
-    """The value of cookie ``name`` in a raw ``Cookie`` header (first one wins).
-
-    A small strict parser for adapters that see raw headers (ASGI).
-    """
-    if not header:
-        return None
-    for part in header.split(";"):
-        key, sep, value = part.strip().partition("=")
-        if sep and key.strip() == name:
-            # A quoted RFC 6265 value stays quoted: it then parses as a JSON string.
-            return value.strip()
-    return None
-
-
-def _warn_malformed(exc: MalformedIdentity) -> None:
+def _warn_malformed(message: str) -> None:
     # The message describes the problem only; the value never reaches logs.
-    log.warning("ignoring a malformed end-user identity: %s", exc)
-
-
-def _deny(message: str, status: int, *, error: str | None = None) -> Rejection:
-    if status == 401:
-        challenge = 'Bearer error="invalid_token"' if error else "Bearer"
-        headers: tuple[tuple[str, str], ...] = (("WWW-Authenticate", challenge),)
-    else:
-        headers = ()
-    body = {"error": error or ("unauthorized" if status == 401 else "bad_request")}
-    body["detail"] = message
-    return Rejection(status, body, headers)
+    log.warning("ignoring a malformed end-user identity: %s", message)
 
 
 def resolve(
@@ -314,32 +180,58 @@ def resolve(
     request: Any,
     *,
     cookie: str | None = None,
-    authorization: str | None = None,
+    cookie_header: str | Sequence[str] | None = None,
+    authorization: str | Sequence[str] | None = None,
 ) -> Resolution:
-    """Decide the end-user context for one request.
+    """Decide the end-user context for one request.  Never raises for any input.
 
-    ``cookie`` is the raw value of ``settings.cookie_name`` and
-    ``authorization`` the raw ``Authorization`` header, as the adapter found
-    them; ``request`` is passed to the app's callables.
+    Adapters give ``cookie_header``, the raw ``Cookie`` field(s), and
+    ``authorization``, the raw ``Authorization`` field(s), as text holding the
+    header bytes (latin-1, what WSGI and ASGI servers hand over); ``cookie``
+    is an already-extracted value of ``settings.cookie_name`` (for callers
+    that have one).  ``request`` is passed to the app's callables.
     """
-    cacheable = (
-        settings.resolver is None and settings.data_roles is None and settings.attributes is None
-    )
-    if cacheable:
-        key = (cookie, authorization)
-        hit = settings._resolved.get(key)
-        if hit is not None:
-            return hit
-        resolution, malformed = _resolve(settings, request, cookie, authorization)
-        if not malformed:
-            cache = settings._resolved
-            if len(cache) >= _RESOLVED_CACHE_SIZE:
-                with _resolved_lock:
-                    for old in list(cache)[: _RESOLVED_CACHE_SIZE // 4]:
-                        cache.pop(old, None)
-            cache[key] = resolution
+    cached = settings._cacheable
+    warning: str | None = None
+    name = settings.cookie_name
+    if (
+        cookie_header is not None
+        and name is not None
+        and settings.resolver is None
+        # Most requests without our cookie: skip the parser.
+        and (name in cookie_header if isinstance(cookie_header, str) else True)
+    ):
+        try:
+            cookie = parse_cookie_header(cookie_header, name)
+            if cookie is not None:
+                cookie = from_wire(cookie)
+        except MalformedIdentity as exc:
+            if settings.strict:
+                return _malformed(settings, exc)
+            warning, cookie = str(exc), None
+    if authorization is not None and not isinstance(authorization, str):
+        authorization = ", ".join(authorization) if authorization else None
+    if not cached:
+        resolution, message = _resolve(settings, request, cookie, authorization)
+        for text in (warning, message):
+            if text is not None:
+                _warn_malformed(text)
         return resolution
-    return _resolve(settings, request, cookie, authorization)[0]
+    key = (cookie, authorization)
+    hit = settings._resolved.get(key)
+    if hit is None:
+        hit = _resolve(settings, request, cookie, authorization)
+        cache = settings._resolved
+        if len(cache) >= _RESOLVED_CACHE_SIZE:
+            with _resolved_lock:
+                for old in list(cache)[: _RESOLVED_CACHE_SIZE // 4]:
+                    cache.pop(old, None)
+        cache[key] = hit
+    if warning is not None:
+        _warn_malformed(warning)
+    if hit[1] is not None:
+        _warn_malformed(hit[1])
+    return hit[0]
 
 
 _RESOLVED_CACHE_SIZE = 512
@@ -360,113 +252,77 @@ def _cookie_identity(settings: WebSettings, cookie: str | None) -> Identity | No
     return identity
 
 
+def _parse_failure(exc: Exception) -> MalformedIdentity:
+    # Anything a parser raises is bad input, never a 500; its text is ours
+    # only for MalformedIdentity (other messages might quote the value).
+    if isinstance(exc, MalformedIdentity):
+        return exc
+    return MalformedIdentity(f"identity could not be parsed ({type(exc).__name__})")
+
+
+def _malformed(settings: WebSettings, exc: MalformedIdentity) -> Resolution:
+    error = "invalid_token" if exc.status == 401 else None
+    return Resolution(
+        rejection=deny(str(exc), exc.status, reason="malformed_identity", error=error)
+    )
+
+
 def _resolve(
     settings: WebSettings, request: Any, cookie: str | None, authorization: str | None
-) -> tuple[Resolution, bool]:
-    """The resolution, and whether the input was malformed (never cached)."""
-    identity: Identity | EndUserContext | None
-    malformed = False
-    try:
-        if settings.resolver is not None:
-            resolved = settings.resolver(request)
-            if isinstance(resolved, EndUserContext):
-                identity = resolved
-            else:
-                identity = validate_identity(resolved)
+) -> tuple[Resolution, str | None]:
+    """The resolution, and the warning to log for malformed input (or ``None``)."""
+    identity: Identity | EndUserContext | None = None
+    warning: str | None = None
+    if settings.resolver is not None:
+        resolved = settings.resolver(request)
+        if isinstance(resolved, EndUserContext):
+            identity = resolved
         else:
-            identity = None
-            if settings.cookie_name is not None:
-                try:
-                    identity = _cookie_identity(settings, cookie)
-                except MalformedIdentity as exc:
-                    # A bad cookie is absent: a valid bearer header still counts.
-                    if settings.strict:
-                        return Resolution(rejection=_deny(str(exc), exc.status)), True
-                    _warn_malformed(exc)
-                    malformed = True
-            if identity is None and settings.bearer:
+            try:
+                identity = validate_identity(resolved)
+            except (TypeError, IdentityError) as exc:
+                # The app's resolver returned a bad value: its bug, reported as such.
+                raise IdentityError(f"the resolver returned a bad identity: {exc}") from None
+    else:
+        if settings.cookie_name is not None and cookie is not None:
+            try:
+                identity = _cookie_identity(settings, cookie)
+            except Exception as exc:
+                # A bad cookie is absent: a valid bearer header still counts.
+                bad = _parse_failure(exc)
+                if settings.strict:
+                    return _malformed(settings, bad), None
+                warning = str(bad)
+        if identity is None and settings.bearer and authorization is not None:
+            try:
                 identity = identity_from_authorization(authorization, max_size=settings.max_size)
-    except MalformedIdentity as exc:
-        if settings.strict:
-            error = "invalid_token" if exc.status == 401 else None
-            return Resolution(rejection=_deny(str(exc), exc.status, error=error)), True
-        _warn_malformed(exc)
-        identity = None
-        malformed = True
+            except Exception as exc:
+                bad = _parse_failure(exc)
+                if bad.status != 401:
+                    bad = MalformedIdentity(str(bad), status=401)
+                if settings.strict:
+                    return _malformed(settings, bad), None
+                warning = str(bad) if warning is None else f"{warning}; {bad}"
 
     if identity is None:
         if settings.no_identity == "deny":
-            rejection = _deny("an end-user identity is required", 401)
-            return Resolution(rejection=rejection), malformed
-        return _NONE, malformed
+            rejection = deny("an end-user identity is required", 401, reason="no_identity")
+            return Resolution(rejection=rejection), warning
+        return _NONE, warning
     if isinstance(identity, EndUserContext):
-        return Resolution(context=identity), False
+        return Resolution(context=identity), warning
     roles = settings.data_roles(request) if settings.data_roles is not None else None
     attrs = settings.attributes(request) if settings.attributes is not None else None
-    return Resolution(context=EndUserContext(identity, roles, attrs)), False
-
-
-# The database rejected the end user's token (ORA-52601: expired, revoked,
-# wrong audience), or the identity provider rejected it as an on-behalf-of
-# assertion: the user must sign in again, which is a 401, not an outage.
-_END_USER_TOKEN_REJECTED = 52601
-
-
-def _oracle_error_code(exc: BaseException) -> int | None:
-    """The ORA number of a python-oracledb error, also when a framework wrapped it.
-
-    Django re-raises driver errors as ``django.db.DatabaseError`` *from* the
-    original; SQLAlchemy keeps it as ``.orig``.
-    """
-    current: object = exc
-    for _ in range(4):
-        if isinstance(current, oracledb.DatabaseError):
-            code = getattr(current.args[0], "code", None) if current.args else None
-            return code if isinstance(code, int) else None
-        current = getattr(current, "orig", None) or getattr(current, "__cause__", None)
-        if current is None:
-            return None
-    return None
+    return Resolution(context=EndUserContext(identity, roles, attrs)), warning
 
 
 def rejection_for_error(exc: BaseException, settings: WebSettings) -> Rejection | None:
-    """The response for an end-user token failure raised while serving a request.
+    """The response for an end-user failure raised while serving a request.
 
-    * The identity does not fit the configuration (a ``(name, key)`` user
-      where ``on_behalf_of`` needs a token): 401 ``invalid_token``.
-    * The end user's own token was rejected — by the database (ORA-52601) or
-      by the identity provider as an on-behalf-of assertion (``invalid_grant``,
-      or already expired) — 401 with ``WWW-Authenticate: Bearer
-      error="invalid_token"``: the user must sign in again.
-    * Any other :class:`~deepsec.TokenAcquisitionError` fails closed with
-      ``settings.token_error_status`` (503 by default, with ``Retry-After``).
-
-    Bodies carry the provider's error code and correlation id, never a token
-    or secret.  ``None`` for every other exception: not ours to answer.
+    ORA-52601 and rejected user tokens: 401 with ``WWW-Authenticate``;
+    provider failures and :class:`~deepsec.TokenNotReadyError`:
+    ``settings.token_error_status`` (503 with ``Retry-After``); ``None`` for
+    every other exception.  The one mapping every adapter uses (details in
+    :mod:`deepsec._rejections`).
     """
-    if isinstance(exc, IdentityNotAccepted):
-        return _deny("this service needs the end user's bearer token", 401, error="invalid_token")
-    if isinstance(exc, TokenAcquisitionError):
-        if exc.error in USER_TOKEN_REJECTED:
-            return _deny(
-                "the identity provider rejected the end user's token",
-                401,
-                error="invalid_token",
-            )
-        body = {"error": "token_unavailable", "detail": "the database-access token is unavailable"}
-        if exc.error:
-            body["provider_error"] = exc.error
-        if exc.correlation_id:
-            body["correlation_id"] = exc.correlation_id
-        headers: tuple[tuple[str, str], ...] = ()
-        if settings.token_error_status == 503:
-            headers = (("Retry-After", "5"),)
-        return Rejection(settings.token_error_status, body, headers)
-    if isinstance(exc, TokenNotReadyError):
-        # An asyncio statement found no token (dropped after ORA-52602, say):
-        # nothing was sent; the client's retry fetches one before the app runs.
-        body = {"error": "token_unavailable", "detail": "the database-access token is unavailable"}
-        return Rejection(settings.token_error_status, body, (("Retry-After", "1"),))
-    if _oracle_error_code(exc) == _END_USER_TOKEN_REJECTED:
-        return _deny("the database rejected the end user's token", 401, error="invalid_token")
-    return None
+    return _rejection_for_error(exc, settings.token_error_status)

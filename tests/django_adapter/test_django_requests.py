@@ -339,3 +339,20 @@ def test_database_rejecting_the_end_user_token_is_401(server: Any) -> None:
     assert response["WWW-Authenticate"] == 'Bearer error="invalid_token"'
     assert response.json()["error"] == "invalid_token"
     assert token not in response.content.decode()
+
+
+def test_raw_header_fields_through_waitress(server: Any) -> None:
+    """Repeated fields, nested JSON, surrogates, UTF-8: the same end user as every adapter."""
+    from django.core.wsgi import get_wsgi_application
+    from django_adapter_support import WsgiServer
+
+    from adapter_support import RAW_EXPECTED, raw_case_answers
+
+    wsgi = WsgiServer(get_wsgi_application()).start()
+    try:
+        answers = raw_case_answers(
+            wsgi.base_url, lambda r: f"/whoami?tag=raw-{r}", lambda body: body["username"]
+        )
+    finally:
+        wsgi.stop()
+    assert answers == RAW_EXPECTED

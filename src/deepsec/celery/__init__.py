@@ -340,7 +340,7 @@ def _on_revoked(request: Any = None, **_: Any) -> None:
         # Called from the worker's main thread: end the scope's lease (the
         # task's thread sees no end user from now on); postrun restores the
         # contextvar in the task's own thread.
-        activation._lease.active = False
+        activation.end()  # from another thread: only the lease ends
 
 
 def _pending_error(task_id: str) -> DeepSecError | None:

@@ -1,21 +1,7 @@
 """The ``DEEPSEC`` Django setting, validated into :class:`deepsec.web.WebSettings`.
 
-``DEEPSEC`` is an optional dict; its keys are the fields of
-:class:`~deepsec.web.WebSettings`, case-insensitive:
-
-================== ============================ ====================
-key                type                         default
-================== ============================ ====================
-cookie_name        str or None                  ``"identity"``
-bearer             bool                         ``True``
-resolver           callable or dotted path      ``None``
-data_roles         callable or dotted path      ``None``
-attributes         callable or dotted path      ``None``
-max_size           int (64..1048576 bytes)      ``16384``
-strict             bool                         ``False``
-no_identity        ``"least_privilege"|"deny"`` ``"least_privilege"``
-token_error_status int (400..599)               ``503``
-================== ============================ ====================
+``DEEPSEC`` is an optional dict; its keys are the settings of every deepsec
+adapter (case-insensitive), documented once in ``docs/settings.md``.
 
 ``resolver``, ``data_roles`` and ``attributes`` take the request; they may be
 given as the callable itself or as a dotted import path

@@ -1,8 +1,7 @@
 """``EndUserSecMiddleware``: one request, one end-user context.
 
-For each request the middleware reads the ``identity`` cookie
-(``request.COOKIES``) and the ``Authorization`` header
-(``request.META["HTTP_AUTHORIZATION"]``), or calls the configured resolver,
+For each request the middleware reads the raw ``Cookie`` and
+``Authorization`` headers (``request.META``), or calls the configured resolver,
 and hands them to :func:`deepsec.web.resolve` — the policy shared by every
 deepsec adapter.  The resulting :class:`~deepsec.EndUserContext` is current
 while the view (and every middleware inside this one) runs; the driver hook
@@ -15,27 +14,28 @@ closers run (a generator's ``finally``), and at no other time.  Nothing
 stays current once the response is finished, also when the view or the body
 raises.
 
-A :class:`~deepsec.TokenAcquisitionError` raised by a view (the
-database-access token could not be obtained) becomes a JSON 503 response
-with ``Retry-After`` (``token_error_status``), without any token or secret.
+Errors raised by a view get the answer every adapter gives
+(:mod:`deepsec.lifecycle`): a token the library could not obtain a JSON 503
+with ``Retry-After`` (``token_error_status``), ORA-52601 or a rejected
+end-user token a 401 with ``WWW-Authenticate``; never a token or secret.
+Settings: the one table in ``docs/settings.md``.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
-from ..context import EndUserContext, activate, deactivate
-from ..web import Rejection, Resolution, WebSettings, rejection_for_error, resolve
+from ..context import EndUserContext, activate
+from ..lifecycle import answer, begin
+from ..web import Rejection, Resolution, WebSettings, resolve
 from .conf import get_settings
 
 __all__ = ["EndUserSecMiddleware", "rejection_response"]
 
-log = logging.getLogger("deepsec.django")
 
 GetResponse = Callable[[HttpRequest], HttpResponseBase]
 AsyncGetResponse = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
@@ -50,12 +50,15 @@ def rejection_response(rejection: Rejection) -> JsonResponse:
 
 
 def _resolve(settings: WebSettings, request: HttpRequest) -> Resolution:
-    cookie = request.COOKIES.get(settings.cookie_name) if settings.cookie_name else None
+    # The raw header values, as every adapter hands them over: Django's
+    # request.COOKIES decodes, unquotes and picks the last of two cookies its
+    # own way, so the same bytes would name another end user than elsewhere.
+    meta = request.META
     return resolve(
         settings,
         request,
-        cookie=cookie,
-        authorization=request.META.get("HTTP_AUTHORIZATION"),
+        cookie_header=meta.get("HTTP_COOKIE"),
+        authorization=meta.get("HTTP_AUTHORIZATION"),
     )
 
 
@@ -81,12 +84,9 @@ class _Scoped:
     def close(self) -> None:
         """Run the response's original closers under the request's context."""
         closers, self._closers = self._closers, []
-        token = activate(self._context)
-        try:
+        with activate(self._context):
             for closer in closers:
                 closer()
-        finally:
-            deactivate(token)
 
 
 class _ScopedIterator(_Scoped):
@@ -107,11 +107,8 @@ class _ScopedIterator(_Scoped):
         return self
 
     def __next__(self) -> bytes:
-        token = activate(self._context)
-        try:
+        with activate(self._context):
             return next(self._iterator)
-        finally:
-            deactivate(token)
 
 
 class _ScopedAsyncIterator(_Scoped):
@@ -137,11 +134,8 @@ class _ScopedAsyncIterator(_Scoped):
         return self
 
     async def __anext__(self) -> bytes:
-        token = activate(self._context)
-        try:
+        with activate(self._context):
             return await self._iterator.__anext__()
-        finally:
-            deactivate(token)
 
 
 def _scope_streaming(response: HttpResponseBase, context: EndUserContext | None) -> None:
@@ -208,15 +202,12 @@ class EndUserSecMiddleware:
         """Serve one request (sync), or return the coroutine in async mode."""
         if self.async_mode:
             return self.__acall__(request)
-        resolution = _resolve(get_settings(), request)
-        if resolution.rejection is not None:
-            return rejection_response(resolution.rejection)
-        token = activate(resolution.context)
-        try:
+        outcome = begin(_resolve(get_settings(), request))
+        if isinstance(outcome, Rejection):
+            return rejection_response(outcome)
+        with outcome:
             response = self.get_response(request)
-        finally:
-            deactivate(token)
-        _scope_streaming(response, resolution.context)
+        _scope_streaming(response, outcome.context)
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
@@ -226,25 +217,15 @@ class EndUserSecMiddleware:
             resolution = await sync_to_async(_resolve, thread_sensitive=True)(settings, request)
         else:
             resolution = _resolve(settings, request)
-        if resolution.rejection is not None:
-            return rejection_response(resolution.rejection)
-        token = activate(resolution.context)
-        try:
+        outcome = begin(resolution)
+        if isinstance(outcome, Rejection):
+            return rejection_response(outcome)
+        with outcome:
             response = await self.get_response(request)  # type: ignore[misc]
-        finally:
-            deactivate(token)
-        _scope_streaming(response, resolution.context)
+        _scope_streaming(response, outcome.context)
         return response
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> JsonResponse | None:
-        """Turn a token-acquisition failure raised by a view into its response (503)."""
-        rejection = rejection_for_error(exception, get_settings())
-        if rejection is None:
-            return None
-        log.warning(
-            "end-user database-access token unavailable for %s %s: %s",
-            request.method,
-            request.path,
-            exception,
-        )
-        return rejection_response(rejection)
+        """Answer an end-user failure raised by a view (401/503), as every adapter does."""
+        rejection = answer(exception, get_settings())
+        return None if rejection is None else rejection_response(rejection)
