@@ -49,6 +49,15 @@ async def who_and_employees(pool: oracledb.AsyncConnectionPool) -> tuple[str | N
     return (row[0] if row else None), employees
 
 
+async def db_user(pool: oracledb.AsyncConnectionPool) -> str | None:
+    """What the database says the current end user is (``None``: no end user)."""
+    async with pool.acquire() as conn:
+        cursor = conn.cursor()
+        await cursor.execute(USERNAME_SQL)
+        row = await cursor.fetchone()
+    return row[0] if row else None
+
+
 def create_app(settings: HRSettings | None = None) -> FastAPI:
     """Build the app; configuration comes from ``HR_*`` variables unless given."""
     cfg = settings or HRSettings.from_env()
@@ -138,13 +147,22 @@ def create_app(settings: HRSettings | None = None) -> FastAPI:
         return {"task_id": result.id}
 
     @app.get("/api/exports/{task_id}")
-    async def export_status(task_id: str, user: EndUser) -> dict[str, Any]:
-        """The export's state, and its result once done."""
+    async def export_status(request: Request, task_id: str, user: EndUser) -> dict[str, Any]:
+        """The export's state, and its result once done -- to the end user who queued it only.
+
+        A task id is no capability: the rows are returned only when the
+        database says the requester is the end user the export ran as (the
+        database, which verifies tokens, rather than an unverified claim).
+        """
         result = jobs.celery_app.AsyncResult(task_id)
         if not result.ready():
             return {"state": result.state}
         if result.failed():
             return {"state": "FAILURE", "error": type(result.result).__name__}
-        return {"state": "SUCCESS", **result.result}
+        export = result.result
+        requester = await db_user(request.app.state.pool)
+        if not isinstance(export, dict) or export.get("db_user") != requester:
+            raise HTTPException(status_code=404, detail="no such export")
+        return {"state": "SUCCESS", **export}
 
     return app

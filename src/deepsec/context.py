@@ -18,7 +18,7 @@ import contextvars
 import copy
 import json
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import Any, Final, TypeAlias
 
@@ -35,6 +35,7 @@ __all__ = [
     "get_end_user_attributes",
     "get_end_user_data_roles",
     "get_end_user_identity",
+    "restore_point",
     "set_end_user_attributes",
     "set_end_user_data_roles",
     "set_end_user_identity",
@@ -120,8 +121,15 @@ def validate_attributes(value: object) -> Mapping[str, Any] | None:
         if not isinstance(name, str) or not name:
             raise IdentityError(f"attribute names must be non-empty strings, got {name!r}")
         try:
-            json.dumps(item)
-        except (TypeError, ValueError):
+            # allow_nan=False: NaN and infinity are not JSON, and a value that
+            # cannot be encoded canonically cannot be signed (deepsec.celery).
+            json.dumps(item, allow_nan=False)
+        except ValueError:
+            raise IdentityError(
+                f"attribute {name!r} holds NaN, infinity or a circular reference, "
+                "which JSON cannot carry"
+            ) from None
+        except TypeError:
             raise TypeError(
                 f"attribute {name!r} has a value of type {type(item).__name__}, "
                 "which is not JSON-compatible"
@@ -361,6 +369,17 @@ def deactivate(activation: Activation) -> None:
     see no end user from now on.
     """
     activation.end()
+
+
+def restore_point() -> Callable[[], None]:
+    """Snapshot the current scope; the returned function restores exactly it.
+
+    For code that runs other code in the caller's scope (an eager Celery
+    task) and must undo whatever that code changed in it, such as
+    ``set_end_user_identity``, without ending the caller's scope.
+    """
+    token = _current.set(_current.get())
+    return lambda: _current.reset(token)
 
 
 def _replace_current(**changes: Any) -> None:

@@ -9,10 +9,10 @@ Statements go to the session's wire test server.
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +27,9 @@ import deepsec
 import deepsec.celery
 from adapter_support import WHOAMI, connect_kwargs, user_token
 from deepsec.celery import HEADER, EndUserExpired, EndUserHeaderRefused, EndUserTask
-from deepsec.celery.signing import HeaderRefused, derive_key, sign, verify
+from deepsec.celery.settings import installed
+from deepsec.celery.signing import CLOCK_SKEW, HeaderRefused, body_digest, derive_key, sign, verify
+from deepsec.celery.worker import _stack
 
 KEY = "in-process-signing-key-0123456789"
 ALICE = user_token("alice")
@@ -96,10 +98,32 @@ def add_tasks(app: Any, pool: oracledb.ConnectionPool, **options: Any) -> dict[s
     }
 
 
-def run_as_worker(task: Any, args: tuple[Any, ...], header: Any, task_id: str | None = None) -> Any:
+def header_for(
+    task_id: str,
+    name: str,
+    ctx: Any,
+    args: tuple[Any, ...] = (),
+    *,
+    key: str = KEY,
+    embed: dict[str, Any] | None = None,
+    issued_at: float | None = None,
+) -> dict[str, Any]:
+    """A header as a publisher with ``key`` signs it for this message."""
+    digest = body_digest(args, {}, embed)
+    return sign(derive_key(key), task_id, name, ctx, digest, issued_at or time.time())
+
+
+def run_as_worker(
+    task: Any,
+    args: tuple[Any, ...],
+    header: Any,
+    task_id: str | None = None,
+    **request_extra: Any,
+) -> Any:
     """Run ``task`` through Celery's worker tracer with this end-user header; its Info."""
     task_id = task_id or str(uuid.uuid4())
     request = {"id": task_id, "task": task.name, "is_eager": False, "delivery_info": {}}
+    request.update(request_extra)  # what a message body's "embed" adds (Celery's update)
     if header is not None:
         request[HEADER] = header
     tracer = build_tracer(task.name, task, eager=False, propagate=False, app=task.app)
@@ -144,10 +168,10 @@ def test_eager_chain_and_failure(eager: dict[str, Any], oracle_server: Any) -> N
         assert deepsec.current_end_user() is ctx
     assert users_of(oracle_server, a) == users_of(oracle_server, b) == ["bob"]
     assert deepsec.current_end_user() is None
-    assert deepsec.celery._stack() == []  # every scope ended
+    assert _stack() == []  # every scope ended
 
 
-# -- the worker's tracer: verification, strict mode, revoke ----------------------------
+# -- the worker's tracer: verification, strict mode, tainted re-publishes -------------
 
 
 @pytest.fixture(scope="module")
@@ -157,17 +181,24 @@ def strict(pool: oracledb.ConnectionPool) -> dict[str, Any]:
     return add_tasks(app, pool, autoretry_for=(Exception,), max_retries=3)
 
 
+def expired_token(exp: Any = None) -> str:
+    """A token whose ``exp`` is ``exp`` (default: ten minutes ago)."""
+    import spi_static
+
+    exp = int(time.time() - 600) if exp is None else exp
+    return str(spi_static.make_jwt({"preferred_username": "old", "exp": exp}))
+
+
 def test_strict_mode_fails_a_refused_header_before_the_body(
     strict: dict[str, Any], oracle_server: Any
 ) -> None:
-    key = derive_key(KEY)
     whoami = strict["whoami"]
     alice = deepsec.EndUserContext(ALICE)
     refused = (
         None,
         "garbage",
-        sign(derive_key("x" * 32), "t", whoami.name, alice),
-        {**sign(key, "t", whoami.name, alice), "sig": "é" * 64},
+        header_for("t", whoami.name, alice, key="x" * 32),
+        {**header_for("t", whoami.name, alice), "sig": "é" * 64},
     )
     for header in refused:
         t = new_tag()
@@ -177,31 +208,83 @@ def test_strict_mode_fails_a_refused_header_before_the_body(
         assert ALICE not in str(info.retval)
         assert users_of(oracle_server, t) == []
     t, task_id = new_tag(), str(uuid.uuid4())
-    info = run_as_worker(whoami, (t,), sign(key, task_id, whoami.name, alice), task_id).info
+    info = run_as_worker(whoami, (t,), header_for(task_id, whoami.name, alice, (t,)), task_id).info
     assert info is None  # success
     assert users_of(oracle_server, t) == ["alice"]
     assert deepsec.current_end_user() is None
 
 
-def test_expired_token_fails_without_retry(strict: dict[str, Any], oracle_server: Any) -> None:
-    import spi_static
-
-    expired = spi_static.make_jwt({"preferred_username": "old", "exp": int(time.time()) - 1})
-    whoami, task_id, t = strict["whoami"], str(uuid.uuid4()), new_tag()
-    header = sign(derive_key(KEY), task_id, whoami.name, deepsec.EndUserContext(expired))
-    info = run_as_worker(whoami, (t,), header, task_id).info
-    assert info.state == "FAILURE"  # not RETRY, although autoretry_for=(Exception,)
-    assert isinstance(info.retval, EndUserExpired)
-    assert expired not in str(info.retval)
+def test_is_eager_in_the_message_body_is_not_trusted(
+    strict: dict[str, Any], oracle_server: Any
+) -> None:
+    # Celery merges the body's "embed" into the request after is_eager=False,
+    # so a broker writer can claim an eager run; strict mode must still refuse.
+    t = new_tag()
+    info = run_as_worker(strict["whoami"], (t,), None, is_eager=True).info
+    assert info is not None and isinstance(info.retval, EndUserHeaderRefused)
     assert users_of(oracle_server, t) == []
+
+
+def test_expired_token_fails_without_retry(strict: dict[str, Any], oracle_server: Any) -> None:
+    whoami = strict["whoami"]
+    for token in (expired_token(), expired_token(exp=float("nan")), expired_token(exp=10**400)):
+        task_id, t = str(uuid.uuid4()), new_tag()
+        header = header_for(task_id, whoami.name, deepsec.EndUserContext(token), (t,))
+        info = run_as_worker(whoami, (t,), header, task_id).info
+        assert info is not None, token[-12:]
+        assert info.state == "FAILURE"  # not RETRY, although autoretry_for=(Exception,)
+        assert isinstance(info.retval, EndUserExpired)
+        assert token not in str(info.retval)
+        assert users_of(oracle_server, t) == []
+    # Within the documented clock skew, a token is still accepted.
+    task_id, t = str(uuid.uuid4()), new_tag()
+    fresh = deepsec.EndUserContext(expired_token(int(time.time() - deepsec.celery.CLOCK_SKEW / 2)))
+    assert (
+        run_as_worker(whoami, (t,), header_for(task_id, whoami.name, fresh, (t,)), task_id).info
+        is None
+    )
+    assert users_of(oracle_server, t) == ["old"]
+
+
+def test_a_refused_task_cannot_launder_its_errbacks(
+    strict: dict[str, Any], oracle_server: Any
+) -> None:
+    whoami = strict["whoami"]
+    published: list[dict[str, Any]] = []
+
+    def capture(sender: str | None = None, headers: Any = None, **_: Any) -> None:
+        if sender == whoami.name:
+            published.append(dict(headers))
+
+    signals.before_task_publish.connect(capture, weak=False)
+    try:
+        for case in ("refused header", "expired end user"):
+            task_id, t, errback_tag = str(uuid.uuid4()), new_tag(), new_tag()
+            errbacks = [dict(whoami.si(errback_tag))]
+            header = None
+            if case == "expired end user":
+                expired = deepsec.EndUserContext(expired_token())
+                embed = {"errbacks": errbacks}
+                header = header_for(task_id, whoami.name, expired, (t,), embed=embed)
+            info = run_as_worker(whoami, (t,), header, task_id, errbacks=errbacks).info
+            assert info is not None and info.state == "FAILURE", case
+    finally:
+        signals.before_task_publish.disconnect(capture)
+    assert len(published) == 2  # Celery published each errback
+    for header in published:
+        errback = header[HEADER]
+        assert errback["tainted"] is True and errback["end_user"] == "null"
+        with pytest.raises(HeaderRefused, match="whose own end user was refused"):
+            verify(
+                derive_key(KEY), errback, header["id"], whoami.name, errback["body"],
+                now=time.time(), max_age=3600,
+            )  # fmt: skip
 
 
 def test_a_task_with_a_foreign_base_cannot_fail_early_so_runs_as_nobody(
     pool: oracledb.ConnectionPool, oracle_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     import celery
-
-    import spi_static
 
     app = make_app(pool, "foreign_base")
     deepsec.celery.install(app, signing_key=KEY)
@@ -211,9 +294,9 @@ def test_a_task_with_a_foreign_base_cannot_fail_early_so_runs_as_nobody(
     def t() -> None:
         seen.append((deepsec.current_end_user(), HEADER in t.request.__dict__))
 
-    expired = spi_static.make_jwt({"preferred_username": "old", "exp": int(time.time()) - 1})
+    expired = expired_token()
     task_id = str(uuid.uuid4())
-    header = sign(derive_key(KEY), task_id, t.name, deepsec.EndUserContext(expired))
+    header = header_for(task_id, t.name, deepsec.EndUserContext(expired))
     with caplog.at_level("ERROR", logger="deepsec.celery"):
         assert run_as_worker(t, (), header, task_id).info is None
     assert seen == [(None, False)]
@@ -221,28 +304,41 @@ def test_a_task_with_a_foreign_base_cannot_fail_early_so_runs_as_nobody(
     assert expired not in caplog.text
 
 
-def test_revoke_ends_the_scope_of_a_running_task(pool: oracledb.ConnectionPool) -> None:
-    app = make_app(pool, "revoke")
+# -- publishing: what cannot be signed fails in the caller -----------------------------
+
+
+def test_signing_failures_reach_the_caller_and_drop_a_callers_header(
+    pool: oracledb.ConnectionPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(deepsec.IdentityError, match="NaN"):
+        deepsec.EndUserContext(ALICE, attributes={"x": float("nan")})
+    with pytest.raises(deepsec.IdentityError, match="NaN"):
+        deepsec.EndUserContext(ALICE, attributes={"x": [float("inf")]})
+    app = make_app(pool, "unsignable", task_serializer="pickle", accept_content=["pickle"])
     deepsec.celery.install(app, signing_key=KEY)
-    seen: list[Any] = []
+    tasks = add_tasks(app, pool)
+    published: list[dict[str, Any]] = []
 
-    @app.task(name="revoke.watch")
-    def watch() -> None:
-        seen.append(deepsec.current_end_user())
-        request = watch.request
-        revoker = threading.Thread(
-            target=signals.task_revoked.send,
-            kwargs={"sender": watch, "request": request, "terminated": True, "signum": 15},
-        )
-        revoker.start()
-        revoker.join()
-        seen.append(deepsec.current_end_user())
+    def capture(sender: str | None = None, headers: Any = None, **_: Any) -> None:
+        if sender == tasks["whoami"].name:
+            published.append(dict(headers))
 
-    task_id = str(uuid.uuid4())
-    header = sign(derive_key(KEY), task_id, watch.name, deepsec.EndUserContext(("bob", None)))
-    run_as_worker(watch, (), header, task_id)
-    assert seen[0] is not None and seen[0].name == "bob"
-    assert seen[1] is None
+    forged = header_for("x", tasks["whoami"].name, deepsec.EndUserContext(ALICE))
+    signals.before_task_publish.connect(capture, weak=False)
+    try:
+        with deepsec.end_user(ALICE):
+            # Caught before publishing: nothing goes out.
+            with pytest.raises(TypeError, match="type set"):
+                tasks["whoami"].apply_async(({1, 2},), headers={HEADER: forged})
+            assert published == []
+            # send_task() has no precheck: the signal fails, the caller's header is gone.
+            with caplog.at_level("ERROR", logger="deepsec.celery"):
+                app.send_task(tasks["whoami"].name, args=({1, 2},), headers={HEADER: forged})
+    finally:
+        signals.before_task_publish.disconnect(capture)
+    (headers,) = published
+    assert HEADER not in headers
+    assert "could not be signed" in caplog.text and ALICE not in caplog.text
 
 
 # -- EndUserTask without install(): settings from the app's configuration --------------
@@ -284,33 +380,63 @@ def test_end_user_task_reads_its_key_from_the_app_conf(
 
 def test_header_round_trip_and_every_refusal() -> None:
     key = derive_key(KEY)
+    now = time.time()
+    body = body_digest(("a",), {"k": 1}, None)
+
+    def check(header: Any, task_id: str = "id1", name: str = "t", digest: str = body) -> Any:
+        return verify(key, header, task_id, name, digest, now=now, max_age=3600)
+
+    def make(ctx: Any, task_id: str = "id1", iat: float = now, **kw: Any) -> dict[str, Any]:
+        return sign(key, task_id, "t", ctx, body, iat, **kw)
+
     ctx = deepsec.EndUserContext(ALICE, data_roles=["a"], attributes={"x": [1, "y"]})
-    assert verify(key, sign(key, "id1", "t", ctx), "id1", "t") == ctx
+    assert check(make(ctx)) == ctx
     local = deepsec.EndUserContext(("bob", "k3y"))
-    assert verify(key, sign(key, "id1", "t", local), "id1", "t") == local
-    assert verify(key, sign(key, "id1", "t", None), "id1", "t") is None
-    good = sign(key, "id1", "t", ctx)
+    assert check(make(local)) == local
+    assert check(make(None)) is None
+    good = make(ctx)
     refusals = {
         "is missing": None,
         "is malformed": "x",
-        "has an unknown format version": {**good, "v": 2},
+        "has an unknown format version": {**good, "v": 1},
         "is not signed": {**good, "sig": ""},
         "bad signature": {**good, "sig": "é" * 64},
         "has a bad signature": {**good, "end_user": good["end_user"].replace('"a"', '"b"')},
-        "was made for another message": sign(key, "id2", "t", ctx),
+        "was made for another message": make(ctx, "id2"),
+        "older than the maximum age": make(ctx, iat=now - 3600 - CLOCK_SKEW - 1),
+        "issued in the future": make(ctx, iat=now + CLOCK_SKEW + 5),
+        "whose own end user was refused": make(None, tainted=True),
+        "malformed ": {**good, "iat": float("nan")},
     }
     for reason, header in refusals.items():
-        with pytest.raises(HeaderRefused, match=reason) as info:
-            verify(key, header, "id1", "t")
+        with pytest.raises(HeaderRefused, match=reason.strip()) as info:
+            check(header)
         assert ALICE not in str(info.value)
+    assert check(make(ctx, iat=now - 3600)) == ctx  # within the maximum age
     with pytest.raises(HeaderRefused, match="another message"):
-        verify(key, good, "id1", "other-task")
+        check(good, name="other-task")
     with pytest.raises(HeaderRefused, match="bad signature"):
-        verify(derive_key("another-key-0123456789"), good, "id1", "t")
+        verify(derive_key("another-key-0123456789"), good, "id1", "t", body, now=now, max_age=60)
     forged = {**good, "end_user": json.dumps({"identity": 5})}
-    forged["sig"] = sign(key, "id1", "t", None)["sig"]  # a real MAC of something else
+    forged["sig"] = make(None)["sig"]  # a real MAC of something else
     with pytest.raises(HeaderRefused, match="bad signature"):
-        verify(key, forged, "id1", "t")
+        check(forged)
+    # The body digest covers args, kwargs and every follow-up task Celery keeps in the body.
+    for other in (
+        body_digest(("b",), {"k": 1}, None),
+        body_digest(("a",), {"k": 2}, None),
+        body_digest(("a",), {"k": 1}, {"chain": [{"task": "delete_everything"}]}),
+        body_digest(("a",), {"k": 1}, {"callbacks": [{"task": "x"}]}),
+        body_digest(("a",), {"k": 1}, {"errbacks": [{"task": "x"}]}),
+        body_digest(("a",), {"k": 1}, {"chord": {"task": "x"}}),
+    ):
+        with pytest.raises(HeaderRefused, match="does not match the message body"):
+            check(good, digest=other)
+    # ... in a form that survives a JSON round trip (tuples, int keys, datetimes).
+    stamp = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    sent = ((1, (2, 3)), {"when": stamp, "m": {1: "x"}}, {"chain": None})
+    received = ([1, [2, 3]], {"when": stamp, "m": {"1": "x"}}, {})
+    assert body_digest(*sent) == body_digest(*received)
 
 
 def test_install_makes_new_tasks_end_user_tasks(pool: oracledb.ConnectionPool) -> None:
@@ -323,7 +449,9 @@ def test_install_makes_new_tasks_end_user_tasks(pool: oracledb.ConnectionPool) -
 
     assert isinstance(t, EndUserTask)
     assert issubclass(app.Task, EndUserTask)
-    assert KEY not in repr(deepsec.celery._installed[app])
+    # Documented: Celery's built-ins too, so what chord_unlock publishes keeps the end user.
+    assert isinstance(app.tasks["celery.chord_unlock"], EndUserTask)
+    assert KEY not in repr(installed[app])
 
 
 _KEYS_SCRIPT = r"""
@@ -343,7 +471,7 @@ from django.conf import settings
 settings.configure(SECRET_KEY="django-secret-key-0123456789-abcdef")
 app = Celery("django", set_as_current=False)
 deepsec.celery.install(app)
-out["django"] = deepsec.celery._installed[app].key == derive_key(settings.SECRET_KEY)
+out["django"] = deepsec.celery.settings.installed[app].key == derive_key(settings.SECRET_KEY)
 print(json.dumps(out))
 """
 

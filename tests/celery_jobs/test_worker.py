@@ -18,7 +18,7 @@ import pytest
 import deepsec
 from adapter_support import TOKENS, USERS, user_token
 from deepsec.celery import HEADER, EndUserExpired
-from deepsec.celery.signing import derive_key, sign
+from deepsec.celery.signing import body_digest, derive_key, sign
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -182,11 +182,22 @@ def test_no_end_user_runs_with_none_and_no_warning(worker: Any, oracle_server: A
 # -- messages published by hand: a broker writer's view --------------------------------
 
 
-def publish_by_hand(jobs: Any, task_id: str, tag: str, header: Any) -> None:
+def publish_by_hand(
+    jobs: Any,
+    task_id: str,
+    tag: str,
+    header: Any,
+    *,
+    chain: list[Any] | None = None,
+    extra_embed: dict[str, Any] | None = None,
+) -> None:
     """Publish a protocol-2 message the way a broker writer could, bypassing Celery's signals."""
     app = jobs.app
     name = jobs.whoami.name
-    headers, properties, body, _ = app.amqp.as_task_v2(task_id, name, args=(tag,))
+    headers, properties, body, _ = app.amqp.as_task_v2(task_id, name, args=(tag,), chain=chain)
+    if extra_embed:
+        args, kwargs, embed = body
+        body = (args, kwargs, {**embed, **extra_embed})
     if header is not None:
         headers[HEADER] = header
     with app.producer_or_acquire() as producer:
@@ -200,53 +211,111 @@ def publish_by_hand(jobs: Any, task_id: str, tag: str, header: Any) -> None:
         )
 
 
-def test_forged_tampered_foreign_and_moved_headers_never_become_an_end_user(
+def genuine_header(jobs: Any, tag: str, identity: Any) -> tuple[str, Any]:
+    """A header signed by Celery's real publish path as ``identity``, for ``whoami(tag)``.
+
+    The message goes to a queue no worker reads: the test then resends the
+    header the way a broker writer who copied it could.
+    """
+    from celery import signals
+
+    captured: dict[str, Any] = {}
+
+    def grab(sender: str | None = None, headers: Any = None, **_: Any) -> None:
+        if sender == jobs.whoami.name and headers and HEADER in headers:
+            captured.update(headers)
+
+    signals.before_task_publish.connect(grab, weak=False)
+    try:
+        with deepsec.end_user(identity):
+            jobs.whoami.apply_async((tag,), queue=f"nowhere-{new_tag()}", ignore_result=True)
+    finally:
+        signals.before_task_publish.disconnect(grab)
+    return str(captured["id"]), captured[HEADER]
+
+
+def signed(jobs: Any, task_id: str, tag: str, ctx: Any, **kw: Any) -> dict[str, Any]:
+    """A header signed with the app's key for ``whoami(tag)`` (what only a key holder can make)."""
+    key = kw.pop("key", derive_key(jobs.SIGNING_KEY))
+    name = kw.pop("name", jobs.whoami.name)
+    issued_at = kw.pop("issued_at", time.time())
+    return sign(key, task_id, name, ctx, body_digest((tag,), {}, None), issued_at)
+
+
+def test_forged_tampered_foreign_moved_swapped_and_old_headers_never_become_an_end_user(
     worker: Any, oracle_server: Any
 ) -> None:
     jobs = worker.jobs
-    key = derive_key(jobs.SIGNING_KEY)
     alice = deepsec.EndUserContext(user_token("alice"), data_roles=["admin"])
     cases: dict[str, Any] = {}
 
-    def case(label: str, header_for: Any) -> None:
-        task_id = str(uuid.uuid4())
-        cases[label] = (task_id, new_tag(), header_for(task_id))
+    def case(label: str, header_for: Any, **publish: Any) -> None:
+        task_id, tag = str(uuid.uuid4()), new_tag()
+        cases[label] = (task_id, tag, header_for(task_id, tag), publish)
 
-    case("missing", lambda tid: None)
-    case("garbage", lambda tid: "alice")
+    case("missing", lambda tid, tag: None)
+    case("garbage", lambda tid, tag: "alice")
 
-    def unsigned(tid: str) -> Any:
-        return {k: v for k, v in sign(key, tid, jobs.whoami.name, alice).items() if k != "sig"}
+    def unsigned(tid: str, tag: str) -> Any:
+        return {k: v for k, v in signed(jobs, tid, tag, alice).items() if k != "sig"}
 
     case("unsigned", unsigned)
 
-    def tampered(tid: str) -> Any:
-        header = sign(key, tid, jobs.whoami.name, deepsec.EndUserContext(("bob", None)))
+    def tampered(tid: str, tag: str) -> Any:
+        header = signed(jobs, tid, tag, deepsec.EndUserContext(("bob", None)))
         header["end_user"] = header["end_user"].replace("bob", "alice")
         return header
 
     case("tampered", tampered)
     case(
         "foreign",
-        lambda tid: sign(derive_key("another-apps-key-0123456789"), tid, jobs.whoami.name, alice),
+        lambda tid, tag: signed(jobs, tid, tag, alice, key=derive_key("another-apps-key-0123456")),
     )
-    case("moved", lambda tid: sign(key, str(uuid.uuid4()), jobs.whoami.name, alice))
-    case("other task", lambda tid: sign(key, tid, jobs.whoami_autoretry.name, alice))
+    case("moved", lambda tid, tag: signed(jobs, str(uuid.uuid4()), tag, alice))
+    case("other task", lambda tid, tag: signed(jobs, tid, tag, alice, name="jobs_app.other"))
+    case("old", lambda tid, tag: signed(jobs, tid, tag, alice, issued_at=time.time() - 7 * 3600))
+    # A message claiming to be an eager run (Celery lets the body set is_eager).
+    case("claims eager", lambda tid, tag: None, extra_embed={"is_eager": True})
 
-    for task_id, tag, header in cases.values():
-        publish_by_hand(jobs, task_id, tag, header)
-    wait_statements(oracle_server, {tag: 1 for _, tag, _ in cases.values()})
-    for label, (_, tag, _) in cases.items():
+    for task_id, tag, header, publish in cases.values():
+        publish_by_hand(jobs, task_id, tag, header, **publish)
+    # alice's genuine header, resent on the same task id with other arguments.
+    swapped_id, genuine = genuine_header(jobs, new_tag(), alice.identity)
+    swapped_tag = new_tag()
+    publish_by_hand(jobs, swapped_id, swapped_tag, genuine)
+    cases["swapped body"] = (swapped_id, swapped_tag, genuine, {})
+
+    wait_statements(oracle_server, {tag: 1 for _, tag, _, _ in cases.values()})
+    for label, (_, tag, _, _) in cases.items():
         assert [s.context for s in statements(oracle_server, tag)] == [None], label
 
     log = worker.log()
-    for label, (task_id, _, _) in cases.items():
+    for label, (task_id, _, _, _) in cases.items():
         warnings = [line for line in log.splitlines() if "WARNING" in line and task_id in line]
         assert len(warnings) == 1, (label, warnings)
         assert "runs with no end user" in warnings[0]
     assert "was made for another message" in log
     assert "bad signature" in log
+    assert "does not match the message body" in log
+    assert "older than the maximum age" in log
     assert user_token("alice").split(".")[1] not in log
+
+
+def test_a_chain_injected_into_a_genuine_message_runs_as_nobody(
+    worker: Any, oracle_server: Any
+) -> None:
+    # The reviewer's attack: alice's genuine header on a harmless task, resent
+    # with the same id and a chain appended.  Celery publishes the chain step
+    # from inside the task's scope; it must not be signed as alice.
+    jobs = worker.jobs
+    tag, injected = new_tag(), new_tag()
+    task_id, genuine = genuine_header(jobs, tag, user_token("alice"))
+    publish_by_hand(jobs, task_id, tag, genuine, chain=[dict(jobs.whoami.si(injected))])
+    wait_statements(oracle_server, {tag: 1, injected: 1})
+    assert [username(s) for s in statements(oracle_server, tag)] == [None]
+    assert [username(s) for s in statements(oracle_server, injected)] == [None]
+    log = worker.log()
+    assert "whose own end user was refused" in log
 
 
 # -- expired tokens --------------------------------------------------------------------
@@ -258,7 +327,7 @@ def test_an_expired_token_fails_the_task_before_any_statement(
     import spi_static
 
     expired = spi_static.make_jwt(
-        {"sub": "dora", "preferred_username": "dora", "exp": int(time.time()) - 5}
+        {"sub": "dora", "preferred_username": "dora", "exp": int(time.time()) - 600}
     )
     t = new_tag()
     with deepsec.end_user(expired):
@@ -279,4 +348,8 @@ def test_the_worker_log_holds_no_token_or_key(worker: Any) -> None:
     assert worker.jobs.SIGNING_KEY not in log
     for token in TOKENS.values():
         assert token.split(".")[1] not in log
-    assert "Traceback" not in log or "EndUserExpired" in log
+    # Every traceback in the log is a task failed on purpose by deepsec.celery.
+    expected = ("deepsec.celery.errors.EndUserExpired:",)
+    for chunk in log.split("Traceback (most recent call last):")[1:]:
+        last = next(line for line in chunk.splitlines() if line and not line[0].isspace())
+        assert last.startswith(expected), last
