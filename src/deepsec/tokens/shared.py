@@ -253,7 +253,16 @@ class RedisL2:
 
     # --- sync operations: raise _L2Down, or swallow where a failure changes nothing ----
 
-    def _call(self, fn: Any, *args: Any, write: bool = False, **kwargs: Any) -> Any:
+    def _call(
+        self, fn: Any, *args: Any, write: bool = False, cleanup: bool = False, **kwargs: Any
+    ) -> Any:
+        """``fn`` through the breakers.
+
+        ``write``: a write a full Redis refuses (gated by ``writes``).
+        ``cleanup``: a delete of our own lock or of a rejected entry: never
+        gated by ``writes`` (a lock we hold must be released even when our
+        entry could not be written) and a refusal changes no breaker.
+        """
         wrote = PASS
         if write:
             wrote = self.writes.admit()
@@ -267,7 +276,9 @@ class RedisL2:
         try:
             result = fn(*args, **kwargs)
         except self._refused as exc:
-            if write:  # Redis answered: reachable, but it refuses writes
+            if cleanup:
+                self.breaker.success()
+            elif write:  # Redis answered: reachable, but it refuses writes
                 self.breaker.success()
                 self.writes.failure(exc, wrote == PROBE)
             else:  # a read refused (ACL): Redis is of no use until that changes
@@ -365,7 +376,7 @@ class RedisL2:
     def release(self, digest: str, owner: str) -> None:
         """Release the lock if ``owner`` still holds it (else it expired: leave it)."""
         with contextlib.suppress(_L2Down):  # on failure it expires by itself
-            self._call(self._cad, keys=[self.lock_name(digest)], args=[owner])
+            self._call(self._cad, keys=[self.lock_name(digest)], args=[owner], cleanup=True)
 
     def delete(self, digest: str, token: str) -> None:
         """Delete the entry for ``digest`` if it still holds ``token``."""
@@ -374,7 +385,7 @@ class RedisL2:
             blob = self._call(self._client.get, name)
             opened = self.sealer.open(name, blob)
             if blob is not None and (opened is None or opened.token == token):
-                self._call(self._cad, keys=[name], args=[blob])
+                self._call(self._cad, keys=[name], args=[blob], cleanup=True)
         except _L2Down:
             pass
 
