@@ -465,7 +465,7 @@ def test_invalidate_drops_the_token_in_l1_and_l2(idp: LocalIdP, redis: RedisTest
 # --- asyncio ---------------------------------------------------------------------------
 
 
-def test_async_path_reads_l2_with_redis_asyncio(idp: LocalIdP, redis: RedisTestServer) -> None:
+def test_async_path_reads_l2_off_the_event_loop(idp: LocalIdP, redis: RedisTestServer) -> None:
     params = _params(idp, redis)
     ctx = EndUserContext(idp.issue_user_token("ivan"))
     token = _source(params).get_token(ctx)
