@@ -815,3 +815,36 @@ def test_a_token_rejected_during_an_async_l2_read_is_not_kept(
 
     assert asyncio.run(main()) != token
     assert source.cache.peek(key) != token
+
+
+def test_invalidations_on_an_event_loop_start_no_thread_each(
+    idp: LocalIdP, redis: RedisTestServer
+) -> None:
+    # A socket timeout longer than the pause below: the deletes wait, then land.
+    params = idp.azure_params(
+        "on_behalf_of", token_cache=redis.url + "?socket_timeout=5", timeout=10.0
+    )
+    users = [EndUserContext(idp.issue_user_token(f"inv{i}")) for i in range(12)]
+    source = _source(params)
+    for ctx in users:
+        source.get_token(ctx)
+    before = {t.ident for t in threading.enumerate()}
+
+    async def main() -> int:
+        redis.command("CLIENT", "PAUSE", "1000", "ALL")  # every L2 delete blocks
+        for ctx in users:
+            source.invalidate(ctx)  # what ORA-52602 does, on the loop
+        await asyncio.sleep(0.2)
+        return len(
+            [
+                t
+                for t in threading.enumerate()
+                if t.ident not in before and not t.name.startswith("deepsec-token-fetch")
+            ]
+        )
+
+    assert asyncio.run(main()) == 0  # deepsec's worker threads, not one thread each
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _entries(redis):
+        time.sleep(0.05)
+    assert _entries(redis) == {}  # the deletes still happened
