@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
 import logging
 import socket
@@ -848,3 +849,75 @@ def test_invalidations_on_an_event_loop_start_no_thread_each(
     while time.monotonic() < deadline and _entries(redis):
         time.sleep(0.05)
     assert _entries(redis) == {}  # the deletes still happened
+
+
+class _SlowLockReplies:
+    """A TCP proxy to Redis that holds back the reply to ``SET ... NX`` (the
+    fleet lock) for ``delay`` seconds: the command runs, its reply comes after
+    the client's socket timeout (a lost or late reply on a real network)."""
+
+    def __init__(self, target_port: int, delay: float = 1.0) -> None:
+        self.delay = delay
+        self._target = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self._target))
+            held = threading.Event()
+            threading.Thread(target=self._up, args=(client, server, held), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, held), daemon=True).start()
+
+    @staticmethod
+    def _up(src: socket.socket, dst: socket.socket, held: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if b"SET" in data.upper() and b"\r\nNX\r\n" in data.upper():
+                    held.set()
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.close()
+
+    def _down(self, src: socket.socket, dst: socket.socket, held: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if held.is_set():
+                    time.sleep(self.delay)
+                    held.clear()
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_lock_whose_reply_timed_out_is_not_left_behind(
+    idp: LocalIdP, redis: RedisTestServer
+) -> None:
+    proxy = _SlowLockReplies(redis.port)
+    try:
+        params = idp.azure_params(
+            "on_behalf_of", token_cache=f"redis://127.0.0.1:{proxy.port}/0", timeout=10.0
+        )
+        ctx = EndUserContext(idp.issue_user_token("late-reply"))
+        source = _source(params)
+        assert source.get_token(ctx)  # the lock's reply timed out: fetched directly
+        assert isinstance(source.cache, SharedTokenCache)
+        assert not source.cache.l2.breaker.closed
+        client = redis_py.Redis.from_url(redis.url)
+        try:
+            deadline = time.monotonic() + 5  # the lock itself would live 12 s
+            while time.monotonic() < deadline and list(client.scan_iter(LOCK_PREFIX + "*")):
+                time.sleep(0.05)
+            assert list(client.scan_iter(LOCK_PREFIX + "*")) == [], "orphaned lock left"
+        finally:
+            client.close()
+    finally:
+        proxy.close()
