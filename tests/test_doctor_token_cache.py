@@ -56,14 +56,25 @@ def test_doctor_checks_redis_and_the_key(
     assert len(keys) == 1 and keys[0].startswith(b"deepsec:tok:v1:")
 
 
+def _key_id(text: str) -> str:
+    (line,) = [line for line in text.splitlines() if "key id" in line]
+    return line
+
+
 def test_doctor_key_id_is_equal_across_instances(
     idp: LocalIdP, redis: RedisTestServer, tmp_path: Path
 ) -> None:
+    # Instances that differ only in how they reach Redis (host alias, URL
+    # options: what a password rotation or a unix socket changes), timeout
+    # or cache size share entries, and show one key id.
+    alias = redis.url.replace("127.0.0.1", "localhost") + "?socket_keepalive=true"
     _, one = run(tmp_path, idp.azure_params(token_cache=redis.url))
-    _, two = run(tmp_path, idp.azure_params(token_cache=redis.url, timeout=5.0))
-    ids = [line for line in one.splitlines() if "key id" in line]
-    assert ids and ids == [line for line in two.splitlines() if "key id" in line]
-    assert "derived from the client credential" in ids[0]
+    _, two = run(tmp_path, idp.azure_params(token_cache=alias, timeout=5.0, cache_size=50))
+    assert _key_id(one) == _key_id(two)
+    assert "derived from the client credential" in _key_id(one)
+    # Instances that share nothing (other scopes: other tokens) show different ids.
+    _, other = run(tmp_path, idp.azure_params(token_cache=redis.url, scopes="api://x/.default"))
+    assert _key_id(other) != _key_id(one)
 
 
 def test_doctor_reports_an_unreachable_redis(

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import gc
 import logging
+import socket
 import subprocess
 import threading
 import time
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,7 +32,7 @@ from deepsec.testing.redis import RedisTestServer
 from deepsec.tokens import clear_token_sources, token_source_for
 from deepsec.tokens.azure import AzureTokenSource
 from deepsec.tokens.sealed import ENTRY_PREFIX, LOCK_PREFIX, Sealer, cache_secret
-from deepsec.tokens.shared import SharedTokenCache
+from deepsec.tokens.shared import BREAKER_FIRST, CircuitBreaker, SharedTokenCache
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -90,7 +95,9 @@ def test_token_cache_errors_and_repr_never_show_secrets(idp: LocalIdP) -> None:
 
 def test_token_cache_key_must_be_32_bytes(idp: LocalIdP) -> None:
     short = base64.urlsafe_b64encode(b"x" * 16).decode()
-    for key in (short, "not base64 !!", 42):
+    damaged = KEY_A[:10] + "!!" + KEY_A[10:]  # the lenient decoder dropped the "!!"
+    standard = base64.b64encode(b"\xfb" * 32).decode()  # "+" and "/": not URL-safe
+    for key in (short, "not base64 !!", 42, damaged, standard, KEY_A + "A", KEY_A[:-2]):
         with pytest.raises(ConfigError, match="token_cache_key must be"):
             parse_end_user_sec_params(
                 idp.azure_params(token_cache="redis://h", token_cache_key=key)
@@ -364,19 +371,31 @@ def test_redis_killed_mid_run_no_request_fails_and_it_comes_back(
     assert any("reachable again" in r.message for r in caplog.records)
 
 
-def test_dead_redis_costs_no_per_request_wait(idp: LocalIdP, redis: RedisTestServer) -> None:
-    params = _params(idp, redis)
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """A Redis URL whose server never answers: the kernel accepts connections
+    into the listen backlog, nothing ever reads or replies (a hung Redis, a
+    black-holed network path)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+
+
+def test_dead_redis_costs_no_per_request_wait(idp: LocalIdP, silent_endpoint: str) -> None:
+    params = idp.azure_params("on_behalf_of", token_cache=silent_endpoint, timeout=10.0)
     source = _source(params)
-    redis.kill()
     users = [EndUserContext(idp.issue_user_token(f"d{i}")) for i in range(10)]
-    source.get_token(users[0])  # the outage is noticed here
+    started = time.monotonic()
+    source.get_token(users[0])  # the outage is noticed here: one socket timeout
+    assert time.monotonic() - started >= 0.4  # the endpoint really never answers
     assert isinstance(source.cache, SharedTokenCache)
     assert not source.cache.l2.breaker.closed
     started = time.monotonic()
     for ctx in users[1:]:
         source.get_token(ctx)  # misses: straight to the provider, no Redis wait
     per_miss = (time.monotonic() - started) / 9
-    assert per_miss < 0.4  # a socket timeout (0.5 s) each would exceed this
+    assert per_miss < 0.3  # a socket timeout (0.5 s) each would exceed this
     assert idp.token_requests("on_behalf_of") == 10
 
 
@@ -397,15 +416,38 @@ def test_slow_redis_costs_one_timeout_per_outage(
     assert idp.token_requests("on_behalf_of") == 9
 
 
-def test_full_redis_is_not_an_outage(idp: LocalIdP, redis: RedisTestServer) -> None:
+def test_full_redis_is_not_an_outage(
+    idp: LocalIdP, redis: RedisTestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="deepsec.tokens")
     redis.command("CONFIG", "SET", "maxmemory", "1")  # every write now refused (OOM)
     try:
         source = _source(_params(idp, redis))
-        ctx = EndUserContext(idp.issue_user_token("oom"))
-        assert source.get_token(ctx)
-        assert idp.token_requests("on_behalf_of") == 1
+        assert isinstance(source.cache, SharedTokenCache)
+        # Misses for 4 s: past several breaker probes (1 s, 2 s), whose reads
+        # work while the writes are still refused.
+        deadline = time.monotonic() + 4.0
+        calls = 0
+        while time.monotonic() < deadline:
+            assert source.get_token(EndUserContext(idp.issue_user_token(f"oom{calls}")))
+            calls += 1
+            time.sleep(0.05)
+        assert idp.token_requests("on_behalf_of") == calls
+        warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warned) == 1, [r.message for r in warned]  # one per outage
+        assert "refuses writes" in warned[0].message
+        assert source.cache.l2.breaker.closed  # reads still go to Redis
+        assert not source.cache.l2.writes.closed
     finally:
         redis.command("CONFIG", "SET", "maxmemory", "0")
+    # Writes accepted again: the next probe's write closes it, L2 is shared again.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not _entries(redis):
+        source.get_token(EndUserContext(idp.issue_user_token(f"oom{calls}")))
+        calls += 1
+        time.sleep(0.1)
+    assert _entries(redis) and source.cache.l2.writes.closed
+    assert any("accepts writes again" in r.message for r in caplog.records)
 
 
 def test_invalidate_drops_the_token_in_l1_and_l2(idp: LocalIdP, redis: RedisTestServer) -> None:
@@ -424,7 +466,7 @@ def test_invalidate_drops_the_token_in_l1_and_l2(idp: LocalIdP, redis: RedisTest
 # --- asyncio ---------------------------------------------------------------------------
 
 
-def test_async_path_reads_l2_with_redis_asyncio(idp: LocalIdP, redis: RedisTestServer) -> None:
+def test_async_path_reads_l2_off_the_event_loop(idp: LocalIdP, redis: RedisTestServer) -> None:
     params = _params(idp, redis)
     ctx = EndUserContext(idp.issue_user_token("ivan"))
     token = _source(params).get_token(ctx)
@@ -559,3 +601,323 @@ def test_async_path_never_blocks_the_event_loop_on_a_stuck_redis(
 
     assert len(set(asyncio.run(main()))) == 4
     assert max(lags) < 1.0, f"event loop stalled {max(lags):.2f} s"
+
+
+# --- review fixes: breaker, clients, expiry, lock, names ------------------------------
+
+
+def test_breaker_doubles_its_pause_only_on_a_failed_probe() -> None:
+    breaker = CircuitBreaker("redis://h/0")
+    assert breaker.failure(OSError()) is True  # opens: one outage
+    for _ in range(6):  # calls in flight when it opened fail too
+        assert breaker.failure(OSError()) is False
+    assert breaker._open_until - time.monotonic() <= BREAKER_FIRST + 0.05
+    assert breaker.outages == 1
+    breaker._open_until = time.monotonic()  # the pause is over
+    assert breaker.admit() == 2 and breaker.admit() == 0  # one probe, the others skip
+    breaker.failure(OSError(), probe=True)
+    assert BREAKER_FIRST < breaker._open_until - time.monotonic() <= 2 * BREAKER_FIRST + 0.05
+
+
+def test_asyncio_run_many_times_leaks_no_redis_client(
+    idp: LocalIdP, redis: RedisTestServer
+) -> None:
+    params = _params(idp, redis)
+    users = [EndUserContext(idp.issue_user_token(f"run{i}")) for i in range(3)]
+    writer = _source(params)
+    tokens = [writer.get_token(u) for u in users]
+    reader = _source(params)
+    assert isinstance(reader.cache, SharedTokenCache)
+    probe = redis_py.Redis.from_url(redis.url)
+    try:
+        before = int(probe.info("clients")["connected_clients"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(60):  # a Celery worker or a script: one loop per call
+                reader.cache.clear()  # L1 only: every call reads L2
+                assert asyncio.run(reader.get_token_async(users[i % 3])) == tokens[i % 3]
+            gc.collect()
+        after = int(probe.info("clients")["connected_clients"])
+    finally:
+        probe.close()
+    assert reader.cache.l2_hits == 60 and idp.token_requests("on_behalf_of") == 3
+    assert after - before <= 8, f"{after - before} Redis connections left open"
+    assert not [w for w in caught if "unclosed" in str(w.message).lower()]
+
+
+def test_a_reader_never_serves_past_the_writers_margin_or_the_redis_ttl(
+    idp: LocalIdP, redis: RedisTestServer
+) -> None:
+    idp.expires_in = 8  # the writer's margin: 8 / 4 = 2 s before expiry
+    params = _params(idp, redis)
+    ctx = EndUserContext(idp.issue_user_token("margin"))
+    writer = _source(params)
+    writer.get_token(ctx)
+    key, _ = writer._plan(ctx)
+    written = writer.cache.expires_at(key)
+    assert written is not None
+    time.sleep(3.0)  # less life left: a margin recomputed now would be smaller
+    reader = _source(params)
+    reader.get_token(ctx)
+    assert isinstance(reader.cache, SharedTokenCache) and reader.cache.l2_hits == 1
+    read = reader.cache.expires_at(key)
+    assert read is not None and read <= written + 0.05
+
+    # Redis's TTL bounds it too (a reader whose clock is behind the writer's).
+    idp.expires_in = 3600
+    other = EndUserContext(idp.issue_user_token("ttl-bound"))
+    _source(params).get_token(other)
+    client = redis_py.Redis.from_url(redis.url)
+    try:
+        (name,) = [n for n in client.scan_iter(ENTRY_PREFIX + "*") if client.pttl(n) > 10_000]
+        client.pexpire(name, 3000)
+    finally:
+        client.close()
+    late = _source(params)
+    late.get_token(other)
+    expires = late.cache.expires_at(late._plan(other)[0])
+    assert expires is not None and expires <= time.time() + 3.1
+
+
+def test_instances_share_across_redis_urls_timeouts_and_cache_sizes(
+    idp: LocalIdP, redis: RedisTestServer
+) -> None:
+    ctx = EndUserContext(idp.issue_user_token("rotate"))
+    token = _source(_params(idp, redis)).get_token(ctx)
+    # Another host alias for the same Redis, other timeout and cache size:
+    # still the same tokens (what a password rotation or a unix socket is).
+    alias = redis.url.replace("127.0.0.1", "localhost") + "?socket_keepalive=true"
+    other = idp.azure_params("on_behalf_of", token_cache=alias, timeout=4.0, cache_size=500)
+    assert _source(other).get_token(ctx) == token
+    assert idp.token_requests("on_behalf_of") == 1
+    # Other scopes are another token: never shared.
+    scoped = idp.azure_params(
+        "on_behalf_of", token_cache=redis.url, timeout=10.0, scopes="api://other/.default"
+    )
+    assert parse_end_user_sec_params(scoped).token_fingerprint != (
+        parse_end_user_sec_params(other).token_fingerprint
+    )
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["threads", "asyncio"])
+def test_a_dead_holders_lock_ends_the_wait_and_in_process_waiters_do_not_fail(
+    idp: LocalIdP, redis: RedisTestServer, use_async: bool
+) -> None:
+    params = idp.azure_params("on_behalf_of", token_cache=redis.url, timeout=1.5)
+    ctx = EndUserContext(idp.issue_user_token(f"orphan-{use_async}"))
+    dead = _source(params)  # a process that takes the lock and dies
+    key, _ = dead._plan(ctx)
+    assert isinstance(dead.cache, SharedTokenCache)
+    digest = dead.cache.l2.sealer.digest(key)
+    assert dead.cache.l2.acquire(digest) is not None  # never released
+    source = _source(params)
+    errors: list[BaseException] = []
+    started = time.monotonic()
+    if use_async:
+
+        async def main() -> None:
+            got = await asyncio.gather(
+                *(source.get_token_async(ctx) for _ in range(4)), return_exceptions=True
+            )
+            errors.extend(g for g in got if isinstance(g, BaseException))
+
+        asyncio.run(main())
+    else:
+
+        def one() -> None:
+            try:
+                source.get_token(ctx)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    elapsed = time.monotonic() - started
+    client = redis_py.Redis.from_url(redis.url)
+    try:
+        # The waiter took the expired lock and released it: one call, under the lock.
+        assert client.get(LOCK_PREFIX + digest) is None
+    finally:
+        client.close()
+    assert errors == []  # waiters in this process waited for their leader
+    assert idp.token_requests("on_behalf_of") == 1
+    assert 3.0 < elapsed < 8.0  # the lock's life (1.5 + 2 s), not more
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["threads", "asyncio"])
+def test_one_cache_uses_l2_again_within_30_s_of_redis_returning(
+    idp: LocalIdP, redis: RedisTestServer, use_async: bool
+) -> None:
+    params = _params(idp, redis)
+    source = _source(params)
+    assert isinstance(source.cache, SharedTokenCache)
+    count = 0
+
+    def get(ctx: EndUserContext) -> str:
+        if use_async:
+            return asyncio.run(source.get_token_async(ctx))
+        return source.get_token(ctx)
+
+    def user() -> EndUserContext:
+        nonlocal count
+        count += 1
+        return EndUserContext(idp.issue_user_token(f"back{use_async}{count}"))
+
+    get(user())
+    assert len(_entries(redis)) == 1
+    redis.kill()
+    get(user())  # the outage is noticed
+    assert not source.cache.l2.breaker.closed
+    redis.start()
+    back = time.monotonic()
+    # Another process (its own Redis client: another URL for the same Redis)
+    # writes a token while this one still skips Redis.
+    shared = user()
+    other = {**params, "token_cache": redis.url + "?socket_keepalive=true"}
+    token = _source(other).get_token(shared)
+    assert len(_entries(redis)) == 1
+    hits = source.cache.l2_hits
+    got = None
+    while time.monotonic() - back < 30 and source.cache.l2_hits == hits:
+        source.cache.clear()  # L1 only: every try is a miss
+        got = get(shared)  # the provider while the breaker skips Redis
+        time.sleep(0.2)
+    assert source.cache.l2_hits > hits, "L2 not read again within 30 s"
+    assert got == token  # the fleet's token, from L2
+    assert source.cache.l2.breaker.closed
+    before = len(_entries(redis))
+    get(user())  # and written again
+    assert len(_entries(redis)) == before + 1
+
+
+def test_a_token_rejected_during_an_async_l2_read_is_not_kept(
+    idp: LocalIdP, redis: RedisTestServer
+) -> None:
+    # A generous socket timeout: Redis pauses while the read is in flight.
+    params = idp.azure_params(
+        "on_behalf_of", token_cache=redis.url + "?socket_timeout=5", timeout=10.0
+    )
+    ctx = EndUserContext(idp.issue_user_token("reject-race"))
+    token = _source(params).get_token(ctx)
+    source = _source(params)
+    key, _ = source._plan(ctx)
+
+    async def main() -> str:
+        redis.command("CLIENT", "PAUSE", "800", "ALL")
+        task = asyncio.create_task(source.get_token_async(ctx))
+        await asyncio.sleep(0.3)  # the L2 read is in flight, held by the pause
+        # Meanwhile this process got the token and the database rejected it.
+        source.cache.put(key, token, time.time() + 3600)
+        source.invalidate(ctx)
+        return await task
+
+    assert asyncio.run(main()) != token
+    assert source.cache.peek(key) != token
+
+
+def test_invalidations_on_an_event_loop_start_no_thread_each(
+    idp: LocalIdP, redis: RedisTestServer
+) -> None:
+    # A socket timeout longer than the pause below: the deletes wait, then land.
+    params = idp.azure_params(
+        "on_behalf_of", token_cache=redis.url + "?socket_timeout=5", timeout=10.0
+    )
+    users = [EndUserContext(idp.issue_user_token(f"inv{i}")) for i in range(12)]
+    source = _source(params)
+    for ctx in users:
+        source.get_token(ctx)
+    before = {t.ident for t in threading.enumerate()}
+
+    async def main() -> int:
+        redis.command("CLIENT", "PAUSE", "1000", "ALL")  # every L2 delete blocks
+        for ctx in users:
+            source.invalidate(ctx)  # what ORA-52602 does, on the loop
+        await asyncio.sleep(0.2)
+        return len(
+            [
+                t
+                for t in threading.enumerate()
+                if t.ident not in before and not t.name.startswith("deepsec-token-fetch")
+            ]
+        )
+
+    assert asyncio.run(main()) == 0  # deepsec's worker threads, not one thread each
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _entries(redis):
+        time.sleep(0.05)
+    assert _entries(redis) == {}  # the deletes still happened
+
+
+class _SlowLockReplies:
+    """A TCP proxy to Redis that holds back the reply to ``SET ... NX`` (the
+    fleet lock) for ``delay`` seconds: the command runs, its reply comes after
+    the client's socket timeout (a lost or late reply on a real network)."""
+
+    def __init__(self, target_port: int, delay: float = 1.0) -> None:
+        self.delay = delay
+        self._target = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self._target))
+            held = threading.Event()
+            threading.Thread(target=self._up, args=(client, server, held), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, held), daemon=True).start()
+
+    @staticmethod
+    def _up(src: socket.socket, dst: socket.socket, held: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if b"SET" in data.upper() and b"\r\nNX\r\n" in data.upper():
+                    held.set()
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.close()
+
+    def _down(self, src: socket.socket, dst: socket.socket, held: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if held.is_set():
+                    time.sleep(self.delay)
+                    held.clear()
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_lock_whose_reply_timed_out_is_not_left_behind(
+    idp: LocalIdP, redis: RedisTestServer
+) -> None:
+    proxy = _SlowLockReplies(redis.port)
+    try:
+        params = idp.azure_params(
+            "on_behalf_of", token_cache=f"redis://127.0.0.1:{proxy.port}/0", timeout=10.0
+        )
+        ctx = EndUserContext(idp.issue_user_token("late-reply"))
+        source = _source(params)
+        assert source.get_token(ctx)  # the lock's reply timed out: fetched directly
+        assert isinstance(source.cache, SharedTokenCache)
+        assert not source.cache.l2.breaker.closed
+        client = redis_py.Redis.from_url(redis.url)
+        try:
+            deadline = time.monotonic() + 5  # the lock itself would live 12 s
+            while time.monotonic() < deadline and list(client.scan_iter(LOCK_PREFIX + "*")):
+                time.sleep(0.05)
+            assert list(client.scan_iter(LOCK_PREFIX + "*")) == [], "orphaned lock left"
+        finally:
+            client.close()
+    finally:
+        proxy.close()

@@ -122,6 +122,10 @@ class EndUserSecConfig:
     #: sha256 of the canonical settings (secret included, then hashed): a
     #: cache key that holds no secret.
     fingerprint: str = field(repr=False, default="")
+    #: sha256 of the settings that decide which token is issued (see
+    #: :func:`_token_fingerprint`): names cache entries, so instances whose
+    #: Redis URL, ``timeout`` or ``cache_size`` differ still share tokens.
+    token_fingerprint: str = field(repr=False, default="")
     #: The shared (L2) token cache's Redis URL; may hold a password, so it
     #: is shown redacted (:func:`redact_url`).
     token_cache: str | None = field(repr=False, default=None)
@@ -185,6 +189,11 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{auth}{host}{port}{parts.path}"
 
 
+#: 32 bytes in URL-safe base64: 43 characters (the last holds 4 bits), then
+#: an optional ``=``.
+_URLSAFE_KEY = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]=?")
+
+
 def _parse_token_cache(
     params: Mapping[str, Any], credential: object, problems: list[str]
 ) -> tuple[str | None, bytes | None]:
@@ -193,12 +202,11 @@ def _parse_token_cache(
     raw_key = params.get("token_cache_key")
     key: bytes | None = None
     if raw_key is not None:
-        try:
-            if not isinstance(raw_key, str):
-                raise ValueError
-            key = base64.urlsafe_b64decode(raw_key.strip() + "=" * (-len(raw_key.strip()) % 4))
-        except ValueError:
-            key = None
+        # Strict: the URL-safe alphabet and the exact length of 32 bytes.  The
+        # lenient decoder drops stray characters, so a damaged key (a pasted
+        # '+', a quote) silently became another key and the fleet split.
+        if isinstance(raw_key, str) and _URLSAFE_KEY.fullmatch(raw_key.strip()):
+            key = base64.urlsafe_b64decode(raw_key.strip().rstrip("=") + "=")
         if key is None or len(key) != 32:
             problems.append(
                 "token_cache_key must be the URL-safe base64 of 32 random bytes "
@@ -247,6 +255,31 @@ def _parse_token_cache(
 def _fingerprint(params: Mapping[str, Any]) -> str:
     canonical = json.dumps(params, sort_keys=True, default=repr, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+#: Keys that only tune deepsec itself (never which token is issued): left out
+#: of a custom module's token fingerprint.
+_DEEPSEC_ONLY_KEYS = _TOKEN_CACHE_KEYS | {"cache_size", "timeout"}
+
+
+def _token_fingerprint(
+    params: Mapping[str, Any],
+    builtin: bool,
+    settings: tuple[object, ...],
+) -> str:
+    """sha256 of what decides the token: the provider settings, not how deepsec runs.
+
+    Built-in sources: ``settings`` (spi_type, auth_flow, authority, client_id,
+    credential, scopes).  A custom module may read any key, so its params as
+    given, less the keys only deepsec reads.  The Redis URL (password, host
+    alias), ``timeout`` and ``cache_size`` are never part of it: instances
+    that differ in those still share one fleet cache.
+    """
+    if builtin:
+        material: object = ["builtin", *settings]
+    else:
+        material = ["module", {k: v for k, v in params.items() if k not in _DEEPSEC_ONLY_KEYS}]
+    return _fingerprint({"token": material})
 
 
 def _load_module(spi_type: str, problems: list[str]) -> ModuleType | None:
@@ -448,6 +481,11 @@ def _parse(params: Mapping[str, Any]) -> EndUserSecConfig:
         module=module,
         raw=dict(params),
         fingerprint=_fingerprint(params),
+        token_fingerprint=_token_fingerprint(
+            params,
+            spi_type in BUILTIN_SPI_TYPES,
+            (spi_type, auth_flow, authority, client_id, credential, list(scopes)),
+        ),
         token_cache=token_cache,
         token_cache_key=token_cache_key,
     )

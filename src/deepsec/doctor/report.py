@@ -141,7 +141,10 @@ def _token_cache_lines(config: EndUserSecConfig, out: Out) -> int:
     """Check the shared token cache: Redis answers, and a sealed probe round-trips.
 
     Also prints a key id (a keyed hash, not the key) that must be equal on
-    every instance: different ids mean instances that share nothing.
+    every instance: different ids mean instances that share nothing.  It
+    hashes the same material that names the entries (the key and the
+    token settings, see ``EndUserSecConfig.token_fingerprint``), so equal ids
+    mean shared entries.
     """
     import contextlib
     import urllib.parse
@@ -160,7 +163,7 @@ def _token_cache_lines(config: EndUserSecConfig, out: Out) -> int:
     sealer = Sealer(cache_secret(config))
     origin = "token_cache_key" if config.token_cache_key else "derived from the client credential"
     out(f"  token_cache: {redact_url(url)}")
-    key_id = sealer.digest("deepsec key id")[:12]
+    key_id = sealer.digest("deepsec key id|" + config.token_fingerprint)[:12]
     out(f"    key      : {origin}; key id {key_id} (same on every instance)")
     client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
     name = "deepsec:probe:v1:" + uuid.uuid4().hex

@@ -210,8 +210,8 @@ class AzureTokenSource:
         self.flow: Flow = config.auth_flow
         self._scopes = list(config.scopes)
         self.cache = token_cache_for(config, f"azure:{self.flow}")
-        self._cc_key = cache_key("azure", "client_credentials", config.fingerprint)
-        prefix = f"azure-obo:{config.fingerprint}"
+        self._cc_key = cache_key("azure", "client_credentials", config.token_fingerprint)
+        prefix = f"azure-obo:{config.token_fingerprint}"
         self._keys = KeyMemo(lambda token: cache_key(prefix, token), max(1024, config.cache_size))
         self._secrets: tuple[str, ...] = (
             (config.client_credential,) if isinstance(config.client_credential, str) else ()

@@ -58,7 +58,7 @@ class ModuleTokenSource:
         self.config = config
         self._fn: Any = config.module.get_database_access_token
         self.cache = token_cache_for(config, f"module:{config.spi_type}")
-        prefix = config.fingerprint
+        prefix = config.token_fingerprint
         self._none_key = cache_key(prefix, identity_key(_NO_IDENTITY))
         self._keys = KeyMemo(
             lambda identity: cache_key(prefix, _identity_digest(identity)),

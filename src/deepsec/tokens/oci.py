@@ -87,7 +87,7 @@ class OCITokenSource:
             raise ValueError("oci_tokens needs a client secret string as client_credential")
         self.config = config
         self.cache = token_cache_for(config, "oci")
-        self._key = cache_key("oci", "client_credentials", config.fingerprint)
+        self._key = cache_key("oci", "client_credentials", config.token_fingerprint)
         self._session = TimeoutSession(config.timeout, config.ca_file)
         self._auth = (config.client_id or "", config.client_credential)
         self._secret = config.client_credential

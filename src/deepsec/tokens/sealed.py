@@ -4,9 +4,11 @@ Nothing stored in Redis may reveal a token, a secret or an identity:
 
 * an entry's **name** is ``deepsec:tok:v1:`` plus an HMAC-SHA256 (under a
   name key derived from the cache key) of the in-process cache key, itself a
-  sha256 of the settings and the identity.  Without the key nobody can even
-  test a guess ("is alice's entry there?");
+  sha256 of the token settings (``EndUserSecConfig.token_fingerprint``: never
+  the Redis URL, ``timeout`` or ``cache_size``) and the identity.  Without the
+  key nobody can even test a guess ("is alice's entry there?");
 * an entry's **value** is ``version || nonce || AES-GCM(token, expiry)``
+  (the expiry is when its writer stops serving it: the safety margin applied)
   with the entry's name as associated data, so a value copied under another
   user's name does not open.  A value that does not open (another key,
   tampering, a copy) is a miss, never an error and never a wrong token.

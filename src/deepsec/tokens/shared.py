@@ -7,22 +7,28 @@ With ``token_cache`` set, every token source's :class:`TokenCache` becomes a
 1. the L2 entry is read (sealed with AES-GCM, see :mod:`.sealed`); a valid one
    is served and kept in L1;
 2. else one process of the fleet takes a short Redis lock (``SET NX PX``
-   with a random owner id) and asks the identity provider; the others poll
-   L2 for its result, bounded by ``timeout``, then fetch themselves.  Only
-   the owner releases the lock (a Lua compare-and-delete), and a holder that
-   dies blocks nobody past the lock's expiry;
+   with a random owner id; it lives ``timeout`` + :data:`LOCK_MARGIN`) and
+   asks the identity provider; the others poll L2 for its result until that
+   lock is released or expires, then take it themselves.  Only the owner
+   releases the lock (a Lua compare-and-delete), and a holder that dies
+   blocks nobody past the lock's expiry;
 3. refresh-ahead goes through the same lock, so one process refreshes for the
    fleet and the others pick the new token up from L2.
 
-Redis is an optimisation, never a dependency: any Redis failure (down, slow,
-full, refusing) opens a circuit breaker, logs one WARNING per outage on
-``deepsec.tokens``, and requests go on with L1 and direct fetches.  The
-breaker lets one probe through after 1 s, then 2, 4, 8, at most 10 s, so L2
-is used again within seconds of Redis coming back.
+An entry is sealed with the moment its writer's L1 stops serving it (the
+safety margin applied) and read back as ``min(that, now + its Redis TTL)``.
 
-On asyncio, the L2 read of a miss uses ``redis.asyncio``; the fetch and its
-lock run in a worker thread, like every fetch of :meth:`TokenCache.aget`: the
-event loop never blocks.  Production advice: ``docs/production.md``.
+Redis is an optimisation, never a dependency: a Redis that does not answer
+opens a circuit breaker, one that refuses writes (full, read-only, ACL) opens
+a second one that only a working write closes; each logs one WARNING per
+outage on ``deepsec.tokens``, and requests go on with L1 and direct fetches.
+A breaker lets one probe through after 1 s, then 2, 4, 8, at most 10 s, so
+L2 is used again within seconds of Redis coming back.
+
+On asyncio, the L2 read of a miss and the fetch with its lock run in
+deepsec's worker threads (see :meth:`RedisL2.aread` for why not
+``redis.asyncio``): the event loop never blocks.  Production advice:
+``docs/production.md``.
 """
 
 from __future__ import annotations
@@ -33,16 +39,16 @@ import logging
 import threading
 import time
 import uuid
-import weakref
 from typing import TYPE_CHECKING, Any
 
-from .cache import FAILURE_MEMORY, Fetcher, FetchResult, TokenCache, _Entry
+from .cache import FAILURE_MEMORY, Fetcher, FetchResult, TokenCache, _Entry, _fetch_executor
 
 if TYPE_CHECKING:
     from ..config import EndUserSecConfig
     from .sealed import Opened, Sealer
 
 __all__ = [
+    "LOCK_MARGIN",
     "CircuitBreaker",
     "RedisL2",
     "SharedTokenCache",
@@ -63,6 +69,9 @@ BREAKER_MAX = 10.0
 #: process holds the fetch lock.
 _POLL_FIRST = 0.01
 _POLL_MAX = 0.1
+#: Seconds the fleet lock outlives its holder's fetch (bounded by ``timeout``):
+#: room for the holder's L2 read and write around the fetch.
+LOCK_MARGIN = 2.0
 
 # Deletes KEYS[1] only if it still holds ARGV[1]: a lock is released only by
 # its owner (never a lock that expired and was taken by another process), and
@@ -76,19 +85,40 @@ return 0
 
 
 class _L2Down(Exception):
-    """Redis failed (or the breaker is open): go on without L2."""
+    """Redis failed (or the breaker is open): go on without L2.
+
+    ``maybe_ran``: the command timed out, so Redis may still have run it.
+    """
+
+    def __init__(self, maybe_ran: bool = False) -> None:
+        super().__init__()
+        self.maybe_ran = maybe_ran
 
 
 class CircuitBreaker:
     """Skips Redis while it is failing; one WARNING per outage.
 
-    Closed: every call goes to Redis.  After a failure it opens for a pause
-    (doubling up to :data:`BREAKER_MAX`); then one caller probes while the
-    others still skip.  A success closes it.
+    Closed: every call goes to Redis.  After a failure it opens for a pause;
+    then one caller probes while the others still skip.  A failed probe
+    doubles the pause (up to :data:`BREAKER_MAX`); calls that were already in
+    flight when it opened do not (a burst of them would otherwise push the
+    next probe out to the maximum at once).  A success closes it.
+
+    ``problem`` and ``fixed`` are the log messages (``%s``: where, then the
+    exception's type name), so one class serves "unreachable" and "refuses
+    writes".
     """
 
-    def __init__(self, where: str) -> None:
+    def __init__(
+        self,
+        where: str,
+        problem: str = "shared token cache at %s is unavailable (%s); serving tokens from "
+        "the in-process cache and the identity provider until it is back",
+        fixed: str = "shared token cache at %s is reachable again; using it",
+    ) -> None:
         self.where = where
+        self._problem = problem
+        self._fixed = fixed
         self._lock = threading.Lock()
         self._open_until = 0.0  # 0.0: closed
         self._pause = BREAKER_FIRST
@@ -101,17 +131,21 @@ class CircuitBreaker:
         """True while Redis is believed healthy."""
         return self._open_until == 0.0
 
-    def allow(self) -> bool:
-        """Whether this call may use Redis (cheap when closed)."""
+    def admit(self) -> int:
+        """:data:`PASS` (closed), :data:`PROBE` (this call probes) or :data:`DENY`."""
         if self._open_until == 0.0:
-            return True
+            return PASS
         with self._lock:
             if self._open_until == 0.0:
-                return True
+                return PASS
             if self._probing or time.monotonic() < self._open_until:
-                return False
+                return DENY
             self._probing = True
-            return True
+            return PROBE
+
+    def allow(self) -> bool:
+        """Whether this call may use Redis (cheap when closed)."""
+        return self.admit() != DENY
 
     def success(self) -> None:
         """A Redis call worked."""
@@ -123,37 +157,49 @@ class CircuitBreaker:
             self._open_until = 0.0
             self._pause = BREAKER_FIRST
             self._probing = False
-        logger.info("shared token cache at %s is reachable again; using it", self.where)
+        logger.info(self._fixed, self.where)
 
     def abandon(self) -> None:
         """A probe ended without an answer (cancelled): let another caller probe."""
         with self._lock:
             self._probing = False
 
-    def failure(self, exc: BaseException) -> bool:
-        """A Redis call failed; returns True when this opened the breaker."""
+    def failure(self, exc: BaseException, probe: bool = False) -> bool:
+        """A Redis call failed; returns True when this opened the breaker.
+
+        ``probe``: the call was this breaker's probe (see :meth:`admit`).
+        """
         with self._lock:
             opened = self._open_until == 0.0
             if opened:
                 self._pause = BREAKER_FIRST
                 self.outages += 1
-            else:
+                self._open_until = time.monotonic() + self._pause
+            elif probe:
                 self._pause = min(self._pause * 2, BREAKER_MAX)
-            self._open_until = time.monotonic() + self._pause
-            self._probing = False
+                self._open_until = time.monotonic() + self._pause
+                self._probing = False
+            # else: a call in flight when the breaker opened; changes nothing.
         if opened:
             # The exception's type only: its text may name hosts or echo replies.
-            logger.warning(
-                "shared token cache at %s is unavailable (%s); serving tokens from the "
-                "in-process cache and the identity provider until it is back",
-                self.where,
-                type(exc).__name__,
-            )
+            logger.warning(self._problem, self.where, type(exc).__name__)
         return opened
 
 
+#: :meth:`CircuitBreaker.admit` answers.
+DENY, PASS, PROBE = 0, 1, 2
+
+
 class RedisL2:
-    """Sealed token entries and fetch locks in one Redis, behind a breaker."""
+    """Sealed token entries and fetch locks in one Redis, behind two breakers.
+
+    ``breaker`` opens when Redis does not answer (down, slow, TLS or network
+    failure); ``writes`` opens when it answers but refuses a write (full,
+    read-only replica, ACL).  A refused write is not cleared by a read that
+    works: only a write that works closes ``writes``.  So a full Redis keeps
+    serving what it holds, logs one WARNING, and costs no lock attempt per
+    miss.
+    """
 
     def __init__(self, url: str, sealer: Sealer, *, lock_ttl: float) -> None:
         import redis
@@ -165,22 +211,28 @@ class RedisL2:
         self.url = url
         self.where = redact_url(url)
         self.sealer = sealer
+        self.lock_ttl = lock_ttl
         self.lock_ttl_ms = max(1, int(lock_ttl * 1000))
         self.breaker = CircuitBreaker(self.where)
+        self.writes = CircuitBreaker(
+            self.where,
+            "shared token cache at %s refuses writes (%s: full, read-only or not "
+            "permitted); tokens are fetched without the fleet lock until it accepts them",
+            "shared token cache at %s accepts writes again",
+        )
         # No retries inside redis-py: the breaker decides when to try again.
-        self._options: dict[str, Any] = {
-            "socket_timeout": SOCKET_TIMEOUT,
-            "socket_connect_timeout": SOCKET_TIMEOUT,
-            "retry_on_timeout": False,
-        }
-        self._client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **self._options)
+        self._client = redis.Redis.from_url(
+            url,
+            retry=Retry(NoBackoff(), 0),
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=SOCKET_TIMEOUT,
+            retry_on_timeout=False,
+        )
         self._cad = self._client.register_script(_COMPARE_AND_DELETE)
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
-        self._aerrors = (*self._errors, asyncio.TimeoutError)
-        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._alock = threading.Lock()
+        # The server answered, but refused (OOM, READONLY, NOPERM, ...).
+        self._refused: tuple[type[BaseException], ...] = (redis.ResponseError,)
+        self._timeouts: tuple[type[BaseException], ...] = (redis.TimeoutError, TimeoutError)
 
     def __repr__(self) -> str:
         return f"RedisL2({self.where!r}, breaker={'closed' if self.breaker.closed else 'open'})"
@@ -201,52 +253,130 @@ class RedisL2:
 
     # --- sync operations: raise _L2Down, or swallow where a failure changes nothing ----
 
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if not self.breaker.allow():
+    def _call(
+        self, fn: Any, *args: Any, write: bool = False, cleanup: bool = False, **kwargs: Any
+    ) -> Any:
+        """``fn`` through the breakers.
+
+        ``write``: a write a full Redis refuses (gated by ``writes``).
+        ``cleanup``: a delete of our own lock or of a rejected entry: never
+        gated by ``writes`` (a lock we hold must be released even when our
+        entry could not be written) and a refusal changes no breaker.
+        """
+        wrote = PASS
+        if write:
+            wrote = self.writes.admit()
+            if wrote == DENY:
+                raise _L2Down
+        reached = self.breaker.admit()
+        if reached == DENY:
+            if wrote == PROBE:
+                self.writes.abandon()
             raise _L2Down
         try:
             result = fn(*args, **kwargs)
-        except self._errors as exc:
-            if self.breaker.failure(exc):
-                self._client.connection_pool.disconnect(inuse_connections=False)
+        except self._refused as exc:
+            if cleanup:
+                self.breaker.success()
+            elif write:  # Redis answered: reachable, but it refuses writes
+                self.breaker.success()
+                self.writes.failure(exc, wrote == PROBE)
+            else:  # a read refused (ACL): Redis is of no use until that changes
+                self.breaker.failure(exc, reached == PROBE)
             raise _L2Down from None
+        except self._errors as exc:
+            if wrote == PROBE:
+                self.writes.abandon()
+            if self.breaker.failure(exc, reached == PROBE):
+                self._client.connection_pool.disconnect(inuse_connections=False)
+            # A timed-out command may still have run.
+            raise _L2Down(isinstance(exc, self._timeouts)) from None
         except BaseException:
             self.breaker.abandon()
+            self.writes.abandon()
             raise
         self.breaker.success()
+        if write:
+            self.writes.success()
         return result
 
+    def _get_with_ttl(self, name: str) -> tuple[Any, int]:
+        pipe = self._client.pipeline(transaction=False)
+        pipe.get(name)
+        pipe.pttl(name)
+        blob, pttl = pipe.execute()
+        return blob, int(pttl)
+
     def read(self, digest: str, avoid: str | None = None) -> Opened | None:
-        """The valid entry for ``digest`` (not the token ``avoid``), or ``None``."""
+        """The valid entry for ``digest`` (not the token ``avoid``), or ``None``.
+
+        An entry is served until the moment its writer sealed (when L1 there
+        stops serving it, the safety margin applied) and never past its Redis
+        TTL: the TTL is counted by Redis, so a reader whose clock is behind
+        the writer's still stops in time.
+        """
+        from .sealed import Opened
+
         name = self.entry_name(digest)
-        opened = self.sealer.open(name, self._call(self._client.get, name))
-        if opened is None or opened.token == avoid or opened.expires_at <= time.time():
+        blob, pttl = self._call(self._get_with_ttl, name)
+        opened = self.sealer.open(name, blob)
+        now = time.time()
+        if opened is None or opened.token == avoid or pttl == -2:
             return None
-        return opened
+        expires_at = opened.expires_at
+        if opened.exact and pttl >= 0:
+            expires_at = min(expires_at, now + pttl / 1000)
+        if expires_at <= now:
+            return None
+        return Opened(opened.token, expires_at, opened.exact)
+
+    def read_quietly(self, digest: str, avoid: str | None = None) -> Opened | None:
+        """Like :meth:`read`; ``None`` when Redis fails."""
+        try:
+            return self.read(digest, avoid)
+        except _L2Down:
+            return None
 
     def write(self, digest: str, result: FetchResult, usable_until: float) -> None:
-        """Store ``result`` until ``usable_until`` (before the token's expiry)."""
+        """Store ``result`` until ``usable_until`` (its writer's margin applied).
+
+        Sealed as exact: a reader serves it until that moment, without
+        recomputing a margin from what is left of the token's life.
+        """
         ttl_ms = int((usable_until - time.time()) * 1000)
         if ttl_ms <= 0:
             return
         name = self.entry_name(digest)
-        blob = self.sealer.seal(name, result.token, result.expires_at, result.exact)
+        blob = self.sealer.seal(name, result.token, usable_until, True)
         # On failure the fleet misses this one; this process has the token in L1.
         with contextlib.suppress(_L2Down):
-            self._call(self._client.set, name, blob, px=ttl_ms)
+            self._call(self._client.set, name, blob, px=ttl_ms, write=True)
 
     def acquire(self, digest: str) -> str | None:
         """Take the fetch lock: its owner id, or ``None`` if another holds it."""
         owner = uuid.uuid4().hex
-        taken = self._call(
-            self._client.set, self.lock_name(digest), owner, nx=True, px=self.lock_ttl_ms
-        )
+        name = self.lock_name(digest)
+        try:
+            taken = self._call(
+                self._client.set, name, owner, nx=True, px=self.lock_ttl_ms, write=True
+            )
+        except _L2Down as down:
+            if down.maybe_ran:
+                # The SET may have landed with its reply lost: that lock would
+                # be an orphan every process waits on.  Delete it (best effort,
+                # off this request's path) if it holds our owner id.
+                _background(self._drop_orphan, name, owner)
+            raise
         return owner if taken else None
+
+    def _drop_orphan(self, name: str, owner: str) -> None:
+        with contextlib.suppress(*self._errors):
+            self._cad(keys=[name], args=[owner])
 
     def release(self, digest: str, owner: str) -> None:
         """Release the lock if ``owner`` still holds it (else it expired: leave it)."""
         with contextlib.suppress(_L2Down):  # on failure it expires by itself
-            self._call(self._cad, keys=[self.lock_name(digest)], args=[owner])
+            self._call(self._cad, keys=[self.lock_name(digest)], args=[owner], cleanup=True)
 
     def delete(self, digest: str, token: str) -> None:
         """Delete the entry for ``digest`` if it still holds ``token``."""
@@ -255,12 +385,12 @@ class RedisL2:
             blob = self._call(self._client.get, name)
             opened = self.sealer.open(name, blob)
             if blob is not None and (opened is None or opened.token == token):
-                self._call(self._cad, keys=[name], args=[blob])
+                self._call(self._cad, keys=[name], args=[blob], cleanup=True)
         except _L2Down:
             pass
 
     def close(self) -> None:
-        """Close the sync client's connections (async clients close with their loop)."""
+        """Close the client's connections."""
         self._client.connection_pool.disconnect()
 
     def ping(self) -> None:
@@ -269,41 +399,24 @@ class RedisL2:
 
     # --- asyncio ------------------------------------------------------------------
 
-    def _aclient(self) -> Any:
-        loop = asyncio.get_running_loop()
-        client = self._aclients.get(loop)
-        if client is None:
-            import redis.asyncio
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-
-            with self._alock:
-                client = self._aclients.get(loop)
-                if client is None:
-                    client = redis.asyncio.Redis.from_url(
-                        self.url, retry=Retry(NoBackoff(), 0), **self._options
-                    )
-                    self._aclients[loop] = client
-        return client
-
     async def aread(self, digest: str, avoid: str | None = None) -> Opened | None:
-        """Like :meth:`read` on ``redis.asyncio``; ``None`` on any Redis failure."""
-        if not self.breaker.allow():
-            return None
-        name = self.entry_name(digest)
-        try:
-            blob = await self._aclient().get(name)
-        except self._aerrors as exc:
-            self.breaker.failure(exc)
-            return None
-        except BaseException:  # cancelled: a probe must not stay taken forever
-            self.breaker.abandon()
-            raise
-        self.breaker.success()
-        opened = self.sealer.open(name, blob)
-        if opened is None or opened.token == avoid or opened.expires_at <= time.time():
-            return None
-        return opened
+        """Like :meth:`read`, in a worker thread; ``None`` on any Redis failure.
+
+        The sync client in a worker thread, not ``redis.asyncio``: an asyncio
+        client's connections belong to one event loop and keep it alive, so
+        every ``asyncio.run()`` (a Celery task, a script) leaked a client and
+        its sockets; and its timeouts run on the loop's clock, so a busy loop
+        turned answers that came in time into "timeouts" that opened the
+        breaker.  Socket timeouts in a thread are counted by the kernel.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_fetch_executor(), self.read_quietly, digest, avoid)
+
+
+def _background(fn: Any, *args: Any) -> None:
+    """Run ``fn`` in deepsec's worker threads; never on the caller's path."""
+    with contextlib.suppress(RuntimeError):  # interpreter shutting down
+        _fetch_executor().submit(fn, *args)
 
 
 class _Through:
@@ -332,7 +445,7 @@ class SharedTokenCache(TokenCache):
         l2: the Redis layer.
         maxsize: L1 entries kept.
         wait: longest wait (seconds) for another process's fetch before
-            fetching here (the config's ``timeout``).
+            fetching here (:func:`fleet_wait`: past the lock's expiry).
         kwargs: passed to :class:`TokenCache`.
     """
 
@@ -376,19 +489,28 @@ class SharedTokenCache(TokenCache):
         super()._refresh(key, entry)
 
     async def aget(self, key: str, fetch: Fetcher) -> str:
-        """Like :meth:`TokenCache.aget`; an L1 miss first reads L2 with ``redis.asyncio``."""
+        """Like :meth:`TokenCache.aget`; an L1 miss first reads L2 in a worker thread."""
         if self.peek(key) is None and key not in self._inflight:
             opened = await self.l2.aread(self._digest(key), self._rejected.get(key))
             if opened is not None:
                 with self._lock:  # not peek(): it may take this lock itself
                     entry = self._data.get(key)
-                    if entry is None or time.time() >= entry.expires_at:
+                    # Rejected (ORA-52602) while the read was in flight: not taken.
+                    if opened.token != self._rejected.get(key) and (
+                        entry is None or time.time() >= entry.expires_at
+                    ):
                         self._store(key, FetchResult(*opened), fetch)
                         self.l2_hits += 1
         return await super().aget(key, fetch)
 
     def _fetch_through(self, key: str, fetch: Fetcher, stale: str | None) -> FetchResult:
-        """L2, else the fleet lock and ``fetch``; ``fetch`` alone when Redis fails."""
+        """L2, else the fleet lock and ``fetch``; ``fetch`` alone when Redis fails.
+
+        A process waits for another's fetch until that holder's lock expires
+        (the holder's fetch is bounded by ``timeout``, the lock outlives it by
+        :data:`LOCK_MARGIN`), then takes the lock itself: a holder that dies
+        costs the others the lock's life, and the fleet still makes one call.
+        """
         digest = self._digest(key)
         avoid = stale or self._rejected.get(key)
         try:
@@ -449,7 +571,7 @@ class SharedTokenCache(TokenCache):
         except RuntimeError:
             self.l2.delete(digest, entry.token)
         else:  # never a blocking Redis call on the event loop
-            threading.Thread(target=self.l2.delete, args=(digest, entry.token), daemon=True).start()
+            _background(self.l2.delete, digest, entry.token)
 
 
 _l2s: dict[tuple[str, bytes], RedisL2] = {}
@@ -462,14 +584,34 @@ def _l2_for(config: EndUserSecConfig) -> RedisL2:
 
     assert config.token_cache is not None
     secret = cache_secret(config)
-    lock_ttl = config.timeout * (config.max_retries + 2)
     with _l2s_lock:
         l2 = _l2s.get((config.token_cache, secret))
         if l2 is None:
             l2 = _l2s[(config.token_cache, secret)] = RedisL2(
-                config.token_cache, Sealer(secret), lock_ttl=lock_ttl
+                config.token_cache, Sealer(secret), lock_ttl=lock_ttl(config.timeout)
             )
         return l2
+
+
+def lock_ttl(timeout: float) -> float:
+    """The fleet lock's life: the holder's fetch (bounded by ``timeout``) and a margin."""
+    return timeout + LOCK_MARGIN
+
+
+def fleet_wait(timeout: float) -> float:
+    """Longest a process polls L2 for another's fetch: until the lock has surely expired."""
+    return lock_ttl(timeout) + _POLL_MAX
+
+
+def leader_bound(timeout: float) -> float:
+    """Longest a miss can take with L2: two reads, the fleet wait, a fetch and a write.
+
+    In-process waiters wait this long (not ``timeout``): the caller that
+    leads a miss may legitimately wait out another process's fetch before
+    fetching itself, and giving up earlier failed requests that were about to
+    get their token.
+    """
+    return fleet_wait(timeout) + timeout + 3 * SOCKET_TIMEOUT
 
 
 def reset_shared_caches() -> None:
@@ -484,12 +626,14 @@ def reset_shared_caches() -> None:
 def token_cache_for(config: EndUserSecConfig, name: str) -> TokenCache:
     """The cache a token source uses: L1 only, or L1 + Redis when ``token_cache`` is set."""
     # Failures are remembered briefly and waiters give up after ``timeout``
-    # (see TokenCache), with or without the shared level.
-    options: dict[str, Any] = {
-        "name": name,
-        "failure_backoff": FAILURE_MEMORY,
-        "wait_timeout": config.timeout,
-    }
+    # (see TokenCache), or after the fleet wait too with the shared level.
+    options: dict[str, Any] = {"name": name, "failure_backoff": FAILURE_MEMORY}
     if config.token_cache is None:
-        return TokenCache(config.cache_size, **options)
-    return SharedTokenCache(_l2_for(config), config.cache_size, wait=config.timeout, **options)
+        return TokenCache(config.cache_size, wait_timeout=config.timeout, **options)
+    return SharedTokenCache(
+        _l2_for(config),
+        config.cache_size,
+        wait=fleet_wait(config.timeout),
+        wait_timeout=leader_bound(config.timeout),
+        **options,
+    )
