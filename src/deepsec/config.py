@@ -4,7 +4,7 @@ The keys are python-oracledb's plugin keys (``spi_type``, ``auth_flow``,
 ``authority``, ``client_id``, ``client_credential`` / ``client_secret``,
 ``scopes``, ``data_roles``, ``attributes``) plus a few of our own
 (``timeout``, ``ca_file``, ``instance_discovery``, ``max_retries``,
-``cache_size``).  Every problem is reported at once in one
+``cache_size``, ``require_end_user``).  Every problem is reported at once in one
 :class:`~deepsec.errors.ConfigError`; secrets never appear in ``repr``/``str``
 or in error messages.
 """
@@ -31,7 +31,9 @@ AuthFlow = Literal["client_credentials", "on_behalf_of"]
 AUTH_FLOWS: tuple[str, ...] = ("client_credentials", "on_behalf_of")
 BUILTIN_SPI_TYPES: tuple[str, ...] = ("azure_tokens", "oci_tokens")
 
-_COMMON_KEYS = frozenset({"spi_type", "auth_flow", "data_roles", "attributes", "cache_size"})
+_COMMON_KEYS = frozenset(
+    {"spi_type", "auth_flow", "data_roles", "attributes", "cache_size", "require_end_user"}
+)
 _PROVIDER_KEYS = frozenset(
     {
         "authority",
@@ -93,6 +95,8 @@ class EndUserSecConfig:
     instance_discovery: bool
     max_retries: int
     cache_size: int
+    #: Strict mode: a statement with no current end user raises NoEndUserError.
+    require_end_user: bool = False
     #: For a custom ``spi_type``: the module exposing ``get_database_access_token``.
     module: ModuleType | None = field(repr=False, default=None)
     #: A copy of the dict as given, passed to a custom module's function.
@@ -119,7 +123,7 @@ class EndUserSecConfig:
             f"attributes={None if self.attributes is None else sorted(self.attributes)!r}, "
             f"timeout={self.timeout!r}, ca_file={self.ca_file!r}, "
             f"instance_discovery={self.instance_discovery!r}, max_retries={self.max_retries!r}, "
-            f"cache_size={self.cache_size!r})"
+            f"cache_size={self.cache_size!r}, require_end_user={self.require_end_user!r})"
         )
 
     __str__ = __repr__
@@ -291,6 +295,11 @@ def _parse(params: Mapping[str, Any]) -> EndUserSecConfig:
         problems.append(f"cache_size must be an integer >= 1, got {_shown(cache_size)}")
         cache_size = DEFAULT_CACHE_SIZE
 
+    require_end_user = params.get("require_end_user", False)
+    if not isinstance(require_end_user, bool):
+        problems.append(f"require_end_user must be true or false, got {_shown(require_end_user)}")
+        require_end_user = False
+
     if problems:
         raise ConfigError(problems)
     return EndUserSecConfig(
@@ -307,6 +316,7 @@ def _parse(params: Mapping[str, Any]) -> EndUserSecConfig:
         instance_discovery=instance_discovery,
         max_retries=max_retries,
         cache_size=cache_size,
+        require_end_user=require_end_user,
         module=module,
         raw=dict(params),
         fingerprint=_fingerprint(params),

@@ -29,6 +29,7 @@ __all__ = [
     "EndUserContext",
     "Identity",
     "activate",
+    "as_application",
     "current_end_user",
     "deactivate",
     "end_user",
@@ -246,6 +247,10 @@ class EndUserContext:
 
 
 _EMPTY = EndUserContext(None)
+#: The context inside ``with as_application():``: no end user, on purpose.
+#: Compared by identity (``is``): strict mode lets statements through only
+#: under this very object, so a context built elsewhere can never pass for it.
+APPLICATION = EndUserContext(None)
 
 
 class _Lease:
@@ -451,3 +456,42 @@ class end_user:  # a class used like a function: ``with deepsec.end_user(...)``
 
     def __repr__(self) -> str:
         return f"end_user({self._context!r})"
+
+
+class as_application:  # a class used like a function: ``with deepsec.as_application():``
+    """Scope a block of sync or async code to the application itself, on purpose.
+
+    Inside the block there is no end user, even if one was current, and
+    connections in strict mode (``require_end_user=True``) let statements
+    through: it is the explicit scope for application-level work such as
+    migrations, health checks and schedulers.  The previous context is
+    restored on exit.  Like :class:`end_user`, tasks and threads started
+    inside the block run as the application until the block exits, and with
+    no end user (refused in strict mode) afterwards.
+    """
+
+    __slots__ = ("_activation",)
+
+    def __init__(self) -> None:
+        self._activation: Activation | None = None
+
+    def __enter__(self) -> None:
+        if self._activation is not None:
+            raise RuntimeError(
+                "this as_application() object is already in use; create one per block"
+            )
+        self._activation = _start(APPLICATION)
+
+    def __exit__(self, *exc_info: object) -> None:
+        activation, self._activation = self._activation, None
+        if activation is not None:
+            _end(activation)
+
+    async def __aenter__(self) -> None:
+        self.__enter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.__exit__()
+
+    def __repr__(self) -> str:
+        return "as_application()"

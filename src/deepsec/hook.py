@@ -17,31 +17,40 @@ round trip; and because nothing depends on when a connection was opened or
 acquired, pools, persistent connections and connections shared by threads or
 tasks are all safe.  For asyncio connections the on-connect callback is also
 where a missing token is fetched, off the event loop.
+
+A pool hands out a new Connection object on every acquire, so the first round
+trip of each request attaches again: built security contexts are therefore
+shared between connections (:func:`_security_context`), and the token's
+usable life comes from the token cache with the token.  With
+``require_end_user=True`` (strict mode) the same callback refuses a
+statement that has no end user, before anything is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import oracledb
 
 from .config import EndUserSecConfig, parse_end_user_sec_params
-from .context import EndUserContext, current_context
+from .context import APPLICATION, EndUserContext, current_context
 from .errors import (
     USER_TOKEN_REJECTED,
     ConfigError,
     DeepSecError,
     IdentityError,
     IdentityNotAccepted,
+    NoEndUserError,
     TokenAcquisitionError,
     TokenNotReadyError,
 )
@@ -55,6 +64,10 @@ log = logging.getLogger("deepsec")
 REFERENCE_PLUGIN = "oracledb.plugins.end_user_sec_provider"
 # Round trips that read nothing and must always be able to run (see _sync).
 _HOUSEKEEPING = frozenset({"rollback", "logoff"})
+# Round trips strict mode never refuses: they carry no statement, and refusing
+# them would strand connections (a pool pings, resets and closes its own).
+# The names are the driver's round-trip callback names (python-oracledb 26.1).
+_NEVER_REFUSED = _HOUSEKEEPING | {"ping", "commit", "session_release"}
 # ORA-52602: the database rejected the database-access token.
 _BAD_ACCESS_TOKEN = 52602
 
@@ -122,6 +135,14 @@ class _Binding:
     def on_connect_callback(self, conn: Any) -> Awaitable[None] | None:
         """Bind the per-round-trip callback; for asyncio, fetch the token first."""
         if isinstance(conn, oracledb.AsyncConnection):
+            ctx = current_context()
+            if self.user_on_connect is None and (
+                ctx.identity is None or self.source.cached_token(ctx) is not None
+            ):
+                # Nothing to fetch: bind now and give the driver an awaitable
+                # that is already done (a coroutine per acquire costs more).
+                self._bind(conn, self.user_round_trip)
+                return _DONE
             return self._on_connect_async(conn)
         self._bind(conn, self.user_round_trip)
         if self.user_on_connect is not None:
@@ -156,6 +177,18 @@ class _Binding:
             if inspect.isawaitable(result):
                 await result
             self._rebind_if_replaced(conn)
+
+
+class _Done:
+    """An awaitable that is already complete: awaiting it never suspends."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Iterator[None]:
+        return iter(())
+
+
+_DONE: Awaitable[None] = _Done()
 
 
 class _ConnectionBinding:
@@ -202,20 +235,28 @@ class _ConnectionBinding:
         state = self.attached
         if ctx is state.context and time.monotonic() < state.recheck_at:
             return state.completion  # the hot path: same request, same connection
+        config = self.binding.config
         if ctx.identity is None:
+            if config.require_end_user and ctx is not APPLICATION and name not in _NEVER_REFUSED:
+                _verify_connected(conn)  # a released Connection's round trip is the pool's
+                # Raised from the round-trip callback: the driver sends nothing.
+                raise NoEndUserError(
+                    "strict mode (end_user_sec_params['require_end_user']) refused a "
+                    f"{name!r} round trip with no current end user; run application-level "
+                    "work inside `with deepsec.as_application():`"
+                )
             if state is not _CLEARED:
                 conn.clear_end_user_security_context()
                 self.attached = _CLEARED
                 log.debug("cleared end-user context on connection %x", id(conn))
             return None
         source = self.binding.source
-        token = source.cached_token(ctx)
-        completion: Callable[[Any], None] | None
-        if token is None or state.token != token or state.context != ctx:
+        entry = _cached_entry(source, ctx)
+        if entry is None:
             # Raises InterfaceError on a Connection object already released to
             # its pool: checked first, so no token is fetched for it.
-            version = conn.version
-            if token is None and name in _HOUSEKEEPING:
+            _verify_connected(conn)
+            if name in _HOUSEKEEPING:
                 # No token at hand (and none fetched for this): a rollback or
                 # logoff reads nothing, and failing it would strand the
                 # connection (a pool could not reset or close it).  It goes
@@ -224,25 +265,29 @@ class _ConnectionBinding:
                     conn.clear_end_user_security_context()
                     self.attached = _CLEARED
                 return None
-            if token is None:
-                if isinstance(conn, oracledb.AsyncConnection):
-                    failure = _recalled_failure(self.binding.config, ctx)
-                    if failure is not None:  # prepare() or on-connect could not get it
-                        raise failure
-                    raise TokenNotReadyError(
-                        "no database-access token is cached for the current end user; in "
-                        "asyncio code use `async with deepsec.end_user(...)`, `await "
-                        "deepsec.prepare()` or the ASGI/FastAPI adapter, which fetch it off "
-                        "the event loop"
-                    )
-                token = source.get_token(ctx)
-            security_context = build_security_context(self.binding.config, ctx, token, version)
-            conn.set_end_user_security_context(security_context)
+            if isinstance(conn, oracledb.AsyncConnection):
+                failure = _recalled_failure(config, ctx)
+                if failure is not None:  # prepare() or on-connect could not get it
+                    raise failure
+                raise TokenNotReadyError(
+                    "no database-access token is cached for the current end user; in "
+                    "asyncio code use `async with deepsec.end_user(...)`, `await "
+                    "deepsec.prepare()` or the ASGI/FastAPI adapter, which fetch it off "
+                    "the event loop"
+                )
+            token = source.get_token(ctx)
+            entry = _cached_entry(source, ctx)
+            usable_until = entry[1] if entry is not None and entry[0] == token else 0.0
+        else:
+            token, usable_until = entry
+        completion: Callable[[Any], None] | None
+        if state.token != token or state.context != ctx:
+            conn.set_end_user_security_context(_security_context(config, ctx, token, conn))
             log.debug("attached end-user context %r on connection %x", ctx, id(conn))
             completion = self._completion(ctx)
         else:
             completion = state.completion
-        self.attached = _Attached(ctx, token, _recheck_at(token), completion)
+        self.attached = _Attached(ctx, token, _recheck_at(usable_until), completion)
         return completion
 
     def _completion(self, ctx: EndUserContext) -> Callable[[Any], None]:
@@ -258,13 +303,32 @@ class _ConnectionBinding:
         return completion
 
 
-def _recheck_at(token: str) -> float:
-    now = time.monotonic()
+def _verify_connected(conn: Any) -> None:
+    """Raise InterfaceError (DPY-1001) for a Connection object released or closed."""
+    conn.version  # noqa: B018  (the property checks the connection first)
+
+
+def _cached_entry(source: TokenSource, ctx: EndUserContext) -> tuple[str, float] | None:
+    """The cached token and until when it is served (epoch seconds), or ``None``.
+
+    The built-in sources keep the token's usable life with it; for any other
+    source it is read from the token (a JWT's ``exp``, less a margin).
+    """
+    cached_entry = getattr(source, "cached_entry", None)
+    if cached_entry is not None:
+        entry: tuple[str, float] | None = cached_entry(ctx)
+        return entry
+    token = source.cached_token(ctx)
+    if token is None:
+        return None
     exp = jwt_expiry(token)
-    if exp is None:
-        return now + _RECHECK_INTERVAL
-    left = exp - time.time() - _EXPIRY_MARGIN
-    return now + max(0.0, min(_RECHECK_INTERVAL, left))
+    return token, (time.time() + _RECHECK_INTERVAL if exp is None else exp - _EXPIRY_MARGIN)
+
+
+def _recheck_at(usable_until: float) -> float:
+    """Until when (monotonic) an attached token needs no new cache lookup."""
+    left = usable_until - time.time()
+    return time.monotonic() + max(0.0, min(_RECHECK_INTERVAL, left))
 
 
 def _both(first: Callable[[Any], Any], second: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -282,6 +346,70 @@ def _version_tuple(version: str | None) -> tuple[int, ...]:
         return ()
 
 
+# -- built security contexts, shared between connections ----------------------
+#
+# Why sharing is safe (python-oracledb 26.1, read from its source):
+# ``create_end_user_security_context`` (oracledb/end_user_security_context.py)
+# returns a Python wrapper whose only attribute is ``_impl``, an
+# ``EndUserSecurityContextImpl`` (impl/thin/end_user_security_context.pyx).
+# That cdef class holds only ``full_payload_oson_bytes``,
+# ``partial_payload_oson_bytes``, ``hash_value`` and ``is_localuser`` (the
+# attribute list compiled into thin_impl's .so says the same), all assigned
+# once in its ``create()`` classmethod and never written again.  What changes
+# per connection (the context in use, whether the full payload must be sent
+# again: ``_security_context`` / ``_send_full_security_context``) lives on
+# ``ThinConnImpl``; ``set_end_user_security_context`` only stores a reference
+# after its TCPS and capability checks, and the message writer only reads
+# the encoded bytes.  So one built context can serve any number of
+# connections and threads at once.
+
+#: Most built contexts kept (each holds its token and encoded payload, a few KB).
+_CONTEXTS_KEPT = 1024
+_contexts: dict[tuple[Any, ...], Any] = {}
+_contexts_lock = threading.Lock()
+
+
+def _attributes_key(attributes: Any) -> str | None:
+    # Attributes are a read-only mapping (unhashable): key them by their
+    # canonical JSON (validated JSON-compatible when the context was made).
+    if attributes is None:
+        return None
+    return json.dumps(dict(attributes), sort_keys=True, separators=(",", ":"))
+
+
+def _security_context(config: EndUserSecConfig, ctx: EndUserContext, token: str, conn: Any) -> Any:
+    """The built security context for these inputs, from the cache when possible.
+
+    Keyed by everything the context depends on: the config (its data roles
+    and attributes are the defaults), the token, the identity, the context's
+    own data roles and attributes, and whether the identity is left out (the
+    only reason to read ``conn.version``, for ``on_behalf_of``).
+    """
+    obo_alone = config.auth_flow == "on_behalf_of" and _version_tuple(conn.version) >= (23, 26, 4)
+    key = (
+        config.fingerprint,
+        token,
+        ctx.identity,
+        ctx.data_roles,
+        _attributes_key(ctx.attributes),
+        obo_alone,
+    )
+    built = _contexts.get(key)
+    if built is None:
+        built = _build_security_context(config, ctx, token, obo_alone)
+        with _contexts_lock:
+            if len(_contexts) >= _CONTEXTS_KEPT:
+                del _contexts[next(iter(_contexts))]  # the oldest
+            _contexts[key] = built
+    return built
+
+
+def forget_security_contexts() -> None:
+    """Drop every built security context kept for reuse (tests, key rotation)."""
+    with _contexts_lock:
+        _contexts.clear()
+
+
 def build_security_context(
     config: EndUserSecConfig,
     ctx: EndUserContext,
@@ -294,6 +422,13 @@ def build_security_context(
     With ``on_behalf_of`` against a 23.26.4+ database the OBO token alone
     identifies the user, as python-oracledb's plugin does.
     """
+    obo_alone = config.auth_flow == "on_behalf_of" and _version_tuple(server_version) >= (23, 26, 4)
+    return _build_security_context(config, ctx, token, obo_alone)
+
+
+def _build_security_context(
+    config: EndUserSecConfig, ctx: EndUserContext, token: str, obo_alone: bool
+) -> Any:
     data_roles = ctx.data_roles if ctx.data_roles is not None else config.data_roles
     attributes = ctx.attributes if ctx.attributes is not None else config.attributes
     if ctx.is_local_user and data_roles:
@@ -302,9 +437,7 @@ def build_security_context(
             "(they come from end_user_sec_params['data_roles'] here); remove them "
             "or use a token identity"
         )
-    identity = ctx.identity
-    if config.auth_flow == "on_behalf_of" and _version_tuple(server_version) >= (23, 26, 4):
-        identity = None
+    identity = None if obo_alone else ctx.identity
     return oracledb.create_end_user_security_context(
         token,
         end_user_identity=identity,
@@ -314,6 +447,29 @@ def build_security_context(
 
 
 # -- the params hook -----------------------------------------------------------
+
+
+def _require_tls(params: oracledb.ConnectParams) -> None:
+    """Refuse, at connect or pool creation, an address the context cannot travel on.
+
+    The driver sets an end-user security context on TCPS connections only
+    (DPY-2073 otherwise), and only when the first statement with an end user
+    runs: over plain TCP the app would connect, serve anonymous statements
+    and fail at the first authenticated one.  ``params.protocol`` lists the
+    protocol of every address of the (already parsed) DSN or descriptor.
+    ezTLS (``use_eztls``) encrypts a TCP address and is accepted.
+    """
+    protocols = params.protocol
+    listed = protocols if isinstance(protocols, list) else [protocols]
+    plain = sorted({str(p).lower() for p in listed if str(p).lower() != "tcps"})
+    if plain and not params.use_eztls:
+        # Only protocol names are shown: the DSN may hold a host or a secret.
+        raise ConfigError(
+            f"end_user_sec_params need TLS, but the connect string uses protocol "
+            f"{', '.join(repr(p) for p in plain)}: the database accepts an end-user "
+            "security context only over TCPS. Use a tcps:// DSN (or PROTOCOL=TCPS in "
+            "every ADDRESS of the descriptor) with ssl_context= or a wallet"
+        )
 
 
 def _is_ours(callback: object) -> bool:
@@ -328,7 +484,7 @@ def params_hook(params: oracledb.ConnectParams) -> None:
 
     Raises:
         ConfigError: ``end_user_sec_params`` are invalid (every problem listed),
-            or python-oracledb is in Thick mode.
+            python-oracledb is in Thick mode, or an address is not TCPS.
     """
     extra = params.extra_auth_params
     if not extra or extra.get("end_user_sec_params") is None:
@@ -343,6 +499,7 @@ def params_hook(params: oracledb.ConnectParams) -> None:
             "end_user_sec_params need python-oracledb Thin mode; "
             "oracledb.init_oracle_client() has switched this process to Thick mode"
         )
+    _require_tls(params)
     if _is_ours(params.on_connect_callback):  # the hook ran twice on these params
         return
     token_source_for(config)  # build it now: a bad source fails the connect, not a query
