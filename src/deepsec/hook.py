@@ -20,8 +20,8 @@ where a missing token is fetched, off the event loop.
 
 A pool hands out a new Connection object on every acquire, so the first round
 trip of each request attaches again: built security contexts are therefore
-shared between connections (:func:`_security_context`), and the token's
-usable life comes from the token cache with the token.  With
+shared between connections (:class:`_Prepared`), and the token's usable
+life comes from the token cache with the token.  With
 ``require_end_user=True`` (strict mode) the same callback refuses a
 statement that has no end user, before anything is sent.
 """
@@ -72,16 +72,28 @@ _NEVER_REFUSED = _HOUSEKEEPING | {"ping", "commit", "session_release"}
 _BAD_ACCESS_TOKEN = 52602
 
 
-@dataclass(frozen=True, slots=True)
 class _Attached:
-    """What this library last attached to one connection."""
+    """What this library last attached to one connection (never modified).
 
-    context: EndUserContext | None  # None: known to be cleared
-    token: str | None
-    #: Until this time.monotonic() value, the same context object needs no token
-    #: lookup: its token was valid when attached and is not near expiry.
-    recheck_at: float = 0.0
-    completion: Callable[[Any], None] | None = None
+    A plain slotted class: made once per attach, and a frozen dataclass's
+    ``__init__`` costs several times more on this path.
+    """
+
+    __slots__ = ("completion", "context", "recheck_at", "token")
+
+    def __init__(
+        self,
+        context: EndUserContext | None,  # None: known to be cleared
+        token: str | None,
+        recheck_at: float = 0.0,
+        completion: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.context = context
+        self.token = token
+        #: Until this time.monotonic() value, the same context object needs no
+        #: token lookup: its token was valid when attached and is not near expiry.
+        self.recheck_at = recheck_at
+        self.completion = completion
 
 
 _UNKNOWN = _Attached(None, "<unknown>")
@@ -137,7 +149,7 @@ class _Binding:
         if isinstance(conn, oracledb.AsyncConnection):
             ctx = current_context()
             if self.user_on_connect is None and (
-                ctx.identity is None or self.source.cached_token(ctx) is not None
+                ctx.identity is None or self._token_at_hand(conn, ctx)
             ):
                 # Nothing to fetch: bind now and give the driver an awaitable
                 # that is already done (a coroutine per acquire costs more).
@@ -149,6 +161,12 @@ class _Binding:
             self.user_on_connect(conn)
             self._rebind_if_replaced(conn)
         return None
+
+    def _token_at_hand(self, conn: Any, ctx: EndUserContext) -> bool:
+        prepared = _prepared.get(_prepared_key(self.config, ctx, conn))
+        if prepared is not None and time.monotonic() < prepared.check_until:
+            return True
+        return self.source.cached_token(ctx) is not None
 
     def _bind(self, conn: Any, theirs: Callable[..., Any] | None) -> None:
         conn.round_trip_callback = _ConnectionBinding(self, conn, theirs).round_trip
@@ -251,6 +269,40 @@ class _ConnectionBinding:
                 self.attached = _CLEARED
                 log.debug("cleared end-user context on connection %x", id(conn))
             return None
+        key = _prepared_key(config, ctx, conn)
+        prepared = _prepared.get(key)
+        if prepared is None or time.monotonic() >= prepared.check_until:
+            prepared = self._prepare(conn, ctx, name, key, prepared)
+            if prepared is None:  # housekeeping with no token at hand: goes out cleared
+                if state is not _CLEARED:
+                    conn.clear_end_user_security_context()
+                    self.attached = _CLEARED
+                return None
+        token = prepared.token
+        completion: Callable[[Any], None] | None
+        if state.token != token or state.context != ctx:
+            conn.set_end_user_security_context(prepared.context)
+            log.debug("attached end-user context %r on connection %x", ctx, id(conn))
+            completion = self._completion(ctx, key)
+        else:
+            completion = state.completion
+        self.attached = _Attached(ctx, token, prepared.check_until, completion)
+        return completion
+
+    def _prepare(
+        self,
+        conn: Any,
+        ctx: EndUserContext,
+        name: str,
+        key: tuple[Any, ...],
+        previous: _Prepared | None,
+    ) -> _Prepared | None:
+        """Ask the token source for the token; build (or keep) the security context.
+
+        Runs at most about once a second per (config, end user): in between,
+        :data:`_prepared` answers without hashing the identity again.
+        """
+        config = self.binding.config
         source = self.binding.source
         entry = _cached_entry(source, ctx)
         if entry is None:
@@ -262,9 +314,6 @@ class _ConnectionBinding:
                 # logoff reads nothing, and failing it would strand the
                 # connection (a pool could not reset or close it).  It goes
                 # out with no end-user context rather than not at all.
-                if state is not _CLEARED:
-                    conn.clear_end_user_security_context()
-                    self.attached = _CLEARED
                 return None
             if isinstance(conn, oracledb.AsyncConnection):
                 failure = _recalled_failure(config, ctx)
@@ -281,17 +330,15 @@ class _ConnectionBinding:
             usable_until = entry[1] if entry is not None and entry[0] == token else 0.0
         else:
             token, usable_until = entry
-        completion: Callable[[Any], None] | None
-        if state.token != token or state.context != ctx:
-            conn.set_end_user_security_context(_security_context(config, ctx, token, conn))
-            log.debug("attached end-user context %r on connection %x", ctx, id(conn))
-            completion = self._completion(ctx)
+        if previous is not None and previous.token == token:
+            built = previous.context  # same token, same inputs: nothing to rebuild
         else:
-            completion = state.completion
-        self.attached = _Attached(ctx, token, _recheck_at(usable_until), completion)
-        return completion
+            built = _build_security_context(config, ctx, token, key[-1])
+        prepared = _Prepared(token, built, _recheck_at(usable_until))
+        _keep_prepared(key, prepared)
+        return prepared
 
-    def _completion(self, ctx: EndUserContext) -> Callable[[Any], None]:
+    def _completion(self, ctx: EndUserContext, key: tuple[Any, ...]) -> Callable[[Any], None]:
         def completion(outcome: Any) -> None:
             # The database rejected the access token (revoked, or expired early):
             # drop it so the next round trip attaches a freshly fetched one.
@@ -299,6 +346,8 @@ class _ConnectionBinding:
                 err = outcome.args[0] if outcome.args else None
                 if getattr(err, "code", None) == _BAD_ACCESS_TOKEN:
                     self.binding.source.invalidate(ctx)
+                    with _prepared_lock:
+                        _prepared.pop(key, None)
                     self.attached = _UNKNOWN
 
         return completion
@@ -364,10 +413,22 @@ def _version_tuple(version: str | None) -> tuple[int, ...]:
 # the encoded bytes.  So one built context can serve any number of
 # connections and threads at once.
 
-#: Most built contexts kept (each holds its token and encoded payload, a few KB).
-_CONTEXTS_KEPT = 1024
-_contexts: dict[tuple[Any, ...], Any] = {}
-_contexts_lock = threading.Lock()
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A built security context and the token it holds, shared by connections."""
+
+    token: str
+    context: Any  # oracledb.EndUserSecurityContext
+    #: Until this time.monotonic() value it is served without asking the token
+    #: source: at most _RECHECK_INTERVAL, and never past the token's usable life.
+    check_until: float
+
+
+#: Most prepared contexts kept (each holds its token and encoded payload, a few KB).
+_PREPARED_KEPT = 1024
+_prepared: dict[tuple[Any, ...], _Prepared] = {}
+_prepared_lock = threading.Lock()
 
 
 def _attributes_key(attributes: Any) -> str | None:
@@ -378,37 +439,37 @@ def _attributes_key(attributes: Any) -> str | None:
     return json.dumps(dict(attributes), sort_keys=True, separators=(",", ":"))
 
 
-def _security_context(config: EndUserSecConfig, ctx: EndUserContext, token: str, conn: Any) -> Any:
-    """The built security context for these inputs, from the cache when possible.
+def _prepared_key(config: EndUserSecConfig, ctx: EndUserContext, conn: Any) -> tuple[Any, ...]:
+    """Everything a built context depends on, but the token (checked on reuse).
 
-    Keyed by everything the context depends on: the config (its data roles
-    and attributes are the defaults), the token, the identity, the context's
-    own data roles and attributes, and whether the identity is left out (the
-    only reason to read ``conn.version``, for ``on_behalf_of``).
+    The config (whose data roles and attributes are the defaults), the
+    identity, the context's own data roles and attributes, and whether the
+    identity is left out -- the only reason to read ``conn.version``, so it is
+    read for ``on_behalf_of`` only.  Equal values give equal keys: a new
+    context object per request still finds its user's entry (a str hash,
+    not the sha256 the token cache keys by).
     """
     obo_alone = config.auth_flow == "on_behalf_of" and _version_tuple(conn.version) >= (23, 26, 4)
-    key = (
+    return (
         config.fingerprint,
-        token,
         ctx.identity,
         ctx.data_roles,
         _attributes_key(ctx.attributes),
         obo_alone,
     )
-    built = _contexts.get(key)
-    if built is None:
-        built = _build_security_context(config, ctx, token, obo_alone)
-        with _contexts_lock:
-            if len(_contexts) >= _CONTEXTS_KEPT:
-                del _contexts[next(iter(_contexts))]  # the oldest
-            _contexts[key] = built
-    return built
+
+
+def _keep_prepared(key: tuple[Any, ...], prepared: _Prepared) -> None:
+    with _prepared_lock:
+        if key not in _prepared and len(_prepared) >= _PREPARED_KEPT:
+            del _prepared[next(iter(_prepared))]  # the oldest
+        _prepared[key] = prepared
 
 
 def forget_security_contexts() -> None:
     """Drop every built security context kept for reuse (tests, key rotation)."""
-    with _contexts_lock:
-        _contexts.clear()
+    with _prepared_lock:
+        _prepared.clear()
 
 
 def build_security_context(
