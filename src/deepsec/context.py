@@ -66,7 +66,7 @@ def validate_identity(value: object) -> Identity | None:
     if value is None:
         return None
     if isinstance(value, str):
-        if not value.strip():
+        if not value or value.isspace():  # (strip() would copy a long token)
             raise IdentityError("end-user identity token must be a non-empty string")
         if len(value) > MAX_IDENTITY_LENGTH:
             raise IdentityError(

@@ -169,6 +169,20 @@ class _Binding:
         return self.source.cached_token(ctx) is not None
 
     def _bind(self, conn: Any, theirs: Callable[..., Any] | None) -> None:
+        # A pool hands the same driver connection out again under a new
+        # Connection object; the callback still set on it from the last
+        # acquire is ours: point it at the new object and forget what was
+        # attached (the pool cleared the context on release).  Cheaper than a
+        # new binding and a trip through the driver's setter on every acquire.
+        current = conn.round_trip_callback
+        previous = getattr(current, "__self__", None)
+        if (
+            type(previous) is _ConnectionBinding
+            and previous.binding is self
+            and previous.user_round_trip is theirs
+        ):
+            previous.rebind(conn)
+            return
         conn.round_trip_callback = _ConnectionBinding(self, conn, theirs).round_trip
 
     def _rebind_if_replaced(self, conn: Any) -> None:
@@ -229,6 +243,11 @@ class _ConnectionBinding:
         self.attached = _UNKNOWN
         #: The app's own round-trip callback, called after ours.
         self.user_round_trip = user_round_trip
+
+    def rebind(self, conn: Any) -> None:
+        """Serve ``conn``, a new Connection object for the same driver connection."""
+        self.conn_ref = weakref.ref(conn)
+        self.attached = _UNKNOWN
 
     def round_trip(self, name: str) -> Any:
         """Attach, switch or clear the end-user context before one round trip."""
