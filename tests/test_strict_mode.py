@@ -188,9 +188,7 @@ def test_a_thread_never_inherits_the_application_scope(oracle):
 @pytest.mark.timeout(30)
 def test_strict_mode_asyncio(oracle):
     async def main() -> None:
-        conn = await oracledb.connect_async(
-            **oracle.connect_kwargs(), extra_auth_params=strict()
-        )
+        conn = await oracledb.connect_async(**oracle.connect_kwargs(), extra_auth_params=strict())
         try:
             cur = conn.cursor()
             mark = oracle.mark()

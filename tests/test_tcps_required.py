@@ -126,9 +126,7 @@ def test_async_connect_and_pool_refuse_a_plain_tcp_address(listener):
 
 
 @pytest.mark.timeout(30)
-def test_tcps_still_connects_and_plain_tcp_without_end_user_params_is_untouched(
-    oracle, listener
-):
+def test_tcps_still_connects_and_plain_tcp_without_end_user_params_is_untouched(oracle, listener):
     with oracledb.connect(**oracle.connect_kwargs(), extra_auth_params=PARAMS) as conn:
         with deepsec.end_user(("ann", None)), conn.cursor() as cur:
             cur.execute("select 1 from dual")
@@ -137,7 +135,5 @@ def test_tcps_still_connects_and_plain_tcp_without_end_user_params_is_untouched(
     port = listener.getsockname()[1]
     listener.close()
     with pytest.raises(oracledb.Error, match="DPY-6005") as info:
-        oracledb.connect(
-            user="app_user", password="pw", dsn=f"tcp://127.0.0.1:{port}/FREEPDB1"
-        )
+        oracledb.connect(user="app_user", password="pw", dsn=f"tcp://127.0.0.1:{port}/FREEPDB1")
     assert not isinstance(info.value.__cause__, ConfigError)
