@@ -127,9 +127,9 @@ def test_async_connect_and_pool_refuse_a_plain_tcp_address(listener):
 
 @pytest.mark.timeout(30)
 def test_tcps_still_connects_and_plain_tcp_without_end_user_params_is_untouched(oracle, listener):
-    with oracledb.connect(**oracle.connect_kwargs(), extra_auth_params=PARAMS) as conn:
-        with deepsec.end_user(("ann", None)), conn.cursor() as cur:
-            cur.execute("select 1 from dual")
+    conn = oracledb.connect(**oracle.connect_kwargs(), extra_auth_params=PARAMS)
+    with conn, deepsec.end_user(("ann", None)), conn.cursor() as cur:
+        cur.execute("select 1 from dual")
     # Without end_user_sec_params deepsec has no opinion: the driver goes ahead
     # and reaches the network (here: a closed port, so it is refused there).
     port = listener.getsockname()[1]
