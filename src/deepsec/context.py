@@ -166,12 +166,20 @@ class EndUserContext:
         data_roles: Sequence[str] | None = None,
         attributes: Mapping[str, Any] | None = None,
     ) -> None:
+        setattr_ = object.__setattr__
+        if data_roles is None and attributes is None:
+            # The per-request case (a token and nothing else): same checks,
+            # fewer calls; this runs for every request of every adapter.
+            setattr_(self, "_identity", validate_identity(identity))
+            setattr_(self, "_data_roles", None)
+            setattr_(self, "_attributes", None)
+            return
         ident = validate_identity(identity)
         roles = validate_data_roles(data_roles)
         _check_roles_with_local_user(ident, roles)
-        object.__setattr__(self, "_identity", ident)
-        object.__setattr__(self, "_data_roles", roles)
-        object.__setattr__(self, "_attributes", validate_attributes(attributes))
+        setattr_(self, "_identity", ident)
+        setattr_(self, "_data_roles", roles)
+        setattr_(self, "_attributes", validate_attributes(attributes))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("EndUserContext is immutable")
