@@ -11,9 +11,11 @@
    median per-request wall-clock time:
 
    - ``bare``: no end-user context at all;
-   - ``by hand``: what a competent developer writes without deepsec: a dict
-     of built contexts per user token (``create_end_user_security_context``
-     once per user), and ``conn.set_end_user_security_context(...)`` on every
+   - ``by hand``: what a competent developer writes without deepsec: the
+     request sets a contextvar to the user's token (the hand-written adapter
+     floor of ``bench/adapters.py``) and the data layer reads it, keeps a dict
+     of built contexts per token (``create_end_user_security_context`` once
+     per user) and calls ``conn.set_end_user_security_context(...)`` on every
      acquire (the pool clears it on release);
    - ``deepsec``: ``with deepsec.end_user(token):`` around the same request,
      on a pool created with ``end_user_sec_params``.
@@ -29,6 +31,7 @@
 from __future__ import annotations
 
 import argparse
+import contextvars
 import statistics
 import sys
 import time
@@ -80,12 +83,16 @@ def bare_app(pool: Any) -> Request:
     return request
 
 
+_hand_user: contextvars.ContextVar[str | None] = contextvars.ContextVar("user", default=None)
+
+
 def by_hand_app(pool: Any) -> Request:
     access_token = spi_static.get_database_access_token({"client_id": "hr-app"}, None)
     contexts: dict[str, Any] = {}
 
-    def request(header: str) -> None:
-        token = header[7:]
+    def data_layer() -> None:
+        token = _hand_user.get()
+        assert token is not None
         context = contexts.get(token)
         if context is None:
             context = contexts[token] = oracledb.create_end_user_security_context(
@@ -94,6 +101,15 @@ def by_hand_app(pool: Any) -> Request:
         with pool.acquire() as conn:
             conn.set_end_user_security_context(context)
             _query(conn)
+
+    def request(header: str) -> None:
+        # The hand-written adapter floor of bench/adapters.py: read the
+        # header, set a contextvar for the data layer, reset it.
+        reset = _hand_user.set(header[7:])
+        try:
+            data_layer()
+        finally:
+            _hand_user.reset(reset)
 
     return request
 

@@ -254,8 +254,13 @@ class _ConnectionBinding:
         completion = None
         conn = self.conn_ref()
         if conn is not None:
+            ctx = current_context()
+            state = self.attached
             try:
-                completion = self._sync(conn, current_context(), name)
+                if ctx is state.context and time.monotonic() < state.recheck_at:
+                    completion = state.completion  # the hot path: same request, connection
+                else:
+                    completion = self._sync(conn, ctx, name)
             except oracledb.InterfaceError:
                 # This Connection object was released to its pool or closed
                 # (DPY-1001): the round trip belongs to the pool, not to us.
@@ -270,9 +275,8 @@ class _ConnectionBinding:
         return completion
 
     def _sync(self, conn: Any, ctx: EndUserContext, name: str) -> Callable[[Any], None] | None:
+        """Attach, switch or clear: the context differs from the one attached."""
         state = self.attached
-        if ctx is state.context and time.monotonic() < state.recheck_at:
-            return state.completion  # the hot path: same request, same connection
         config = self.binding.config
         if ctx.identity is None:
             if config.require_end_user and ctx is not APPLICATION and name not in _NEVER_REFUSED:
@@ -299,9 +303,10 @@ class _ConnectionBinding:
                 return None
         token = prepared.token
         completion: Callable[[Any], None] | None
-        if state.token != token or state.context != ctx:
+        if state.context is None or state.token != token or state.context != ctx:
             conn.set_end_user_security_context(prepared.context)
-            log.debug("attached end-user context %r on connection %x", ctx, id(conn))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("attached end-user context %r on connection %x", ctx, id(conn))
             completion = self._completion(ctx, key)
         else:
             completion = state.completion
@@ -468,14 +473,21 @@ def _prepared_key(config: EndUserSecConfig, ctx: EndUserContext, conn: Any) -> t
     context object per request still finds its user's entry (a str hash,
     not the sha256 the token cache keys by).
     """
-    obo_alone = config.auth_flow == "on_behalf_of" and _version_tuple(conn.version) >= (23, 26, 4)
+    # The slots, not the properties: this runs on the first round trip of every
+    # request (each pool acquire), where every call shows in bench/hook.py.
+    attributes = ctx._attributes
     return (
         config.fingerprint,
-        ctx.identity,
-        ctx.data_roles,
-        _attributes_key(ctx.attributes),
-        obo_alone,
+        ctx._identity,
+        ctx._data_roles,
+        None if attributes is None else _attributes_key(attributes),
+        config.auth_flow == "on_behalf_of" and _obo_alone(conn),
     )
+
+
+def _obo_alone(conn: Any) -> bool:
+    """Whether the on-behalf-of token alone identifies the user (23.26.4+)."""
+    return _version_tuple(conn.version) >= (23, 26, 4)
 
 
 def _keep_prepared(key: tuple[Any, ...], prepared: _Prepared) -> None:
