@@ -156,7 +156,7 @@ class _Binding:
                 self._bind(conn, self.user_round_trip)
                 return _DONE
             return self._on_connect_async(conn)
-        self._bind(conn, self.user_round_trip)
+        conn.round_trip_callback = _ConnectionBinding(self, conn, self.user_round_trip).round_trip
         if self.user_on_connect is not None:
             self.user_on_connect(conn)
             self._rebind_if_replaced(conn)
@@ -169,20 +169,8 @@ class _Binding:
         return self.source.cached_token(ctx) is not None
 
     def _bind(self, conn: Any, theirs: Callable[..., Any] | None) -> None:
-        # A pool hands the same driver connection out again under a new
-        # Connection object; the callback still set on it from the last
-        # acquire is ours: point it at the new object and forget what was
-        # attached (the pool cleared the context on release).  Cheaper than a
-        # new binding and a trip through the driver's setter on every acquire.
-        current = conn.round_trip_callback
-        previous = getattr(current, "__self__", None)
-        if (
-            type(previous) is _ConnectionBinding
-            and previous.binding is self
-            and previous.user_round_trip is theirs
-        ):
-            previous.rebind(conn)
-            return
+        # (A pool resets the driver connection's round_trip_callback to the
+        # pool's own on every acquire, so there is no binding to reuse.)
         conn.round_trip_callback = _ConnectionBinding(self, conn, theirs).round_trip
 
     def _rebind_if_replaced(self, conn: Any) -> None:
@@ -243,11 +231,6 @@ class _ConnectionBinding:
         self.attached = _UNKNOWN
         #: The app's own round-trip callback, called after ours.
         self.user_round_trip = user_round_trip
-
-    def rebind(self, conn: Any) -> None:
-        """Serve ``conn``, a new Connection object for the same driver connection."""
-        self.conn_ref = weakref.ref(conn)
-        self.attached = _UNKNOWN
 
     def round_trip(self, name: str) -> Any:
         """Attach, switch or clear the end-user context before one round trip."""
