@@ -114,6 +114,37 @@ def by_hand_app(pool: Any) -> Request:
     return request
 
 
+def _empty_callback(conn: Any) -> None:
+    conn.round_trip_callback = lambda name: None
+
+
+def breakdown_app(pool: Any) -> Request:
+    """``by hand``, but the user travels in ``deepsec.end_user()`` (``--breakdown``).
+
+    Run on a pool whose connections get an empty round-trip callback on every
+    acquire, it is deepsec minus deepsec's own hook logic: the driver's
+    callback machinery and deepsec's activation (a validated context under a
+    lease) instead of a bare contextvar.
+    """
+    access_token = spi_static.get_database_access_token({"client_id": "hr-app"}, None)
+    contexts: dict[str, Any] = {}
+
+    def request(header: str) -> None:
+        with deepsec.end_user(header[7:]) as ctx:
+            token = ctx.identity
+            assert isinstance(token, str)
+            context = contexts.get(token)
+            if context is None:
+                context = contexts[token] = oracledb.create_end_user_security_context(
+                    access_token, end_user_identity=token
+                )
+            with pool.acquire() as conn:
+                conn.set_end_user_security_context(context)
+                _query(conn)
+
+    return request
+
+
 def deepsec_app(pool: Any) -> Request:
     def request(header: str) -> None:
         with deepsec.end_user(header[7:]), pool.acquire() as conn:
@@ -167,7 +198,9 @@ def per_call_ns(fn: Callable[[str], Any], n: int = 200_000) -> float:
     return best
 
 
-def bench_requests(wire: WireServer, rounds: int, n: int, users: int, block: int) -> None:
+def bench_requests(
+    wire: WireServer, rounds: int, n: int, users: int, block: int, breakdown: bool
+) -> None:
     headers = [
         "Bearer " + spi_static.make_jwt({"preferred_username": f"user{i}", "sub": f"s{i}"})
         for i in range(users)
@@ -182,6 +215,9 @@ def bench_requests(wire: WireServer, rounds: int, n: int, users: int, block: int
         "by hand": by_hand_app(pools["by hand"]),
         "deepsec": deepsec_app(pools["deepsec"]),
     }
+    if breakdown:
+        pools["breakdown"] = _pool(wire, on_connect_callback=_empty_callback)
+        apps["hand+eu+cb"] = breakdown_app(pools["breakdown"])
     try:
         wall: dict[str, list[float]] = {k: [] for k in apps}
         cpu: dict[str, list[float]] = {k: [] for k in apps}
@@ -248,9 +284,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--block", type=int, default=20, help="requests per app in a row")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="add 'hand+eu+cb': by hand with deepsec.end_user() and an empty callback",
+    )
     args = parser.parse_args()
     with wire_server() as wire:
-        bench_requests(wire, args.rounds, args.requests, args.users, args.block)
+        bench_requests(wire, args.rounds, args.requests, args.users, args.block, args.breakdown)
         bench_callback(wire)
 
 
