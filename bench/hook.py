@@ -250,6 +250,12 @@ def bench_requests(
             f"median {statistics.median(paired):.3f}, max {max(paired):.3f} (target <= 1.03)"
         )
         print(f"  deepsec - by hand, client CPU: {mc['deepsec'] - mc['by hand']:+.1f} us/request")
+        if "hand+eu+cb" in mc:
+            print(
+                f"    of which deepsec.end_user() and the driver's callbacks: "
+                f"{mc['hand+eu+cb'] - mc['by hand']:+.1f} us; the hook's own logic: "
+                f"{mc['deepsec'] - mc['hand+eu+cb']:+.1f} us"
+            )
     finally:
         for pool in pools.values():
             pool.close(force=True)
