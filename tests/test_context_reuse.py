@@ -17,7 +17,7 @@ import pytest
 
 import deepsec
 import spi_static
-from deepsec import hook
+from deepsec import _contexts, hook
 from deepsec.testing.oracle import decode_jwt_claims
 from deepsec.tokens import clear_token_sources, token_source_for
 
@@ -198,10 +198,10 @@ def test_async_acquire_with_the_token_cached_fetches_nothing(oracle, builds):
 
 @pytest.mark.timeout(30)
 def test_prepared_contexts_are_bounded(oracle, monkeypatch):
-    monkeypatch.setattr(hook, "_PREPARED_KEPT", 5)
+    monkeypatch.setattr(_contexts, "_PREPARED_KEPT", 5)
     with oracledb.connect(**oracle.connect_kwargs(), extra_auth_params=params()) as conn:
         for i in range(12):
             with deepsec.end_user((f"user{i}", None)), conn.cursor() as cur:
                 cur.execute(f"{USERNAME_SQL} /* bound-{i} */")
                 assert cur.fetchone()[0] == f"user{i}"
-    assert len(hook._prepared) <= 5
+    assert len(_contexts.prepared) <= 5

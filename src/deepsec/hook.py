@@ -20,7 +20,7 @@ where a missing token is fetched, off the event loop.
 
 A pool hands out a new Connection object on every acquire, so the first round
 trip of each request attaches again: built security contexts are therefore
-shared between connections (:class:`_Prepared`), and the token's usable
+shared between connections (:mod:`deepsec._contexts`), and the token's usable
 life comes from the token cache with the token.  With
 ``require_end_user=True`` (strict mode) the same callback refuses a
 statement that has no end user, before anything is sent.
@@ -30,25 +30,32 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import threading
 import time
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Generator
-from dataclasses import dataclass
 from typing import Any
 
 import oracledb
 
+from ._contexts import (
+    Prepared,
+    build_from_parts,
+    build_security_context,
+    forget_security_contexts,
+    keep_prepared,
+    prepared_key,
+)
+from ._contexts import prepared as _prepared
+from ._contexts import prepared_lock as _prepared_lock
 from .config import EndUserSecConfig, parse_end_user_sec_params
 from .context import APPLICATION, EndUserContext, current_context
 from .errors import (
     USER_TOKEN_REJECTED,
     ConfigError,
     DeepSecError,
-    IdentityError,
     IdentityNotAccepted,
     NoEndUserError,
     TokenAcquisitionError,
@@ -57,7 +64,15 @@ from .errors import (
 from .tokens import TokenSource, token_source_for
 from .tokens.cache import jwt_expiry
 
-__all__ = ["install", "installed", "params_hook", "prepare", "uninstall"]
+__all__ = [
+    "build_security_context",
+    "forget_security_contexts",
+    "install",
+    "installed",
+    "params_hook",
+    "prepare",
+    "uninstall",
+]
 
 log = logging.getLogger("deepsec")
 
@@ -163,7 +178,7 @@ class _Binding:
         return None
 
     def _token_at_hand(self, conn: Any, ctx: EndUserContext) -> bool:
-        prepared = _prepared.get(_prepared_key(self.config, ctx, conn))
+        prepared = _prepared.get(prepared_key(self.config, ctx, conn))
         if prepared is not None and time.monotonic() < prepared.check_until:
             return True
         return self.source.cached_token(ctx) is not None
@@ -275,7 +290,7 @@ class _ConnectionBinding:
                 self.attached = _CLEARED
                 log.debug("cleared end-user context on connection %x", id(conn))
             return None
-        key = _prepared_key(config, ctx, conn)
+        key = prepared_key(config, ctx, conn)
         prepared = _prepared.get(key)
         if prepared is None or time.monotonic() >= prepared.check_until:
             prepared = self._prepare(conn, ctx, name, key, prepared)
@@ -302,8 +317,8 @@ class _ConnectionBinding:
         ctx: EndUserContext,
         name: str,
         key: tuple[Any, ...],
-        previous: _Prepared | None,
-    ) -> _Prepared | None:
+        previous: Prepared | None,
+    ) -> Prepared | None:
         """Ask the token source for the token; build (or keep) the security context.
 
         Runs at most about once a second per (config, end user): in between,
@@ -340,9 +355,9 @@ class _ConnectionBinding:
         if previous is not None and previous.token == token:
             built = previous.context  # same token, same inputs: nothing to rebuild
         else:
-            built = _build_security_context(config, ctx, token, key[-1])
-        prepared = _Prepared(token, built, _recheck_at(usable_until))
-        _keep_prepared(key, prepared)
+            built = build_from_parts(config, ctx, token, key[-1])
+        prepared = Prepared(token, built, _recheck_at(usable_until))
+        keep_prepared(key, prepared)
         return prepared
 
     def _completion(self, ctx: EndUserContext, key: tuple[Any, ...]) -> Callable[[Any], None]:
@@ -394,132 +409,6 @@ def _both(first: Callable[[Any], Any], second: Callable[[Any], Any]) -> Callable
         return second(outcome)
 
     return completion
-
-
-def _version_tuple(version: str | None) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in (version or "").split("."))[:3]
-    except ValueError:
-        return ()
-
-
-# -- built security contexts, shared between connections ----------------------
-#
-# Why sharing is safe (python-oracledb 26.1, read from its source):
-# ``create_end_user_security_context`` (oracledb/end_user_security_context.py)
-# returns a Python wrapper whose only attribute is ``_impl``, an
-# ``EndUserSecurityContextImpl`` (impl/thin/end_user_security_context.pyx).
-# That cdef class holds only ``full_payload_oson_bytes``,
-# ``partial_payload_oson_bytes``, ``hash_value`` and ``is_localuser`` (the
-# attribute list compiled into thin_impl's .so says the same), all assigned
-# once in its ``create()`` classmethod and never written again.  What changes
-# per connection (the context in use, whether the full payload must be sent
-# again: ``_security_context`` / ``_send_full_security_context``) lives on
-# ``ThinConnImpl``; ``set_end_user_security_context`` only stores a reference
-# after its TCPS and capability checks, and the message writer only reads
-# the encoded bytes.  So one built context can serve any number of
-# connections and threads at once.
-
-
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    """A built security context and the token it holds, shared by connections."""
-
-    token: str
-    context: Any  # oracledb.EndUserSecurityContext
-    #: Until this time.monotonic() value it is served without asking the token
-    #: source: at most _RECHECK_INTERVAL, and never past the token's usable life.
-    check_until: float
-
-
-#: Most prepared contexts kept (each holds its token and encoded payload, a few KB).
-_PREPARED_KEPT = 1024
-_prepared: dict[tuple[Any, ...], _Prepared] = {}
-_prepared_lock = threading.Lock()
-
-
-def _attributes_key(attributes: Any) -> str | None:
-    # Attributes are a read-only mapping (unhashable): key them by their
-    # canonical JSON (validated JSON-compatible when the context was made).
-    if attributes is None:
-        return None
-    return json.dumps(dict(attributes), sort_keys=True, separators=(",", ":"))
-
-
-def _prepared_key(config: EndUserSecConfig, ctx: EndUserContext, conn: Any) -> tuple[Any, ...]:
-    """Everything a built context depends on, but the token (checked on reuse).
-
-    The config (whose data roles and attributes are the defaults), the
-    identity, the context's own data roles and attributes, and whether the
-    identity is left out -- the only reason to read ``conn.version``, so it is
-    read for ``on_behalf_of`` only.  Equal values give equal keys: a new
-    context object per request still finds its user's entry (a str hash,
-    not the sha256 the token cache keys by).
-    """
-    # The slots, not the properties: this runs on the first round trip of every
-    # request (each pool acquire), where every call shows in bench/hook.py.
-    attributes = ctx._attributes
-    return (
-        config.fingerprint,
-        ctx._identity,
-        ctx._data_roles,
-        None if attributes is None else _attributes_key(attributes),
-        config.auth_flow == "on_behalf_of" and _obo_alone(conn),
-    )
-
-
-def _obo_alone(conn: Any) -> bool:
-    """Whether the on-behalf-of token alone identifies the user (23.26.4+)."""
-    return _version_tuple(conn.version) >= (23, 26, 4)
-
-
-def _keep_prepared(key: tuple[Any, ...], prepared: _Prepared) -> None:
-    with _prepared_lock:
-        if key not in _prepared and len(_prepared) >= _PREPARED_KEPT:
-            del _prepared[next(iter(_prepared))]  # the oldest
-        _prepared[key] = prepared
-
-
-def forget_security_contexts() -> None:
-    """Drop every built security context kept for reuse (tests, key rotation)."""
-    with _prepared_lock:
-        _prepared.clear()
-
-
-def build_security_context(
-    config: EndUserSecConfig,
-    ctx: EndUserContext,
-    token: str,
-    server_version: str | None = None,
-) -> Any:
-    """Build the driver's ``EndUserSecurityContext`` for ``ctx``.
-
-    Data roles and attributes set on the context win over configured ones.
-    With ``on_behalf_of`` against a 23.26.4+ database the OBO token alone
-    identifies the user, as python-oracledb's plugin does.
-    """
-    obo_alone = config.auth_flow == "on_behalf_of" and _version_tuple(server_version) >= (23, 26, 4)
-    return _build_security_context(config, ctx, token, obo_alone)
-
-
-def _build_security_context(
-    config: EndUserSecConfig, ctx: EndUserContext, token: str, obo_alone: bool
-) -> Any:
-    data_roles = ctx.data_roles if ctx.data_roles is not None else config.data_roles
-    attributes = ctx.attributes if ctx.attributes is not None else config.attributes
-    if ctx.is_local_user and data_roles:
-        raise IdentityError(
-            "data roles cannot be set explicitly for a local (name, key) end user "
-            "(they come from end_user_sec_params['data_roles'] here); remove them "
-            "or use a token identity"
-        )
-    identity = None if obo_alone else ctx.identity
-    return oracledb.create_end_user_security_context(
-        token,
-        end_user_identity=identity,
-        data_roles=list(data_roles) if data_roles is not None else None,
-        attributes=dict(attributes) if attributes is not None else None,
-    )
 
 
 # -- the params hook -----------------------------------------------------------

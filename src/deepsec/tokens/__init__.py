@@ -92,6 +92,6 @@ def clear_token_sources() -> None:
         azure = sys.modules.get(f"{__name__}.azure")
         if azure is not None:  # never import msal just to clear it
             azure.reset_msal_apps()
-    hook = sys.modules.get("deepsec.hook")
-    if hook is not None:  # the security contexts it built hold these tokens
-        hook.forget_security_contexts()
+    contexts = sys.modules.get("deepsec._contexts")
+    if contexts is not None:  # the hook's built security contexts hold these tokens
+        contexts.forget_security_contexts()
