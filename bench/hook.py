@@ -1,38 +1,194 @@
-"""Cost of deepsec's per-round-trip callback, side by side in one run.
+"""Cost of deepsec's driver hook, side by side in one run.
 
-    python bench/hook.py
+    python bench/hook.py [--rounds R] [--requests N] [--users U]
 
-1. The callback alone on a real connection whose context is unchanged (the
-   hot path: a contextvar read, a cache lookup, two comparisons), against an
-   empty callback, in nanoseconds per call.
-2. Whole round trips (``ping`` and a cached ``select``) over TCPS to the
-   wire test server, interleaved in rounds so machine noise hits all alike:
-   ``no context``; ``manual``, a context set once by hand with
-   ``set_end_user_security_context`` and no deepsec callback; and
-   ``deepsec``.  Every round trip with a context carries its payload, which
-   the driver encodes and the (Python) test server decodes, so deepsec's own
-   cost is the ``deepsec / manual`` ratio.
+1. **Requests through a pool** (the realistic figure): one request is "read
+   the end user's bearer token, acquire a pooled connection, run
+   ``select 1 from dual``, fetch, release", against the Oracle wire test
+   server running in its own process (``bench/_wire.py``), over TCPS.  Three
+   apps, each with its own pool, run in interleaved rounds (the order
+   rotates, so machine noise and drift hit all alike); the figure is the
+   median per-request wall-clock time:
+
+   - ``bare``: no end-user context at all;
+   - ``by hand``: what a competent developer writes without deepsec: the
+     request sets a contextvar to the user's token (the hand-written adapter
+     floor of ``bench/adapters.py``) and the data layer reads it, keeps a dict
+     of built contexts per token (``create_end_user_security_context`` once
+     per user) and calls ``conn.set_end_user_security_context(...)`` on every
+     acquire (the pool clears it on release);
+   - ``deepsec``: ``with deepsec.end_user(token):`` around the same request,
+     on a pool created with ``end_user_sec_params``.
+
+   The requests cycle through ``--users`` end users, and each request gets a
+   fresh token string (as a header parser produces), so neither app can
+   recognise a user by object identity.  deepsec's cost is the
+   ``deepsec / by hand`` ratio (target: at most 1.03).
+2. **The callback alone** on a connection whose context is unchanged (the
+   hot path of later round trips of one request), against an empty callback.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextvars
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import oracledb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import spi_static  # noqa: I001  (found through the sys.path lines above)
+from _wire import WireServer, wire_server
 
 import deepsec
-import spi_static
-from deepsec.testing.oracle import OracleTestServer
 
-SQL = "select xs_sys_context('xs$session','username') from dual"
+SQL = "select 1 from dual"
+PARAMS = {"end_user_sec_params": {"spi_type": "spi_static", "client_id": "hr-app"}}
+
+Request = Callable[[str], None]  # one request, given the Authorization header
 
 
-def per_call_ns(fn, n: int = 200_000) -> float:
+def _pool(wire: WireServer, **extra: Any) -> Any:
+    return oracledb.create_pool(
+        user=wire.user,
+        password=wire.password,
+        dsn=wire.dsn,
+        ssl_context=wire.ssl_context(),
+        min=2,
+        max=2,
+        increment=0,
+        **extra,
+    )
+
+
+def _query(conn: Any) -> None:
+    with conn.cursor() as cur:
+        cur.execute(SQL)
+        cur.fetchone()
+
+
+def bare_app(pool: Any) -> Request:
+    def request(header: str) -> None:
+        header[7:]  # the app reads the header all the same
+        with pool.acquire() as conn:
+            _query(conn)
+
+    return request
+
+
+_hand_user: contextvars.ContextVar[str | None] = contextvars.ContextVar("user", default=None)
+
+
+def by_hand_app(pool: Any) -> Request:
+    access_token = spi_static.get_database_access_token({"client_id": "hr-app"}, None)
+    contexts: dict[str, Any] = {}
+
+    def data_layer() -> None:
+        token = _hand_user.get()
+        assert token is not None
+        context = contexts.get(token)
+        if context is None:
+            context = contexts[token] = oracledb.create_end_user_security_context(
+                access_token, end_user_identity=token
+            )
+        with pool.acquire() as conn:
+            conn.set_end_user_security_context(context)
+            _query(conn)
+
+    def request(header: str) -> None:
+        # The hand-written adapter floor of bench/adapters.py: read the
+        # header, set a contextvar for the data layer, reset it.
+        reset = _hand_user.set(header[7:])
+        try:
+            data_layer()
+        finally:
+            _hand_user.reset(reset)
+
+    return request
+
+
+def _empty_callback(conn: Any) -> None:
+    conn.round_trip_callback = lambda name: None
+
+
+def breakdown_app(pool: Any) -> Request:
+    """``by hand``, but the user travels in ``deepsec.end_user()`` (``--breakdown``).
+
+    Run on a pool whose connections get an empty round-trip callback on every
+    acquire, it is deepsec minus deepsec's own hook logic: the driver's
+    callback machinery and deepsec's activation (a validated context under a
+    lease) instead of a bare contextvar.
+    """
+    access_token = spi_static.get_database_access_token({"client_id": "hr-app"}, None)
+    contexts: dict[str, Any] = {}
+
+    def request(header: str) -> None:
+        with deepsec.end_user(header[7:]) as ctx:
+            token = ctx.identity
+            assert isinstance(token, str)
+            context = contexts.get(token)
+            if context is None:
+                context = contexts[token] = oracledb.create_end_user_security_context(
+                    access_token, end_user_identity=token
+                )
+            with pool.acquire() as conn:
+                conn.set_end_user_security_context(context)
+                _query(conn)
+
+    return request
+
+
+def deepsec_app(pool: Any) -> Request:
+    def request(header: str) -> None:
+        with deepsec.end_user(header[7:]), pool.acquire() as conn:
+            _query(conn)
+
+    return request
+
+
+def run_round(
+    apps: dict[str, Request],
+    headers: list[str],
+    n: int,
+    wall: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    block: int,
+    shift: int = 0,
+) -> None:
+    """``n`` requests per app, interleaved in blocks of ``block``, timed one by one.
+
+    Short blocks (a few milliseconds, the order rotating) put every app under
+    the same machine load, which long rounds cannot do on a shared machine;
+    a block rather than single requests keeps each app's code and data warm
+    in the CPU caches, as they are in a real server running one app.
+    """
+    fresh = [h.encode().decode() for h in headers]  # new str objects each round
+    users = len(fresh)
+    names = list(apps)
+    clock, thread_clock = time.perf_counter, time.thread_time
+    for j, start in enumerate(range(0, n, block)):
+        k = (j + shift) % len(names)
+        for name in names[k:] + names[:k]:
+            app = apps[name]
+            for i in range(start, min(n, start + block)):
+                header = fresh[i % users]
+                c0 = thread_clock()
+                t0 = clock()
+                app(header)
+                t1 = clock()
+                c1 = thread_clock()
+                wall[name].append(t1 - t0)
+                cpu[name].append(c1 - c0)
+
+
+def per_call_ns(fn: Callable[[str], Any], n: int = 200_000) -> float:
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter_ns()
@@ -42,75 +198,107 @@ def per_call_ns(fn, n: int = 200_000) -> float:
     return best
 
 
-def round_trip_us(conn: oracledb.Connection, n: int) -> tuple[float, float]:
-    cur = conn.cursor()
-    start = time.perf_counter()
-    for _ in range(n):
-        conn.ping()
-    ping = (time.perf_counter() - start) / n * 1e6
-    start = time.perf_counter()
-    for _ in range(n):
-        cur.execute(SQL)
-        cur.fetchone()
-    select = (time.perf_counter() - start) / n * 1e6
-    return ping, select
+def bench_requests(
+    wire: WireServer, rounds: int, n: int, users: int, block: int, breakdown: bool
+) -> None:
+    headers = [
+        "Bearer " + spi_static.make_jwt({"preferred_username": f"user{i}", "sub": f"s{i}"})
+        for i in range(users)
+    ]
+    pools = {
+        "bare": _pool(wire),
+        "by hand": _pool(wire),
+        "deepsec": _pool(wire, extra_auth_params=PARAMS),
+    }
+    apps = {
+        "bare": bare_app(pools["bare"]),
+        "by hand": by_hand_app(pools["by hand"]),
+        "deepsec": deepsec_app(pools["deepsec"]),
+    }
+    if breakdown:
+        pools["breakdown"] = _pool(wire, on_connect_callback=_empty_callback)
+        apps["hand+eu+cb"] = breakdown_app(pools["breakdown"])
+    try:
+        wall: dict[str, list[float]] = {k: [] for k in apps}
+        cpu: dict[str, list[float]] = {k: [] for k in apps}
+        run_round(apps, headers, 200, wall, cpu, block)  # warm up: connections, caches
+        wall = {k: [] for k in apps}
+        cpu = {k: [] for k in apps}
+        round_wall: dict[str, list[float]] = {k: [] for k in apps}
+        for r in range(rounds):
+            before = {k: len(v) for k, v in wall.items()}
+            run_round(apps, headers, n, wall, cpu, block, shift=r)
+            for k, v in wall.items():
+                round_wall[k].append(statistics.median(v[before[k] :]))
+        print(
+            f"requests through a pool to the wire test server in its own process "
+            f"({rounds} rounds x {n} requests per app, interleaved in blocks of {block}, "
+            f"{users} users; median request)"
+        )
+        print(f"  {'':10s} {'wall us':>9s} {'x bare':>7s} {'client CPU us':>14s} {'x bare':>7s}")
+        mw = {k: statistics.median(v) * 1e6 for k, v in wall.items()}
+        mc = {k: statistics.median(v) * 1e6 for k, v in cpu.items()}
+        for k in apps:
+            print(
+                f"  {k:10s} {mw[k]:9.1f} {mw[k] / mw['bare']:7.3f} "
+                f"{mc[k]:14.1f} {mc[k] / mc['bare']:7.3f}"
+            )
+        paired = [d / h for d, h in zip(round_wall["deepsec"], round_wall["by hand"], strict=True)]
+        print(
+            f"  deepsec / by hand, wall clock (median request): "
+            f"{mw['deepsec'] / mw['by hand']:.3f}; per round: min {min(paired):.3f}, "
+            f"median {statistics.median(paired):.3f}, max {max(paired):.3f} (target <= 1.03)"
+        )
+        print(f"  deepsec - by hand, client CPU: {mc['deepsec'] - mc['by hand']:+.1f} us/request")
+        if "hand+eu+cb" in mc:
+            print(
+                f"    of which deepsec.end_user() and the driver's callbacks: "
+                f"{mc['hand+eu+cb'] - mc['by hand']:+.1f} us; the hook's own logic: "
+                f"{mc['deepsec'] - mc['hand+eu+cb']:+.1f} us"
+            )
+    finally:
+        for pool in pools.values():
+            pool.close(force=True)
+
+
+def bench_callback(wire: WireServer) -> None:
+    token = spi_static.make_jwt({"preferred_username": "alice"})
+    with deepsec.end_user(token):
+        conn = oracledb.connect(
+            user=wire.user,
+            password=wire.password,
+            dsn=wire.dsn,
+            ssl_context=wire.ssl_context(),
+            extra_auth_params=PARAMS,
+        )
+        try:
+            conn.ping()  # attach once; from here on the context is unchanged
+            callback = conn.round_trip_callback
+            empty_ns = per_call_ns(lambda name: None)
+            ours_ns = per_call_ns(callback)
+        finally:
+            conn.close()
+    print("\nper-round-trip callback, context unchanged (best of 5)")
+    print(f"  empty callback      {empty_ns:8.0f} ns/call")
+    print(f"  deepsec callback    {ours_ns:8.0f} ns/call")
+    print(f"  added by deepsec    {ours_ns - empty_ns:8.0f} ns/call")
 
 
 def main() -> None:
-    server = OracleTestServer(users={"app_user": "app_password"})
-    server.start()
-    kwargs = {
-        "user": "app_user",
-        "password": "app_password",
-        "dsn": server.dsn,
-        "ssl_context": server.client_ssl_context(),
-    }
-    token = spi_static.make_jwt({"preferred_username": "alice"})
-    try:
-        plain = oracledb.connect(**kwargs)
-        with deepsec.end_user(token):
-            ours = oracledb.connect(
-                **kwargs, extra_auth_params={"end_user_sec_params": {"spi_type": "spi_static"}}
-            )
-            ours.ping()  # attach once; from here on the context is unchanged
-            callback = ours.round_trip_callback
-            empty_ns = per_call_ns(lambda name: None)
-            ours_ns = per_call_ns(callback)
-            print("per-round-trip callback, context unchanged")
-            print(f"  empty callback      {empty_ns:8.0f} ns/call")
-            print(f"  deepsec callback    {ours_ns:8.0f} ns/call")
-            print(f"  added by deepsec    {ours_ns - empty_ns:8.0f} ns/call")
-
-            manual = oracledb.connect(**kwargs)
-            manual.set_end_user_security_context(
-                oracledb.create_end_user_security_context(
-                    spi_static.get_database_access_token({}, token), end_user_identity=token
-                )
-            )
-            rounds, n = 7, 300
-            conns = {"no context": plain, "manual": manual, "deepsec": ours}
-            rows: dict[str, list[tuple[float, float]]] = {k: [] for k in conns}
-            order = list(conns)
-            for r in range(rounds):
-                for name in order[r % 3 :] + order[: r % 3]:  # rotate: no order bias
-                    rows[name].append(round_trip_us(conns[name], n))
-        print(f"\nround trips over TCPS to the wire test server ({rounds} rounds x {n}, median)")
-        print(f"  {'':10s} {'ping us':>10s} {'select us':>10s}")
-        med = {
-            k: (statistics.median(p for p, _ in v), statistics.median(s for _, s in v))
-            for k, v in rows.items()
-        }
-        for k, (p, s) in med.items():
-            print(f"  {k:10s} {p:10.1f} {s:10.1f}")
-        print(
-            f"  {'ratio':10s} {med['deepsec'][0] / med['manual'][0]:10.3f} "
-            f"{med['deepsec'][1] / med['manual'][1]:10.3f}   (deepsec / manual; target <= 1.03)"
-        )
-        plain.close()
-        manual.close()
-        ours.close()
-    finally:
-        server.stop()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--block", type=int, default=20, help="requests per app in a row")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="add 'hand+eu+cb': by hand with deepsec.end_user() and an empty callback",
+    )
+    args = parser.parse_args()
+    with wire_server() as wire:
+        bench_requests(wire, args.rounds, args.requests, args.users, args.block, args.breakdown)
+        bench_callback(wire)
 
 
 if __name__ == "__main__":

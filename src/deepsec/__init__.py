@@ -12,6 +12,7 @@ from .config import EndUserSecConfig, parse_end_user_sec_params
 from .context import (
     EndUserContext,
     Identity,
+    as_application,
     current_end_user,
     end_user,
     get_end_user_attributes,
@@ -26,6 +27,7 @@ from .errors import (
     DeepSecError,
     IdentityError,
     IdentityNotAccepted,
+    NoEndUserError,
     TokenAcquisitionError,
     TokenNotReadyError,
 )
@@ -41,9 +43,11 @@ __all__ = [
     "Identity",
     "IdentityError",
     "IdentityNotAccepted",
+    "NoEndUserError",
     "TokenAcquisitionError",
     "TokenNotReadyError",
     "__version__",
+    "as_application",
     "current_end_user",
     "end_user",
     "get_end_user_attributes",

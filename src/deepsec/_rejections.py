@@ -15,10 +15,10 @@ from typing import Literal
 
 import oracledb
 
-from . import errors as _errors
 from .errors import (
     USER_TOKEN_REJECTED,
     IdentityNotAccepted,
+    NoEndUserError,
     TokenAcquisitionError,
     TokenNotReadyError,
 )
@@ -79,9 +79,6 @@ def deny(message: str, status: int, *, reason: Reason, error: str | None = None)
 # wrong audience), or the identity provider rejected it as an on-behalf-of
 # assertion: the user must sign in again, which is a 401, not an outage.
 _END_USER_TOKEN_REJECTED = 52601
-# An end user is required for this statement and there is none (HOOK helper's
-# ``require_end_user``): the client must identify itself.
-_NoEndUserError: type[BaseException] | None = getattr(_errors, "NoEndUserError", None)
 
 
 def _oracle_error_code(exc: BaseException) -> int | None:
@@ -165,7 +162,9 @@ def rejection_for_error(exc: BaseException, token_error_status: int = 503) -> Re
             reason="user_token_rejected",
             error="invalid_token",
         )
-    if _NoEndUserError is not None and isinstance(exc, _NoEndUserError):
+    if isinstance(exc, NoEndUserError):
+        # Strict mode (``require_end_user``) refused a statement with no end
+        # user: the client must identify itself, as under no_identity="deny".
         return deny("an end-user identity is required", 401, reason="no_identity")
     if _oracle_error_code(exc) == _END_USER_TOKEN_REJECTED:
         return deny(

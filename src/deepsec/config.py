@@ -4,8 +4,8 @@ The keys are python-oracledb's plugin keys (``spi_type``, ``auth_flow``,
 ``authority``, ``client_id``, ``client_credential`` / ``client_secret``,
 ``scopes``, ``data_roles``, ``attributes``) plus a few of our own
 (``timeout``, ``ca_file``, ``instance_discovery``, ``max_retries``,
-``cache_size``, and the shared token cache's ``token_cache`` and
-``token_cache_key``).  Every problem is reported at once in one
+``cache_size``, ``require_end_user``, and the shared token cache's ``token_cache``
+and ``token_cache_key``).  Every problem is reported at once in one
 :class:`~deepsec.errors.ConfigError`; secrets never appear in ``repr``/``str``
 or in error messages.
 """
@@ -37,7 +37,9 @@ BUILTIN_SPI_TYPES: tuple[str, ...] = ("azure_tokens", "oci_tokens")
 
 _TOKEN_CACHE_KEYS = frozenset({"token_cache", "token_cache_key"})
 _COMMON_KEYS = (
-    frozenset({"spi_type", "auth_flow", "data_roles", "attributes", "cache_size"})
+    frozenset(
+        {"spi_type", "auth_flow", "data_roles", "attributes", "cache_size", "require_end_user"}
+    )
     | _TOKEN_CACHE_KEYS
 )
 _PROVIDER_KEYS = frozenset(
@@ -115,6 +117,8 @@ class EndUserSecConfig:
     instance_discovery: bool
     max_retries: int
     cache_size: int
+    #: Strict mode: a statement with no current end user raises NoEndUserError.
+    require_end_user: bool = False
     #: For a custom ``spi_type``: the module exposing ``get_database_access_token``.
     module: ModuleType | None = field(repr=False, default=None)
     #: A copy of the dict as given, passed to a custom module's function.
@@ -155,7 +159,7 @@ class EndUserSecConfig:
             f"attributes={None if self.attributes is None else sorted(self.attributes)!r}, "
             f"timeout={self.timeout!r}, ca_file={self.ca_file!r}, "
             f"instance_discovery={self.instance_discovery!r}, max_retries={self.max_retries!r}, "
-            f"cache_size={self.cache_size!r}"
+            f"cache_size={self.cache_size!r}, require_end_user={self.require_end_user!r}"
             + (
                 ""
                 if self.token_cache is None
@@ -259,7 +263,7 @@ def _fingerprint(params: Mapping[str, Any]) -> str:
 
 #: Keys that only tune deepsec itself (never which token is issued): left out
 #: of a custom module's token fingerprint.
-_DEEPSEC_ONLY_KEYS = _TOKEN_CACHE_KEYS | {"cache_size", "timeout"}
+_DEEPSEC_ONLY_KEYS = _TOKEN_CACHE_KEYS | {"cache_size", "timeout", "require_end_user"}
 
 
 def _token_fingerprint(
@@ -272,7 +276,7 @@ def _token_fingerprint(
     Built-in sources: ``settings`` (spi_type, auth_flow, authority, client_id,
     credential, scopes).  A custom module may read any key, so its params as
     given, less the keys only deepsec reads.  The Redis URL (password, host
-    alias), ``timeout`` and ``cache_size`` are never part of it: instances
+    alias), ``timeout``, ``cache_size`` and ``require_end_user`` are never part of it: instances
     that differ in those still share one fleet cache.
     """
     if builtin:
@@ -460,6 +464,11 @@ def _parse(params: Mapping[str, Any]) -> EndUserSecConfig:
         problems.append(f"cache_size must be an integer >= 1, got {_shown(cache_size)}")
         cache_size = DEFAULT_CACHE_SIZE
 
+    require_end_user = params.get("require_end_user", False)
+    if not isinstance(require_end_user, bool):
+        problems.append(f"require_end_user must be true or false, got {_shown(require_end_user)}")
+        require_end_user = False
+
     token_cache, token_cache_key = _parse_token_cache(params, credential, problems)
 
     if problems:
@@ -478,6 +487,7 @@ def _parse(params: Mapping[str, Any]) -> EndUserSecConfig:
         instance_discovery=instance_discovery,
         max_retries=max_retries,
         cache_size=cache_size,
+        require_end_user=require_end_user,
         module=module,
         raw=dict(params),
         fingerprint=_fingerprint(params),

@@ -29,6 +29,7 @@ __all__ = [
     "EndUserContext",
     "Identity",
     "activate",
+    "as_application",
     "current_end_user",
     "deactivate",
     "end_user",
@@ -66,7 +67,7 @@ def validate_identity(value: object) -> Identity | None:
     if value is None:
         return None
     if isinstance(value, str):
-        if not value.strip():
+        if not value or value.isspace():  # (strip() would copy a long token)
             raise IdentityError("end-user identity token must be a non-empty string")
         if len(value) > MAX_IDENTITY_LENGTH:
             raise IdentityError(
@@ -173,12 +174,20 @@ class EndUserContext:
         data_roles: Sequence[str] | None = None,
         attributes: Mapping[str, Any] | None = None,
     ) -> None:
+        setattr_ = object.__setattr__
+        if data_roles is None and attributes is None:
+            # The per-request case (a token and nothing else): same checks,
+            # fewer calls; this runs for every request of every adapter.
+            setattr_(self, "_identity", validate_identity(identity))
+            setattr_(self, "_data_roles", None)
+            setattr_(self, "_attributes", None)
+            return
         ident = validate_identity(identity)
         roles = validate_data_roles(data_roles)
         _check_roles_with_local_user(ident, roles)
-        object.__setattr__(self, "_identity", ident)
-        object.__setattr__(self, "_data_roles", roles)
-        object.__setattr__(self, "_attributes", validate_attributes(attributes))
+        setattr_(self, "_identity", ident)
+        setattr_(self, "_data_roles", roles)
+        setattr_(self, "_attributes", validate_attributes(attributes))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("EndUserContext is immutable")
@@ -254,6 +263,10 @@ class EndUserContext:
 
 
 _EMPTY = EndUserContext(None)
+#: The context inside ``with as_application():``: no end user, on purpose.
+#: Compared by identity (``is``): strict mode lets statements through only
+#: under this very object, so a context built elsewhere can never pass for it.
+APPLICATION = EndUserContext(None)
 
 
 class Activation:
@@ -501,3 +514,42 @@ class end_user:  # a class used like a function: ``with deepsec.end_user(...)``
 
     def __repr__(self) -> str:
         return f"end_user({self._context!r})"
+
+
+class as_application:  # a class used like a function: ``with deepsec.as_application():``
+    """Scope a block of sync or async code to the application itself, on purpose.
+
+    Inside the block there is no end user, even if one was current, and
+    connections in strict mode (``require_end_user=True``) let statements
+    through: it is the explicit scope for application-level work such as
+    migrations, health checks and schedulers.  The previous context is
+    restored on exit.  Like :class:`end_user`, tasks and threads started
+    inside the block run as the application until the block exits, and with
+    no end user (refused in strict mode) afterwards.
+    """
+
+    __slots__ = ("_activation",)
+
+    def __init__(self) -> None:
+        self._activation: Activation | None = None
+
+    def __enter__(self) -> None:
+        if self._activation is not None:
+            raise RuntimeError(
+                "this as_application() object is already in use; create one per block"
+            )
+        self._activation = _start(APPLICATION)
+
+    def __exit__(self, *exc_info: object) -> None:
+        activation, self._activation = self._activation, None
+        if activation is not None:
+            _end(activation)
+
+    async def __aenter__(self) -> None:
+        self.__enter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.__exit__()
+
+    def __repr__(self) -> str:
+        return "as_application()"

@@ -13,6 +13,7 @@ __all__ = [
     "DeepSecError",
     "IdentityError",
     "IdentityNotAccepted",
+    "NoEndUserError",
     "TokenAcquisitionError",
     "TokenNotReadyError",
 ]
@@ -101,4 +102,15 @@ class TokenNotReadyError(DeepSecError):
     loop and never does network I/O.  Tokens are fetched ahead of time by
     ``async with deepsec.end_user(...)``, by ``await deepsec.prepare()``, by
     the ASGI/FastAPI adapters, and when a connection is opened or acquired.
+    """
+
+
+class NoEndUserError(DeepSecError):
+    """Strict mode refused a statement issued with no current end user.
+
+    Raised before anything is sent, on connections whose
+    ``end_user_sec_params`` set ``require_end_user=True``.  Application-level
+    work (migrations, health checks, schedulers) runs inside
+    ``with deepsec.as_application():``; a web request with no identity should
+    be answered 401 by the adapter's ``no_identity="deny"`` policy instead.
     """

@@ -17,6 +17,13 @@ round trip; and because nothing depends on when a connection was opened or
 acquired, pools, persistent connections and connections shared by threads or
 tasks are all safe.  For asyncio connections the on-connect callback is also
 where a missing token is fetched, off the event loop.
+
+A pool hands out a new Connection object on every acquire, so the first round
+trip of each request attaches again: built security contexts are therefore
+shared between connections (:mod:`deepsec._contexts`), and the token's usable
+life comes from the token cache with the token.  With
+``require_end_user=True`` (strict mode) the same callback refuses a
+statement that has no end user, before anything is sent.
 """
 
 from __future__ import annotations
@@ -28,47 +35,81 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 import oracledb
 
+from ._contexts import (
+    Prepared,
+    build_from_parts,
+    build_security_context,
+    forget_security_contexts,
+    keep_prepared,
+    prepared_key,
+)
+from ._contexts import prepared as _prepared
+from ._contexts import prepared_lock as _prepared_lock
 from .config import EndUserSecConfig, parse_end_user_sec_params
-from .context import EndUserContext, current_context
+from .context import APPLICATION, EndUserContext, current_context
+from .dsn import require_tcps
 from .errors import (
     USER_TOKEN_REJECTED,
     ConfigError,
     DeepSecError,
-    IdentityError,
     IdentityNotAccepted,
+    NoEndUserError,
     TokenAcquisitionError,
     TokenNotReadyError,
 )
 from .tokens import TokenSource, token_source_for
 from .tokens.cache import jwt_expiry
 
-__all__ = ["install", "installed", "params_hook", "prepare", "uninstall"]
+__all__ = [
+    "build_security_context",
+    "forget_security_contexts",
+    "install",
+    "installed",
+    "params_hook",
+    "prepare",
+    "uninstall",
+]
 
 log = logging.getLogger("deepsec")
 
 REFERENCE_PLUGIN = "oracledb.plugins.end_user_sec_provider"
 # Round trips that read nothing and must always be able to run (see _sync).
 _HOUSEKEEPING = frozenset({"rollback", "logoff"})
+# Round trips strict mode never refuses: they carry no statement, and refusing
+# them would strand connections (a pool pings, resets and closes its own).
+# The names are the driver's round-trip callback names (python-oracledb 26.1).
+_NEVER_REFUSED = _HOUSEKEEPING | {"ping", "commit", "session_release"}
 # ORA-52602: the database rejected the database-access token.
 _BAD_ACCESS_TOKEN = 52602
 
 
-@dataclass(frozen=True, slots=True)
 class _Attached:
-    """What this library last attached to one connection."""
+    """What this library last attached to one connection (never modified).
 
-    context: EndUserContext | None  # None: known to be cleared
-    token: str | None
-    #: Until this time.monotonic() value, the same context object needs no token
-    #: lookup: its token was valid when attached and is not near expiry.
-    recheck_at: float = 0.0
-    completion: Callable[[Any], None] | None = None
+    A plain slotted class: made once per attach, and a frozen dataclass's
+    ``__init__`` costs several times more on this path.
+    """
+
+    __slots__ = ("completion", "context", "recheck_at", "token")
+
+    def __init__(
+        self,
+        context: EndUserContext | None,  # None: known to be cleared
+        token: str | None,
+        recheck_at: float = 0.0,
+        completion: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.context = context
+        self.token = token
+        #: Until this time.monotonic() value, the same context object needs no
+        #: token lookup: its token was valid when attached and is not near expiry.
+        self.recheck_at = recheck_at
+        self.completion = completion
 
 
 _UNKNOWN = _Attached(None, "<unknown>")
@@ -122,14 +163,30 @@ class _Binding:
     def on_connect_callback(self, conn: Any) -> Awaitable[None] | None:
         """Bind the per-round-trip callback; for asyncio, fetch the token first."""
         if isinstance(conn, oracledb.AsyncConnection):
+            ctx = current_context()
+            if self.user_on_connect is None and (
+                ctx.identity is None or self._token_at_hand(conn, ctx)
+            ):
+                # Nothing to fetch: bind now and give the driver an awaitable
+                # that is already done (a coroutine per acquire costs more).
+                self._bind(conn, self.user_round_trip)
+                return _DONE
             return self._on_connect_async(conn)
-        self._bind(conn, self.user_round_trip)
+        conn.round_trip_callback = _ConnectionBinding(self, conn, self.user_round_trip).round_trip
         if self.user_on_connect is not None:
             self.user_on_connect(conn)
             self._rebind_if_replaced(conn)
         return None
 
+    def _token_at_hand(self, conn: Any, ctx: EndUserContext) -> bool:
+        prepared = _prepared.get(prepared_key(self.config, ctx, conn))
+        if prepared is not None and time.monotonic() < prepared.check_until:
+            return True
+        return self.source.cached_token(ctx) is not None
+
     def _bind(self, conn: Any, theirs: Callable[..., Any] | None) -> None:
+        # (A pool resets the driver connection's round_trip_callback to the
+        # pool's own on every acquire, so there is no binding to reuse.)
         conn.round_trip_callback = _ConnectionBinding(self, conn, theirs).round_trip
 
     def _rebind_if_replaced(self, conn: Any) -> None:
@@ -158,6 +215,19 @@ class _Binding:
             self._rebind_if_replaced(conn)
 
 
+class _Done:
+    """An awaitable that is already complete: awaiting it never suspends."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        return
+        yield  # a generator that finishes at once
+
+
+_DONE: Awaitable[None] = _Done()
+
+
 class _ConnectionBinding:
     """deepsec's state for one Connection object: what is attached to it.
 
@@ -183,8 +253,13 @@ class _ConnectionBinding:
         completion = None
         conn = self.conn_ref()
         if conn is not None:
+            ctx = current_context()
+            state = self.attached
             try:
-                completion = self._sync(conn, current_context(), name)
+                if ctx is state.context and time.monotonic() < state.recheck_at:
+                    completion = state.completion  # the hot path: same request, connection
+                else:
+                    completion = self._sync(conn, ctx, name)
             except oracledb.InterfaceError:
                 # This Connection object was released to its pool or closed
                 # (DPY-1001): the round trip belongs to the pool, not to us.
@@ -199,53 +274,94 @@ class _ConnectionBinding:
         return completion
 
     def _sync(self, conn: Any, ctx: EndUserContext, name: str) -> Callable[[Any], None] | None:
+        """Attach, switch or clear: the context differs from the one attached."""
         state = self.attached
-        if ctx is state.context and time.monotonic() < state.recheck_at:
-            return state.completion  # the hot path: same request, same connection
-        if ctx.identity is None:
+        config = self.binding.config
+        if ctx._identity is None:  # (the slot: one call less per request)
+            if config.require_end_user and ctx is not APPLICATION and name not in _NEVER_REFUSED:
+                _verify_connected(conn)  # a released Connection's round trip is the pool's
+                # Raised from the round-trip callback: the driver sends nothing.
+                raise NoEndUserError(
+                    "strict mode (end_user_sec_params['require_end_user']) refused a "
+                    f"{name!r} round trip with no current end user; run application-level "
+                    "work inside `with deepsec.as_application():`"
+                )
             if state is not _CLEARED:
                 conn.clear_end_user_security_context()
                 self.attached = _CLEARED
                 log.debug("cleared end-user context on connection %x", id(conn))
             return None
-        source = self.binding.source
-        token = source.cached_token(ctx)
-        completion: Callable[[Any], None] | None
-        if token is None or state.token != token or state.context != ctx:
-            # Raises InterfaceError on a Connection object already released to
-            # its pool: checked first, so no token is fetched for it.
-            version = conn.version
-            if token is None and name in _HOUSEKEEPING:
-                # No token at hand (and none fetched for this): a rollback or
-                # logoff reads nothing, and failing it would strand the
-                # connection (a pool could not reset or close it).  It goes
-                # out with no end-user context rather than not at all.
+        key = prepared_key(config, ctx, conn)
+        prepared = _prepared.get(key)
+        if prepared is None or time.monotonic() >= prepared.check_until:
+            prepared = self._prepare(conn, ctx, name, key, prepared)
+            if prepared is None:  # housekeeping with no token at hand: goes out cleared
                 if state is not _CLEARED:
                     conn.clear_end_user_security_context()
                     self.attached = _CLEARED
                 return None
-            if token is None:
-                if isinstance(conn, oracledb.AsyncConnection):
-                    failure = _recalled_failure(self.binding.config, ctx)
-                    if failure is not None:  # prepare() or on-connect could not get it
-                        raise failure
-                    raise TokenNotReadyError(
-                        "no database-access token is cached for the current end user; in "
-                        "asyncio code use `async with deepsec.end_user(...)`, `await "
-                        "deepsec.prepare()` or the ASGI/FastAPI adapter, which fetch it off "
-                        "the event loop"
-                    )
-                token = source.get_token(ctx)
-            security_context = build_security_context(self.binding.config, ctx, token, version)
-            conn.set_end_user_security_context(security_context)
-            log.debug("attached end-user context %r on connection %x", ctx, id(conn))
-            completion = self._completion(ctx)
+        token = prepared.token
+        completion: Callable[[Any], None] | None
+        if state.context is None or state.token != token or state.context != ctx:
+            conn.set_end_user_security_context(prepared.context)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("attached end-user context %r on connection %x", ctx, id(conn))
+            completion = self._completion(ctx, key)
         else:
             completion = state.completion
-        self.attached = _Attached(ctx, token, _recheck_at(token), completion)
+        self.attached = _Attached(ctx, token, prepared.check_until, completion)
         return completion
 
-    def _completion(self, ctx: EndUserContext) -> Callable[[Any], None]:
+    def _prepare(
+        self,
+        conn: Any,
+        ctx: EndUserContext,
+        name: str,
+        key: tuple[Any, ...],
+        previous: Prepared | None,
+    ) -> Prepared | None:
+        """Ask the token source for the token; build (or keep) the security context.
+
+        Runs at most about once a second per (config, end user): in between,
+        :data:`_prepared` answers without hashing the identity again.
+        """
+        config = self.binding.config
+        source = self.binding.source
+        entry = _cached_entry(source, ctx)
+        if entry is None:
+            # Raises InterfaceError on a Connection object already released to
+            # its pool: checked first, so no token is fetched for it.
+            _verify_connected(conn)
+            if name in _HOUSEKEEPING:
+                # No token at hand (and none fetched for this): a rollback or
+                # logoff reads nothing, and failing it would strand the
+                # connection (a pool could not reset or close it).  It goes
+                # out with no end-user context rather than not at all.
+                return None
+            if isinstance(conn, oracledb.AsyncConnection):
+                failure = _recalled_failure(config, ctx)
+                if failure is not None:  # prepare() or on-connect could not get it
+                    raise failure
+                raise TokenNotReadyError(
+                    "no database-access token is cached for the current end user; in "
+                    "asyncio code use `async with deepsec.end_user(...)`, `await "
+                    "deepsec.prepare()` or the ASGI/FastAPI adapter, which fetch it off "
+                    "the event loop"
+                )
+            token = source.get_token(ctx)
+            entry = _cached_entry(source, ctx)
+            usable_until = entry[1] if entry is not None and entry[0] == token else 0.0
+        else:
+            token, usable_until = entry
+        if previous is not None and previous.token == token:
+            built = previous.context  # same token, same inputs: nothing to rebuild
+        else:
+            built = build_from_parts(config, ctx, token, key[-1])
+        prepared = Prepared(token, built, _recheck_at(usable_until))
+        keep_prepared(key, prepared)
+        return prepared
+
+    def _completion(self, ctx: EndUserContext, key: tuple[Any, ...]) -> Callable[[Any], None]:
         def completion(outcome: Any) -> None:
             # The database rejected the access token (revoked, or expired early):
             # drop it so the next round trip attaches a freshly fetched one.
@@ -253,18 +369,39 @@ class _ConnectionBinding:
                 err = outcome.args[0] if outcome.args else None
                 if getattr(err, "code", None) == _BAD_ACCESS_TOKEN:
                     self.binding.source.invalidate(ctx)
+                    with _prepared_lock:
+                        _prepared.pop(key, None)
                     self.attached = _UNKNOWN
 
         return completion
 
 
-def _recheck_at(token: str) -> float:
-    now = time.monotonic()
+def _verify_connected(conn: Any) -> None:
+    """Raise InterfaceError (DPY-1001) for a Connection object released or closed."""
+    conn.version  # noqa: B018  (the property checks the connection first)
+
+
+def _cached_entry(source: TokenSource, ctx: EndUserContext) -> tuple[str, float] | None:
+    """The cached token and until when it is served (epoch seconds), or ``None``.
+
+    The built-in sources keep the token's usable life with it; for any other
+    source it is read from the token (a JWT's ``exp``, less a margin).
+    """
+    cached_entry = getattr(source, "cached_entry", None)
+    if cached_entry is not None:
+        entry: tuple[str, float] | None = cached_entry(ctx)
+        return entry
+    token = source.cached_token(ctx)
+    if token is None:
+        return None
     exp = jwt_expiry(token)
-    if exp is None:
-        return now + _RECHECK_INTERVAL
-    left = exp - time.time() - _EXPIRY_MARGIN
-    return now + max(0.0, min(_RECHECK_INTERVAL, left))
+    return token, (time.time() + _RECHECK_INTERVAL if exp is None else exp - _EXPIRY_MARGIN)
+
+
+def _recheck_at(usable_until: float) -> float:
+    """Until when (monotonic) an attached token needs no new cache lookup."""
+    left = usable_until - time.time()
+    return time.monotonic() + max(0.0, min(_RECHECK_INTERVAL, left))
 
 
 def _both(first: Callable[[Any], Any], second: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -273,44 +410,6 @@ def _both(first: Callable[[Any], Any], second: Callable[[Any], Any]) -> Callable
         return second(outcome)
 
     return completion
-
-
-def _version_tuple(version: str | None) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in (version or "").split("."))[:3]
-    except ValueError:
-        return ()
-
-
-def build_security_context(
-    config: EndUserSecConfig,
-    ctx: EndUserContext,
-    token: str,
-    server_version: str | None = None,
-) -> Any:
-    """Build the driver's ``EndUserSecurityContext`` for ``ctx``.
-
-    Data roles and attributes set on the context win over configured ones.
-    With ``on_behalf_of`` against a 23.26.4+ database the OBO token alone
-    identifies the user, as python-oracledb's plugin does.
-    """
-    data_roles = ctx.data_roles if ctx.data_roles is not None else config.data_roles
-    attributes = ctx.attributes if ctx.attributes is not None else config.attributes
-    if ctx.is_local_user and data_roles:
-        raise IdentityError(
-            "data roles cannot be set explicitly for a local (name, key) end user "
-            "(they come from end_user_sec_params['data_roles'] here); remove them "
-            "or use a token identity"
-        )
-    identity = ctx.identity
-    if config.auth_flow == "on_behalf_of" and _version_tuple(server_version) >= (23, 26, 4):
-        identity = None
-    return oracledb.create_end_user_security_context(
-        token,
-        end_user_identity=identity,
-        data_roles=list(data_roles) if data_roles is not None else None,
-        attributes=dict(attributes) if attributes is not None else None,
-    )
 
 
 # -- the params hook -----------------------------------------------------------
@@ -328,7 +427,7 @@ def params_hook(params: oracledb.ConnectParams) -> None:
 
     Raises:
         ConfigError: ``end_user_sec_params`` are invalid (every problem listed),
-            or python-oracledb is in Thick mode.
+            python-oracledb is in Thick mode, or an address is not TCPS.
     """
     extra = params.extra_auth_params
     if not extra or extra.get("end_user_sec_params") is None:
@@ -343,6 +442,9 @@ def params_hook(params: oracledb.ConnectParams) -> None:
             "end_user_sec_params need python-oracledb Thin mode; "
             "oracledb.init_oracle_client() has switched this process to Thick mode"
         )
+    # Over plain TCP the app would connect, serve anonymous statements and
+    # fail at the first one with an end user (DPY-2073): refuse it now.
+    require_tcps(params)
     if _is_ours(params.on_connect_callback):  # the hook ran twice on these params
         return
     token_source_for(config)  # build it now: a bad source fails the connect, not a query

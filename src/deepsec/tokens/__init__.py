@@ -98,3 +98,6 @@ def clear_token_sources() -> None:
         shared = sys.modules.get(f"{__name__}.shared")
         if shared is not None:  # Redis clients and their circuit breakers
             shared.reset_shared_caches()
+    contexts = sys.modules.get("deepsec._contexts")
+    if contexts is not None:  # the hook's built security contexts hold these tokens
+        contexts.forget_security_contexts()

@@ -236,6 +236,15 @@ class AzureTokenSource:
             return None
         return self.cache.peek(self._keys.key(identity))
 
+    def cached_entry(self, context: EndUserContext) -> tuple[str, float] | None:
+        """The cached token and when it stops being served (epoch), or ``None``."""
+        if self.flow == "client_credentials":
+            return self.cache.peek_entry(self._cc_key)
+        identity = context.identity
+        if type(identity) is not str:
+            return None
+        return self.cache.peek_entry(self._keys.key(identity))
+
     def get_token(self, context: EndUserContext) -> str:
         """A valid token for ``context``; blocks on the provider on a miss.
 

@@ -338,6 +338,18 @@ class TokenCache:
             return entry.token
         return None
 
+    def peek_entry(self, key: str) -> tuple[str, float] | None:
+        """Like :meth:`peek`, with when the token stops being served (epoch seconds).
+
+        Callers that keep the token a while (the hook, per connection) learn
+        its usable life here instead of decoding the token again.
+        """
+        token = self.peek(key)
+        entry = self._data.get(key)
+        if token is None or entry is None or entry.token is not token:
+            return None
+        return token, entry.expires_at
+
     def get(self, key: str, fetch: Fetcher) -> str:
         """Return the token for ``key``, calling ``fetch`` on a miss (blocking).
 

@@ -106,6 +106,10 @@ class OCITokenSource:
         """The cached token, or ``None`` (no I/O, no lock)."""
         return self.cache.peek(self._key)
 
+    def cached_entry(self, context: EndUserContext) -> tuple[str, float] | None:
+        """The cached token and when it stops being served (epoch), or ``None``."""
+        return self.cache.peek_entry(self._key)
+
     def get_token(self, context: EndUserContext) -> str:
         """A valid token; blocks on the provider on a miss.
 
