@@ -41,7 +41,7 @@ from typing import Any
 
 import oracledb
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import spi_static  # noqa: I001  (found through the sys.path lines above)

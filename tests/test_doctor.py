@@ -16,7 +16,7 @@ import spi_static
 from deepsec.doctor import EXIT_CONFIG, EXIT_OK, EXIT_TOKEN, EXIT_USAGE, main
 
 pytestmark = pytest.mark.timeout(60)
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parent / "support"
 
 
 def run(*argv: str) -> tuple[int, str]:
@@ -227,7 +227,7 @@ GOOD_SETTINGS = {
     },
     "DEEPSEC": {},
 }
-SRC_DIR = TESTS_DIR.parent / "src"
+SRC_DIR = TESTS_DIR.parents[1] / "src"
 
 
 def doctor_on_settings(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:

@@ -3,7 +3,7 @@
 Each of python-oracledb's plugin defects 1-3 (reference-plugin.md) is run
 twice: against the plugin itself, where the test shows the defect, and
 against deepsec, where it is fixed.  The plugin gets its database-access
-token from ``tests/spi_static.py``, registered under ``oracledb.plugins``
+token from ``tests/support/spi_static.py``, registered under ``oracledb.plugins``
 because that plugin only imports ``oracledb.plugins.<spi_type>``.
 """
 

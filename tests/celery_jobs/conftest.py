@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 HERE = Path(__file__).resolve().parent
-TESTS = HERE.parent
-SRC = TESTS.parent / "src"
+TESTS = HERE.parent / "support"
+SRC = HERE.parents[1] / "src"
 for folder in (HERE, TESTS):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))

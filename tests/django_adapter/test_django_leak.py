@@ -31,9 +31,9 @@ from urllib.parse import parse_qs
 import pytest
 from django.core.wsgi import get_wsgi_application
 from django.db import connections
-from django_adapter_support import WsgiServer
 
 import deepsec
+from django_adapter_support import WsgiServer
 from django_project.wire import user_token
 
 pytestmark = pytest.mark.timeout(90)

@@ -344,9 +344,9 @@ def test_database_rejecting_the_end_user_token_is_401(server: Any) -> None:
 def test_raw_header_fields_through_waitress(server: Any) -> None:
     """Repeated fields, nested JSON, surrogates, UTF-8: the same end user as every adapter."""
     from django.core.wsgi import get_wsgi_application
-    from django_adapter_support import WsgiServer
 
     from adapter_support import RAW_EXPECTED, raw_case_answers
+    from django_adapter_support import WsgiServer
 
     wsgi = WsgiServer(get_wsgi_application()).start()
     try:
