@@ -34,6 +34,7 @@ from typing import Any
 
 import oracledb
 
+from . import telemetry
 from .config import EndUserSecConfig, parse_end_user_sec_params
 from .context import EndUserContext, current_context
 from .errors import (
@@ -206,6 +207,7 @@ class _ConnectionBinding:
             if state is not _CLEARED:
                 conn.clear_end_user_security_context()
                 self.attached = _CLEARED
+                telemetry.record_context_change(state.context, None)
                 log.debug("cleared end-user context on connection %x", id(conn))
             return None
         source = self.binding.source
@@ -223,6 +225,7 @@ class _ConnectionBinding:
                 if state is not _CLEARED:
                     conn.clear_end_user_security_context()
                     self.attached = _CLEARED
+                    telemetry.record_context_change(state.context, None)
                 return None
             if token is None:
                 if isinstance(conn, oracledb.AsyncConnection):
@@ -238,6 +241,7 @@ class _ConnectionBinding:
                 token = source.get_token(ctx)
             security_context = build_security_context(self.binding.config, ctx, token, version)
             conn.set_end_user_security_context(security_context)
+            telemetry.record_context_change(state.context, ctx)
             log.debug("attached end-user context %r on connection %x", ctx, id(conn))
             completion = self._completion(ctx)
         else:
