@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
 
+from deepsec import telemetry
 from deepsec.demo import (
     EMPLOYEES,
     DemoEnvironment,
@@ -49,7 +51,8 @@ def test_demo_scenario_shows_different_rows_per_user(
         monkeypatch.setenv(key, value)
     served = serve_app("fastapi", 0)
     try:
-        reports = run_scenario(env, served.base_url)
+        with telemetry.collect_summary() as summary:
+            reports = run_scenario(env, served.base_url)
     finally:
         served.stop()
     assert all(r.ok for r in reports), format_reports(reports)
@@ -64,3 +67,12 @@ def test_demo_scenario_shows_different_rows_per_user(
     table = format_reports(reports)
     assert "rows the database returned" in table
     assert "alice, bob, carol, dave" in table and "(none)" in table
+    # The metrics summary printed after the table (the demo's MSAL client_credentials
+    # token: fetched once, then served from the in-process cache).
+    text = summary()
+    counts = re.search(r"(\d+) fetched from the identity provider, (\d+) from the in-process", text)
+    assert counts is not None, text
+    assert int(counts[1]) >= 1 and int(counts[2]) >= 1, text
+    contexts = re.search(r"contexts\s+: (\d+) set, (\d+) switched, (\d+) cleared", text)
+    assert contexts is not None and int(contexts[1]) >= 1, text
+    assert "rejected requests  : 0" in text

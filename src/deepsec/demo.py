@@ -44,6 +44,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from . import telemetry
+
 __all__ = [
     "DATA_ROLE_GRANTS",
     "DEMO_USERS",
@@ -608,12 +610,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  Oracle wire server: {env.oracle.dsn} (TCPS)")
             print(f"  example app       : {served.name} at {served.base_url}")
             print()
-            reports = run_scenario(env, served.base_url)
-            if args.app == "fastapi":  # its Celery task runs as the end user who queued it
-                jobs = _import_example("fastapi_hr.jobs")
-                reports += jobs.run_demo_jobs(env, served.base_url)
+            with telemetry.collect_summary() as metrics_summary:
+                reports = run_scenario(env, served.base_url)
+                if args.app == "fastapi":  # its Celery task runs as the end user who queued it
+                    jobs = _import_example("fastapi_hr.jobs")
+                    reports += jobs.run_demo_jobs(env, served.base_url)
             print("What the database received with each request:")
             print(format_reports(reports))
+            print()
+            print(metrics_summary())
             print()
             ok = all(r.ok for r in reports)
             print(

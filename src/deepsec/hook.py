@@ -40,6 +40,7 @@ from typing import Any
 
 import oracledb
 
+from . import telemetry
 from ._contexts import (
     Prepared,
     build_from_parts,
@@ -289,6 +290,7 @@ class _ConnectionBinding:
             if state is not _CLEARED:
                 conn.clear_end_user_security_context()
                 self.attached = _CLEARED
+                telemetry.record_context_change(state.context, None)
                 log.debug("cleared end-user context on connection %x", id(conn))
             return None
         key = prepared_key(config, ctx, conn)
@@ -299,11 +301,13 @@ class _ConnectionBinding:
                 if state is not _CLEARED:
                     conn.clear_end_user_security_context()
                     self.attached = _CLEARED
+                    telemetry.record_context_change(state.context, None)
                 return None
         token = prepared.token
         completion: Callable[[Any], None] | None
         if state.context is None or state.token != token or state.context != ctx:
             conn.set_end_user_security_context(prepared.context)
+            telemetry.record_context_change(state.context, ctx)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("attached end-user context %r on connection %x", ctx, id(conn))
             completion = self._completion(ctx, key)

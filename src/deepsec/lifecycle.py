@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import hook as _hook
+from . import telemetry
 from .context import Activation, EndUserContext, activate
 from .errors import DeepSecError
 from .hook import prepare
@@ -39,15 +40,30 @@ Headers = str | Sequence[str] | None
 
 
 def rejected(rejection: Rejection) -> Rejection:
-    """The one place every refused request passes; returns ``rejection``."""
+    """The one place every refused request passes; returns ``rejection``.
+
+    Counts it (``deepsec.requests.rejected``, by status and ``reason``).
+    """
+    telemetry.record_rejection(rejection)
     return rejection
 
 
-def begin(resolution: Resolution) -> Activation | Rejection:
-    """Activate a resolution's context (``None`` too), or return its rejection."""
+def _activate(resolution: Resolution, settings: WebSettings | None) -> Activation:
+    # The opt-in pseudonym goes on the request's (server) span here, where the
+    # resolved end user becomes the request's: a keyed hash, never the identity.
+    if settings is not None and settings.record_end_user:
+        telemetry.record_end_user(settings.record_end_user, resolution.context)
+    return activate(resolution.context)
+
+
+def begin(resolution: Resolution, settings: WebSettings | None = None) -> Activation | Rejection:
+    """Activate a resolution's context (``None`` too), or return its rejection.
+
+    ``settings`` (those it was resolved with) apply ``record_end_user``.
+    """
     if resolution.rejection is not None:
         return rejected(resolution.rejection)
-    return activate(resolution.context)
+    return _activate(resolution, settings)
 
 
 def start(
@@ -55,7 +71,8 @@ def start(
 ) -> Activation | Rejection:
     """Resolve and activate one request's end user (sync frameworks)."""
     return begin(
-        resolve(settings, request, cookie_header=cookie_header, authorization=authorization)
+        resolve(settings, request, cookie_header=cookie_header, authorization=authorization),
+        settings,
     )
 
 
@@ -72,7 +89,7 @@ async def start_async(
     )
     if resolution.rejection is not None:
         return rejected(resolution.rejection)
-    outcome = activate(resolution.context)
+    outcome = _activate(resolution, settings)
     if outcome.context.identity is not None and _may_need_tokens():
         try:
             await prepare(outcome.context)

@@ -94,6 +94,7 @@ class WebSettings:
     client_local_users: bool = False
     no_identity: NoIdentityPolicy = "least_privilege"
     token_error_status: int = 503
+    record_end_user: bool | str = field(default=False, repr=False)
     # (identity cookie, Authorization) -> resolution and its warning, used
     # only when the identity depends on nothing else (no resolver, no
     # roles/attributes callables).  Repeat requests of one user then skip
@@ -141,6 +142,10 @@ class WebSettings:
             or not 400 <= self.token_error_status <= 599
         ):
             problems.append("token_error_status must be an HTTP error status (400-599)")
+        if not isinstance(self.record_end_user, bool) and not (
+            isinstance(self.record_end_user, str) and len(self.record_end_user) >= 16
+        ):  # the value may be a key: never echoed
+            problems.append("record_end_user must be true, false or a key of 16+ characters")
         if problems:
             raise ConfigError(problems, where="deepsec adapter settings")
 

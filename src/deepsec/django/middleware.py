@@ -202,7 +202,8 @@ class EndUserSecMiddleware:
         """Serve one request (sync), or return the coroutine in async mode."""
         if self.async_mode:
             return self.__acall__(request)
-        outcome = begin(_resolve(get_settings(), request))
+        settings = get_settings()
+        outcome = begin(_resolve(settings, request), settings)
         if isinstance(outcome, Rejection):
             return rejection_response(outcome)
         with outcome:
@@ -217,7 +218,7 @@ class EndUserSecMiddleware:
             resolution = await sync_to_async(_resolve, thread_sensitive=True)(settings, request)
         else:
             resolution = _resolve(settings, request)
-        outcome = begin(resolution)
+        outcome = begin(resolution, settings)
         if isinstance(outcome, Rejection):
             return rejection_response(outcome)
         with outcome:

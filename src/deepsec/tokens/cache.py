@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import copy
 import hashlib
 import logging
@@ -54,6 +55,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .. import _jwt
+from .. import telemetry as _telemetry
 from ..errors import TokenAcquisitionError
 
 __all__ = [
@@ -237,6 +239,13 @@ def _fetch_executor() -> concurrent.futures.ThreadPoolExecutor:
     return _executor
 
 
+class _Flight(concurrent.futures.Future[str]):
+    """A lookup's in-flight (or settled) fetch; ``source`` tells telemetry who answered."""
+
+    #: ``idp``; ``l2`` when a shared cache answered; ``l1`` for a race lost to a store.
+    source = "idp"
+
+
 def _recalled(exc: BaseException, left: float) -> BaseException:
     """A remembered failure to raise again: a copy with ``retry_after`` = time left.
 
@@ -277,6 +286,9 @@ class TokenCache:
     :func:`cache_key`).
     """
 
+    #: Where lookups and provider calls are reported (:func:`token_cache_for` sets it).
+    telemetry: _telemetry.TokenTelemetry = _telemetry.NO_TOKEN_TELEMETRY
+
     def __init__(
         self,
         maxsize: int = 10_000,
@@ -296,7 +308,7 @@ class TokenCache:
         self.wait_timeout = wait_timeout
         self.name = name
         self._data: OrderedDict[str, _Entry] = OrderedDict()
-        self._inflight: dict[str, concurrent.futures.Future[str]] = {}
+        self._inflight: dict[str, _Flight] = {}
         self._failures: dict[str, tuple[float, BaseException]] = {}
         self._lock = threading.Lock()
         #: Number of fetches started (misses + background refreshes).
@@ -332,9 +344,13 @@ class TokenCache:
                 self._data.move_to_end(key)
             except KeyError:  # evicted meanwhile: still a valid token
                 pass
+            if self.telemetry.enabled:
+                self.telemetry.hit()
             return entry.token
         if now < entry.expires_at:
             self._schedule_refresh(key, entry, now)
+            if self.telemetry.enabled:
+                self.telemetry.hit()
             return entry.token
         return None
 
@@ -364,13 +380,25 @@ class TokenCache:
                     self._data.move_to_end(key)
                 except KeyError:  # evicted meanwhile: still a valid token
                     pass
+                if self.telemetry.enabled:
+                    self.telemetry.hit()
                 return entry.token
             if now < entry.expires_at:
                 entry.fetch = fetch
                 self._schedule_refresh(key, entry, now)
+                if self.telemetry.enabled:
+                    self.telemetry.hit()
                 return entry.token
         started = time.monotonic()
         future, leader = self._join(key, fetch)
+        if not self.telemetry.enabled:
+            return self._get_miss(key, fetch, future, leader, started)
+        with self.telemetry.lookup(future):
+            return self._get_miss(key, fetch, future, leader, started)
+
+    def _get_miss(
+        self, key: str, fetch: Fetcher, future: _Flight, leader: bool, started: float
+    ) -> str:
         if leader:
             self._run_fetch(key, fetch, future)
             return future.result()
@@ -396,12 +424,22 @@ class TokenCache:
                     self._data.move_to_end(key)
                 except KeyError:
                     pass
+                if self.telemetry.enabled:
+                    self.telemetry.hit()
                 return entry.token
             if now < entry.expires_at:
                 entry.fetch = fetch
                 self._schedule_refresh(key, entry, now)
+                if self.telemetry.enabled:
+                    self.telemetry.hit()
                 return entry.token
         future, leader = self._join(key, fetch)
+        if not self.telemetry.enabled:
+            return await self._aget_miss(key, fetch, future, leader)
+        with self.telemetry.lookup(future):
+            return await self._aget_miss(key, fetch, future, leader)
+
+    async def _aget_miss(self, key: str, fetch: Fetcher, future: _Flight, leader: bool) -> str:
         if future.done():
             return future.result()
         if leader:
@@ -409,7 +447,9 @@ class TokenCache:
             try:
                 # Not the loop's default executor: slow fetches must not starve
                 # the app's own run_in_executor work (or asyncio's getaddrinfo).
-                loop.run_in_executor(_fetch_executor(), self._run_fetch, key, fetch, future)
+                # The caller's context goes along: the fetch's span joins its trace.
+                run = contextvars.copy_context().run
+                loop.run_in_executor(_fetch_executor(), run, self._run_fetch, key, fetch, future)
             except BaseException as exc:  # executor shut down: nobody would finish it
                 with self._lock:
                     self._inflight.pop(key, None)
@@ -437,36 +477,37 @@ class TokenCache:
 
     # --- misses -----------------------------------------------------------------
 
-    def _join(self, key: str, fetch: Fetcher) -> tuple[concurrent.futures.Future[str], bool]:
+    def _join(self, key: str, fetch: Fetcher) -> tuple[_Flight, bool]:
         """The in-flight future for ``key`` and whether the caller must run it."""
         with self._lock:
             entry = self._data.get(key)
-            future: concurrent.futures.Future[str]
+            future: _Flight
             if entry is not None and _time() < entry.expires_at:
-                future = concurrent.futures.Future()
+                future = _Flight()
+                future.source = "l1"
                 future.set_result(entry.token)
                 return future, False
             failure = self._failures.get(key)
             if failure is not None:
                 left = failure[0] - _time()
                 if left > 0:
-                    future = concurrent.futures.Future()
+                    future = _Flight()
                     future.set_exception(_recalled(failure[1], left))
                     return future, False
                 del self._failures[key]
             inflight = self._inflight.get(key)
             if inflight is not None:
                 return inflight, False
-            future = concurrent.futures.Future()
+            future = _Flight()
             # Running from the start: a waiter's cancellation cannot cancel it.
             future.set_running_or_notify_cancel()
             self._inflight[key] = future
             self.fetches += 1
             return future, True
 
-    def _run_fetch(self, key: str, fetch: Fetcher, future: concurrent.futures.Future[str]) -> None:
+    def _run_fetch(self, key: str, fetch: Fetcher, future: _Flight) -> None:
         try:
-            result = fetch()
+            result = self._call(fetch)
             if not math.isfinite(result.expires_at):  # NaN would be stored yet never served
                 raise TokenAcquisitionError(
                     "the token source gave a token an expiry that is not a finite number",
@@ -494,6 +535,13 @@ class TokenCache:
             future.set_exception(expired)
             return
         future.set_result(result.token)
+
+    def _call(self, fetch: Fetcher) -> FetchResult:
+        """One call of ``fetch`` (the identity provider): traced and timed when recording."""
+        if not self.telemetry.enabled:
+            return fetch()
+        with self.telemetry.fetch():
+            return fetch()
 
     def _remember(self, key: str, exc: BaseException) -> None:
         """Remember a failed fetch for ``key`` (under ``self._lock``).
@@ -543,7 +591,7 @@ class TokenCache:
 
     def _refresh(self, key: str, entry: _Entry) -> None:
         try:
-            result = entry.fetch()
+            result = self._call(entry.fetch)
         except BaseException as exc:
             with self._lock:
                 self.refresh_failures += 1

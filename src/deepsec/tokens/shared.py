@@ -41,7 +41,16 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from .cache import FAILURE_MEMORY, Fetcher, FetchResult, TokenCache, _Entry, _fetch_executor
+from .. import telemetry as _telemetry
+from .cache import (
+    FAILURE_MEMORY,
+    Fetcher,
+    FetchResult,
+    TokenCache,
+    _Entry,
+    _fetch_executor,
+    _Flight,
+)
 
 if TYPE_CHECKING:
     from ..config import EndUserSecConfig
@@ -422,16 +431,25 @@ def _background(fn: Any, *args: Any) -> None:
 class _Through:
     """A fetch that goes through L2 and the fleet lock (see the module docstring)."""
 
-    __slots__ = ("cache", "inner", "key", "stale")
+    __slots__ = ("cache", "flight", "inner", "key", "stale")
 
-    def __init__(self, cache: SharedTokenCache, key: str, inner: Fetcher, stale: str | None):
+    def __init__(
+        self,
+        cache: SharedTokenCache,
+        key: str,
+        inner: Fetcher,
+        stale: str | None,
+        flight: _Flight | None = None,
+    ):
         self.cache = cache
         self.key = key
         self.inner = inner
         self.stale = stale
+        #: The lookup this fetch answers (None for a refresh): told when L2 did.
+        self.flight = flight
 
     def __call__(self) -> FetchResult:
-        return self.cache._fetch_through(self.key, self.inner, self.stale)
+        return self.cache._fetch_through(self.key, self.inner, self.stale, self.flight)
 
 
 def _inner(fetch: Fetcher) -> Fetcher:
@@ -480,8 +498,20 @@ class SharedTokenCache(TokenCache):
 
     # --- hooks into TokenCache's miss and refresh paths ------------------------------
 
-    def _run_fetch(self, key: str, fetch: Fetcher, future: Any) -> None:
-        super()._run_fetch(key, _Through(self, key, _inner(fetch), None), future)
+    def _run_fetch(self, key: str, fetch: Fetcher, future: _Flight) -> None:
+        super()._run_fetch(key, _Through(self, key, _inner(fetch), None, future), future)
+
+    def _call(self, fetch: Fetcher) -> FetchResult:
+        # Through L2: only its identity-provider call (in _fetch_through) is one.
+        if isinstance(fetch, _Through):
+            return fetch()
+        return super()._call(fetch)
+
+    def _from_l2(self, flight: _Flight | None) -> None:
+        """A token came from Redis instead of the identity provider."""
+        self.l2_hits += 1
+        if flight is not None:  # counted by the lookup waiting for it, as ``l2``
+            flight.source = "l2"
 
     def _refresh(self, key: str, entry: _Entry) -> None:
         # Accept from L2 only a token other than the one being replaced.
@@ -490,20 +520,30 @@ class SharedTokenCache(TokenCache):
 
     async def aget(self, key: str, fetch: Fetcher) -> str:
         """Like :meth:`TokenCache.aget`; an L1 miss first reads L2 in a worker thread."""
-        if self.peek(key) is None and key not in self._inflight:
+        entry = self._data.get(key)
+        # Not peek(): that would count an l1 lookup for this one.
+        if (entry is None or time.time() >= entry.expires_at) and key not in self._inflight:
             opened = await self.l2.aread(self._digest(key), self._rejected.get(key))
             if opened is not None:
                 with self._lock:  # not peek(): it may take this lock itself
                     entry = self._data.get(key)
                     # Rejected (ORA-52602) while the read was in flight: not taken.
-                    if opened.token != self._rejected.get(key) and (
-                        entry is None or time.time() >= entry.expires_at
-                    ):
-                        self._store(key, FetchResult(*opened), fetch)
+                    stored = (
+                        opened.token != self._rejected.get(key)
+                        and (entry is None or time.time() >= entry.expires_at)
+                        and self._store(key, FetchResult(*opened), fetch)
+                    )
+                    if stored:
                         self.l2_hits += 1
+                if stored:
+                    if self.telemetry.enabled:
+                        self.telemetry.hit("l2")
+                    return opened.token
         return await super().aget(key, fetch)
 
-    def _fetch_through(self, key: str, fetch: Fetcher, stale: str | None) -> FetchResult:
+    def _fetch_through(
+        self, key: str, fetch: Fetcher, stale: str | None, flight: _Flight | None = None
+    ) -> FetchResult:
         """L2, else the fleet lock and ``fetch``; ``fetch`` alone when Redis fails.
 
         A process waits for another's fetch until that holder's lock expires
@@ -516,7 +556,7 @@ class SharedTokenCache(TokenCache):
         try:
             opened = self.l2.read(digest, avoid)
             if opened is not None:
-                self.l2_hits += 1
+                self._from_l2(flight)
                 return FetchResult(*opened)
             deadline = time.monotonic() + self.wait
             pause = _POLL_FIRST
@@ -527,9 +567,9 @@ class SharedTokenCache(TokenCache):
                         # Written between our read and the lock?
                         opened = self.l2.read(digest, avoid)
                         if opened is not None:
-                            self.l2_hits += 1
+                            self._from_l2(flight)
                             return FetchResult(*opened)
-                        result = fetch()
+                        result = self._call(fetch)
                         self._rejected.pop(key, None)
                         self.l2.write(digest, result, self._usable_until(result))
                         return result
@@ -544,11 +584,11 @@ class SharedTokenCache(TokenCache):
                 pause = min(pause * 1.5, _POLL_MAX)
                 opened = self.l2.read(digest, avoid)
                 if opened is not None:
-                    self.l2_hits += 1
+                    self._from_l2(flight)
                     return FetchResult(*opened)
         except _L2Down:
             pass
-        result = fetch()
+        result = self._call(fetch)
         self._rejected.pop(key, None)
         if self.l2.breaker.closed:
             self.l2.write(digest, result, self._usable_until(result))
@@ -628,12 +668,16 @@ def token_cache_for(config: EndUserSecConfig, name: str) -> TokenCache:
     # Failures are remembered briefly and waiters give up after ``timeout``
     # (see TokenCache), or after the fleet wait too with the shared level.
     options: dict[str, Any] = {"name": name, "failure_backoff": FAILURE_MEMORY}
+    cache: TokenCache
     if config.token_cache is None:
-        return TokenCache(config.cache_size, wait_timeout=config.timeout, **options)
-    return SharedTokenCache(
-        _l2_for(config),
-        config.cache_size,
-        wait=fleet_wait(config.timeout),
-        wait_timeout=leader_bound(config.timeout),
-        **options,
-    )
+        cache = TokenCache(config.cache_size, wait_timeout=config.timeout, **options)
+    else:
+        cache = SharedTokenCache(
+            _l2_for(config),
+            config.cache_size,
+            wait=fleet_wait(config.timeout),
+            wait_timeout=leader_bound(config.timeout),
+            **options,
+        )
+    cache.telemetry = _telemetry.for_source(config)
+    return cache
