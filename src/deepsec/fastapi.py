@@ -52,6 +52,8 @@ from fastapi import Depends, HTTPException, Security, WebSocketException
 from fastapi.openapi.models import APIKey, HTTPBearer
 from fastapi.openapi.models import SecurityBase as SecurityBaseModel
 from fastapi.security.base import SecurityBase
+from starlette._utils import is_async_callable
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
@@ -209,14 +211,29 @@ def _install_error_handlers(scope: Any) -> None:
 
     Starlette's ExceptionMiddleware puts its handler dicts in the scope; the
     route looks a handler up when an exception arrives, so adding ours here
-    (once per app) covers this request already.  The app's own handlers win.
+    (once per app) covers this request already.  The app's own handlers win:
+    ours goes only where Starlette's lookup (along the class's MRO) finds none,
+    so an app handler for ``oracledb.Error`` keeps every database error.
     """
     handlers = scope.get("starlette.exception_handlers")
-    if handlers is None or DeepSecError in handlers[0]:
+    if handlers is None:
         return
     by_type = handlers[0]
-    by_type.setdefault(oracledb.DatabaseError, _answer_error)
-    by_type[DeepSecError] = _answer_error
+    for cls in _OUR_ERRORS:
+        if _handler_for(by_type, cls.__mro__) is None:
+            by_type[cls] = _answer_error
+
+
+_OUR_ERRORS = (oracledb.DatabaseError, DeepSecError)
+
+
+def _handler_for(by_type: Any, mro: tuple[type, ...]) -> Any:
+    # Starlette's own lookup: the first class along the MRO with a handler.
+    for cls in mro:
+        handler = by_type.get(cls)
+        if handler is not None:
+            return handler
+    return None
 
 
 _DEFAULT_SETTINGS = WebSettings()
@@ -226,7 +243,22 @@ async def _answer_error(connection: HTTPConnection, exc: Exception) -> Response 
     settings = connection.scope.get(SETTINGS_KEY) or _DEFAULT_SETTINGS
     rejection = answer(exc, settings)
     if rejection is None:
-        raise exc  # not ours: exactly as if no handler were registered
+        # Not ours: what Starlette would have done without our handler -- the
+        # app's handler for a class further along the MRO (ValueError for a
+        # ConfigError), else the error goes on to the server error handler.
+        handlers = connection.scope.get("starlette.exception_handlers")
+        mro = type(exc).__mro__
+        for i, cls in enumerate(mro):
+            if handlers is not None and handlers[0].get(cls) is _answer_error:
+                handler = _handler_for(handlers[0], mro[i + 1 :])
+                if handler is None:
+                    break
+                if is_async_callable(handler):
+                    result: Response | None = await handler(connection, exc)
+                else:
+                    result = await run_in_threadpool(handler, connection, exc)
+                return result
+        raise exc
     if connection.scope["type"] == "websocket":
         assert isinstance(connection, WebSocket)
         await connection.close(code=rejection.close_code)
