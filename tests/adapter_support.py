@@ -163,6 +163,12 @@ RAW_CASES: list[RawCase] = [
         [("Cookie", b'identity=["bob"'), ("Cookie", b"null]")],
         "bob",
     ),
+    # ... but a join inside a name reads "bo,b" or "bo, b" by server: malformed.
+    RawCase(
+        "cookie-name-across-two-fields",
+        [("Cookie", b'identity=["bo'), ("Cookie", b'b", null]')],
+        None,
+    ),
     RawCase(
         "cookie-value-cut-by-next-field",
         [("Cookie", b'identity=["bob"'), ("Cookie", b"theme=dark")],

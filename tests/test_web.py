@@ -408,3 +408,15 @@ def test_an_exception_group_of_our_errors_is_answered_like_them():
     assert rejection_for_error(group_type("task group", [err]), settings) == alone
     # Mixed with an app bug: not ours to hide, the app's 500 stands.
     assert rejection_for_error(group_type("g", [err, ValueError()]), settings) is None
+
+
+def test_a_literal_comma_inside_a_name_is_malformed_whatever_the_join():
+    # Two Cookie fields identity=["bo + b", null] arrive as "bo,b" (gunicorn,
+    # Django) or "bo, b" (waitress): the same bytes must not name two users.
+    for joined in ('["bo,b", null]', '["bo, b", null]', '"[\\"b,ob\\"\\054 null]"'):
+        with pytest.raises(MalformedIdentity, match="literal comma"):
+            identity_from_cookie(joined)
+    # Escaped commas are the writer's, not a join: accepted.
+    assert identity_from_cookie('"[\\"b\\054ob\\"\\054 null]"') == ("b,ob", None)
+    assert identity_from_cookie("%5B%22b%2Cob%22%2Cnull%5D") == ("b,ob", None)
+    assert identity_from_cookie('["bob",null]') == ("bob", None)

@@ -118,6 +118,17 @@ def identity_from_cookie(value: str | None, *, max_size: int = DEFAULT_MAX_SIZE)
         return None
     if not _size_ok(value, max_size):
         raise MalformedIdentity(f"identity cookie is larger than {max_size} bytes")
+    identity = _decode_cookie(value)
+    if "," in value and _decode_cookie(value.replace(",", ", ")) != identity:
+        # Servers join repeated Cookie fields with "," (gunicorn, werkzeug,
+        # Django) or ", " (waitress): a literal comma inside a name or key
+        # may be such a join, and would name different users on different
+        # servers.  Writers escape it (\054, %2C); ambiguity is malformed.
+        raise MalformedIdentity("identity cookie: a literal comma inside a name or key")
+    return identity
+
+
+def _decode_cookie(value: str) -> Identity | None:
     if value[:3].upper() in ("%5B", "%22"):
         try:
             value = unquote(value, errors="strict")
