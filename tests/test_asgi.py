@@ -371,3 +371,49 @@ def test_middleware_wrapping_a_starlette_app_answers_endpoint_errors(
             assert_token_rejected_is_401(http, oracle_server, [f"/whoami/{r}", f"/sync-whoami/{r}"])
             ok = http.get(f"/whoami/{r}", headers={"Authorization": f"Bearer {ALICE}"})
             assert ok.json()["db"] == ["alice", "alice"]
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["more-body", "over-64KB"])
+def test_a_streaming_or_large_500_is_not_held_back(streamed: bool) -> None:
+    """Only a small, complete 500 is held: a streaming one goes out as it comes."""
+    from deepsec import TokenNotReadyError
+
+    seen_by_client: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 500, "headers": []})
+        if streamed:
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        else:
+            await send({"type": "http.response.body", "body": b"x" * 70_000, "more_body": True})
+        # The client already has the status line and the first chunk.
+        seen_by_client.append(len(sent))
+        raise TokenNotReadyError("gone")
+
+    sent: list[Any] = []
+
+    async def run() -> None:
+        async def receive() -> Any:
+            return {"type": "http.disconnect"}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        with pytest.raises(TokenNotReadyError):
+            await EndUserSecMiddleware(app)({"type": "http", "headers": []}, receive, send)
+
+    asyncio.run(run())
+    assert seen_by_client == [2]
+    assert [m.get("status") for m in sent] == [500, None]  # no 503 after a started 500
+
+
+def test_a_small_complete_500_is_still_replaced() -> None:
+    from deepsec import TokenNotReadyError
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 500, "headers": []})
+        await send({"type": "http.response.body", "body": b"Internal Server Error"})
+        raise TokenNotReadyError("gone")
+
+    sent = asyncio.run(_asgi_call(EndUserSecMiddleware(app), {"type": "http", "headers": []}, []))
+    assert sent[0]["status"] == 503

@@ -241,3 +241,67 @@ def test_one_end_user_object_scopes_one_block_at_a_time():
     with scope:  # free again once the block has ended
         assert deepsec.get_end_user_identity() == ("vic", None)
     assert deepsec.get_end_user_identity() is None
+
+
+def test_a_setter_racing_the_end_of_its_request_does_not_keep_the_identity(monkeypatch):
+    """The request ends while a spawned thread's setter is building its value.
+
+    Deterministic: the context's ``replace`` (the slow, validating step)
+    ends the request before it returns, as a preempted thread would see.
+    """
+    import contextvars
+
+    from deepsec.context import get_end_user_identity, set_end_user_attributes
+
+    act = activate(EndUserContext("tok.a.b"))
+    original = EndUserContext.replace
+
+    def replace_then_request_ends(self, **changes):
+        new = original(self, **changes)
+        ender = threading.Thread(target=act.end)
+        ender.start()
+        ender.join()
+        return new
+
+    seen: list[object] = []
+
+    def worker() -> None:
+        set_end_user_attributes({"k": 1})
+        seen.append(get_end_user_identity())
+
+    monkeypatch.setattr(EndUserContext, "replace", replace_then_request_ends)
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(worker,))
+    thread.start()
+    thread.join()
+    assert seen == [None]
+
+
+def test_setters_in_many_threads_all_end_with_the_request():
+    """Children created from many threads at once are all ended (none lost)."""
+    import contextvars
+
+    from deepsec.context import get_end_user_identity, set_end_user_data_roles
+
+    for _ in range(20):
+        act = activate(EndUserContext("tok.a.b"))
+        barrier = threading.Barrier(8)
+        ended = threading.Event()
+        seen: list[object] = []
+
+        def worker(barrier=barrier, ended=ended, seen=seen) -> None:
+            barrier.wait()
+            set_end_user_data_roles(["r"])
+            ended.wait()
+            seen.append(get_end_user_identity())
+
+        threads = [
+            threading.Thread(target=contextvars.copy_context().run, args=(worker,))
+            for _ in range(8)
+        ]
+        for t in threads:
+            t.start()
+        act.end()
+        ended.set()
+        for t in threads:
+            t.join()
+        assert seen == [None] * 8

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import httpx
+import oracledb
 import pytest
 from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
@@ -434,3 +435,54 @@ def test_work_spawned_by_the_request_loses_the_identity_when_it_ends(
         assert during.json() == {"during": "alice"}
         assert http.get("/spawned").json() == {"after": [None, None]}
     assert contexts_of(oracle_server, r) == ["alice", None, None]
+
+
+def _handler_app() -> Any:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import PlainTextResponse
+
+    app = FastAPI(dependencies=[Depends(end_user_identity)])
+
+    @app.exception_handler(oracledb.Error)
+    async def oracle_error(request: Request, exc: Exception) -> PlainTextResponse:
+        return PlainTextResponse("the app's oracledb.Error page", 418)
+
+    @app.exception_handler(ValueError)
+    async def value_error(request: Request, exc: Exception) -> PlainTextResponse:
+        return PlainTextResponse("the app's ValueError page", 422)
+
+    @app.get("/db")
+    async def db() -> None:
+        raise oracledb.DatabaseError("ORA-00942: table or view does not exist")
+
+    @app.get("/config")
+    async def config() -> None:
+        raise ConfigError(["bad"], where="the app")  # a DeepSecError and a ValueError
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def body() -> Any:
+            yield b"first chunk"
+            raise oracledb.DatabaseError("ORA-03113: end-of-file on communication channel")
+
+        return StreamingResponse(body())
+
+    return app
+
+
+def test_the_apps_own_exception_handlers_along_the_mro_win() -> None:
+    """The dependency never shadows an app handler for a base class of the error."""
+    with TestClient(_handler_app(), raise_server_exceptions=False) as client:
+        for _ in range(2):  # also after the dependency served a request
+            db = client.get("/db")
+            assert (db.status_code, db.text) == (418, "the app's oracledb.Error page")
+            config = client.get("/config")
+            assert (config.status_code, config.text) == (422, "the app's ValueError page")
+
+
+def test_a_database_error_in_a_streaming_body_passes_unchanged() -> None:
+    """Not Starlette's "Caught handled exception, but response already started"."""
+    app = _handler_app()
+    app.exception_handlers.pop(oracledb.Error)  # no app handler: nothing handles it
+    with TestClient(app) as client, pytest.raises(oracledb.DatabaseError, match="ORA-03113"):
+        client.get("/stream")

@@ -261,10 +261,8 @@ def test_malformed_cookie_with_a_valid_bearer_warns_on_every_request(caplog):
     assert len(records) == 3
     assert all(r.levelno == logging.WARNING for r in records)
     assert '["bob"' not in caplog.text and TOKEN not in caplog.text
-    # ...and still served from the cache: one context object.
-    a = resolve(settings, None, cookie_header='identity=["bob"', authorization=f"Bearer {TOKEN}")
-    b = resolve(settings, None, cookie_header='identity=["bob"', authorization=f"Bearer {TOKEN}")
-    assert a.context is b.context
+    # A malformed input is not cached (it would evict good entries).
+    assert settings._resolved == {}
 
 
 def test_nested_and_surrogate_cookies_are_one_warning_without_the_value(caplog):
@@ -305,3 +303,120 @@ def test_retry_after_follows_what_the_library_will_do():
     assert rejection is not None and ("Retry-After", "13") in rejection.headers
     exc.retry_after = None  # type: ignore[attr-defined]
     assert ("Retry-After", "5") in rejection_for_error(exc, WebSettings()).headers
+
+
+def _timed(fn, *args, **kwargs):
+    import contextlib
+    import time
+
+    start = time.perf_counter()
+    with contextlib.suppress(MalformedIdentity):
+        fn(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "identity=x;" + " " * 40_000 + "a",  # spaces after ";"
+        "identity=x," + " " * 40_000 + "a",  # spaces after ","
+        "identity=x" + ", " * 20_000 + "a=1",
+        "identity=x" + ",a" * 20_000,
+    ],
+    ids=["semicolon-spaces", "comma-spaces", "comma-space-pairs", "comma-tokens"],
+)
+def test_cookie_header_parsing_is_linear(header):
+    # A backtracking split took 7.6 s on 40 KB (the whole event loop frozen).
+    assert _timed(parse_cookie_header, header, "identity") < 0.5
+    assert _timed(resolve, WebSettings(), None, cookie_header=header) < 0.5
+
+
+def test_an_oversized_cookie_header_is_one_warning_without_the_value(caplog):
+    settings = WebSettings(max_size=1024)
+    header = "identity=x; pad=" + "q" * (8 * 1024)
+    with pytest.raises(MalformedIdentity, match="Cookie header is larger"):
+        parse_cookie_header(header, "identity", max_size=1024)
+    with caplog.at_level(logging.WARNING, logger="deepsec.web"):
+        resolution = resolve(settings, None, cookie_header=header)
+    assert resolution.context is None and resolution.rejection is None
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "qqqq" not in caplog.text
+    # Just under the bound it is parsed.
+    assert parse_cookie_header(header[:-20], "identity", max_size=1024) == "x"
+
+
+def test_json_string_scan_is_linear():
+    # An unterminated string of escaped quotes, within the 16 KB limit: 2.1 s before.
+    value = '["' + '\\"' * 8000
+    assert _timed(identity_from_cookie, value) < 0.5
+    with pytest.raises(MalformedIdentity):
+        identity_from_cookie(value)
+    # Escapes are still skipped correctly: brackets inside strings are content.
+    assert identity_from_cookie('["b\\\\[o\\"[b", null]') == ('b\\[o"[b', None)
+    with pytest.raises(MalformedIdentity, match="nested"):
+        identity_from_cookie('["b\\\\", ["x"]]')
+
+
+def test_octal_escapes_above_177_are_malformed():
+    # http.cookies reads \303\251 as "Ã©", werkzeug as "é": two users, so neither.
+    with pytest.raises(MalformedIdentity, match="octal escape"):
+        identity_from_cookie('"[\\"zo\\303\\253\\"\\054 null]"')
+    assert identity_from_cookie('"[\\"bob\\"\\054 null]"') == ("bob", None)
+
+
+def test_repeated_cookie_fields_join_with_a_comma_as_wsgi_servers_do():
+    # gunicorn, werkzeug and Django under ASGI join fields with ","; the list
+    # (ASGI) must give what those servers' joined string gives.
+    fields = ['identity=["bob"', "null]"]
+    assert parse_cookie_header(fields, "identity") == '["bob",null]'
+    assert parse_cookie_header(",".join(fields), "identity") == '["bob",null]'
+    settings = WebSettings(client_local_users=True)
+    as_list = resolve(settings, None, cookie_header=fields)
+    assert as_list.context is not None and as_list.context.identity == ("bob", None)
+
+
+def test_resolution_cache_keeps_no_oversized_or_malformed_values(caplog):
+    settings = WebSettings()
+    big = "Bearer " + "a" * 200_000
+    for i in range(20):
+        resolve(settings, None, authorization=big + str(i))
+        resolve(settings, None, cookie_header=f'identity=["bob{i}"')
+    assert settings._resolved == {}
+    # Each malformed request still warns, cached or not.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepsec.web"):
+        for _ in range(3):
+            resolve(settings, None, cookie_header='identity=["bob"')
+    assert len(caplog.records) == 3
+    resolve(settings, None, authorization=f"Bearer {TOKEN}")
+    assert len(settings._resolved) == 1
+
+
+def test_an_exception_group_of_our_errors_is_answered_like_them():
+    import builtins
+
+    from deepsec import TokenNotReadyError
+
+    group_type = getattr(builtins, "ExceptionGroup", None)
+    if group_type is None:
+        pytest.skip("ExceptionGroup needs Python 3.11")
+    settings = WebSettings()
+    err = TokenNotReadyError("no token")
+    alone = rejection_for_error(err, settings)
+    assert alone is not None and alone.status == 503
+    # An endpoint's task group wraps the error: still a 503, not a 500.
+    assert rejection_for_error(group_type("task group", [err]), settings) == alone
+    # Mixed with an app bug: not ours to hide, the app's 500 stands.
+    assert rejection_for_error(group_type("g", [err, ValueError()]), settings) is None
+
+
+def test_a_literal_comma_inside_a_name_is_malformed_whatever_the_join():
+    # Two Cookie fields identity=["bo + b", null] arrive as "bo,b" (gunicorn,
+    # Django) or "bo, b" (waitress): the same bytes must not name two users.
+    for joined in ('["bo,b", null]', '["bo, b", null]', '"[\\"b,ob\\"\\054 null]"'):
+        with pytest.raises(MalformedIdentity, match="literal comma"):
+            identity_from_cookie(joined)
+    # Escaped commas are the writer's, not a join: accepted.
+    assert identity_from_cookie('"[\\"b\\054ob\\"\\054 null]"') == ("b,ob", None)
+    assert identity_from_cookie("%5B%22b%2Cob%22%2Cnull%5D") == ("b,ob", None)
+    assert identity_from_cookie('["bob",null]') == ("bob", None)

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from urllib.parse import unquote
 
 from .context import Identity, validate_identity
 from .errors import DeepSecError, IdentityError
 
 __all__ = [
+    "COOKIE_HEADER_FACTOR",
+    "COOKIE_JOIN",
     "DEFAULT_MAX_SIZE",
     "MalformedIdentity",
+    "cookie_pairs",
     "from_wire",
     "identity_from_authorization",
     "identity_from_cookie",
@@ -48,16 +51,29 @@ def _size_ok(value: str, max_size: int) -> bool:
 
 
 _COOKIE_ESCAPE = re.compile(r"\\(?:([0-3][0-7][0-7])|(.))")
-# A JSON string literal; what is left of a value once they are removed holds
+# A JSON escape (backslash and the next character), then a JSON string literal
+# once escapes are gone; what is left of a value once both are removed holds
 # the value's structure, whose nesting we bound before json.loads sees it.
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+# Two linear passes: one regex for both (``"(?:[^"\\]|\\.)*"``) restarts
+# at every escaped quote of an unterminated string, quadratic in its length.
+_JSON_ESCAPE = re.compile(r"\\.", re.DOTALL)
+_JSON_STRING = re.compile(r'"[^"]*"')
 _JSON_DECODER = json.JSONDecoder()
 
 
+def _cookie_unescape(m: re.Match[str]) -> str:
+    if m.group(1) is None:
+        return m.group(2)
+    code = int(m.group(1), 8)
+    if code >= 0o200:
+        # http.cookies reads \303\251 as two code points, werkzeug as the UTF-8
+        # bytes of one: the same bytes would name two users.  Ambiguity is malformed.
+        raise MalformedIdentity("identity cookie has an octal escape above \\177")
+    return chr(code)
+
+
 def _unquote_cookie(inner: str) -> str:
-    return _COOKIE_ESCAPE.sub(
-        lambda m: chr(int(m.group(1), 8)) if m.group(1) else m.group(2), inner
-    )
+    return _COOKIE_ESCAPE.sub(_cookie_unescape, inner)
 
 
 def _load_json(value: str) -> object:
@@ -66,7 +82,7 @@ def _load_json(value: str) -> object:
     The valid forms nest one level at most, so a deeper value (1,000 ``[``
     would raise RecursionError inside json) is refused before parsing.
     """
-    structure = _JSON_STRING.sub("", value)
+    structure = _JSON_STRING.sub("", _JSON_ESCAPE.sub("", value))
     if structure.count("[") + structure.count("{") > 1:
         raise MalformedIdentity("identity cookie is nested too deeply")
     try:
@@ -102,6 +118,17 @@ def identity_from_cookie(value: str | None, *, max_size: int = DEFAULT_MAX_SIZE)
         return None
     if not _size_ok(value, max_size):
         raise MalformedIdentity(f"identity cookie is larger than {max_size} bytes")
+    identity = _decode_cookie(value)
+    if "," in value and _decode_cookie(value.replace(",", ", ")) != identity:
+        # Servers join repeated Cookie fields with "," (gunicorn, werkzeug,
+        # Django) or ", " (waitress): a literal comma inside a name or key
+        # may be such a join, and would name different users on different
+        # servers.  Writers escape it (\054, %2C); ambiguity is malformed.
+        raise MalformedIdentity("identity cookie: a literal comma inside a name or key")
+    return identity
+
+
+def _decode_cookie(value: str) -> Identity | None:
     if value[:3].upper() in ("%5B", "%22"):
         try:
             value = unquote(value, errors="strict")
@@ -178,36 +205,63 @@ def identity_from_authorization(
 
 
 # Cookie pairs are separated by ";" and, where a server joined repeated
-# Cookie fields with "," (waitress, Django under ASGI), by a "," before the
-# next name=.  A comma inside a value (["bob", null]) is not followed by one.
-_COOKIE_SEPARATOR = re.compile(r"\s*;\s*|\s*,\s*(?=[!#$%&'*+\-.^_`|~0-9A-Za-z]+=)")
+# Cookie fields with "," (gunicorn, werkzeug, Django under ASGI, waitress), by
+# a "," before the next name=.  A comma inside a value (["bob", null]) is not
+# followed by one.  Split on ";" with str.split and on such commas with a
+# pattern that starts at the comma: a leading \s* would retry every space of
+# a long run (quadratic: a 40 KB header froze an event loop for seconds).
+_COOKIE_COMMA = re.compile(r",(?=[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+=)")
+#: How many times ``max_size`` a whole Cookie header may be (other cookies
+#: included) before it is refused as malformed, unparsed.
+COOKIE_HEADER_FACTOR = 8
+#: How repeated Cookie fields are joined, as gunicorn, werkzeug and Django
+#: under ASGI join them (waitress adds a space, which JSON ignores): the
+#: same bytes name the same end user whichever server delivers them.
+COOKIE_JOIN = ","
 
 
-def parse_cookie_header(header: str | Sequence[str] | None, name: str) -> str | None:
+def parse_cookie_header(
+    header: str | Sequence[str] | None, name: str, *, max_size: int = DEFAULT_MAX_SIZE
+) -> str | None:
     """The value of cookie ``name`` in the raw ``Cookie`` header(s), or ``None``.
 
     ``header`` is the field, or all its values when it was sent more than
-    once.  The same cookie given twice with different values is ambiguous.
+    once (joined with :data:`COOKIE_JOIN`).  The same cookie given twice with
+    different values is ambiguous.
 
     Raises:
-        MalformedIdentity: (status 400) ``name`` has more than one value.
+        MalformedIdentity: (status 400) ``name`` has more than one value, or
+            the header is larger than ``COOKIE_HEADER_FACTOR * max_size``.
     """
     if not header:
         return None
     if not isinstance(header, str):
-        header = "; ".join(header)
+        header = COOKIE_JOIN.join(header)
     if name not in header:
         return None
+    if len(header) > COOKIE_HEADER_FACTOR * max_size:
+        raise MalformedIdentity(
+            f"Cookie header is larger than {COOKIE_HEADER_FACTOR * max_size} bytes"
+        )
     found: str | None = None
-    for part in _COOKIE_SEPARATOR.split(header):
-        key, sep, value = part.partition("=")
-        if sep and key.strip() == name:
-            # A quoted RFC 6265 value stays quoted: it then parses as a JSON string.
-            value = value.strip()
+    for key, value in cookie_pairs(header):
+        if key == name:
             if found is not None and value != found:
                 raise MalformedIdentity(f"the {name!r} cookie was sent more than once")
             found = value
     return found
+
+
+def cookie_pairs(header: str) -> Iterator[tuple[str, str]]:
+    """``(name, value)`` of each cookie in a Cookie header, stripped, in order.
+
+    Linear in the header's length.  A quoted RFC 6265 value stays quoted.
+    """
+    for pair in header.split(";"):
+        for part in _COOKIE_COMMA.split(pair) if "," in pair else (pair,):
+            key, sep, value = part.partition("=")
+            if sep:
+                yield key.strip(), value.strip()
 
 
 def from_wire(value: str) -> str:

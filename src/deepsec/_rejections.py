@@ -15,6 +15,14 @@ from typing import Literal
 
 import oracledb
 
+try:  # Python 3.11+; on 3.10 the backport, when installed (anyio brings it)
+    _ExceptionGroup: type[BaseException] | None = BaseExceptionGroup  # type: ignore[name-defined,unused-ignore]
+except NameError:  # pragma: no cover - Python 3.10
+    try:
+        from exceptiongroup import BaseExceptionGroup as _ExceptionGroup  # type: ignore[no-redef,import-not-found,unused-ignore]
+    except ImportError:
+        _ExceptionGroup = None
+
 from .errors import (
     USER_TOKEN_REJECTED,
     IdentityNotAccepted,
@@ -142,8 +150,16 @@ def rejection_for_error(exc: BaseException, token_error_status: int = 503) -> Re
       default, with ``Retry-After``).
 
     Bodies carry the provider's error code and correlation id, never a token
-    or secret.  ``None`` for every other exception: not ours to answer.
+    or secret.  ``None`` for every other exception: not ours to answer.  An
+    exception group (a task group in the endpoint) is answered like its
+    errors when every one of them is ours, with the first one's answer.
     """
+    if _ExceptionGroup is not None and isinstance(exc, _ExceptionGroup):
+        inner: tuple[BaseException, ...] = getattr(exc, "exceptions", ())
+        answers = [rejection_for_error(e, token_error_status) for e in inner]
+        if answers and all(a is not None for a in answers):
+            return answers[0]
+        return None
     if isinstance(exc, TokenAcquisitionError):
         if exc.error in USER_TOKEN_REJECTED:
             return deny(

@@ -33,7 +33,8 @@ end user's token; 503 with ``Retry-After`` when a token cannot be obtained),
 also for such an error raised by a statement inside the endpoint, as long as
 the response has not started.  Wrapped around a whole framework app, whose
 error middleware answers 500 and re-raises, the middleware holds that 500
-back and answers in its place.  A WebSocket
+back and answers in its place (a 500 whose body streams or passes 64 KB is
+sent on unheld).  A WebSocket
 handshake is denied with that HTTP response when the server supports the
 ``websocket.http.response`` extension, else closed with code 1008 (policy
 violation; 1013 "try again later" for a provider failure), which servers turn
@@ -47,6 +48,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
+from ._identity_parse import COOKIE_JOIN, cookie_pairs
 from .lifecycle import answer, start_async
 from .web import Rejection, WebSettings
 
@@ -76,7 +78,9 @@ class _Headers(Mapping[str, str]):
             text = value.decode("latin-1")
             if key in values:
                 # RFC 9110 list syntax; HTTP/2 splits cookies into several fields.
-                values[key] += ("; " if key == "cookie" else ", ") + text
+                # Cookie fields are joined as WSGI servers and Django join them,
+                # so the same bytes give the same cookies (deepsec.web.resolve).
+                values[key] += (COOKIE_JOIN if key == "cookie" else ", ") + text
             else:
                 values[key] = text
         self._values = values
@@ -117,10 +121,9 @@ class ASGIConnection:
         """Cookie values by name (first one wins; quotes kept as sent)."""
         if self._cookies is None:
             cookies: dict[str, str] = {}
-            for part in self.headers.get("cookie", "").split(";"):
-                name, sep, value = part.strip().partition("=")
-                if sep and name.strip() and name.strip() not in cookies:
-                    cookies[name.strip()] = value.strip()
+            for name, value in cookie_pairs(self.headers.get("cookie", "")):
+                if name and name not in cookies:
+                    cookies[name] = value
             self._cookies = cookies
         return self._cookies
 
@@ -220,15 +223,26 @@ class EndUserSecMiddleware:
             outcome.end()
 
 
-class _Responder:
-    """``send`` for the app: notes when the response started; holds back a 500."""
+#: A held-back 500 is sent as soon as its body streams (``more_body``) or
+#: passes this many bytes: only a framework's short error page is held.
+HELD_500_LIMIT = 64 * 1024
 
-    __slots__ = ("_send", "held", "started")
+
+class _Responder:
+    """``send`` for the app: notes when the response started; holds back a 500.
+
+    Only a complete, small 500 is held (an error page the framework sends
+    before re-raising); a streaming or large 500 body flushes what is held and
+    goes on unbuffered, so memory and latency stay bounded.
+    """
+
+    __slots__ = ("_held_size", "_send", "held", "started")
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self.started = False
         self.held: list[Message] | None = None
+        self._held_size = 0
 
     async def send(self, message: Message) -> None:
         if self.started:  # the common path once the status line is out
@@ -236,6 +250,9 @@ class _Responder:
             return
         if self.held is not None:
             self.held.append(message)
+            self._held_size += len(message.get("body", b""))
+            if message.get("more_body", False) or self._held_size > HELD_500_LIMIT:
+                await self.flush()
             return
         kind = message["type"]
         if kind == "http.response.start":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import json
+import threading
 import types
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
@@ -400,20 +401,30 @@ def _replace_current(**changes: Any) -> None:
     # value ends with the activation that is running (the request), or never
     # if that one is already over.
     parent = _current.get()
-    family: list[Activation] | None = None
-    if parent.active:
-        base = parent.context
-        # One list per activation, shared by every value derived from it.
-        family = parent._children
-        if family is None and parent._token is not None:
-            family = parent._children = []
-    else:
-        base = _EMPTY
-    child = Activation(base.replace(**changes), current=False)
-    if family is not None:
-        family.append(child)
+    inherited = parent.active
+    base = parent.context if inherited else _EMPTY
+    child = Activation(base.replace(**changes), current=False)  # slow: validates
+    if not inherited:
+        pass  # the request is over: the value never ends
+    elif parent._children is not None or parent._token is not None:
+        with _family_lock:  # two threads creating the list must not lose a child
+            # One list per activation, shared by every value derived from it.
+            family = parent._children
+            if family is None:
+                family = parent._children = []
+            family.append(child)
         child._children = family
+        # end() may have run since the check above (it marks the parent
+        # ended before it takes the list): then this child, appended too
+        # late or to a list already cleared, must end here.
+        if not parent.active:
+            child.active = False
+    elif not parent.active:
+        child.active = False  # derived from a request that ended meanwhile
     _current.set(child)
+
+
+_family_lock = threading.Lock()
 
 
 # --- the python-oracledb plugin's functions, on the contextvar -------------

@@ -29,9 +29,9 @@ Errors get the same answers as in every other adapter (one mapping,
 resolving is an :class:`fastapi.HTTPException` (``WebSocketException`` on
 WebSocket routes, code 1008 or 1013); ORA-52601, rejected user tokens,
 provider failures and :class:`~deepsec.TokenNotReadyError` raised *inside
-the endpoint* are answered 401/503 by exception handlers the dependency adds
-to the app on its first request (unless the app has its own for
-``DeepSecError`` / ``oracledb.DatabaseError``).  Bodies are
+the endpoint* become that same ``HTTPException`` as they leave it (unless
+the app has a handler for the error's class or one along its MRO; once a
+streaming body has started they pass unchanged).  Bodies are
 ``{"detail": {...}}``, as FastAPI's own errors.
 
 The ``HTTPBearer`` and ``APIKeyCookie`` security schemes appear in OpenAPI:
@@ -47,18 +47,14 @@ from __future__ import annotations
 import inspect
 from typing import Annotated, Any
 
-import oracledb
 from fastapi import Depends, HTTPException, Security, WebSocketException
 from fastapi.openapi.models import APIKey, HTTPBearer
 from fastapi.openapi.models import SecurityBase as SecurityBaseModel
 from fastapi.security.base import SecurityBase
 from starlette.requests import HTTPConnection
-from starlette.responses import JSONResponse, Response
-from starlette.websockets import WebSocket
 
 from .asgi import SCOPE_KEY, SETTINGS_KEY, _identity_headers
 from .context import EndUserContext
-from .errors import DeepSecError
 from .lifecycle import answer, context_of, start_async
 from .web import Rejection, WebSettings
 
@@ -193,7 +189,11 @@ class EndUserIdentity:
         ctx = context_of(outcome)
         scope[SCOPE_KEY] = ctx
         scope[SETTINGS_KEY] = settings
-        _install_error_handlers(scope)
+        errors = _EndpointErrors(scope, settings)
+        stack.push(errors)
+        function_stack = scope.get("fastapi_function_astack")
+        if function_stack is not None:
+            function_stack.push(errors.endpoint_done)
         return ctx
 
 
@@ -204,36 +204,50 @@ class _DeclaredEndUserIdentity(EndUserIdentity, SecurityBase):
     scheme_name: str
 
 
-def _install_error_handlers(scope: Any) -> None:
+class _EndpointErrors:
     """Answer deepsec's errors raised in the endpoint, as every adapter does.
 
-    Starlette's ExceptionMiddleware puts its handler dicts in the scope; the
-    route looks a handler up when an exception arrives, so adding ours here
-    (once per app) covers this request already.  The app's own handlers win.
+    An exit callback of FastAPI's request stack: an error the endpoint raised
+    (ORA-52601, a provider failure, ``TokenNotReadyError``) becomes the same
+    ``HTTPException`` a resolution failure is, which Starlette answers.
+    Nothing is added to the app's exception handlers, so the app's own
+    handler for the error's class, or any class along its MRO
+    (``oracledb.Error``, ``ValueError``), keeps answering it; and an error
+    raised once the response is streaming passes unchanged (Starlette turns
+    a *handled* error after the response started into a RuntimeError).
     """
-    handlers = scope.get("starlette.exception_handlers")
-    if handlers is None or DeepSecError in handlers[0]:
-        return
-    by_type = handlers[0]
-    by_type.setdefault(oracledb.DatabaseError, _answer_error)
-    by_type[DeepSecError] = _answer_error
+
+    __slots__ = ("in_endpoint", "scope", "settings")
+
+    def __init__(self, scope: Any, settings: WebSettings) -> None:
+        self.scope = scope
+        self.settings = settings
+        self.in_endpoint = True
+
+    def endpoint_done(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # Exit callback of the endpoint's (function) stack: an error after
+        # it returned comes from sending the response, which may have started.
+        if exc_type is None:
+            self.in_endpoint = False
+
+    def __call__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not self.in_endpoint or not isinstance(exc, Exception):
+            return
+        handlers = self.scope.get("starlette.exception_handlers")
+        if handlers is not None and _handler_for(handlers[0], type(exc).__mro__) is not None:
+            return  # the app's own handler answers it
+        rejection = answer(exc, self.settings)
+        if rejection is not None:
+            raise _exception(self.scope, rejection) from exc
 
 
-_DEFAULT_SETTINGS = WebSettings()
-
-
-async def _answer_error(connection: HTTPConnection, exc: Exception) -> Response | None:
-    settings = connection.scope.get(SETTINGS_KEY) or _DEFAULT_SETTINGS
-    rejection = answer(exc, settings)
-    if rejection is None:
-        raise exc  # not ours: exactly as if no handler were registered
-    if connection.scope["type"] == "websocket":
-        assert isinstance(connection, WebSocket)
-        await connection.close(code=rejection.close_code)
-        return None
-    return JSONResponse(
-        {"detail": rejection.body}, rejection.status, headers=dict(rejection.headers) or None
-    )
+def _handler_for(by_type: Any, mro: tuple[type, ...]) -> Any:
+    # Starlette's own lookup: the first class along the MRO with a handler.
+    for cls in mro:
+        handler = by_type.get(cls)
+        if handler is not None:
+            return handler
+    return None
 
 
 def _exception(scope: Any, rejection: Rejection) -> Exception:

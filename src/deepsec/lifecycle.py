@@ -15,8 +15,8 @@ steps in between live here once:
    response is done; tasks and threads spawned from the request lose the end
    user at that moment.
 
-Every refused request passes through :func:`rejected` (where telemetry counts
-``deepsec.requests.rejected`` by ``Rejection.reason``).
+Every refused request passes through :func:`rejected`, the single place
+to observe rejections (by ``Rejection.reason``).
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ def resolve(
         and (name in cookie_header if isinstance(cookie_header, str) else True)
     ):
         try:
-            cookie = parse_cookie_header(cookie_header, name)
+            cookie = parse_cookie_header(cookie_header, name, max_size=settings.max_size)
             if cookie is not None:
                 cookie = from_wire(cookie)
         except MalformedIdentity as exc:
@@ -222,16 +222,21 @@ def resolve(
             if text is not None:
                 _warn_malformed(text)
         return resolution
+    # Only values that can be valid are cached: oversized ones (rejected
+    # anyway) would let a client fill the cache with megabytes, and a
+    # malformed result is not kept either (it is logged per request below).
+    size = (len(cookie) if cookie else 0) + (len(authorization) if authorization else 0)
     key = (cookie, authorization)
-    hit = settings._resolved.get(key)
+    hit = settings._resolved.get(key) if size <= settings.max_size else None
     if hit is None:
         hit = _resolve(settings, request, cookie, authorization)
         cache = settings._resolved
-        if len(cache) >= _RESOLVED_CACHE_SIZE:
-            with _resolved_lock:
-                for old in list(cache)[: _RESOLVED_CACHE_SIZE // 4]:
-                    cache.pop(old, None)
-        cache[key] = hit
+        if hit[1] is None and size <= settings.max_size:
+            if len(cache) >= _RESOLVED_CACHE_SIZE:
+                with _resolved_lock:
+                    for old in list(cache)[: _RESOLVED_CACHE_SIZE // 4]:
+                        cache.pop(old, None)
+            cache[key] = hit
     if warning is not None:
         _warn_malformed(warning)
     if hit[1] is not None:

@@ -156,6 +156,24 @@ RAW_CASES: list[RawCase] = [
         [("Authorization", b"Basic YWxpY2U6cHc="), ("Authorization", f"Bearer {CAROL}".encode())],
         None,
     ),
+    # Servers join repeated Cookie fields with "," (gunicorn, werkzeug, Django
+    # under ASGI; waitress ", "): a value split across fields reads the same.
+    RawCase(
+        "cookie-value-across-two-fields",
+        [("Cookie", b'identity=["bob"'), ("Cookie", b"null]")],
+        "bob",
+    ),
+    # ... but a join inside a name reads "bo,b" or "bo, b" by server: malformed.
+    RawCase(
+        "cookie-name-across-two-fields",
+        [("Cookie", b'identity=["bo'), ("Cookie", b'b", null]')],
+        None,
+    ),
+    RawCase(
+        "cookie-value-cut-by-next-field",
+        [("Cookie", b'identity=["bob"'), ("Cookie", b"theme=dark")],
+        None,
+    ),
     RawCase(
         "bad-cookie-field-then-bearer",
         [("Cookie", b'identity=["bob"'), ("Authorization", f"Bearer {CAROL}".encode())],
