@@ -25,6 +25,7 @@ import deepsec
 import spi_static
 from concurrency_support import run_threads
 from deepsec import ConfigError, IdentityError, TokenNotReadyError
+from deepsec.context import EndUserContext
 from deepsec.hook import REFERENCE_PLUGIN, params_hook
 from deepsec.tokens import clear_token_sources
 from deepsec.tokens.cache import FAILURE_MEMORY
@@ -756,3 +757,22 @@ def test_app_setting_its_own_round_trip_callback_on_connect_is_chained(oracle):
             assert whoami(conn, "uma") == "uma"
         assert whoami(conn, "anon") is None
     assert "execute" in traced
+
+
+@pytest.mark.timeout(30)
+def test_local_user_name_never_in_logs_or_reprs(oracle, caplog):
+    # A local user's name is an identity: the DEBUG line that shows the
+    # attached context, and the context's repr, carry a keyed tag instead.
+    caplog.set_level(logging.DEBUG, logger="deepsec")
+    with connect(oracle, extra_auth_params=params()) as conn:
+        with deepsec.end_user(("zacharias", "zkey-secret")) as ctx:
+            assert whoami(conn) == "zacharias"
+        with deepsec.end_user(("zacharias", None)) as again:
+            whoami(conn)
+    assert any("attached end-user context" in r.getMessage() for r in caplog.records)
+    for text in (caplog.text, repr(ctx), str(ctx), repr(again)):
+        assert "zacharias" not in text and "zkey-secret" not in text
+    assert "local user" in repr(ctx)
+    # the same user gets the same tag within a process; another user another one
+    tag = repr(ctx).split("local user ")[1][:8]
+    assert tag in repr(again) and tag not in repr(EndUserContext(("yolanda", None)))

@@ -458,3 +458,25 @@ def test_oidc_style_discovery_path_is_served(idp: LocalIdP) -> None:
         f"{idp.authority}/.well-known/openid-configuration", verify=idp.ca_file, timeout=2
     )
     assert response.json()["issuer"] == idp.issuer
+
+
+def test_provider_description_is_kept_out_of_messages_and_logs(
+    idp: LocalIdP, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Entra's error_description can name the end user; the error's message
+    # reaches logs and error pages, so it holds the error code only.
+    caplog.set_level(logging.DEBUG, logger="deepsec")
+    obo = source(idp.azure_params("on_behalf_of", timeout=TIMEOUT))
+    user_token = idp.issue_user_token("ivan")
+    idp.faults.status(
+        400, "invalid_grant", description="AADSTS50173: user ivan@example.test revoked"
+    )
+    with pytest.raises(TokenAcquisitionError) as info:
+        obo.get_token(EndUserContext(user_token))
+    exc = info.value
+    assert exc.error == "invalid_grant"
+    assert exc.description is not None and "AADSTS50173" in exc.description
+    deepsec_lines = [r.getMessage() for r in caplog.records if r.name.startswith("deepsec")]
+    assert deepsec_lines
+    for text in (str(exc), repr(exc), *deepsec_lines):
+        assert "ivan" not in text and "AADSTS50173" not in text, text

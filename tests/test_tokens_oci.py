@@ -169,3 +169,20 @@ def test_environment_cannot_change_tls_trust(
     with pytest.raises(TokenAcquisitionError) as info:
         source(params).get_token(NOBODY)
     assert info.value.error == "connection_error"
+
+
+def test_provider_description_is_kept_out_of_messages_and_logs(
+    idp: LocalIdP, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="deepsec")
+    src = source(idp.oci_params(timeout=TIMEOUT))
+    idp.faults.status(401, "invalid_client", description="user ivan@example.test is disabled")
+    with pytest.raises(TokenAcquisitionError) as info:
+        src.get_token(NOBODY)
+    exc = info.value
+    assert exc.status == 401 and exc.error == "invalid_client"
+    assert exc.description is not None and "disabled" in exc.description
+    deepsec_lines = [r.getMessage() for r in caplog.records if r.name.startswith("deepsec")]
+    assert deepsec_lines
+    for text in (str(exc), repr(exc), *deepsec_lines):
+        assert "ivan" not in text and "disabled" not in text, text

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import hashlib
+import hmac
 import json
+import os
 import threading
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +27,17 @@ from enum import Enum
 from typing import Any, Final, TypeAlias
 
 from .errors import IdentityError
+
+# Key of the local-user tag in repr(): a user's tag is stable within this
+# process (log lines of one user can be told apart) but cannot be linked
+# back to the name without the key, which never leaves the process.
+_REPR_KEY: Final = os.urandom(16)
+
+
+def _local_user_tag(name: object) -> str:
+    digest = hmac.new(_REPR_KEY, str(name).encode("utf-8", "surrogatepass"), hashlib.sha256)
+    return digest.hexdigest()[:8]
+
 
 __all__ = [
     "Activation",
@@ -232,12 +246,13 @@ class EndUserContext:
     __hash__ = None  # type: ignore[assignment]  # attributes are a mapping
 
     def __repr__(self) -> str:
-        # Tokens and keys are secrets: show their kind, never their value.
+        # Tokens and keys are secrets and a local user's name is an identity
+        # (this repr reaches DEBUG logs): show their kind and a keyed tag only.
         if self._identity is None:
             ident = "None"
         elif isinstance(self._identity, tuple):
             key = "None" if self._identity[1] is None else "'***'"
-            ident = f"({self._identity[0]!r}, {key})"
+            ident = f"(<local user {_local_user_tag(self._identity[0])}>, {key})"
         else:
             ident = "<token>"
         attrs = None if self._attributes is None else sorted(self._attributes)

@@ -62,7 +62,11 @@ class TokenAcquisitionError(DeepSecError):
     ``error`` is the provider's error code (``invalid_client``,
     ``invalid_grant``, ``timeout``...), ``correlation_id`` the provider's
     correlation/trace id when it sent one. The message never contains the
-    client secret or a user token.
+    client secret or a user token, nor the provider's ``error_description``:
+    that text may name the end user (Entra: "AADSTS50173: ... user
+    alice@..."), and the message reaches logs and error pages.  The scrubbed
+    description is kept in ``description`` (not in ``str()`` or ``repr()``)
+    for an application that decides to show it.
 
     ``retry_after`` is how many seconds the library will wait before it asks
     the provider again for this token (the failure is remembered that long
@@ -80,8 +84,10 @@ class TokenAcquisitionError(DeepSecError):
         correlation_id: str | None = None,
         status: int | None = None,
         retry_after: float | None = None,
+        description: str | None = None,
     ) -> None:
         self.error = error
+        self.description = description
         self.correlation_id = correlation_id
         self.status = status
         self.retry_after = retry_after

@@ -353,7 +353,7 @@ class _ConnectionBinding:
                     "the event loop"
                 )
             token = source.get_token(ctx)
-            entry = _cached_entry(source, ctx)
+            entry = _cached_entry(source, ctx, record=False)  # get_token counted it
             usable_until = entry[1] if entry is not None and entry[0] == token else 0.0
         else:
             token, usable_until = entry
@@ -385,15 +385,20 @@ def _verify_connected(conn: Any) -> None:
     conn.version  # noqa: B018  (the property checks the connection first)
 
 
-def _cached_entry(source: TokenSource, ctx: EndUserContext) -> tuple[str, float] | None:
+def _cached_entry(
+    source: TokenSource, ctx: EndUserContext, record: bool = True
+) -> tuple[str, float] | None:
     """The cached token and until when it is served (epoch seconds), or ``None``.
 
     The built-in sources keep the token's usable life with it; for any other
     source it is read from the token (a JWT's ``exp``, less a margin).
+    ``record=False`` (built-in sources): a re-read, not a lookup to count.
     """
     cached_entry = getattr(source, "cached_entry", None)
     if cached_entry is not None:
-        entry: tuple[str, float] | None = cached_entry(ctx)
+        entry: tuple[str, float] | None = (
+            cached_entry(ctx) if record else cached_entry(ctx, record=False)
+        )
         return entry
     token = source.cached_token(ctx)
     if token is None:

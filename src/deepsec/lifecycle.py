@@ -28,7 +28,7 @@ from typing import Any
 from . import hook as _hook
 from . import telemetry
 from .context import Activation, EndUserContext, activate
-from .errors import DeepSecError
+from .errors import DeepSecError, TokenAcquisitionError
 from .hook import prepare
 from .web import Rejection, Resolution, WebSettings, rejection_for_error, resolve
 
@@ -119,7 +119,18 @@ def answer(exc: BaseException, settings: WebSettings) -> Rejection | None:
     rejection = rejection_for_error(exc, settings)
     if rejection is None:
         return None
-    if isinstance(exc, DeepSecError):
+    if isinstance(exc, TokenAcquisitionError):
+        # The provider's fields only: its error_description may name the end user.
+        log.warning(
+            "answering %s (%s): %s error=%s status=%s correlation_id=%s",
+            rejection.status,
+            rejection.reason,
+            type(exc).__name__,
+            exc.error,
+            exc.status,
+            exc.correlation_id,
+        )
+    elif isinstance(exc, DeepSecError):
         log.warning("answering %s (%s): %s", rejection.status, rejection.reason, exc)
     else:
         log.warning("answering %s: the database rejected the end user's token", rejection.status)

@@ -335,8 +335,9 @@ def error_from_exception(
 ) -> TokenAcquisitionError:
     """Map a transport or parsing exception to a :class:`TokenAcquisitionError`.
 
-    The message holds our own words, the exception class name and (scrubbed)
-    provider fields, never the exception's text, which may echo a request.
+    The message holds our own words, the exception class name and the
+    provider's error code, never the exception's text, which may echo a
+    request, nor the provider's description (it may name the end user).
     """
     if is_timeout(exc):
         return timeout_error(what)
@@ -355,15 +356,13 @@ def error_from_exception(
         response = exc.response
         status = getattr(response, "status_code", None)
         error, description, correlation = _provider_fields(response)
-        message = f"{what}: the identity provider answered HTTP {status}"
-        if description:
-            message += f": {scrub(description, secrets)}"
         return TokenAcquisitionError(
-            message,
+            f"{what}: the identity provider answered HTTP {status}",
             error=error or "server_error",
             correlation_id=correlation,
             status=status,
             retry_after=parse_retry_after(getattr(response, "headers", {}).get("Retry-After")),
+            description=scrub(description, secrets) if description else None,
         )
     # ValueError/TypeError/OverflowError: MSAL choking on a reply field of the
     # wrong type (int() of an expires_in that is NaN, a list...).

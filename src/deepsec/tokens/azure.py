@@ -236,14 +236,19 @@ class AzureTokenSource:
             return None
         return self.cache.peek(self._keys.key(identity))
 
-    def cached_entry(self, context: EndUserContext) -> tuple[str, float] | None:
-        """The cached token and when it stops being served (epoch), or ``None``."""
+    def cached_entry(
+        self, context: EndUserContext, record: bool = True
+    ) -> tuple[str, float] | None:
+        """The cached token and when it stops being served (epoch), or ``None``.
+
+        ``record=False``: a re-read after :meth:`get_token`, not counted as a hit.
+        """
         if self.flow == "client_credentials":
-            return self.cache.peek_entry(self._cc_key)
+            return self.cache.peek_entry(self._cc_key, record)
         identity = context.identity
         if type(identity) is not str:
             return None
-        return self.cache.peek_entry(self._keys.key(identity))
+        return self.cache.peek_entry(self._keys.key(identity), record)
 
     def get_token(self, context: EndUserContext) -> str:
         """A valid token for ``context``; blocks on the provider on a miss.
@@ -362,15 +367,13 @@ class AzureTokenSource:
         token = result.get("access_token")
         if not isinstance(token, str) or not token:
             error_code, description, correlation = provider_error_fields(result)
-            message = f"{what} failed"
-            if description:
-                message += f": {scrub(description, secrets)}"
             logger.debug("%s failed: error=%s correlation_id=%s", what, error_code, correlation)
             raise TokenAcquisitionError(
-                message,
+                f"{what} failed",
                 error=error_code or "invalid_response",
                 correlation_id=correlation,
                 retry_after=budget.retry_after,
+                description=scrub(description, secrets) if description else None,
             )
         try:
             expires_at = token_expiry(token, result.get("expires_in"), started, what)

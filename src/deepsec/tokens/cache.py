@@ -327,13 +327,15 @@ class TokenCache:
 
     # --- the hit path: no lock ------------------------------------------------
 
-    def peek(self, key: str) -> str | None:
+    def peek(self, key: str, record: bool = True) -> str | None:
         """The cached token for ``key`` if still valid, else ``None``.
 
         Never does I/O and takes no lock.  It does not start a refresh (it has
         no fetch function of its own), except that an entry stored by
         :meth:`get`/:meth:`aget` and inside its refresh window is refreshed
         in the background with the fetch function it was stored with.
+        ``record=False``: not a lookup of its own (a re-read right after
+        :meth:`get` counted one), so no ``l1`` hit is recorded.
         """
         entry = self._data.get(key)
         if entry is None:
@@ -344,23 +346,23 @@ class TokenCache:
                 self._data.move_to_end(key)
             except KeyError:  # evicted meanwhile: still a valid token
                 pass
-            if self.telemetry.enabled:
+            if record and self.telemetry.enabled:
                 self.telemetry.hit()
             return entry.token
         if now < entry.expires_at:
             self._schedule_refresh(key, entry, now)
-            if self.telemetry.enabled:
+            if record and self.telemetry.enabled:
                 self.telemetry.hit()
             return entry.token
         return None
 
-    def peek_entry(self, key: str) -> tuple[str, float] | None:
+    def peek_entry(self, key: str, record: bool = True) -> tuple[str, float] | None:
         """Like :meth:`peek`, with when the token stops being served (epoch seconds).
 
         Callers that keep the token a while (the hook, per connection) learn
         its usable life here instead of decoding the token again.
         """
-        token = self.peek(key)
+        token = self.peek(key, record)
         entry = self._data.get(key)
         if token is None or entry is None or entry.token is not token:
             return None

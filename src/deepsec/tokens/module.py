@@ -76,9 +76,14 @@ class ModuleTokenSource:
         """A still-valid cached token for ``context``, or ``None`` (no I/O)."""
         return self.cache.peek(self._key(context))
 
-    def cached_entry(self, context: EndUserContext) -> tuple[str, float] | None:
-        """The cached token and when it stops being served (epoch), or ``None``."""
-        return self.cache.peek_entry(self._key(context))
+    def cached_entry(
+        self, context: EndUserContext, record: bool = True
+    ) -> tuple[str, float] | None:
+        """The cached token and when it stops being served (epoch), or ``None``.
+
+        ``record=False``: a re-read after :meth:`get_token`, not counted as a hit.
+        """
+        return self.cache.peek_entry(self._key(context), record)
 
     def get_token(self, context: EndUserContext) -> str:
         """Return the module's token for ``context`` (cached; single-flight)."""

@@ -106,9 +106,14 @@ class OCITokenSource:
         """The cached token, or ``None`` (no I/O, no lock)."""
         return self.cache.peek(self._key)
 
-    def cached_entry(self, context: EndUserContext) -> tuple[str, float] | None:
-        """The cached token and when it stops being served (epoch), or ``None``."""
-        return self.cache.peek_entry(self._key)
+    def cached_entry(
+        self, context: EndUserContext, record: bool = True
+    ) -> tuple[str, float] | None:
+        """The cached token and when it stops being served (epoch), or ``None``.
+
+        ``record=False``: a re-read after :meth:`get_token`, not counted as a hit.
+        """
+        return self.cache.peek_entry(self._key, record)
 
     def get_token(self, context: EndUserContext) -> str:
         """A valid token; blocks on the provider on a miss.
@@ -202,16 +207,14 @@ class OCITokenSource:
         if isinstance(body, Mapping):
             error, description, correlation = provider_error_fields(body)
         correlation = correlation or response.headers.get("opc-request-id")
-        message = f"{what}: the identity provider answered HTTP {status}"
-        if description:
-            message += f": {scrub(description, (self._secret,))}"
         logger.debug("%s failed: status=%s error=%s", what, status, error)
         return TokenAcquisitionError(
-            message,
+            f"{what}: the identity provider answered HTTP {status}",
             error=error or ("server_error" if status >= 500 else "invalid_request"),
             correlation_id=correlation,
             status=status,
             retry_after=_retry_after(response),
+            description=scrub(description, (self._secret,)) if description else None,
         )
 
     def _parse(self, response: requests.Response, started: float, what: str) -> FetchResult:
