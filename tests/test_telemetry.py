@@ -342,21 +342,42 @@ def test_record_end_user_puts_a_keyed_hash_on_the_server_span(
     bob = idp.issue_user_token("bob")
     app = make_app(idp, oracle, record_end_user=key)
     with waitress_server(ServerSpans(app, otel.tracer_provider)) as url:
-        for token in (alice1, alice2, bob):
+        for token in (alice1, alice1, alice2, bob):
             answer = httpx.get(f"{url}/whoami", headers={"Authorization": f"Bearer {token}"})
             assert answer.status_code == 200, answer.text
         assert httpx.get(f"{url}/whoami").status_code == 200  # no end user: no attribute
     servers = sorted(
         (s for s in otel.spans() if s.kind is SpanKind.SERVER), key=lambda s: s.start_time or 0
     )
-    assert len(servers) == 4
+    assert len(servers) == 5
     ids = [(s.attributes or {}).get(telemetry.ATTR_END_USER) for s in servers]
-    assert ids[0] is not None and ids[0] == ids[1]  # one user, two tokens: one pseudonym
+    assert ids[0] is not None and ids[0] == ids[1]  # one token: one pseudonym
+    # A new token is a new pseudonym: claims are not verified when it is set.
     assert ids[2] is not None and ids[2] != ids[0]
-    assert ids[3] is None
+    assert ids[3] is not None and ids[3] not in (ids[0], ids[2])
+    assert ids[4] is None
     assert ids[0] == telemetry.end_user_pseudonym(alice1, key)
     assert ids[0] != telemetry.end_user_pseudonym(alice1, "another-key-0123456789")
     assert_nothing_secret(otel, idp, alice1, alice2, bob, key)
+
+
+def test_a_forged_token_does_not_get_its_victims_pseudonym(idp: LocalIdP) -> None:
+    # An unsigned token claiming the victim's issuer and subject: the
+    # pseudonym is set before anything verifies a token, so it must differ.
+    import base64
+
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    victim = idp.issue_user_token("alice")
+    claims = json.loads(base64.urlsafe_b64decode(victim.split(".")[1] + "=="))
+    forged = f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
+    key = "correlation-key-0123456789"
+    assert telemetry.end_user_pseudonym(forged, key) != telemetry.end_user_pseudonym(victim, key)
+    # a local user's pseudonym depends on the key the database checks, too
+    assert telemetry.end_user_pseudonym(("bob", "k1"), key) != telemetry.end_user_pseudonym(
+        ("bob", "forged"), key
+    )
 
 
 def test_record_end_user_setting_is_checked_without_echoing_it() -> None:

@@ -31,7 +31,6 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final, get_args
 from urllib.parse import urlsplit
 
-from . import _jwt
 from ._rejections import Reason
 from .errors import TokenAcquisitionError
 
@@ -496,37 +495,26 @@ def record_rejection(rejection: Rejection) -> None:
 #: process only.  Give a key (a string of 16+ characters) to correlate across
 #: processes.
 _PROCESS_KEY = os.urandom(32)
-_SUBJECT_CLAIMS = ("oid", "sub", "preferred_username", "upn", "email")
-
-
-def _token_subject(token: str) -> str:
-    """A stable user id from a JWT's claims (not verified), else the token.
-
-    A user's tokens change on every sign-in; the issuer and subject do not,
-    so the pseudonym stays the same for the same user.
-    """
-    claims = _jwt.decode_claims(token)
-    if claims is not None:
-        for name in _SUBJECT_CLAIMS:
-            value = claims.get(name)
-            if isinstance(value, str) and value:
-                return f"{claims.get('iss', '')}\x00{name}\x00{value}"
-    return token
 
 
 def end_user_pseudonym(identity: object, key: str | bytes | bool = True) -> str | None:
     """A keyed hash (HMAC-SHA256, 32 hex digits) of the end user, or None for no user.
 
-    Token identities are reduced to the issuer and subject claim first, a
-    ``(name, key)`` local user to its name.  Without the key the value cannot
-    be linked back to the user.
+    A token identity is hashed whole, a ``(name, key)`` local user by its
+    name and key (the key is what the database checks).  Without the HMAC
+    key the value cannot be linked back to the user.
+    Why not the token's issuer and subject claims (stable across sign-ins):
+    the pseudonym is set when the request starts, before anything verified
+    the token, so a forged unsigned token with a victim's claims would carry
+    the victim's pseudonym into the traces.  A whole token, signature
+    included, cannot be forged.
     """
     if identity is None:
         return None
     if isinstance(identity, tuple):
-        subject = f"local\x00{identity[0]}"
+        subject = f"local\x00{identity[0]}\x00{identity[1]}"
     elif isinstance(identity, str):
-        subject = _token_subject(identity)
+        subject = f"token\x00{identity}"
     else:
         subject = repr(identity)
     if key is True:
