@@ -569,6 +569,48 @@ def test_without_opentelemetry_nothing_is_imported() -> None:
     assert out.strip() == "[]"
 
 
+def test_a_broken_opentelemetry_install_disables_telemetry_with_one_warning(
+    tmp_path: Path,
+) -> None:
+    broken = tmp_path / "opentelemetry"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise RuntimeError('half-upgraded install')\n")
+    code = """
+        import logging
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+        import deepsec
+        from deepsec import telemetry
+        from deepsec.config import parse_end_user_sec_params
+        from deepsec.context import EndUserContext
+        from deepsec.lifecycle import start
+        from deepsec.tokens import token_source_for
+        from deepsec.web import WebSettings
+
+        source = token_source_for(parse_end_user_sec_params({"spi_type": "spi_static"}))
+        ctx = EndUserContext("someone")
+        assert source.get_token(ctx) and source.get_token(ctx)
+        telemetry.record_context_change(None, ctx)
+        deny = WebSettings(no_identity="deny")
+        assert start(deny, None, cookie_header=None, authorization=None).status == 401
+        assert not telemetry.available()
+        print("done")
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": f"{tmp_path}:{SRC}:{TESTS}", "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "done"
+    warnings = [line for line in done.stderr.splitlines() if "OpenTelemetry" in line]
+    assert warnings == [
+        "WARNING deepsec.telemetry OpenTelemetry is installed but could not be loaded "
+        "(RuntimeError); deepsec records no metrics or traces in this process"
+    ]
+
+
 def test_async_fetch_span_keeps_the_callers_trace(
     idp: LocalIdP, otel: Recorded, instrumented_requests: None
 ) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import threading
 import time
@@ -187,6 +188,7 @@ class _Instruments:
         self.error_code: Any = StatusCode.ERROR
 
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _NOT_LOADED: Any = object()
 #: The active instruments; None when opentelemetry is not importable.
@@ -201,6 +203,17 @@ def _load() -> _Instruments | None:
                 _active = _Instruments()
             except ImportError:
                 _active = None
+            except Exception as exc:
+                # A broken OpenTelemetry install (a half-upgraded package, a
+                # provider that raises) must never fail a statement: record
+                # nothing in this process, say so once.  The class name only:
+                # the text is the library's, not ours to vouch for.
+                _active = None
+                log.warning(
+                    "OpenTelemetry is installed but could not be loaded (%s); deepsec "
+                    "records no metrics or traces in this process",
+                    type(exc).__name__,
+                )
         return _active  # type: ignore[no-any-return]
 
 
