@@ -294,6 +294,32 @@ class ServerSpans:
             return list(self.app(environ, start_response))
 
 
+def test_reattaching_the_same_end_user_after_ora_52602_is_not_a_context_change(
+    idp: LocalIdP, oracle: Any, otel: Recorded
+) -> None:
+    alice = idp.issue_user_token("alice")
+    conn = connect(oracle, idp.azure_params("on_behalf_of"))
+    try:
+        with deepsec.end_user(alice):
+            assert whoami(conn) == "alice@example.test"  # set
+            first = oracle.find_statements(USERNAME_SQL)[0].context.database_access_token
+            oracle.token_validator = lambda kind, token: (
+                not (kind == "database_access_token" and token == first)
+            )
+            with pytest.raises(oracledb.DatabaseError, match="ORA-52602"):
+                whoami(conn)
+            # a fresh token for the same end user: attached again, not a change
+            assert whoami(conn) == "alice@example.test"
+        assert whoami(conn) is None  # clear
+    finally:
+        conn.close()
+    points = otel.points()
+    action = "deepsec.context.action"
+    changes = {a[action]: v for n, a, v in points if n == telemetry.CONTEXT_CHANGES}
+    assert changes == {"set": 1.0, "clear": 1.0}
+    assert otel.total(telemetry.TOKEN_REQUESTS, **{"deepsec.token.source": "idp"}) == 2
+
+
 def test_rejected_requests_through_the_flask_adapter(
     idp: LocalIdP, oracle: Any, otel: Recorded
 ) -> None:

@@ -115,6 +115,8 @@ class _Attached:
 
 _UNKNOWN = _Attached(None, "<unknown>")
 _CLEARED = _Attached(None, None)
+# The token of a context whose token the database rejected (ORA-52602).
+_REJECTED_TOKEN = "<rejected>"
 # How long the same context object skips the token-cache lookup.  Bounds how
 # long a connection keeps a token after TokenSource.invalidate()/cache clear.
 _RECHECK_INTERVAL = 1.0
@@ -375,7 +377,10 @@ class _ConnectionBinding:
                     self.binding.source.invalidate(ctx)
                     with _prepared_lock:
                         _prepared.pop(key, None)
-                    self.attached = _UNKNOWN
+                    # Keep the context (a token no real one equals): the next
+                    # round trip attaches a fresh token for the same end user,
+                    # which is not a context change to count.
+                    self.attached = _Attached(ctx, _REJECTED_TOKEN)
 
         return completion
 
