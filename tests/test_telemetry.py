@@ -37,6 +37,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 import deepsec
 from adapter_support import waitress_server
+from concurrency_support import run_threads
 from deepsec import ConfigError, telemetry
 from deepsec.config import parse_end_user_sec_params
 from deepsec.context import EndUserContext
@@ -676,9 +677,25 @@ def test_demo_summary_counts_fetches_hits_and_contexts() -> None:
         telemetry.record_context_change(None, ctx)
         telemetry.record_context_change(ctx, None)
     text = summary()  # read after the block: the final numbers
-    assert "1 fetched from the identity provider, 2 from the in-process cache" in text
+    assert "token lookups      : 2 from the in-process cache, 1 waited for a fetch" in text
     assert "1 set, 0 switched, 1 cleared" in text
-    assert "provider calls     : 1" in text
+    assert "tokens fetched     : 1 identity-provider call(s)" in text
+
+
+def test_demo_summary_tells_provider_calls_from_lookups_that_waited(idp: LocalIdP) -> None:
+    # Concurrent misses share one provider call: five lookups waited for a
+    # fetch, but one token was fetched.
+    from deepsec.tokens import token_source_for
+
+    source = token_source_for(parse_end_user_sec_params(idp.azure_params("on_behalf_of")))
+    alice = EndUserContext(idp.issue_user_token("alice"))
+    idp.faults.delay(0.5)
+    with telemetry.collect_summary() as summary:
+        run_threads(lambda: source.get_token(alice), count=5, timeout=30)
+    text = summary()
+    assert idp.token_requests("on_behalf_of") == 1
+    assert "tokens fetched     : 1 identity-provider call(s)" in text, text
+    assert "0 from the in-process cache, 5 waited for a fetch" in text, text
 
 
 def test_a_provider_description_naming_the_user_reaches_no_log(

@@ -629,12 +629,14 @@ def _summarize(points: list[tuple[str, dict[str, Any], float]]) -> str:
     calls = int(sum(v for n, _, v in points if n == TOKEN_FETCH_DURATION))
     changes = {a: total(CONTEXT_CHANGES, ATTR_CONTEXT_ACTION, a) for a in CONTEXT_ACTIONS}
     rejected = int(sum(v for n, _, v in points if n == REQUESTS_REJECTED))
+    # Tokens fetched are provider calls (the fetch histogram): lookups with
+    # source idp also count callers that waited on another caller's fetch.
     cached = f"{l1} from the in-process cache" + (f", {l2} from the shared cache" if l2 else "")
     return (
         "OpenTelemetry metrics recorded by deepsec during these requests:\n"
-        f"  token lookups      : {fetched} fetched from the identity provider"
-        f"{f' ({failed} failed)' if failed else ''}, {cached}\n"
-        f"  provider calls     : {calls}\n"
+        f"  tokens fetched     : {calls} identity-provider call(s)\n"
+        f"  token lookups      : {cached}, {fetched} waited for a fetch"
+        f"{f' ({failed} failed)' if failed else ''}\n"
         f"  contexts           : {changes['set']} set, {changes['switch']} switched, "
         f"{changes['clear']} cleared\n"
         f"  rejected requests  : {rejected}"
