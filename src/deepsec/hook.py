@@ -373,6 +373,8 @@ class _ConnectionBinding:
             # Same token, same inputs: the same object, so that connections
             # holding it need not attach again.
             previous.check_until = _recheck_at(usable_until)
+            if previous.revoked:  # rejected meanwhile: undo, so no holder keeps it
+                previous.check_until = 0.0
             prepared = previous
         else:
             built = build_from_parts(config, ctx, token, key[-1])
