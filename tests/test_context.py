@@ -75,6 +75,40 @@ def test_bad_attributes():
         deepsec.set_end_user_attributes({"": 1})
 
 
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"x": {1: "a"}},  # JSON would make it "1": one cache key with {"1": "a"}
+        {"x": {True: "a"}},
+        {"x": {1: "a", "b": 2}},  # mixed key types: sort_keys raised a bare TypeError
+        {"x": [{"ok": 1}, {2: "deep"}]},
+        {"x": ({None: 1},)},
+    ],
+)
+def test_attribute_mappings_need_str_keys_at_every_level(attributes):
+    with pytest.raises(IdentityError, match="keys must be strings at every level"):
+        EndUserContext("tok", attributes=attributes)
+
+
+def test_attributes_are_normalised_and_compared_type_strictly():
+    # Tuples become lists (what JSON and the database give back): one form.
+    ctx = EndUserContext("tok", attributes={"x": (1, (2, 3)), "m": {"k": (4,)}})
+    assert dict(ctx.attributes) == {"x": [1, [2, 3]], "m": {"k": [4]}}
+    assert ctx == EndUserContext("tok", attributes={"x": [1, [2, 3]], "m": {"k": [4]}})
+    # True == 1 == 1.0 in Python, but the database sees true, 1 and 1.0.
+    flags = [True, 1, 1.0]
+    for i, a in enumerate(flags):
+        for j, b in enumerate(flags):
+            same = EndUserContext("tok", attributes={"c": a}) == EndUserContext(
+                "tok", attributes={"c": b}
+            )
+            assert same is (i == j), (a, b)
+    nested = EndUserContext("tok", attributes={"c": {"d": [True]}})
+    assert nested != EndUserContext("tok", attributes={"c": {"d": [1]}})
+    assert nested == EndUserContext("tok", attributes={"c": {"d": [True]}})
+    assert EndUserContext("tok", attributes={"c": 1}) != EndUserContext("tok")
+
+
 def test_data_roles_with_local_user_rejected_before_any_round_trip():
     with pytest.raises(IdentityError, match="local"):
         deepsec.end_user(("bob", None), data_roles=["hr"])

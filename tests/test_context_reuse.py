@@ -205,3 +205,38 @@ def test_prepared_contexts_are_bounded(oracle, monkeypatch):
                 cur.execute(f"{USERNAME_SQL} /* bound-{i} */")
                 assert cur.fetchone()[0] == f"user{i}"
     assert len(_contexts.prepared) <= 5
+
+
+@pytest.mark.timeout(30)
+def test_attributes_true_then_one_on_one_connection_attach_again(oracle):
+    """True == 1 in Python, but the database must see exactly what was asked."""
+    token = user_token("tess")
+    with oracledb.connect(**oracle.connect_kwargs(), extra_auth_params=params()) as conn:
+        for i, value in enumerate([True, 1, True, "1", {"a": [True]}, {"a": [1]}]):
+            with deepsec.end_user(token, attributes={"clearance": value}), conn.cursor() as cur:
+                cur.execute(f"select 1 from dual /* typed-{i} */")
+                (seen,) = oracle.find_statements(f"/* typed-{i} */")
+                got = seen.context.attributes["clearance"]
+                assert got == value and type(got) is type(value), (value, got)
+                if isinstance(value, dict):
+                    assert type(got["a"][0]) is type(value["a"][0])
+
+
+@pytest.mark.timeout(30)
+def test_prepared_contexts_are_bounded_in_bytes(oracle, monkeypatch):
+    """Long identities fill a byte budget, not only a count (65,535 chars each)."""
+    monkeypatch.setattr(_contexts, "_PREPARED_BYTES", 40_000)
+    with oracledb.connect(**oracle.connect_kwargs(), extra_auth_params=params()) as conn:
+        for i in range(12):
+            padding = "x" * 3000
+            with deepsec.end_user(user_token(f"big{i}") + padding), conn.cursor() as cur:
+                cur.execute(f"select 1 from dual /* bytes-{i} */")
+        assert 0 < len(_contexts.prepared) < 12
+        assert _contexts._total_cost <= 40_000
+        assert _contexts._total_cost == sum(_contexts._costs.values())
+        # An identity larger than one entry may be is served but never kept.
+        huge = user_token("huge") + "y" * 60_000
+        with deepsec.end_user(huge), conn.cursor() as cur:
+            cur.execute("select 1 from dual /* bytes-huge */")
+        assert oracle.find_statements("bytes-huge")[0].context is not None
+        assert all(key[1] != huge for key in _contexts.prepared)

@@ -317,9 +317,10 @@ def test_async_connection_never_fetches_on_the_loop(oracle):
         conn = await oracledb.connect_async(**oracle.connect_kwargs(), extra_auth_params=params())
         try:
             deepsec.set_end_user_identity(user_token("dave"))
-            # A plain set, no prepare: the operation must not block on a fetch...
+            # A plain set, no prepare: the statement must not block on a fetch...
             with pytest.raises(TokenNotReadyError, match=r"async with deepsec\.end_user"):
-                await conn.ping()
+                await conn.cursor().execute("select 1 from dual")
+            await conn.ping()  # (housekeeping goes out with no context instead)
             # ...and prepare() fetches off the loop, after which it works.
             await deepsec.prepare()
             cur = conn.cursor()
@@ -428,6 +429,9 @@ def test_no_secret_or_token_in_logs_or_reprs(oracle, caplog):
 def test_attaching_adds_no_round_trip(oracle):
     with connect(oracle, extra_auth_params=params()) as conn:
         whoami(conn)  # warm up statement cache
+        for name in ("a", "b", "c", "d", "e"):  # and the token cache: pings never fetch
+            with deepsec.end_user(user_token(name)):
+                whoami(conn)
         start = oracle.mark()
         for _ in range(5):
             conn.ping()
@@ -655,6 +659,69 @@ def test_database_rejecting_the_access_token_drops_it_and_the_next_round_trip_re
 
 
 @pytest.mark.timeout(30)
+def test_one_rejection_drops_only_the_rejected_token(oracle):
+    """Connections still holding a rejected token must not drop its replacement.
+
+    Four connections attach the same token; the database revokes it.  Each
+    connection meets ORA-52602 once at most, and one fresh token serves all
+    of them: a rejection drops the token it attached, never a newer one.
+    """
+    conns = [connect(oracle, extra_auth_params=params()) for _ in range(4)]
+    try:
+        with deepsec.end_user(user_token("rhea")):
+            for i, conn in enumerate(conns):
+                assert whoami(conn, f"rhea-before-{i}") == "rhea"
+            assert len(spi_static.CALLS) == 1
+            first = oracle.find_statements("/* rhea-before-0 */")[0].context
+            oracle.token_validator = lambda kind, token: (
+                not (kind == "database_access_token" and token == first.database_access_token)
+            )
+            rejected = 0
+            for i, conn in enumerate(conns):
+                try:
+                    whoami(conn, f"rhea-try-{i}")
+                except oracledb.DatabaseError as exc:
+                    assert exc.args[0].code == 52602
+                    rejected += 1
+                assert whoami(conn, f"rhea-after-{i}") == "rhea"
+        assert rejected == 1  # the others saw the revocation before sending
+        assert len(spi_static.CALLS) == 2  # one re-fetch, not one per connection
+        after = {
+            oracle.find_statements(f"/* rhea-after-{i} */")[0].context.database_access_token
+            for i in range(4)
+        }
+        assert len(after) == 1 and first.database_access_token not in after
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+@pytest.mark.timeout(30)
+def test_an_unexpected_interface_error_fails_the_round_trip(oracle, monkeypatch):
+    """Only DPY-1001 (released or closed) lets a round trip go out unattached.
+
+    Any other InterfaceError while switching users must fail the statement:
+    letting it go out would run it as the user still attached (here alice).
+    """
+    with connect(oracle, extra_auth_params=params()) as conn:
+        with deepsec.end_user(user_token("alice")):
+            assert whoami(conn, "ie-alice") == "alice"
+
+        from oracledb import errors as driver_errors
+
+        def broken(*args, **kwargs):  # a real driver error, raised where none is expected
+            driver_errors._raise_err(driver_errors.ERR_POOL_NOT_OPEN)
+
+        monkeypatch.setattr(oracledb, "create_end_user_security_context", broken)
+        mark = oracle.mark()
+        bob = deepsec.end_user(user_token("bob"))
+        with bob, pytest.raises(oracledb.InterfaceError, match="DPY-1002"):
+            whoami(conn, "ie-bob")
+        assert oracle.round_trips(conn.session_id, since=mark) == []
+    assert oracle.find_statements("ie-bob") == []
+
+
+@pytest.mark.timeout(30)
 def test_rollback_and_close_still_work_when_no_token_can_be_had(oracle):
     """Housekeeping must not strand a connection: it goes out with no context."""
     conn = connect(oracle, extra_auth_params=params())
@@ -680,7 +747,7 @@ def test_async_close_inside_a_block_without_token(oracle):
         conn = await oracledb.connect_async(**oracle.connect_kwargs(), extra_auth_params=params())
         with deepsec.end_user(user_token("quinn")):  # plain `with`: nothing prefetched
             with pytest.raises(TokenNotReadyError):
-                await conn.ping()
+                await conn.cursor().execute("select 1 from dual")
             await conn.rollback()
             await conn.close()
 
@@ -733,7 +800,8 @@ def test_prepare_with_two_databases_one_down(oracle):
                 await cur.execute(USERNAME_SQL)
                 who = (await cur.fetchone())[0]
                 with pytest.raises(deepsec.TokenAcquisitionError) as info:
-                    await down.ping()  # the real error, not TokenNotReadyError
+                    # the real error, not TokenNotReadyError
+                    await down.cursor().execute("select 1 from dual")
             return who, info.value
         finally:
             await ok.close()

@@ -269,3 +269,61 @@ def test_require_end_user_must_be_a_bool(oracle):
     assert isinstance(cause, ConfigError)
     assert "require_end_user must be true or false, got a str" in str(cause)
     assert "s3cr3t-value" not in str(info.value)
+
+
+@pytest.mark.timeout(30)
+def test_fetch_plsql_and_executemany_are_refused_with_nothing_sent(oracle):
+    """Every statement-carrying round trip is refused, not only ``execute``."""
+    oracle.add_table("strict_rows", columns=["id"], rows=[(i,) for i in range(20)])
+    with oracledb.connect(**oracle.connect_kwargs(), extra_auth_params=strict()) as conn:
+        cur = conn.cursor()
+        cur.arraysize = 2
+        cur.prefetchrows = 2
+        with deepsec.end_user(user_token("hana")):
+            cur.execute("select id from strict_rows /* strict-fetch */")
+            assert cur.fetchmany(2) == [(0,), (1,)]
+        # The request ended with rows left on the server: fetching them now
+        # would read them as nobody.
+        mark = oracle.mark()
+        with pytest.raises(NoEndUserError, match="'fetch'"):
+            cur.fetchall()
+        with pytest.raises(NoEndUserError, match="'execute'"):
+            conn.cursor().execute("begin null; end; /* strict-plsql */")
+        with pytest.raises(NoEndUserError, match="'execute'"):
+            conn.cursor().executemany(
+                "insert into strict_rows (id) values (:1) /* strict-many */", [(1,), (2,)]
+            )
+        assert trips(oracle, conn, mark) == []
+    assert oracle.find_statements("strict-plsql") == []
+    assert oracle.find_statements("strict-many") == []
+
+
+@pytest.mark.timeout(30)
+def test_async_housekeeping_under_an_end_user_with_no_cached_token(oracle):
+    """ping and commit (like rollback) go out even when the token was never fetched.
+
+    A sync ``with end_user(...)`` in asyncio code prefetches nothing: a
+    statement raises TokenNotReadyError, but housekeeping must never fail
+    (a pool pings before handing out a connection; the app must commit).
+    """
+    token = user_token("ivy")
+
+    async def main() -> list[str]:
+        conn = await oracledb.connect_async(**oracle.connect_kwargs(), extra_auth_params=strict())
+        try:
+            with deepsec.end_user(token):  # sync form: nothing prefetched
+                mark = oracle.mark()
+                await conn.ping()
+                await conn.commit()
+                await conn.rollback()
+                sent = oracle.round_trips(conn.session_id, since=mark)
+                assert all(t.context is None for t in sent)  # no token: no context
+                with pytest.raises(deepsec.TokenNotReadyError):
+                    await conn.cursor().execute("select 1 from dual /* ivy-no-token */")
+                return [t.function for t in sent]
+        finally:
+            await conn.close()
+
+    assert asyncio.run(main()) == ["ping", "commit", "rollback"]
+    assert oracle.find_statements("ivy-no-token") == []
+    assert spi_static.CALLS == []  # nothing fetched on the event loop

@@ -325,6 +325,23 @@ def test_invalidate_and_clear() -> None:
     assert len(cache) == 0
 
 
+def test_invalidate_with_a_token_drops_only_that_token() -> None:
+    """Compare-and-drop: a late rejection of an old token keeps its replacement."""
+    cache = TokenCache(10)
+    fetch = Fetcher()
+    old = cache.get("a", fetch)
+    cache.invalidate("a", old)  # the database rejected it
+    new = cache.get("a", fetch)
+    assert new != old
+    cache.invalidate("a", old)  # another connection meets the same rejection
+    assert cache.peek("a") == new
+    cache.invalidate("a", "never-cached")
+    assert cache.peek("a") == new
+    cache.invalidate("a", new)
+    assert cache.peek("a") is None
+    assert fetch.calls == 2
+
+
 def test_put() -> None:
     cache = TokenCache(10)
     cache.put("k", "tok", time.time() + 3600)

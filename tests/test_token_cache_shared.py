@@ -463,6 +463,30 @@ def test_invalidate_drops_the_token_in_l1_and_l2(idp: LocalIdP, redis: RedisTest
     assert idp.token_requests("on_behalf_of") == 2
 
 
+def test_a_late_rejection_never_marks_the_fresh_token_rejected(
+    idp: LocalIdP, redis: RedisTestServer
+) -> None:
+    """Process B meets ORA-52602 for the old token after A already replaced it.
+
+    Compare-and-invalidate: B drops the rejected token only; the fresh one stays
+    in B's L1 and in Redis, and no process fetches again.
+    """
+    params = _params(idp, redis)
+    ctx = EndUserContext(idp.issue_user_token("hugo"))
+    a = _source(params)
+    old = a.get_token(ctx)
+    a.invalidate(ctx, token=old)  # the database rejected it on A
+    new = a.get_token(ctx)
+    assert new != old
+    b = _source(params)
+    assert b.get_token(ctx) == new  # B read the fresh one from Redis
+    b.invalidate(ctx, token=old)  # a connection of B still held the old one
+    assert b.cached_token(ctx) == new
+    assert len(_entries(redis)) == 1
+    assert _source(params).get_token(ctx) == new  # a third process: from Redis
+    assert idp.token_requests("on_behalf_of") == 2
+
+
 # --- asyncio ---------------------------------------------------------------------------
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import oracledb
@@ -29,6 +28,7 @@ __all__ = [
     "prepared",
     "prepared_key",
     "prepared_lock",
+    "revoke_prepared",
 ]
 
 
@@ -55,20 +55,45 @@ def _version_tuple(version: str | None) -> tuple[int, ...]:
 # connections and threads at once.
 
 
-@dataclass(frozen=True, slots=True)
 class Prepared:
-    """A built security context and the token it holds, shared by connections."""
+    """A built security context and the token it holds, shared by connections.
 
-    token: str
-    context: Any  # oracledb.EndUserSecurityContext
-    #: Until this time.monotonic() value it is served without asking the token
-    #: source: at most _RECHECK_INTERVAL, and never past the token's usable life.
-    check_until: float
+    Connections remember the very object they attached: a different object
+    for the same key means a different token or context, so they attach again.
+    """
+
+    __slots__ = ("check_until", "context", "revoked", "token")
+
+    def __init__(self, token: str, context: Any, check_until: float) -> None:
+        self.token = token
+        self.context = context  # oracledb.EndUserSecurityContext
+        #: Until this time.monotonic() value it is served without asking the token
+        #: source: at most _RECHECK_INTERVAL, and never past the token's usable life.
+        #: Set to 0 when the database rejects the token, so that every connection
+        #: holding it asks again at its next round trip.
+        self.check_until = check_until
+        self.revoked = False
+
+    def revoke(self) -> None:
+        """The database rejected this token: nobody may serve it from here again."""
+        self.revoked = True
+        self.check_until = 0.0
 
 
 #: Most prepared contexts kept (each holds its token and encoded payload, a few KB).
 _PREPARED_KEPT = 1024
+#: Estimated bytes all prepared contexts may hold together; the oldest go first.
+#: An identity may be 65,535 characters, so the count alone could hold ~180 MB.
+_PREPARED_BYTES = 16 * 1024 * 1024
+#: A context estimated larger than this is built for its request but not kept:
+#: oversized identities must not push real users' contexts out of the budget.
+_PREPARED_ENTRY_MAX = 64 * 1024
 prepared: dict[tuple[Any, ...], Prepared] = {}
+_costs: dict[tuple[Any, ...], int] = {}
+_total_cost = 0
+#: The token the database last rejected, per key (bounded): a round trip that
+#: read it from the cache just before the rejection must not put it back.
+_revoked_tokens: dict[tuple[Any, ...], str] = {}
 prepared_lock = threading.Lock()
 
 
@@ -107,18 +132,71 @@ def _obo_alone(conn: Any) -> bool:
     return _version_tuple(conn.version) >= (23, 26, 4)
 
 
+def _cost(key: tuple[Any, ...], entry: Prepared) -> int:
+    """Estimated bytes of one entry: the key, the token, and the encoded payloads.
+
+    The driver encodes token, identity and attributes twice (full and partial
+    payload), so the estimate counts them twice on top of the key's copies.
+    """
+    identity = key[1]
+    ident_len = len(identity) if isinstance(identity, str) else 256
+    attrs_len = len(key[3]) if key[3] is not None else 0
+    return 512 + 2 * len(entry.token) + 3 * (ident_len + attrs_len)
+
+
 def keep_prepared(key: tuple[Any, ...], entry: Prepared) -> None:
-    """Keep ``entry`` for ``key``; the oldest entry goes when the bound is reached."""
+    """Keep ``entry`` for ``key`` within the count and byte budgets (oldest go first).
+
+    An entry larger than ``_PREPARED_ENTRY_MAX`` is not kept, nor one whose
+    token the database rejected for this key.
+    """
+    global _total_cost
+    cost = _cost(key, entry)
     with prepared_lock:
-        if key not in prepared and len(prepared) >= _PREPARED_KEPT:
-            del prepared[next(iter(prepared))]  # the oldest
+        if entry.revoked or _revoked_tokens.get(key) == entry.token:
+            return
+        if cost > _PREPARED_ENTRY_MAX:
+            _drop(key)
+            return
+        _drop(key)
+        while prepared and (
+            len(prepared) >= _PREPARED_KEPT or _total_cost + cost > _PREPARED_BYTES
+        ):
+            _drop(next(iter(prepared)))  # the oldest
         prepared[key] = entry
+        _costs[key] = cost
+        _total_cost += cost
+
+
+def _drop(key: tuple[Any, ...]) -> None:
+    """Forget ``key`` (with ``prepared_lock`` held)."""
+    global _total_cost
+    if prepared.pop(key, None) is not None:
+        _total_cost -= _costs.pop(key, 0)
+
+
+def revoke_prepared(key: tuple[Any, ...], entry: Prepared) -> None:
+    """The database rejected ``entry``'s token: drop it if it is still the one kept.
+
+    Compare-and-drop: a fresher entry another connection kept meanwhile stays.
+    """
+    entry.revoke()
+    with prepared_lock:
+        if len(_revoked_tokens) >= _PREPARED_KEPT:
+            _revoked_tokens.clear()
+        _revoked_tokens[key] = entry.token
+        if prepared.get(key) is entry:
+            _drop(key)
 
 
 def forget_security_contexts() -> None:
     """Drop every built security context kept for reuse (tests, key rotation)."""
+    global _total_cost
     with prepared_lock:
         prepared.clear()
+        _costs.clear()
+        _revoked_tokens.clear()
+        _total_cost = 0
 
 
 def build_security_context(

@@ -150,7 +150,60 @@ def validate_attributes(value: object) -> Mapping[str, Any] | None:
                 f"attribute {name!r} has a value of type {type(item).__name__}, "
                 "which is not JSON-compatible"
             ) from None
-    return types.MappingProxyType(copy.deepcopy(dict(value)))
+    for name, item in value.items():
+        _check_keys(name, item)  # after json.dumps: no circular reference left
+    # Tuples become lists (what JSON gives back), so that equal-looking
+    # values have one form: the prepared-context cache keys by canonical JSON.
+    return types.MappingProxyType({name: _normalised(item) for name, item in value.items()})
+
+
+def _check_keys(name: str, item: object) -> None:
+    """Raise unless every mapping inside ``item`` has str keys.
+
+    A non-str key would be turned into a string by JSON ({1: "a"} and
+    {"1": "a"} would share a cache key) and fail in the driver, a 500.
+    """
+    if isinstance(item, Mapping):
+        for key, sub in item.items():
+            if not isinstance(key, str):
+                raise IdentityError(
+                    f"attribute {name!r} holds a mapping with a key of type "
+                    f"{type(key).__name__}; keys must be strings at every level"
+                )
+            _check_keys(name, sub)
+    elif isinstance(item, (list, tuple)):
+        for sub in item:
+            _check_keys(name, sub)
+
+
+def _normalised(item: Any) -> Any:
+    """A deep copy of a checked value, with tuples as lists and mappings as dicts."""
+    if isinstance(item, Mapping):
+        return {key: _normalised(sub) for key, sub in item.items()}
+    if isinstance(item, (list, tuple)):
+        return [_normalised(sub) for sub in item]
+    return copy.deepcopy(item)
+
+
+def _same_value(a: object, b: object) -> bool:
+    """Equal *and* of the same types throughout (True == 1 == 1.0, but not here)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        assert isinstance(b, dict)
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        assert isinstance(b, list)
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _same_attributes(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
+    # Type-strict: {"clearance": True} and {"clearance": 1} are different
+    # end-user contexts (the database sees true and 1).
+    if a is None or b is None:
+        return a is b
+    return _same_value(dict(a), dict(b))
 
 
 def _check_roles_with_local_user(
@@ -240,7 +293,7 @@ class EndUserContext:
         return (
             self._identity == other._identity
             and self._data_roles == other._data_roles
-            and self._attributes == other._attributes
+            and _same_attributes(self._attributes, other._attributes)
         )
 
     __hash__ = None  # type: ignore[assignment]  # attributes are a mapping
@@ -549,9 +602,12 @@ class as_application:  # a class used like a function: ``with deepsec.as_applica
     connections in strict mode (``require_end_user=True``) let statements
     through: it is the explicit scope for application-level work such as
     migrations, health checks and schedulers.  The previous context is
-    restored on exit.  Like :class:`end_user`, tasks and threads started
-    inside the block run as the application until the block exits, and with
-    no end user (refused in strict mode) afterwards.
+    restored on exit.  Like :class:`end_user`, asyncio tasks and
+    ``asyncio.to_thread``/executor calls started inside the block run as the
+    application until the block exits, and with no end user (refused in
+    strict mode) afterwards.  A plain ``threading.Thread`` starts with no end
+    user at all (contextvars are not copied into it), so strict mode refuses
+    its statements unless it enters ``as_application()`` itself.
     """
 
     __slots__ = ("_activation",)

@@ -48,9 +48,9 @@ from ._contexts import (
     forget_security_contexts,
     keep_prepared,
     prepared_key,
+    revoke_prepared,
 )
 from ._contexts import prepared as _prepared
-from ._contexts import prepared_lock as _prepared_lock
 from .config import EndUserSecConfig, parse_end_user_sec_params
 from .context import APPLICATION, EndUserContext, current_context
 from .dsn import require_tcps
@@ -79,12 +79,13 @@ __all__ = [
 log = logging.getLogger("deepsec")
 
 REFERENCE_PLUGIN = "oracledb.plugins.end_user_sec_provider"
-# Round trips that read nothing and must always be able to run (see _sync).
-_HOUSEKEEPING = frozenset({"rollback", "logoff"})
-# Round trips strict mode never refuses: they carry no statement, and refusing
-# them would strand connections (a pool pings, resets and closes its own).
-# The names are the driver's round-trip callback names (python-oracledb 26.1).
-_NEVER_REFUSED = _HOUSEKEEPING | {"ping", "commit", "session_release"}
+# Housekeeping round trips: they carry no statement and must always be able to
+# run, neither refused by strict mode nor failed for want of a cached token
+# (refusing them would strand connections: a pool pings, resets and closes its
+# own, and an app must be able to commit).  The names are the driver's
+# round-trip callback names (python-oracledb 26.1).
+_HOUSEKEEPING = frozenset({"ping", "commit", "rollback", "logoff", "session_release"})
+_NEVER_REFUSED = _HOUSEKEEPING
 # ORA-52602: the database rejected the database-access token.
 _BAD_ACCESS_TOKEN = 52602
 
@@ -96,27 +97,26 @@ class _Attached:
     ``__init__`` costs several times more on this path.
     """
 
-    __slots__ = ("completion", "context", "recheck_at", "token")
+    __slots__ = ("completion", "context", "prepared")
 
     def __init__(
         self,
-        context: EndUserContext | None,  # None: known to be cleared
-        token: str | None,
-        recheck_at: float = 0.0,
+        context: EndUserContext | None,  # None: cleared, or not known
+        prepared: Prepared | None,
         completion: Callable[[Any], None] | None = None,
     ) -> None:
         self.context = context
-        self.token = token
-        #: Until this time.monotonic() value, the same context object needs no
-        #: token lookup: its token was valid when attached and is not near expiry.
-        self.recheck_at = recheck_at
+        #: The very object attached: another one for the same context means
+        #: another token or built context (compared with ``is``, never ``==``:
+        #: equal contexts are not always the same context, e.g. True == 1).
+        #: Until its ``check_until`` the same context object needs no token
+        #: lookup; a rejected token sets that to 0 for every connection at once.
+        self.prepared = prepared
         self.completion = completion
 
 
-_UNKNOWN = _Attached(None, "<unknown>")
+_UNKNOWN = _Attached(None, None)
 _CLEARED = _Attached(None, None)
-# The token of a context whose token the database rejected (ORA-52602).
-_REJECTED_TOKEN = "<rejected>"
 # How long the same context object skips the token-cache lookup.  Bounds how
 # long a connection keeps a token after TokenSource.invalidate()/cache clear.
 _RECHECK_INTERVAL = 1.0
@@ -258,14 +258,23 @@ class _ConnectionBinding:
         if conn is not None:
             ctx = current_context()
             state = self.attached
+            attached = state.prepared
             try:
-                if ctx is state.context and time.monotonic() < state.recheck_at:
+                if (
+                    ctx is state.context
+                    and attached is not None
+                    and time.monotonic() < attached.check_until
+                ):
                     completion = state.completion  # the hot path: same request, connection
                 else:
                     completion = self._sync(conn, ctx, name)
-            except oracledb.InterfaceError:
+            except oracledb.InterfaceError as exc:
                 # This Connection object was released to its pool or closed
                 # (DPY-1001): the round trip belongs to the pool, not to us.
+                # Any other interface error fails the round trip: letting it go
+                # out would run it with whatever context is attached.
+                if not _is_not_connected(exc):
+                    raise
                 completion = None
         user = self.user_round_trip
         if user is not None:
@@ -305,17 +314,18 @@ class _ConnectionBinding:
                     self.attached = _CLEARED
                     telemetry.record_context_change(state.context, None)
                 return None
-        token = prepared.token
         completion: Callable[[Any], None] | None
-        if state.context is None or state.token != token or state.context != ctx:
+        if state.prepared is not prepared:
+            # (Identity, not equality: one Prepared per key and token, and the
+            # key tells apart what == does not, e.g. attributes True and 1.)
             conn.set_end_user_security_context(prepared.context)
             telemetry.record_context_change(state.context, ctx)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("attached end-user context %r on connection %x", ctx, id(conn))
-            completion = self._completion(ctx, key)
+            completion = self._completion(ctx, key, prepared)
         else:
             completion = state.completion
-        self.attached = _Attached(ctx, token, prepared.check_until, completion)
+        self.attached = _Attached(ctx, prepared, completion)
         return completion
 
     def _prepare(
@@ -359,30 +369,45 @@ class _ConnectionBinding:
             usable_until = entry[1] if entry is not None and entry[0] == token else 0.0
         else:
             token, usable_until = entry
-        if previous is not None and previous.token == token:
-            built = previous.context  # same token, same inputs: nothing to rebuild
+        if previous is not None and previous.token == token and not previous.revoked:
+            # Same token, same inputs: the same object, so that connections
+            # holding it need not attach again.
+            previous.check_until = _recheck_at(usable_until)
+            if previous.revoked:  # rejected meanwhile: undo, so no holder keeps it
+                previous.check_until = 0.0
+            prepared = previous
         else:
             built = build_from_parts(config, ctx, token, key[-1])
-        prepared = Prepared(token, built, _recheck_at(usable_until))
+            prepared = Prepared(token, built, _recheck_at(usable_until))
         keep_prepared(key, prepared)
         return prepared
 
-    def _completion(self, ctx: EndUserContext, key: tuple[Any, ...]) -> Callable[[Any], None]:
+    def _completion(
+        self, ctx: EndUserContext, key: tuple[Any, ...], prepared: Prepared
+    ) -> Callable[[Any], None]:
         def completion(outcome: Any) -> None:
             # The database rejected the access token (revoked, or expired early):
-            # drop it so the next round trip attaches a freshly fetched one.
+            # drop *that* token so the next round trip attaches a fresh one.
+            # Compare-and-drop: a token another connection fetched since is
+            # kept (dropping it would cost one fetch per rejected connection
+            # and, with the shared cache, mark a good token rejected fleet-wide).
             if isinstance(outcome, oracledb.DatabaseError):
                 err = outcome.args[0] if outcome.args else None
                 if getattr(err, "code", None) == _BAD_ACCESS_TOKEN:
-                    self.binding.source.invalidate(ctx)
-                    with _prepared_lock:
-                        _prepared.pop(key, None)
-                    # Keep the context (a token no real one equals): the next
-                    # round trip attaches a fresh token for the same end user,
-                    # which is not a context change to count.
-                    self.attached = _Attached(ctx, _REJECTED_TOKEN)
+                    self.binding.source.invalidate(ctx, token=prepared.token)
+                    revoke_prepared(key, prepared)
+                    # Keep the context (with nothing attached): the next round
+                    # trip attaches a fresh token for the same end user, which
+                    # is not a context change to count.
+                    self.attached = _Attached(ctx, None)
 
         return completion
+
+
+def _is_not_connected(exc: oracledb.InterfaceError) -> bool:
+    """Whether ``exc`` is DPY-1001: the Connection object is released or closed."""
+    err = exc.args[0] if exc.args else None
+    return getattr(err, "full_code", None) == "DPY-1001"
 
 
 def _verify_connected(conn: Any) -> None:

@@ -49,8 +49,12 @@ class TokenSource(Protocol):
         """A still-valid cached token for ``context``, or ``None``; never does I/O."""
         ...
 
-    def invalidate(self, context: EndUserContext) -> None:
-        """Forget the cached token for ``context`` (the database rejected it)."""
+    def invalidate(self, context: EndUserContext, token: str | None = None) -> None:
+        """Forget the cached token for ``context`` (the database rejected it).
+
+        With ``token``, only if that is still the cached one (compare-and-drop):
+        a token fetched since the rejected one was attached is kept.
+        """
         ...
 
 

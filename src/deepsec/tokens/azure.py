@@ -265,17 +265,20 @@ class AzureTokenSource:
         key, fetch = self._plan(context)
         return await self.cache.aget(key, fetch)
 
-    def invalidate(self, context: EndUserContext) -> None:
-        """Forget the token for ``context`` here and in MSAL's cache."""
+    def invalidate(self, context: EndUserContext, token: str | None = None) -> None:
+        """Forget the token for ``context`` here and in MSAL's cache.
+
+        With ``token``, only that token: a newer cached one is kept.
+        """
         if self.flow == "client_credentials":
-            token = self.cache.peek(self._cc_key)
-            self.cache.invalidate(self._cc_key)
-            if token is not None:
-                self._forget_in_msal(token)
+            rejected = token if token is not None else self.cache.peek(self._cc_key)
+            self.cache.invalidate(self._cc_key, token)
+            if rejected is not None:
+                self._forget_in_msal(rejected)
             return
         identity = context.identity
         if isinstance(identity, str):
-            self.cache.invalidate(self._keys.key(identity))
+            self.cache.invalidate(self._keys.key(identity), token)
 
     def _forget_in_msal(self, token: str) -> None:
         """Remove ``token`` from the client-credentials application's MSAL cache."""

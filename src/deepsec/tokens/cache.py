@@ -650,9 +650,17 @@ class TokenCache:
         entry = self._data.get(key)
         return None if entry is None else entry.expires_at
 
-    def invalidate(self, key: str) -> None:
-        """Forget ``key`` (and any remembered failure for it)."""
+    def invalidate(self, key: str, token: str | None = None) -> None:
+        """Forget ``key`` (and any remembered failure for it).
+
+        With ``token``: only if ``key`` still holds that token (compare-and-drop),
+        so a rejection of an old token never drops the fresh one that replaced it.
+        """
         with self._lock:
+            if token is not None:
+                entry = self._data.get(key)
+                if entry is None or entry.token != token:
+                    return
             self._data.pop(key, None)
             self._failures.pop(key, None)
 

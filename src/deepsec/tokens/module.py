@@ -95,9 +95,9 @@ class ModuleTokenSource:
         identity = context.identity
         return await self.cache.aget(self._key(context), lambda: self._fetch(identity))
 
-    def invalidate(self, context: EndUserContext) -> None:
-        """Forget the cached token for ``context``."""
-        self.cache.invalidate(self._key(context))
+    def invalidate(self, context: EndUserContext, token: str | None = None) -> None:
+        """Forget the cached token for ``context`` (only ``token``, if given)."""
+        self.cache.invalidate(self._key(context), token)
 
     def _fetch(self, identity: object) -> FetchResult:
         try:

@@ -127,9 +127,9 @@ class OCITokenSource:
         """Like :meth:`get_token`; a miss runs in a worker thread."""
         return await self.cache.aget(self._key, self._fetch)
 
-    def invalidate(self, context: EndUserContext) -> None:
-        """Forget the cached token."""
-        self.cache.invalidate(self._key)
+    def invalidate(self, context: EndUserContext, token: str | None = None) -> None:
+        """Forget the cached token (only ``token``, if given)."""
+        self.cache.invalidate(self._key, token)
 
     # --- fetching ------------------------------------------------------------------------
 

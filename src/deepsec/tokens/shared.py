@@ -596,22 +596,28 @@ class SharedTokenCache(TokenCache):
 
     # --- invalidation -------------------------------------------------------------
 
-    def invalidate(self, key: str) -> None:
-        """Forget ``key`` here and (if it still holds the same token) in Redis."""
+    def invalidate(self, key: str, token: str | None = None) -> None:
+        """Forget ``key`` here and (if it still holds the same token) in Redis.
+
+        With ``token``, that token is the rejected one: the L1 entry goes only
+        if it still holds it, and Redis is compared against it too, so a fresh
+        token that replaced it is never marked rejected.
+        """
         entry = self._data.get(key)
-        super().invalidate(key)
-        if entry is None:
+        super().invalidate(key, token)
+        rejected = token if token is not None else (entry.token if entry is not None else None)
+        if rejected is None:
             return
         if len(self._rejected) >= self.maxsize:
             self._rejected.clear()
-        self._rejected[key] = entry.token
+        self._rejected[key] = rejected
         digest = self._digest(key)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            self.l2.delete(digest, entry.token)
+            self.l2.delete(digest, rejected)
         else:  # never a blocking Redis call on the event loop
-            _background(self.l2.delete, digest, entry.token)
+            _background(self.l2.delete, digest, rejected)
 
 
 _l2s: dict[tuple[str, bytes], RedisL2] = {}
