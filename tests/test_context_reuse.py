@@ -11,38 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 
 import oracledb
 import pytest
 
 import deepsec
 import spi_static
-from deepsec import _contexts, hook
+from deepsec import _contexts
 from deepsec.testing.oracle import decode_jwt_claims
-from deepsec.tokens import clear_token_sources, token_source_for
-
-USERNAME_SQL = "select xs_sys_context('xs$session','username') from dual"
-
-
-def user_token(name: str) -> str:
-    return spi_static.make_jwt({"preferred_username": name, "sub": f"sub-{name}"})
-
-
-def params(**extra: object) -> dict[str, object]:
-    return {"end_user_sec_params": {"spi_type": "spi_static", "client_id": "hr-app", **extra}}
+from deepsec.tokens import token_source_for
+from hook_support import USERNAME_SQL, fresh_hook_state, params, user_token
 
 
 @pytest.fixture(autouse=True)
-def _fresh_state():
-    spi_static.reset()
-    clear_token_sources()
-    hook.forget_security_contexts()
-    hook.forget_prefetch_configs()  # prepare() covers only this test's configs
-    deepsec.install()
-    yield
-    spi_static.reset()
-    clear_token_sources()
-    hook.forget_security_contexts()
+def _fresh_state() -> Iterator[None]:
+    yield from fresh_hook_state()
 
 
 @pytest.fixture

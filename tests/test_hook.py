@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 
 import oracledb
 import pytest
@@ -29,30 +30,15 @@ from deepsec.context import EndUserContext
 from deepsec.hook import REFERENCE_PLUGIN, params_hook
 from deepsec.tokens import clear_token_sources
 from deepsec.tokens.cache import FAILURE_MEMORY
+from hook_support import USERNAME_SQL, fresh_hook_state, params, user_token
 from token_support import skip_ahead
 
-USERNAME_SQL = "select xs_sys_context('xs$session','username') from dual"
 SECRET = "s3cr3t-client-credential-value"
 
 
-def user_token(name: str) -> str:
-    """An end-user token the wire server reads the user name from."""
-    return spi_static.make_jwt({"preferred_username": name, "sub": f"sub-{name}"})
-
-
-def params(**extra: object) -> dict[str, object]:
-    return {"end_user_sec_params": {"spi_type": "spi_static", "client_id": "hr-app", **extra}}
-
-
 @pytest.fixture(autouse=True)
-def _fresh_state():
-    spi_static.reset()
-    clear_token_sources()
-    deepsec.install()
-    yield
-    spi_static.reset()
-    clear_token_sources()
-    deepsec.install()
+def _fresh_state() -> Iterator[None]:
+    yield from fresh_hook_state()
 
 
 def whoami(conn: oracledb.Connection, tag: str = "") -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
 
 import oracledb
 import pytest
@@ -16,13 +17,7 @@ import pytest
 import deepsec
 import spi_static
 from deepsec import ConfigError, NoEndUserError
-from deepsec.tokens import clear_token_sources
-
-USERNAME_SQL = "select xs_sys_context('xs$session','username') from dual"
-
-
-def user_token(name: str) -> str:
-    return spi_static.make_jwt({"preferred_username": name, "sub": f"sub-{name}"})
+from hook_support import USERNAME_SQL, fresh_hook_state, user_token
 
 
 def strict(**extra: object) -> dict[str, object]:
@@ -37,13 +32,8 @@ def strict(**extra: object) -> dict[str, object]:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_state():
-    spi_static.reset()
-    clear_token_sources()
-    deepsec.install()
-    yield
-    spi_static.reset()
-    clear_token_sources()
+def _fresh_state() -> Iterator[None]:
+    yield from fresh_hook_state()
 
 
 def whoami(conn: oracledb.Connection, tag: str) -> str | None:

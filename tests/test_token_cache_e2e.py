@@ -19,20 +19,14 @@ import spi_static
 from deepsec.testing.redis import RedisTestServer
 from deepsec.tokens import clear_token_sources
 from deepsec.tokens.sealed import ENTRY_PREFIX, Sealer
+from hook_support import USERNAME_SQL, fresh_hook_state
 
 KEY = b"e" * 32
-USERNAME_SQL = "select xs_sys_context('xs$session','username') from dual"
 
 
 @pytest.fixture(autouse=True)
 def _fresh_state() -> Iterator[None]:
-    spi_static.reset()
-    clear_token_sources()
-    deepsec.install()
-    yield
-    spi_static.reset()
-    clear_token_sources()
-    deepsec.install()
+    yield from fresh_hook_state()
 
 
 def _params(redis: RedisTestServer) -> dict[str, object]:
