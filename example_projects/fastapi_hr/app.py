@@ -65,11 +65,7 @@ def create_app(settings: HRSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.pool = oracledb.create_pool_async(
-            user=cfg.db_user,
-            password=cfg.db_password,
-            dsn=cfg.db_dsn,
-            ssl_context=cfg.db_ssl_context(),
-            extra_auth_params={"end_user_sec_params": cfg.end_user_sec_params()},
+            **cfg.pool_params(),
             min=0,
             max=4,
         )

@@ -70,11 +70,7 @@ def _database() -> oracledb.ConnectionPool:
         if _pool is None:
             cfg = _settings or HRSettings.from_env()
             _pool = oracledb.create_pool(
-                user=cfg.db_user,
-                password=cfg.db_password,
-                dsn=cfg.db_dsn,
-                ssl_context=cfg.db_ssl_context(),
-                extra_auth_params={"end_user_sec_params": cfg.end_user_sec_params()},
+                **cfg.pool_params(),
                 min=0,
                 max=2,
             )

@@ -95,11 +95,7 @@ def create_app(settings: HRSettings | None = None) -> Flask:
     # Identity from the ``identity`` cookie or ``Authorization: Bearer``.
     DeepSec(app, attributes=request_attributes)
     app.extensions["hr_pool"] = oracledb.create_pool(
-        user=cfg.db_user,
-        password=cfg.db_password,
-        dsn=cfg.db_dsn,
-        ssl_context=cfg.db_ssl_context(),
-        extra_auth_params={"end_user_sec_params": cfg.end_user_sec_params()},
+        **cfg.pool_params(),
         min=0,
         max=8,
         increment=1,

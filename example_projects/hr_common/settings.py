@@ -77,3 +77,15 @@ class HRSettings:
     def db_ssl_context(self) -> ssl.SSLContext:
         """TLS trust for the database's TCPS listener."""
         return ssl.create_default_context(cafile=self.db_ca_file)
+
+    def pool_params(self) -> dict[str, Any]:
+        """``oracledb.create_pool(_async)`` keywords: the app's login over TCPS,
+        with deepsec's ``end_user_sec_params`` -- all a pool needs to run every
+        statement as the current end user."""
+        return {
+            "user": self.db_user,
+            "password": self.db_password,
+            "dsn": self.db_dsn,
+            "ssl_context": self.db_ssl_context(),
+            "extra_auth_params": {"end_user_sec_params": self.end_user_sec_params()},
+        }
