@@ -34,12 +34,14 @@ the app has a handler for the error's class or one along its MRO; once a
 streaming body has started they pass unchanged).  Bodies are
 ``{"detail": {...}}``, as FastAPI's own errors.
 
-The ``HTTPBearer`` and ``APIKeyCookie`` security schemes appear in OpenAPI:
-the dependency itself is the bearer scheme and declares the cookie one with a
-sub-dependency that does nothing.  When the ASGI middleware
-(:class:`deepsec.asgi.EndUserSecMiddleware`) already resolved the request by
-the same settings, the dependency reuses that context.  Settings: the one
-table in ``docs/settings.md``; use :class:`EndUserIdentity` to change them.
+The ``HTTPBearer`` and ``APIKeyCookie`` security schemes appear in OpenAPI
+and cost nothing per request: the dependency itself is the bearer scheme, and
+the cookie scheme is added to the document when FastAPI builds it (this module
+wraps ``FastAPI.openapi``; a sub-dependency would be solved on every request).
+When the ASGI middleware (:class:`deepsec.asgi.EndUserSecMiddleware`)
+already resolved the request by the same settings, the dependency reuses that
+context.  Settings: the one table in ``docs/settings.md``; use
+:class:`EndUserIdentity` to change them.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from __future__ import annotations
 import inspect
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Security, WebSocketException
+from fastapi import Depends, FastAPI, HTTPException, WebSocketException
+from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.models import APIKey, HTTPBearer
 from fastapi.openapi.models import SecurityBase as SecurityBaseModel
 from fastapi.security.base import SecurityBase
@@ -55,7 +58,7 @@ from starlette.requests import HTTPConnection
 
 from .asgi import SCOPE_KEY, SETTINGS_KEY, _identity_headers
 from .context import EndUserContext
-from .lifecycle import answer, context_of, start_async
+from .lifecycle import TOKEN_CONFIGS, answer, fetch_tokens, start
 from .web import Rejection, WebSettings
 
 __all__ = ["EndUser", "EndUserIdentity", "end_user_identity"]
@@ -65,14 +68,11 @@ _COOKIE_DESCRIPTION = 'End-user identity: a token, or JSON ["name", key|null].'
 
 
 class _CookieScheme(SecurityBase):
-    """The identity cookie as an OpenAPI security scheme; reads nothing when run."""
+    """The identity cookie as an OpenAPI security scheme; never run (see _declare)."""
 
     def __init__(self, name: str) -> None:
         self.model = _cookie_model(name)
         self.scheme_name = "APIKeyCookie"
-
-    async def __call__(self) -> None:
-        return None
 
 
 def _cookie_model(name: str) -> APIKey:
@@ -145,17 +145,11 @@ class EndUserIdentity:
                     self.model = _cookie_model(s.cookie_name)
                     self.scheme_name = "APIKeyCookie"
                 else:
-                    # The second scheme needs a dependant of its own: one
-                    # that does nothing (the raw cookie is read above).
+                    # A second scheme as a sub-dependency would cost a dependant
+                    # FastAPI solves on every request (~25 us): it is added to
+                    # the OpenAPI document instead (_declare_cookie_schemes).
                     self.cookie_scheme = _CookieScheme(s.cookie_name)
-                    params.append(
-                        inspect.Parameter(
-                            "_cookie",
-                            inspect.Parameter.KEYWORD_ONLY,
-                            default=Security(self.cookie_scheme),
-                            annotation=Any,
-                        )
-                    )
+                    _cookie_schemes[:] = [self.cookie_scheme]
         # FastAPI reads the dependency's parameters from this signature.
         self.__signature__ = inspect.Signature(params, return_annotation=EndUserContext | None)
 
@@ -163,7 +157,7 @@ class EndUserIdentity:
         s = self.settings
         return f"EndUserIdentity(strict={s.strict}, no_identity={s.no_identity!r})"
 
-    async def __call__(self, connection: HTTPConnection, **_schemes: Any) -> EndUserContext | None:
+    async def __call__(self, connection: HTTPConnection) -> EndUserContext | None:
         """Resolve and activate the end-user context; FastAPI ends it after the response."""
         scope = connection.scope
         settings = self.settings
@@ -175,18 +169,27 @@ class EndUserIdentity:
             ctx: EndUserContext | None = scope[SCOPE_KEY]
             return ctx
         cookie_header, authorization = _identity_headers(scope["headers"])
-        outcome = await start_async(
+        # Synchronous unless tokens must be fetched (lifecycle.needs_tokens,
+        # inlined like the rest of this hot path: every call costs here).
+        outcome = start(
             settings, connection, cookie_header=cookie_header, authorization=authorization
         )
         if isinstance(outcome, Rejection):
             raise _exception(scope, outcome)
+        ctx = outcome.context
+        if ctx.identity is None:
+            ctx = None
+        elif TOKEN_CONFIGS:
+            fetched = await fetch_tokens(outcome, settings)
+            if isinstance(fetched, Rejection):
+                raise _exception(scope, fetched)
         stack = scope.get("fastapi_inner_astack")
         if stack is None:  # pragma: no cover - FastAPI older than 0.118
             outcome.end()
             raise RuntimeError("deepsec.fastapi needs FastAPI 0.118 or later")
         # FastAPI closes this stack after the response is sent (in this task).
+        # push(activation): its __exit__ ends it (cheaper than callback(end)).
         stack.push(outcome)
-        ctx = context_of(outcome)
         scope[SCOPE_KEY] = ctx
         scope[SETTINGS_KEY] = settings
         errors = _EndpointErrors(scope, settings)
@@ -202,6 +205,53 @@ class _DeclaredEndUserIdentity(EndUserIdentity, SecurityBase):
 
     model: SecurityBaseModel
     scheme_name: str
+
+
+def _declare_cookie_schemes(schema: dict[str, Any]) -> None:
+    """Add the identity cookie scheme next to deepsec's bearer scheme in ``schema``.
+
+    Every operation that lists deepsec's ``HTTPBearer`` scheme (recognised by
+    its definition) depends on a bearer-and-cookie :class:`EndUserIdentity`,
+    which accepts the cookie as well: the operation lists the cookie scheme
+    too (either may be sent), and ``components`` defines it.  Idempotent.
+    """
+    schemes = (schema.get("components") or {}).get("securitySchemes") or {}
+    if not _cookie_schemes or schemes.get("HTTPBearer") != _BEARER_DEFINITION:
+        return
+    cookie = _cookie_schemes[0]  # one "APIKeyCookie" per document, as FastAPI names it
+    added = False
+    for operations in (schema.get("paths") or {}).values():
+        for operation in operations.values():
+            security = operation.get("security") if isinstance(operation, dict) else None
+            if security and {"HTTPBearer": []} in security:
+                if {cookie.scheme_name: []} not in security:
+                    security.append({cookie.scheme_name: []})
+                added = True
+    if added:
+        schemes.setdefault(
+            cookie.scheme_name, jsonable_encoder(cookie.model, by_alias=True, exclude_none=True)
+        )
+
+
+#: The cookie scheme of the latest bearer-and-cookie dependency (FastAPI names
+#: every cookie scheme "APIKeyCookie": one definition per document).
+_cookie_schemes: list[_CookieScheme] = []
+_BEARER_DEFINITION = {"type": "http", "scheme": "bearer", "description": _BEARER_DESCRIPTION}
+_fastapi_openapi = FastAPI.openapi
+
+
+def _openapi(self: FastAPI) -> dict[str, Any]:
+    # FastAPI.openapi, plus the cookie scheme.  Installed on the class when
+    # deepsec.fastapi is imported (before any app that uses it exists), so the
+    # document shows it from the first time it is built, without a request.
+    # An app that replaces app.openapi with its own function builds its
+    # document itself (the bearer scheme is still in it).
+    schema = _fastapi_openapi(self)
+    _declare_cookie_schemes(schema)
+    return schema
+
+
+FastAPI.openapi = _openapi  # type: ignore[method-assign]
 
 
 class _EndpointErrors:
