@@ -203,13 +203,18 @@ def resolve(
     # Remembered under the raw header values too: deepsec.lifecycle.start()
     # looks a repeat request up there before calling us (one dict lookup, no
     # cookie scanning).  The 3-tuple never equals the 2-tuple keys of parsed
-    # values below.  Repeated fields (lists) are not remembered raw.
+    # values below.  Repeated fields (lists) are not remembered raw, nor raw
+    # values beyond the cap parsed ones have: a huge Cookie header (other
+    # cookies, padding) never becomes a key.  Malformed ones: see below.
     raw_key: tuple[Any, ...] | None = None
     if (
         cache is not None
         and cookie is None
         and (cookie_header is None or type(cookie_header) is str)
         and (authorization is None or type(authorization) is str)
+        and (len(cookie_header) if cookie_header else 0)
+        + (len(authorization) if authorization else 0)
+        <= settings.max_size
     ):
         raw_key = (cookie_header, authorization, None)
     warnings: tuple[str, ...] = ()
@@ -252,15 +257,7 @@ def resolve(
             _remember(cache, key, hit)
     if hit[1]:
         warnings += hit[1]
-    if (
-        raw_key is not None
-        and not warnings
-        # The raw headers are kept only within the same cap as parsed values:
-        # a huge Cookie header (other cookies, padding) is never remembered.
-        and (len(cookie_header) if cookie_header else 0)  # type: ignore[arg-type]
-        + (len(authorization) if authorization else 0)
-        <= settings.max_size
-    ):
+    if raw_key is not None and not warnings:  # malformed: resolved (and warned) each time
         _remember(cache, raw_key, hit)
     if warnings:
         _warn_malformed(*warnings)
