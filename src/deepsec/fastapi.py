@@ -57,7 +57,7 @@ from fastapi.security.base import SecurityBase
 from starlette.requests import HTTPConnection
 
 from .asgi import SCOPE_KEY, SETTINGS_KEY, _identity_headers
-from .context import EndUserContext
+from .context import Activation, EndUserContext
 from .lifecycle import TOKEN_CONFIGS, answer, fetch_tokens, start
 from .web import Rejection, WebSettings
 
@@ -172,7 +172,11 @@ class EndUserIdentity:
         # Synchronous unless tokens must be fetched (lifecycle.needs_tokens,
         # inlined like the rest of this hot path: every call costs here).
         outcome = start(
-            settings, connection, cookie_header=cookie_header, authorization=authorization
+            settings,
+            connection,
+            cookie_header=cookie_header,
+            authorization=authorization,
+            lease=_DependencyLease,
         )
         if isinstance(outcome, Rejection):
             raise _exception(scope, outcome)
@@ -188,15 +192,17 @@ class EndUserIdentity:
             outcome.end()
             raise RuntimeError("deepsec.fastapi needs FastAPI 0.118 or later")
         # FastAPI closes this stack after the response is sent (in this task).
-        # push(activation): its __exit__ ends it (cheaper than callback(end)).
+        # push(lease): its __exit__ answers endpoint errors, then ends the
+        # identity -- one object and one push per request.
+        outcome.scope = scope
+        outcome.settings = settings
+        outcome.in_endpoint = True
         stack.push(outcome)
         scope[SCOPE_KEY] = ctx
         scope[SETTINGS_KEY] = settings
-        errors = _EndpointErrors(scope, settings)
-        stack.push(errors)
         function_stack = scope.get("fastapi_function_astack")
         if function_stack is not None:
-            function_stack.push(errors.endpoint_done)
+            function_stack.push(outcome.endpoint_done)
         return ctx
 
 
@@ -254,12 +260,13 @@ def _openapi(self: FastAPI) -> dict[str, Any]:
 FastAPI.openapi = _openapi  # type: ignore[method-assign]
 
 
-class _EndpointErrors:
-    """Answer deepsec's errors raised in the endpoint, as every adapter does.
+class _DependencyLease(Activation):
+    """One request's identity lease that also answers deepsec's endpoint errors.
 
-    An exit callback of FastAPI's request stack: an error the endpoint raised
-    (ORA-52601, a provider failure, ``TokenNotReadyError``) becomes the same
-    ``HTTPException`` a resolution failure is, which Starlette answers.
+    Pushed on FastAPI's request stack (its ``__exit__`` runs after the
+    response): an error the endpoint raised (ORA-52601, a provider failure,
+    ``TokenNotReadyError``) becomes the same ``HTTPException`` a resolution
+    failure is, which Starlette answers; the identity ends either way.
     Nothing is added to the app's exception handlers, so the app's own
     handler for the error's class, or any class along its MRO
     (``oracledb.Error``, ``ValueError``), keeps answering it; and an error
@@ -269,10 +276,9 @@ class _EndpointErrors:
 
     __slots__ = ("in_endpoint", "scope", "settings")
 
-    def __init__(self, scope: Any, settings: WebSettings) -> None:
-        self.scope = scope
-        self.settings = settings
-        self.in_endpoint = True
+    scope: Any
+    settings: WebSettings
+    in_endpoint: bool
 
     def endpoint_done(self, exc_type: Any, exc: Any, tb: Any) -> None:
         # Exit callback of the endpoint's (function) stack: an error after
@@ -280,9 +286,16 @@ class _EndpointErrors:
         if exc_type is None:
             self.in_endpoint = False
 
-    def __call__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if not self.in_endpoint or not isinstance(exc, Exception):
-            return
+    def __exit__(self, *exc_info: object) -> None:
+        exc = exc_info[1]
+        try:
+            if exc is not None and self.in_endpoint and isinstance(exc, Exception):
+                self._answer(exc)
+        finally:
+            self.end()
+            self.scope = None  # tasks that outlive the request keep no scope
+
+    def _answer(self, exc: Exception) -> None:
         handlers = self.scope.get("starlette.exception_handlers")
         if handlers is not None and _handler_for(handlers[0], type(exc).__mro__) is not None:
             return  # the app's own handler answers it
