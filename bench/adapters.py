@@ -205,7 +205,8 @@ def django_apps() -> dict[str, Any] | None:
         ALLOWED_HOSTS=["*"],
         ROOT_URLCONF=__name__,
         MIDDLEWARE=[],
-        INSTALLED_APPS=[],
+        # deepsec.django: the middleware refuses to run without its app (hook + checks).
+        INSTALLED_APPS=["deepsec.django"],
         SECRET_KEY="bench-only",
         LOGGING_CONFIG=None,
     )

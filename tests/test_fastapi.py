@@ -44,7 +44,7 @@ from adapter_support import (
 )
 from deepsec import ConfigError, EndUserContext, current_end_user
 from deepsec.asgi import EndUserSecMiddleware
-from deepsec.fastapi import EndUserIdentity, end_user_identity
+from deepsec.fastapi import EndUser, EndUserIdentity, end_user_identity
 from deepsec.testing.oracle import OracleTestServer
 
 with warnings.catch_warnings():  # Starlette 1.x prefers httpx2 for its TestClient
@@ -343,6 +343,42 @@ def test_dependency_resets_the_context() -> None:
             return names
 
     assert asyncio.run(run()) == ["bob", None]
+
+
+def test_openapi_schemes_are_declared_without_a_request_and_only_where_used() -> None:
+    # The cookie scheme is added to the document, not solved per request: the
+    # dependency has no sub-dependency, yet both schemes show up for the routes
+    # that use it (also through an included router), and only there.
+    from fastapi import APIRouter
+
+    app = FastAPI()
+    router = APIRouter()
+
+    @router.get("/routed")
+    async def routed(user: EndUser) -> dict[str, str]:
+        return {}
+
+    @app.get("/open")
+    async def open_route() -> dict[str, str]:
+        return {}
+
+    @app.get("/guarded", dependencies=[Depends(end_user_identity)])
+    async def guarded() -> dict[str, str]:
+        return {}
+
+    app.include_router(router)
+    assert end_user_identity.cookie_scheme is not None
+    assert list(end_user_identity.__signature__.parameters) == ["connection"]
+    schema = app.openapi()
+    assert set(schema["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyCookie"}
+    for path in ("/guarded", "/routed"):
+        assert schema["paths"][path]["get"]["security"] == [
+            {"HTTPBearer": []},
+            {"APIKeyCookie": []},
+        ]
+    assert "security" not in schema["paths"]["/open"]["get"]
+    assert app.openapi() is schema  # built once, not extended twice
+    assert schema["paths"]["/guarded"]["get"]["security"].count({"APIKeyCookie": []}) == 1
 
 
 def test_settings() -> None:

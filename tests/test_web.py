@@ -389,7 +389,26 @@ def test_resolution_cache_keeps_no_oversized_or_malformed_values(caplog):
             resolve(settings, None, cookie_header='identity=["bob"')
     assert len(caplog.records) == 3
     resolve(settings, None, authorization=f"Bearer {TOKEN}")
-    assert len(settings._resolved) == 1
+    # Once under the parsed values, once under the raw headers (lifecycle.start).
+    assert set(settings._resolved) == {(None, f"Bearer {TOKEN}"), (None, f"Bearer {TOKEN}", None)}
+
+
+def test_a_huge_cookie_header_is_never_remembered_raw():
+    """The raw-header keys of lifecycle.start obey the same max_size cap."""
+    from deepsec.lifecycle import start
+
+    settings = WebSettings()
+    auth = f"Bearer {TOKEN}"
+    for i in range(20):
+        # Other cookies make the header large; the identity itself is valid.
+        header = f"pad{i}=" + "x" * (settings.max_size + 10) + '; identity=["bob",null]'
+        outcome = start(settings, None, cookie_header=header, authorization=auth)
+        outcome.end()
+    assert all(
+        sum(len(part) for part in key if isinstance(part, str)) <= settings.max_size
+        for key in settings._resolved
+    )
+    assert len(settings._resolved) <= 1
 
 
 def test_an_exception_group_of_our_errors_is_answered_like_them():
@@ -420,3 +439,36 @@ def test_a_literal_comma_inside_a_name_is_malformed_whatever_the_join():
     assert identity_from_cookie('"[\\"b\\054ob\\"\\054 null]"') == ("b,ob", None)
     assert identity_from_cookie("%5B%22b%2Cob%22%2Cnull%5D") == ("b,ob", None)
     assert identity_from_cookie('["bob",null]') == ("bob", None)
+
+
+def test_start_reuses_raw_header_resolutions_and_still_warns_each_request(caplog):
+    """lifecycle.start's hot path: a repeat of raw header values is one lookup.
+
+    A remembered resolution that carries a warning goes through resolve()
+    again, so the warning is still logged once per request.
+    """
+    from deepsec.context import current_end_user
+    from deepsec.lifecycle import start
+
+    caplog.set_level(logging.WARNING, logger="deepsec.web")
+    settings = WebSettings()
+    headers = {"cookie_header": "theme=dark", "authorization": f"Bearer {TOKEN}"}
+    first, second = start(settings, None, **headers), start(settings, None, **headers)
+    assert first.context is second.context  # one remembered context object
+    assert ("theme=dark", f"Bearer {TOKEN}", None) in settings._resolved
+    second.end()
+    first.end()
+    assert current_end_user() is None
+    bad = {"cookie_header": 'identity=["bob"', "authorization": f"Bearer {TOKEN}"}
+    for _ in range(3):
+        outcome = start(settings, None, **bad)
+        assert outcome.context == EndUserContext(TOKEN)
+        outcome.end()
+    records = [r for r in caplog.records if r.name == "deepsec.web"]
+    assert len(records) == 3 and '["bob"' not in caplog.text
+    # Neither the malformed raw headers nor anything keyed on them is remembered.
+    assert all('["bob"' not in str(key) for key in settings._resolved)
+    # Repeated fields (lists) are not hashable: resolved in full, never remembered raw.
+    listed = start(settings, None, cookie_header=["a=1", "b=2"], authorization=None)
+    assert listed.context.identity is None
+    listed.end()

@@ -49,7 +49,8 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMappi
 from typing import Any
 
 from ._identity_parse import COOKIE_JOIN, cookie_pairs
-from .lifecycle import answer, start_async
+from .context import Activation
+from .lifecycle import TOKEN_CONFIGS, answer, fetch_tokens, start
 from .web import Rejection, WebSettings
 
 __all__ = ["SCOPE_KEY", "SETTINGS_KEY", "ASGIConnection", "EndUserSecMiddleware"]
@@ -184,43 +185,68 @@ class EndUserSecMiddleware:
         return f"EndUserSecMiddleware({self.app!r})"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
         settings = self.settings
-        cookie_header, authorization = _identity_headers(scope.get("headers"))
-        outcome = await start_async(
+        # _identity_headers(), inlined (this is the whole per-request budget).
+        cookie_header: str | list[str] | None = None
+        authorization: str | list[str] | None = None
+        for name, value in scope.get("headers") or ():
+            if name == b"cookie":
+                text = value.decode("latin-1")
+                cookie_header = text if cookie_header is None else _one_more(cookie_header, text)
+            elif name == b"authorization":
+                text = value.decode("latin-1")
+                authorization = text if authorization is None else _one_more(authorization, text)
+        # Synchronous up to here: only a request that may need tokens pays
+        # for a coroutine (fetch_tokens), the common one runs straight on.
+        outcome = start(
             settings,
             # Only the app's callables read the request: build it only for them.
             ASGIConnection(scope) if self._reads_request else None,
             cookie_header=cookie_header,
             authorization=authorization,
+            lease=_Exchange,
         )
         if isinstance(outcome, Rejection):
             await _reject(scope, receive, send, outcome)
             return
         ctx = outcome.context
-        scope[SCOPE_KEY] = ctx if ctx.identity is not None else None
+        if ctx.identity is None:
+            scope[SCOPE_KEY] = None
+        else:
+            if TOKEN_CONFIGS:  # needs_tokens(), inlined
+                fetched = await fetch_tokens(outcome, settings)
+                if isinstance(fetched, Rejection):
+                    await _reject(scope, receive, send, fetched)
+                    return
+            scope[SCOPE_KEY] = ctx
         scope[SETTINGS_KEY] = settings
-        responder = _Responder(send)
+        outcome._send = send
+        outcome.started = False
+        outcome.held = None
+        outcome._held_size = 0
         try:
-            await self.app(scope, receive, responder.send)
+            await self.app(scope, receive, outcome.send)
         except Exception as exc:
             # A statement in the endpoint failed for the end user's token
             # (ORA-52601, a provider failure, a token dropped after ORA-52602):
             # answer 401/503 if the response has not started -- also when a
-            # framework inside already answered 500 (its error middleware
-            # sends that, then re-raises: we hold a 500 back to replace it).
-            rejection = None if responder.started else answer(exc, settings)
+            # framework inside already answered 500 (held back by send()).
+            rejection = None if outcome.started else answer(exc, settings)
             if rejection is None:
-                await responder.flush()
+                if outcome.held:
+                    await _flush(send, outcome.held)
                 raise
             await _reject(scope, receive, send, rejection)
         else:
-            if responder.held is not None:
-                await responder.flush()
+            if outcome.held:  # a 500 without an exception reaching us: send it after all
+                await _flush(send, outcome.held)
         finally:
             outcome.end()
+            outcome.held = None  # tasks that outlive the request keep no message
 
 
 #: A held-back 500 is sent as soon as its body streams (``more_body``) or
@@ -228,49 +254,60 @@ class EndUserSecMiddleware:
 HELD_500_LIMIT = 64 * 1024
 
 
-class _Responder:
-    """``send`` for the app: notes when the response started; holds back a 500.
+class _Exchange(Activation):
+    """One request's identity lease, and the guard on the app's ``send``.
 
-    Only a complete, small 500 is held (an error page the framework sends
-    before re-raising); a streaming or large 500 body flushes what is held and
-    goes on unbuffered, so memory and latency stay bounded.
+    One object per request (it is what :func:`deepsec.lifecycle.start`
+    activates): ``send`` notes when the response started (after that an
+    error can no longer be answered) and holds back a 500, which a
+    framework's error middleware sends before re-raising, so that we can
+    answer in its place.  Only a complete, small 500 is held (an error page);
+    a streaming (``more_body``) or large (over :data:`HELD_500_LIMIT`) 500
+    body flushes what is held and goes on unbuffered, so memory and latency
+    stay bounded.  A plain method returning the server's awaitable: no
+    coroutine of its own per message.
     """
 
     __slots__ = ("_held_size", "_send", "held", "started")
 
-    def __init__(self, send: Send) -> None:
-        self._send = send
-        self.started = False
-        self.held: list[Message] | None = None
-        self._held_size = 0
+    _send: Send
+    started: bool
+    held: list[Message] | None
+    _held_size: int
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
         if self.started:  # the common path once the status line is out
-            await self._send(message)
-            return
+            return self._send(message)
         if self.held is not None:
             self.held.append(message)
             self._held_size += len(message.get("body", b""))
             if message.get("more_body", False) or self._held_size > HELD_500_LIMIT:
-                await self.flush()
-            return
+                held, self.held = self.held, None
+                self.started = True
+                return _flush(self._send, held)
+            return _nothing()
         kind = message["type"]
         if kind == "http.response.start":
             if message.get("status") == 500:
                 self.held = [message]
-                return
+                return _nothing()
             self.started = True
-        elif kind in ("websocket.accept", "websocket.close", "websocket.http.response.start"):
+        elif kind in _WS_STARTS:
             self.started = True
-        await self._send(message)
+        return self._send(message)
 
-    async def flush(self) -> None:
-        """Send a held-back 500 after all (the error was not ours, or none came)."""
-        held, self.held = self.held, None
-        if held:
-            self.started = True
-            for message in held:
-                await self._send(message)
+
+_WS_STARTS = frozenset({"websocket.accept", "websocket.close", "websocket.http.response.start"})
+
+
+async def _nothing() -> None:
+    """What a held-back message's ``send`` awaits."""
+
+
+async def _flush(send: Send, held: list[Message]) -> None:
+    """Send a held-back 500 after all (the error was not ours, or none came)."""
+    for message in held:
+        await send(message)
 
 
 def _identity_headers(raw: Any) -> tuple[str | list[str] | None, str | list[str] | None]:
@@ -283,10 +320,13 @@ def _identity_headers(raw: Any) -> tuple[str | list[str] | None, str | list[str]
     authorization: str | list[str] | None = None
     # ASGI servers give header names lowercased (the spec requires it).
     for name, value in raw or ():
+        # (_one_more only for a repeated field: a call per header costs.)
         if name == b"cookie":
-            cookie = _one_more(cookie, value.decode("latin-1"))
+            text = value.decode("latin-1")
+            cookie = text if cookie is None else _one_more(cookie, text)
         elif name == b"authorization":
-            authorization = _one_more(authorization, value.decode("latin-1"))
+            text = value.decode("latin-1")
+            authorization = text if authorization is None else _one_more(authorization, text)
     return cookie, authorization
 
 

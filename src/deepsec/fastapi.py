@@ -34,12 +34,14 @@ the app has a handler for the error's class or one along its MRO; once a
 streaming body has started they pass unchanged).  Bodies are
 ``{"detail": {...}}``, as FastAPI's own errors.
 
-The ``HTTPBearer`` and ``APIKeyCookie`` security schemes appear in OpenAPI:
-the dependency itself is the bearer scheme and declares the cookie one with a
-sub-dependency that does nothing.  When the ASGI middleware
-(:class:`deepsec.asgi.EndUserSecMiddleware`) already resolved the request by
-the same settings, the dependency reuses that context.  Settings: the one
-table in ``docs/settings.md``; use :class:`EndUserIdentity` to change them.
+The ``HTTPBearer`` and ``APIKeyCookie`` security schemes appear in OpenAPI
+and cost nothing per request: the dependency itself is the bearer scheme, and
+the cookie scheme is added to the document when FastAPI builds it (this module
+wraps ``FastAPI.openapi``; a sub-dependency would be solved on every request).
+When the ASGI middleware (:class:`deepsec.asgi.EndUserSecMiddleware`)
+already resolved the request by the same settings, the dependency reuses that
+context.  Settings: the one table in ``docs/settings.md``; use
+:class:`EndUserIdentity` to change them.
 """
 
 from __future__ import annotations
@@ -47,15 +49,16 @@ from __future__ import annotations
 import inspect
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Security, WebSocketException
+from fastapi import Depends, FastAPI, HTTPException, WebSocketException
+from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.models import APIKey, HTTPBearer
 from fastapi.openapi.models import SecurityBase as SecurityBaseModel
 from fastapi.security.base import SecurityBase
 from starlette.requests import HTTPConnection
 
 from .asgi import SCOPE_KEY, SETTINGS_KEY, _identity_headers
-from .context import EndUserContext
-from .lifecycle import answer, context_of, start_async
+from .context import Activation, EndUserContext
+from .lifecycle import TOKEN_CONFIGS, answer, fetch_tokens, start
 from .web import Rejection, WebSettings
 
 __all__ = ["EndUser", "EndUserIdentity", "end_user_identity"]
@@ -65,14 +68,11 @@ _COOKIE_DESCRIPTION = 'End-user identity: a token, or JSON ["name", key|null].'
 
 
 class _CookieScheme(SecurityBase):
-    """The identity cookie as an OpenAPI security scheme; reads nothing when run."""
+    """The identity cookie as an OpenAPI security scheme; never run (see _declare)."""
 
     def __init__(self, name: str) -> None:
         self.model = _cookie_model(name)
         self.scheme_name = "APIKeyCookie"
-
-    async def __call__(self) -> None:
-        return None
 
 
 def _cookie_model(name: str) -> APIKey:
@@ -145,17 +145,11 @@ class EndUserIdentity:
                     self.model = _cookie_model(s.cookie_name)
                     self.scheme_name = "APIKeyCookie"
                 else:
-                    # The second scheme needs a dependant of its own: one
-                    # that does nothing (the raw cookie is read above).
+                    # A second scheme as a sub-dependency would cost a dependant
+                    # FastAPI solves on every request (~25 us): it is added to
+                    # the OpenAPI document instead (_declare_cookie_schemes).
                     self.cookie_scheme = _CookieScheme(s.cookie_name)
-                    params.append(
-                        inspect.Parameter(
-                            "_cookie",
-                            inspect.Parameter.KEYWORD_ONLY,
-                            default=Security(self.cookie_scheme),
-                            annotation=Any,
-                        )
-                    )
+                    _cookie_schemes[:] = [self.cookie_scheme]
         # FastAPI reads the dependency's parameters from this signature.
         self.__signature__ = inspect.Signature(params, return_annotation=EndUserContext | None)
 
@@ -163,7 +157,7 @@ class EndUserIdentity:
         s = self.settings
         return f"EndUserIdentity(strict={s.strict}, no_identity={s.no_identity!r})"
 
-    async def __call__(self, connection: HTTPConnection, **_schemes: Any) -> EndUserContext | None:
+    async def __call__(self, connection: HTTPConnection) -> EndUserContext | None:
         """Resolve and activate the end-user context; FastAPI ends it after the response."""
         scope = connection.scope
         settings = self.settings
@@ -175,25 +169,42 @@ class EndUserIdentity:
             ctx: EndUserContext | None = scope[SCOPE_KEY]
             return ctx
         cookie_header, authorization = _identity_headers(scope["headers"])
-        outcome = await start_async(
-            settings, connection, cookie_header=cookie_header, authorization=authorization
+        # Synchronous unless tokens must be fetched (lifecycle.needs_tokens,
+        # inlined like the rest of this hot path: every call costs here).
+        outcome = start(
+            settings,
+            connection,
+            cookie_header=cookie_header,
+            authorization=authorization,
+            lease=_DependencyLease,
         )
         if isinstance(outcome, Rejection):
             raise _exception(scope, outcome)
+        ctx = outcome.context
+        if ctx.identity is None:
+            ctx = None
+        elif TOKEN_CONFIGS:
+            fetched = await fetch_tokens(outcome, settings)
+            if isinstance(fetched, Rejection):
+                raise _exception(scope, fetched)
         stack = scope.get("fastapi_inner_astack")
         if stack is None:  # pragma: no cover - FastAPI older than 0.118
             outcome.end()
             raise RuntimeError("deepsec.fastapi needs FastAPI 0.118 or later")
         # FastAPI closes this stack after the response is sent (in this task).
+        # push(lease): its __exit__ answers endpoint errors, then ends the
+        # identity -- one object and one push per request.
+        outcome.scope = scope
+        outcome.settings = settings
+        outcome.in_endpoint = True
         stack.push(outcome)
-        ctx = context_of(outcome)
         scope[SCOPE_KEY] = ctx
         scope[SETTINGS_KEY] = settings
-        errors = _EndpointErrors(scope, settings)
-        stack.push(errors)
         function_stack = scope.get("fastapi_function_astack")
         if function_stack is not None:
-            function_stack.push(errors.endpoint_done)
+            # An object with __exit__: push() of a plain callable first fails
+            # an attribute lookup (an exception per request, ~1 us).
+            function_stack.push(_EndpointDone(outcome))
         return ctx
 
 
@@ -204,12 +215,60 @@ class _DeclaredEndUserIdentity(EndUserIdentity, SecurityBase):
     scheme_name: str
 
 
-class _EndpointErrors:
-    """Answer deepsec's errors raised in the endpoint, as every adapter does.
+def _declare_cookie_schemes(schema: dict[str, Any]) -> None:
+    """Add the identity cookie scheme next to deepsec's bearer scheme in ``schema``.
 
-    An exit callback of FastAPI's request stack: an error the endpoint raised
-    (ORA-52601, a provider failure, ``TokenNotReadyError``) becomes the same
-    ``HTTPException`` a resolution failure is, which Starlette answers.
+    Every operation that lists deepsec's ``HTTPBearer`` scheme (recognised by
+    its definition) depends on a bearer-and-cookie :class:`EndUserIdentity`,
+    which accepts the cookie as well: the operation lists the cookie scheme
+    too (either may be sent), and ``components`` defines it.  Idempotent.
+    """
+    schemes = (schema.get("components") or {}).get("securitySchemes") or {}
+    if not _cookie_schemes or schemes.get("HTTPBearer") != _BEARER_DEFINITION:
+        return
+    cookie = _cookie_schemes[0]  # one "APIKeyCookie" per document, as FastAPI names it
+    added = False
+    for operations in (schema.get("paths") or {}).values():
+        for operation in operations.values():
+            security = operation.get("security") if isinstance(operation, dict) else None
+            if security and {"HTTPBearer": []} in security:
+                if {cookie.scheme_name: []} not in security:
+                    security.append({cookie.scheme_name: []})
+                added = True
+    if added:
+        schemes.setdefault(
+            cookie.scheme_name, jsonable_encoder(cookie.model, by_alias=True, exclude_none=True)
+        )
+
+
+#: The cookie scheme of the latest bearer-and-cookie dependency (FastAPI names
+#: every cookie scheme "APIKeyCookie": one definition per document).
+_cookie_schemes: list[_CookieScheme] = []
+_BEARER_DEFINITION = {"type": "http", "scheme": "bearer", "description": _BEARER_DESCRIPTION}
+_fastapi_openapi = FastAPI.openapi
+
+
+def _openapi(self: FastAPI) -> dict[str, Any]:
+    # FastAPI.openapi, plus the cookie scheme.  Installed on the class when
+    # deepsec.fastapi is imported (before any app that uses it exists), so the
+    # document shows it from the first time it is built, without a request.
+    # An app that replaces app.openapi with its own function builds its
+    # document itself (the bearer scheme is still in it).
+    schema = _fastapi_openapi(self)
+    _declare_cookie_schemes(schema)
+    return schema
+
+
+FastAPI.openapi = _openapi  # type: ignore[method-assign]
+
+
+class _DependencyLease(Activation):
+    """One request's identity lease that also answers deepsec's endpoint errors.
+
+    Pushed on FastAPI's request stack (its ``__exit__`` runs after the
+    response): an error the endpoint raised (ORA-52601, a provider failure,
+    ``TokenNotReadyError``) becomes the same ``HTTPException`` a resolution
+    failure is, which Starlette answers; the identity ends either way.
     Nothing is added to the app's exception handlers, so the app's own
     handler for the error's class, or any class along its MRO
     (``oracledb.Error``, ``ValueError``), keeps answering it; and an error
@@ -219,26 +278,43 @@ class _EndpointErrors:
 
     __slots__ = ("in_endpoint", "scope", "settings")
 
-    def __init__(self, scope: Any, settings: WebSettings) -> None:
-        self.scope = scope
-        self.settings = settings
-        self.in_endpoint = True
+    scope: Any
+    settings: WebSettings
+    in_endpoint: bool
 
-    def endpoint_done(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        # Exit callback of the endpoint's (function) stack: an error after
-        # it returned comes from sending the response, which may have started.
-        if exc_type is None:
-            self.in_endpoint = False
+    def __exit__(self, *exc_info: object) -> None:
+        exc = exc_info[1]
+        try:
+            if exc is not None and self.in_endpoint and isinstance(exc, Exception):
+                self._answer(exc)
+        finally:
+            self.end()
+            self.scope = None  # tasks that outlive the request keep no scope
 
-    def __call__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if not self.in_endpoint or not isinstance(exc, Exception):
-            return
+    def _answer(self, exc: Exception) -> None:
         handlers = self.scope.get("starlette.exception_handlers")
         if handlers is not None and _handler_for(handlers[0], type(exc).__mro__) is not None:
             return  # the app's own handler answers it
         rejection = answer(exc, self.settings)
         if rejection is not None:
             raise _exception(self.scope, rejection) from exc
+
+
+class _EndpointDone:
+    """Exit callback of the endpoint's (function) stack.
+
+    An error after the endpoint returned comes from sending the response,
+    which may have started: the lease must then let it pass unchanged.
+    """
+
+    __slots__ = ("lease",)
+
+    def __init__(self, lease: _DependencyLease) -> None:
+        self.lease = lease
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.lease.in_endpoint = False
 
 
 def _handler_for(by_type: Any, mro: tuple[type, ...]) -> Any:

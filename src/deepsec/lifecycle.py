@@ -4,10 +4,11 @@ An adapter translates its framework's request into raw header values and its
 response machinery into "send this :class:`~deepsec.web.Rejection`"; the
 steps in between live here once:
 
-1. :func:`start` (or :func:`start_async`, which also fetches the tokens off
-   the event loop): resolve the identity (:func:`deepsec.web.resolve`) and
-   activate it -- also "no end user", so a request never inherits a context --
-   or refuse the request;
+1. :func:`start`: resolve the identity (:func:`deepsec.web.resolve`; a
+   repeat of earlier raw header values is one dict lookup) and activate it --
+   also "no end user", so a request never inherits a context -- or refuse the
+   request; async adapters then await :func:`fetch_tokens` when
+   :func:`needs_tokens` (:func:`start_async` does both);
 2. the app runs; an error it raises goes through :func:`answer`, the one
    mapping from errors to responses (ORA-52601, rejected user tokens,
    provider failures, :class:`~deepsec.TokenNotReadyError`);
@@ -23,18 +24,31 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from . import hook as _hook
 from . import telemetry
-from .context import Activation, EndUserContext, activate
+from .context import _EMPTY, Activation, activate
 from .errors import DeepSecError, TokenAcquisitionError
 from .hook import prepare
 from .web import Rejection, Resolution, WebSettings, rejection_for_error, resolve
 
-__all__ = ["answer", "begin", "rejected", "start", "start_async"]
+__all__ = [
+    "TOKEN_CONFIGS",
+    "answer",
+    "begin",
+    "fetch_tokens",
+    "needs_tokens",
+    "rejected",
+    "start",
+    "start_async",
+]
 
 log = logging.getLogger("deepsec.web")
+
+#: The configurations the driver hook serves (filled in place as connections
+#: use ``end_user_sec_params``): while empty, prepare() has nothing to fetch.
+TOKEN_CONFIGS = _hook._configs_in_use
 
 Headers = str | Sequence[str] | None
 
@@ -48,66 +62,103 @@ def rejected(rejection: Rejection) -> Rejection:
     return rejection
 
 
-def _activate(resolution: Resolution, settings: WebSettings | None) -> Activation:
-    # The opt-in pseudonym goes on the request's (server) span here, where the
-    # resolved end user becomes the request's: a keyed hash, never the identity.
-    if settings is not None and settings.record_end_user:
-        telemetry.record_end_user(settings.record_end_user, resolution.context)
-    return activate(resolution.context)
-
-
 def begin(resolution: Resolution, settings: WebSettings | None = None) -> Activation | Rejection:
     """Activate a resolution's context (``None`` too), or return its rejection.
 
     ``settings`` (those it was resolved with) apply ``record_end_user``.
     """
-    if resolution.rejection is not None:
-        return rejected(resolution.rejection)
-    return _activate(resolution, settings)
+    rejection = resolution.rejection
+    if rejection is not None:
+        return rejected(rejection)
+    context = resolution.context
+    if settings is not None and settings.record_end_user:
+        telemetry.record_end_user(settings.record_end_user, context)
+    # resolve() only yields validated contexts: skip activate()'s type check.
+    return Activation(context) if context is not None else activate(None)
+
+
+Lease = TypeVar("Lease", bound=Activation)
 
 
 def start(
-    settings: WebSettings, request: Any, *, cookie_header: Headers, authorization: Headers
-) -> Activation | Rejection:
-    """Resolve and activate one request's end user (sync frameworks)."""
-    return begin(
-        resolve(settings, request, cookie_header=cookie_header, authorization=authorization),
-        settings,
-    )
+    settings: WebSettings,
+    request: Any,
+    *,
+    cookie_header: Headers,
+    authorization: Headers,
+    lease: type[Lease] = Activation,  # type: ignore[assignment]
+) -> Lease | Rejection:
+    """Resolve and activate one request's end user (:func:`begin` of :func:`resolve`).
+
+    The hot path of every adapter, hence inlined: a repeat of earlier raw
+    header values (the common request) is one dict lookup in the resolutions
+    :func:`~deepsec.web.resolve` remembered (only valid inputs within
+    ``max_size`` are; anything malformed goes through ``resolve`` and warns
+    every time).  ``lease``: the :class:`~deepsec.context.Activation`
+    subclass to activate with (an adapter may keep its per-request state in
+    the same object).
+    """
+    hit = None
+    if settings._cacheable:
+        # A plain try (contextlib.suppress costs more on every request).
+        try:  # noqa: SIM105
+            hit = settings._resolved.get((cookie_header, authorization, None))
+        except TypeError:  # a repeated field is a list: not hashable, not remembered
+            pass
+    if hit is not None and not hit[1]:
+        resolution = hit[0]
+    else:
+        resolution = resolve(
+            settings, request, cookie_header=cookie_header, authorization=authorization
+        )
+    rejection = resolution.rejection
+    if rejection is not None:
+        return rejected(rejection)
+    context = resolution.context
+    # The opt-in pseudonym goes on the request's (server) span here, where the
+    # resolved end user becomes the request's: a keyed hash, never the identity.
+    if settings.record_end_user:
+        telemetry.record_end_user(settings.record_end_user, context)
+    # resolve() only yields validated contexts: skip activate()'s type check;
+    # no end user is activated too (a request never inherits a context).
+    return lease(context if context is not None else _EMPTY)
 
 
 async def start_async(
     settings: WebSettings, request: Any, *, cookie_header: Headers, authorization: Headers
 ) -> Activation | Rejection:
-    """:func:`start`, then fetch the end user's tokens off the event loop.
+    """:func:`start`, then :func:`fetch_tokens` when :func:`needs_tokens`."""
+    outcome = start(settings, request, cookie_header=cookie_header, authorization=authorization)
+    if isinstance(outcome, Activation) and needs_tokens(outcome):
+        return await fetch_tokens(outcome, settings)
+    return outcome
+
+
+def needs_tokens(outcome: Activation) -> bool:
+    """Whether an async adapter must await :func:`fetch_tokens` before the app runs.
+
+    A plain function, so the common cases (no end user; no connection used
+    ``end_user_sec_params`` yet, so ``prepare()`` has nothing to do) cost no
+    coroutine.  The driver hook registers each configuration it serves.
+    """
+    return outcome.context.identity is not None and bool(TOKEN_CONFIGS)
+
+
+async def fetch_tokens(outcome: Lease, settings: WebSettings) -> Lease | Rejection:
+    """Fetch the end user's tokens off the event loop; a failure ends ``outcome``.
 
     asyncio connections never fetch a token inside a statement, so the
     tokens must be cached before the app runs; a failure is answered now.
     """
-    resolution = resolve(
-        settings, request, cookie_header=cookie_header, authorization=authorization
-    )
-    if resolution.rejection is not None:
-        return rejected(resolution.rejection)
-    outcome = _activate(resolution, settings)
-    if outcome.context.identity is not None and _may_need_tokens():
-        try:
-            await prepare(outcome.context)
-        except DeepSecError as exc:
-            outcome.end()
-            rejection = answer(exc, settings)
-            if rejection is None:
-                raise
-            return rejection
+    try:
+        await prepare(outcome.context)
+    except DeepSecError as exc:
+        outcome.end()
+        rejection = answer(exc, settings)
+        if rejection is None:
+            raise
+        return rejection
     return outcome
-
-
-def _may_need_tokens() -> bool:
-    # prepare() has nothing to do before any connection used end_user_sec_params
-    # (the driver hook registers each configuration it serves); skipping the
-    # call saves a coroutine per request.  Unknown internals: always prepare.
-    configs = getattr(_hook, "_configs_in_use", None)
-    return configs is None or bool(configs)
 
 
 def answer(exc: BaseException, settings: WebSettings) -> Rejection | None:
@@ -135,10 +186,3 @@ def answer(exc: BaseException, settings: WebSettings) -> Rejection | None:
     else:
         log.warning("answering %s: the database rejected the end user's token", rejection.status)
     return rejected(rejection)
-
-
-def context_of(outcome: Activation | Rejection) -> EndUserContext | None:
-    """The end user of a started request (``None``: none, or refused)."""
-    if type(outcome) is Activation and outcome.context.identity is not None:
-        return outcome.context
-    return None

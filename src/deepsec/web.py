@@ -95,13 +95,15 @@ class WebSettings:
     no_identity: NoIdentityPolicy = "least_privilege"
     token_error_status: int = 503
     record_end_user: bool | str = field(default=False, repr=False)
-    # (identity cookie, Authorization) -> resolution and its warning, used
+    # (identity cookie, Authorization) -- and (raw Cookie header,
+    # Authorization, None) -- -> resolution and its (empty) warnings, used
     # only when the identity depends on nothing else (no resolver, no
     # roles/attributes callables).  Repeat requests of one user then skip
     # parsing and reuse one EndUserContext object, which also lets the driver
-    # hook skip its token lookup.  Bounded.  A malformed input's warning is
-    # kept with it and logged again on every hit: one line per request.
-    _resolved: dict[tuple[str | None, str | None], tuple[Resolution, str | None]] = field(
+    # hook skip its token lookup.  Bounded in entries and, since only inputs
+    # within max_size are kept, in bytes; malformed inputs are never kept, so
+    # their warning is logged on every request.
+    _resolved: dict[tuple[Any, ...], tuple[Resolution, tuple[str, ...]]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
     _cacheable: bool = field(default=True, init=False, repr=False, compare=False)
@@ -175,9 +177,10 @@ class WebSettings:
             raise ConfigError(exc.problems, where=where) from None
 
 
-def _warn_malformed(message: str) -> None:
-    # The message describes the problem only; the value never reaches logs.
-    log.warning("ignoring a malformed end-user identity: %s", message)
+def _warn_malformed(*messages: str) -> None:
+    # The messages describe the problem only; the value never reaches logs.
+    for message in messages:
+        log.warning("ignoring a malformed end-user identity: %s", message)
 
 
 def resolve(
@@ -196,8 +199,25 @@ def resolve(
     is an already-extracted value of ``settings.cookie_name`` (for callers
     that have one).  ``request`` is passed to the app's callables.
     """
-    cached = settings._cacheable
-    warning: str | None = None
+    cache = settings._resolved if settings._cacheable else None
+    # Remembered under the raw header values too: deepsec.lifecycle.start()
+    # looks a repeat request up there before calling us (one dict lookup, no
+    # cookie scanning).  The 3-tuple never equals the 2-tuple keys of parsed
+    # values below.  Repeated fields (lists) are not remembered raw, nor raw
+    # values beyond the cap parsed ones have: a huge Cookie header (other
+    # cookies, padding) never becomes a key.  Malformed ones: see below.
+    raw_key: tuple[Any, ...] | None = None
+    if (
+        cache is not None
+        and cookie is None
+        and (cookie_header is None or type(cookie_header) is str)
+        and (authorization is None or type(authorization) is str)
+        and (len(cookie_header) if cookie_header else 0)
+        + (len(authorization) if authorization else 0)
+        <= settings.max_size
+    ):
+        raw_key = (cookie_header, authorization, None)
+    warnings: tuple[str, ...] = ()
     name = settings.cookie_name
     if (
         cookie_header is not None
@@ -213,35 +233,47 @@ def resolve(
         except MalformedIdentity as exc:
             if settings.strict:
                 return _malformed(settings, exc)
-            warning, cookie = str(exc), None
+            warnings, cookie = (str(exc),), None
     if authorization is not None and not isinstance(authorization, str):
         authorization = ", ".join(authorization) if authorization else None
-    if not cached:
+    if cache is None:
         resolution, message = _resolve(settings, request, cookie, authorization)
-        for text in (warning, message):
-            if text is not None:
-                _warn_malformed(text)
+        if message is not None:
+            warnings += (message,)
+        if warnings:
+            _warn_malformed(*warnings)
         return resolution
     # Only values that can be valid are cached: oversized ones (rejected
     # anyway) would let a client fill the cache with megabytes, and a
     # malformed result is not kept either (it is logged per request below).
     size = (len(cookie) if cookie else 0) + (len(authorization) if authorization else 0)
     key = (cookie, authorization)
-    hit = settings._resolved.get(key) if size <= settings.max_size else None
+    small = size <= settings.max_size
+    hit = cache.get(key) if small else None
     if hit is None:
-        hit = _resolve(settings, request, cookie, authorization)
-        cache = settings._resolved
-        if hit[1] is None and size <= settings.max_size:
-            if len(cache) >= _RESOLVED_CACHE_SIZE:
-                with _resolved_lock:
-                    for old in list(cache)[: _RESOLVED_CACHE_SIZE // 4]:
-                        cache.pop(old, None)
-            cache[key] = hit
-    if warning is not None:
-        _warn_malformed(warning)
-    if hit[1] is not None:
-        _warn_malformed(hit[1])
+        resolution, message = _resolve(settings, request, cookie, authorization)
+        hit = (resolution, () if message is None else (message,))
+        if small and message is None:
+            _remember(cache, key, hit)
+    if hit[1]:
+        warnings += hit[1]
+    if raw_key is not None and not warnings:  # malformed: resolved (and warned) each time
+        _remember(cache, raw_key, hit)
+    if warnings:
+        _warn_malformed(*warnings)
     return hit[0]
+
+
+def _remember(
+    cache: dict[tuple[Any, ...], tuple[Resolution, tuple[str, ...]]],
+    key: tuple[Any, ...],
+    value: tuple[Resolution, tuple[str, ...]],
+) -> None:
+    if len(cache) >= _RESOLVED_CACHE_SIZE:
+        with _resolved_lock:
+            for old in list(cache)[: _RESOLVED_CACHE_SIZE // 4]:
+                cache.pop(old, None)
+    cache[key] = value
 
 
 _RESOLVED_CACHE_SIZE = 512

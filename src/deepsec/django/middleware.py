@@ -30,7 +30,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_asy
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
 from ..context import EndUserContext, activate
-from ..lifecycle import answer, begin
+from ..lifecycle import answer, begin, start
 from ..web import Rejection, Resolution, WebSettings, resolve
 from .conf import get_settings
 
@@ -140,8 +140,6 @@ class _ScopedAsyncIterator(_Scoped):
 
 def _scope_streaming(response: HttpResponseBase, context: EndUserContext | None) -> None:
     """Make a streaming body run under ``context``, chunk by chunk."""
-    if not getattr(response, "streaming", False):
-        return
     # Take over the closers registered so far (the view's generator close()):
     # they run from our close(), under the context.  Django registers our
     # wrapper's close() when streaming_content is assigned.
@@ -202,13 +200,25 @@ class EndUserSecMiddleware:
         """Serve one request (sync), or return the coroutine in async mode."""
         if self.async_mode:
             return self.__acall__(request)
-        settings = get_settings()
-        outcome = begin(_resolve(settings, request), settings)
+        # The raw header values, as every adapter hands them over: Django's
+        # request.COOKIES decodes, unquotes and picks the last of two cookies
+        # its own way, so the same bytes would name another end user than
+        # elsewhere.  (_resolve() inlined: this is the per-request hot path.)
+        meta = request.META
+        outcome = start(
+            get_settings(),
+            request,
+            cookie_header=meta.get("HTTP_COOKIE"),
+            authorization=meta.get("HTTP_AUTHORIZATION"),
+        )
         if isinstance(outcome, Rejection):
             return rejection_response(outcome)
-        with outcome:
+        try:
             response = self.get_response(request)
-        _scope_streaming(response, outcome.context)
+        finally:
+            outcome.end()
+        if getattr(response, "streaming", False):
+            _scope_streaming(response, outcome.context)
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
@@ -216,14 +226,23 @@ class EndUserSecMiddleware:
         settings = get_settings()
         if _uses_request_callables(settings):
             resolution = await sync_to_async(_resolve, thread_sensitive=True)(settings, request)
+            outcome = begin(resolution, settings)
         else:
-            resolution = _resolve(settings, request)
-        outcome = begin(resolution, settings)
+            meta = request.META
+            outcome = start(
+                settings,
+                request,
+                cookie_header=meta.get("HTTP_COOKIE"),
+                authorization=meta.get("HTTP_AUTHORIZATION"),
+            )
         if isinstance(outcome, Rejection):
             return rejection_response(outcome)
-        with outcome:
+        try:
             response = await self.get_response(request)  # type: ignore[misc]
-        _scope_streaming(response, outcome.context)
+        finally:
+            outcome.end()
+        if getattr(response, "streaming", False):
+            _scope_streaming(response, outcome.context)
         return response
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> JsonResponse | None:
