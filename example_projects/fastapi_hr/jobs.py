@@ -121,7 +121,7 @@ def run_demo_jobs(env: Any, base_url: str) -> list[Any]:
 
     import httpx
 
-    from deepsec.demo import DEMO_DATA_ROLES, RequestReport, _collect
+    from deepsec.demo import DEMO_DATA_ROLES, RequestReport, _collect, visible_employees
 
     reports = []
     for user in ("alice", None):
@@ -141,6 +141,10 @@ def run_demo_jobs(env: Any, base_url: str) -> list[Any]:
                 time.sleep(0.05)
         report.status = answer.status_code
         report.page_user = body.get("db_user")
+        report.rows_seen = [e.get("name") for e in body.get("employees", [])]
         _collect(report, env.oracle.round_trips(since=mark), DEMO_DATA_ROLES, env.client_id)
+        expected_rows = visible_employees(expected)
+        if report.rows_seen != expected_rows:
+            report.problems.append(f"rows {report.rows_seen}, expected {expected_rows}")
         reports.append(report)
     return reports
