@@ -317,3 +317,59 @@ def test_async_housekeeping_under_an_end_user_with_no_cached_token(oracle):
     assert asyncio.run(main()) == ["ping", "commit", "rollback"]
     assert oracle.find_statements("ivy-no-token") == []
     assert spi_static.CALLS == []  # nothing fetched on the event loop
+
+
+def test_adapters_answer_401_for_a_statement_with_no_end_user(oracle):
+    """Strict mode under the web adapters: an anonymous request whose view runs a
+    statement gets the one mapping's 401 (not a 500), and nothing reaches the server;
+    the same view for a signed-in user runs as that user."""
+    import flask
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from deepsec.asgi import EndUserSecMiddleware
+    from deepsec.flask import DeepSec
+
+    pool = oracledb.create_pool(**oracle.connect_kwargs(), extra_auth_params=strict(), min=0, max=2)
+    flask_app = flask.Flask("strict")
+    DeepSec(flask_app)
+
+    @flask_app.get("/")
+    def flask_view() -> str:
+        with pool.acquire() as conn:
+            return whoami(conn, "flask") or "-"
+
+    async def starlette_view(request):  # the statement runs in a worker thread
+        def run() -> str:
+            with pool.acquire() as conn:
+                return whoami(conn, "asgi") or "-"
+
+        import anyio
+
+        return PlainTextResponse(await anyio.to_thread.run_sync(run))
+
+    asgi_app = Starlette(
+        routes=[Route("/", starlette_view)], middleware=[Middleware(EndUserSecMiddleware)]
+    )
+    try:
+        mark = oracle.mark()
+        answer = flask_app.test_client().get("/")
+        assert answer.status_code == 401
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+        with TestClient(asgi_app, raise_server_exceptions=False) as client:
+            answer = client.get("/")
+            assert answer.status_code == 401
+            assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+            # Refused in the round-trip callback: neither statement reached the server.
+            assert oracle.find_statements("/* flask */", since=mark) == []
+            assert oracle.find_statements("/* asgi */", since=mark) == []
+            bearer = {"Authorization": f"Bearer {user_token('alice')}"}
+            assert client.get("/", headers=bearer).text == "alice"
+        assert flask_app.test_client().get("/", headers=bearer).get_data(as_text=True) == "alice"
+        assert len(oracle.find_statements("/* asgi */", since=mark)) == 1
+        assert len(oracle.find_statements("/* flask */", since=mark)) == 1
+    finally:
+        pool.close(force=True)

@@ -549,6 +549,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m deepsec.demo",
         description="Run an example HR app against a local identity provider and Oracle wire "
         "test server, show what the database receives per request, then keep serving.",
+        # ./run picks the packages to install from the literal --app flag: an
+        # abbreviation (--ap flask) would get the demo's set and fail to import.
+        allow_abbrev=False,
     )
     parser.add_argument(
         "--no-serve", action="store_true", help="run the scripted requests and exit (CI)"

@@ -609,6 +609,13 @@ async def prepare(context: EndUserContext | None = None) -> None:
         return
     configs = list(_configs_in_use.values())
     missing = [c for c in configs if token_source_for(c).cached_token(ctx) is None]
+    if _failures:
+        # A context object now lives beyond one request (adapters reuse one
+        # per user): a failure remembered for a source whose token is cached
+        # again is stale, and must not answer a later statement.
+        for config in configs:
+            if config not in missing:
+                _failures.pop((config.fingerprint, id(ctx)), None)
     if not missing:
         return
     results = await asyncio.gather(

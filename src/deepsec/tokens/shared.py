@@ -611,13 +611,10 @@ class SharedTokenCache(TokenCache):
         if len(self._rejected) >= self.maxsize:
             self._rejected.clear()
         self._rejected[key] = rejected
-        digest = self._digest(key)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            self.l2.delete(digest, rejected)
-        else:  # never a blocking Redis call on the event loop
-            _background(self.l2.delete, digest, rejected)
+        # Always in the background: this runs in the ORA-52602 completion,
+        # inside the driver's connection lock (and never blocks an event
+        # loop); _rejected keeps this process off the token meanwhile.
+        _background(self.l2.delete, self._digest(key), rejected)
 
 
 _l2s: dict[tuple[str, bytes], RedisL2] = {}
