@@ -611,10 +611,16 @@ class SharedTokenCache(TokenCache):
         if len(self._rejected) >= self.maxsize:
             self._rejected.clear()
         self._rejected[key] = rejected
-        # Always in the background: this runs in the ORA-52602 completion,
-        # inside the driver's connection lock (and never blocks an event
-        # loop); _rejected keeps this process off the token meanwhile.
-        _background(self.l2.delete, self._digest(key), rejected)
+        digest = self._digest(key)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            # Bounded by the socket timeout and skipped while the breaker is
+            # open.  (Not in the background: a late success of an operation
+            # started before an outage would close the breaker again.)
+            self.l2.delete(digest, rejected)
+        else:  # never a blocking Redis call on the event loop
+            _background(self.l2.delete, digest, rejected)
 
 
 _l2s: dict[tuple[str, bytes], RedisL2] = {}
