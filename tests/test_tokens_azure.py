@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import jwt
-import msal
 import pytest
 import requests
 
@@ -21,7 +20,7 @@ from deepsec.testing.idp import LocalIdP
 from deepsec.tokens import token_source_for
 from deepsec.tokens.azure import AzureTokenSource
 from deepsec.tokens.cache import FAILURE_MEMORY
-from token_support import skip_ahead
+from token_support import raw_msal_app, skip_ahead
 
 SCOPE = "api://oracle-db/.default"
 
@@ -360,17 +359,7 @@ def test_no_secret_in_errors_or_debug_logs(idp: LocalIdP, caplog: pytest.LogCapt
 def test_raw_msal_shows_the_cross_user_hazard(idp: LocalIdP) -> None:
     """Why the flows are kept apart: one MSAL app, OBO reply without client_info."""
     idp.obo_account_info = False
-    session = requests.Session()
-    session.trust_env = False
-    session.verify = idp.ca_file
-    app = msal.ConfidentialClientApplication(
-        idp.client_id,
-        client_credential=idp.client_secret,
-        authority=idp.authority,
-        http_client=session,
-        instance_discovery=False,
-        azure_region=False,
-    )
+    app = raw_msal_app(idp)
     user_token = idp.issue_user_token("mallory")
     obo = app.acquire_token_on_behalf_of(user_token, [SCOPE])
     app_token = app.acquire_token_for_client([SCOPE])

@@ -12,9 +12,7 @@ import asyncio
 import time
 from typing import Any
 
-import msal
 import pytest
-import requests
 
 from deepsec.config import parse_end_user_sec_params
 from deepsec.context import EndUserContext
@@ -22,7 +20,7 @@ from deepsec.errors import TokenAcquisitionError
 from deepsec.testing.idp import LocalIdP
 from deepsec.tokens import TokenSource, token_source_for
 from deepsec.tokens.cache import MAX_RETRY_AFTER, MIN_RETRY_AFTER
-from token_support import skip_ahead
+from token_support import raw_msal_app, skip_ahead
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -123,17 +121,7 @@ def test_oci_long_retry_after_is_not_waited_and_is_capped(idp: LocalIdP) -> None
 
 def test_raw_msal_throttles_every_obo_user_for_the_providers_retry_after(idp: LocalIdP) -> None:
     """Why deepsec turns MSAL's throttling off: MSAL keys OBO throttling without the user."""
-    session = requests.Session()
-    session.trust_env = False
-    session.verify = idp.ca_file
-    app = msal.ConfidentialClientApplication(
-        idp.client_id,
-        client_credential=idp.client_secret,
-        authority=idp.authority,
-        http_client=session,
-        instance_discovery=False,
-        azure_region=False,
-    )
+    app = raw_msal_app(idp)
     idp.faults.throttle(60, status=429)
     first = app.acquire_token_on_behalf_of(idp.issue_user_token("alice"), [SCOPE])
     assert "access_token" not in first

@@ -1,11 +1,15 @@
-"""Helpers of the token-source tests: moving the token cache's clock forward."""
+"""Helpers of the token-source tests: the token cache's clock, a raw MSAL app."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import msal
 import pytest
+import requests
 
+from deepsec.testing.idp import LocalIdP
 from deepsec.tokens import cache
 
 
@@ -16,3 +20,21 @@ def skip_ahead(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     expiry); the network, MSAL and the identity provider keep real time.
     """
     monkeypatch.setattr(cache, "_time", lambda: time.time() + seconds)
+
+
+def raw_msal_app(idp: LocalIdP) -> Any:
+    """A plain MSAL confidential client of ``idp``, with no deepsec in between.
+
+    For tests that show MSAL's own behaviour (why deepsec works around it).
+    """
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = idp.ca_file
+    return msal.ConfidentialClientApplication(
+        idp.client_id,
+        client_credential=idp.client_secret,
+        authority=idp.authority,
+        http_client=session,
+        instance_discovery=False,
+        azure_region=False,
+    )
