@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import oracledb
@@ -60,11 +61,22 @@ class Prepared:
 
     Connections remember the very object they attached: a different object
     for the same key means a different token or context, so they attach again.
+    It is also the round trip's completion (the driver calls it with the
+    round trip's outcome): one object per user and token, so attaching it to
+    a connection allocates nothing.
     """
 
-    __slots__ = ("check_until", "context", "revoked", "token")
+    __slots__ = ("check_until", "context", "ctx", "key", "on_error", "revoked", "token")
 
-    def __init__(self, token: str, context: Any, check_until: float) -> None:
+    def __init__(
+        self,
+        token: str,
+        context: Any,
+        check_until: float,
+        key: tuple[Any, ...] = (),
+        ctx: EndUserContext | None = None,
+        on_error: Callable[[Prepared, BaseException], None] | None = None,
+    ) -> None:
         self.token = token
         self.context = context  # oracledb.EndUserSecurityContext
         #: Until this time.monotonic() value it is served without asking the token
@@ -73,6 +85,18 @@ class Prepared:
         #: holding it asks again at its next round trip.
         self.check_until = check_until
         self.revoked = False
+        self.key = key
+        #: The context it was built for (any equal one shares it): what a
+        #: rejected token is invalidated for.
+        self.ctx = ctx
+        #: Called with a failed round trip's error (the hook checks for a
+        #: rejected token there).
+        self.on_error = on_error
+
+    def __call__(self, outcome: Any) -> None:
+        """The completion of a round trip made with this context attached."""
+        if outcome is not None and self.on_error is not None:
+            self.on_error(self, outcome)
 
     def revoke(self) -> None:
         """The database rejected this token: nobody may serve it from here again."""

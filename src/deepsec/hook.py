@@ -52,7 +52,8 @@ from ._contexts import (
 )
 from ._contexts import prepared as _prepared
 from .config import EndUserSecConfig, parse_end_user_sec_params
-from .context import APPLICATION, EndUserContext, current_context
+from .context import _EMPTY as _NO_CONTEXT
+from .context import APPLICATION, EndUserContext, _current, current_context
 from .dsn import require_tcps
 from .errors import (
     USER_TOKEN_REJECTED,
@@ -65,6 +66,11 @@ from .errors import (
 )
 from .tokens import TokenSource, token_source_for
 from .tokens.cache import jwt_expiry
+
+# Looked up once: these run on every acquire and round trip.
+_monotonic = time.monotonic
+_weakref = weakref.ref
+_AsyncConnection = oracledb.AsyncConnection
 
 __all__ = [
     "build_security_context",
@@ -90,33 +96,6 @@ _NEVER_REFUSED = _HOUSEKEEPING
 _BAD_ACCESS_TOKEN = 52602
 
 
-class _Attached:
-    """What this library last attached to one connection (never modified).
-
-    A plain slotted class: made once per attach, and a frozen dataclass's
-    ``__init__`` costs several times more on this path.
-    """
-
-    __slots__ = ("completion", "context", "prepared")
-
-    def __init__(
-        self,
-        context: EndUserContext | None,  # None: cleared, or not known
-        prepared: Prepared | None,
-        completion: Callable[[Any], None] | None = None,
-    ) -> None:
-        self.context = context
-        #: The very object attached: another one for the same context means
-        #: another token or built context (compared with ``is``, never ``==``:
-        #: equal contexts are not always the same context, e.g. True == 1).
-        #: Until its ``check_until`` the same context object needs no token
-        #: lookup; a rejected token sets that to 0 for every connection at once.
-        self.prepared = prepared
-        self.completion = completion
-
-
-_UNKNOWN = _Attached(None, None)
-_CLEARED = _Attached(None, None)
 # How long the same context object skips the token-cache lookup.  Bounds how
 # long a connection keeps a token after TokenSource.invalidate()/cache clear.
 _RECHECK_INTERVAL = 1.0
@@ -165,7 +144,7 @@ class _Binding:
 
     def on_connect_callback(self, conn: Any) -> Awaitable[None] | None:
         """Bind the per-round-trip callback; for asyncio, fetch the token first."""
-        if isinstance(conn, oracledb.AsyncConnection):
+        if isinstance(conn, _AsyncConnection):
             ctx = current_context()
             if self.user_on_connect is None and (
                 ctx.identity is None or self._token_at_hand(conn, ctx)
@@ -191,6 +170,22 @@ class _Binding:
         # (A pool resets the driver connection's round_trip_callback to the
         # pool's own on every acquire, so there is no binding to reuse.)
         conn.round_trip_callback = _ConnectionBinding(self, conn, theirs).round_trip
+
+    def round_trip_failed(self, prepared: Prepared, error: BaseException) -> None:
+        """A round trip made with ``prepared`` attached failed with ``error``.
+
+        When the database rejected the access token (revoked, or expired
+        early), drop *that* token, so the next round trip of every connection
+        holding it attaches a fresh one.  Compare-and-drop: a token another
+        connection fetched since is kept (dropping it would cost one fetch per
+        rejected connection and, with the shared cache, mark a good token
+        rejected fleet-wide).
+        """
+        if isinstance(error, oracledb.DatabaseError):
+            err = error.args[0] if error.args else None
+            if getattr(err, "code", None) == _BAD_ACCESS_TOKEN and prepared.ctx is not None:
+                self.source.invalidate(prepared.ctx, token=prepared.token)
+                revoke_prepared(prepared.key, prepared)
 
     def _rebind_if_replaced(self, conn: Any) -> None:
         # The app's on-connect callback may set its own round_trip_callback
@@ -237,35 +232,49 @@ class _ConnectionBinding:
     Holds the connection weakly: a pool reuses the driver-level connection
     under a new Connection object after release, and the callback bound to
     the old object must then do nothing (the driver cleared the context on
-    release).
+    release).  Its fields change only in :meth:`round_trip`, which the driver
+    runs inside the connection's lock.
     """
 
-    __slots__ = ("attached", "binding", "conn_ref", "user_round_trip")
+    __slots__ = ("binding", "cleared", "conn_ref", "context", "prepared", "user_round_trip")
 
     def __init__(
         self, binding: _Binding, conn: Any, user_round_trip: Callable[..., Any] | None
     ) -> None:
         self.binding = binding
-        self.conn_ref = weakref.ref(conn)
-        self.attached = _UNKNOWN
+        self.conn_ref = _weakref(conn)
+        #: The context last attached (``None``: none, or not known).
+        self.context: EndUserContext | None = None
+        #: The very object attached: another one for the same context means
+        #: another token or built context (compared with ``is``, never ``==``:
+        #: equal contexts are not always the same context, e.g. True == 1).
+        #: Until its ``check_until`` the same context object needs no token
+        #: lookup; a rejected token sets that to 0 for every connection at once.
+        self.prepared: Prepared | None = None
+        #: Whether this library cleared the context (else it is not known).
+        self.cleared = False
         #: The app's own round-trip callback, called after ours.
         self.user_round_trip = user_round_trip
 
     def round_trip(self, name: str) -> Any:
-        """Attach, switch or clear the end-user context before one round trip."""
+        """Attach, switch or clear the end-user context before one round trip.
+
+        Returns the round trip's completion: the attached :class:`Prepared`
+        (which watches for a rejected token), or ``None``.
+        """
         completion = None
         conn = self.conn_ref()
         if conn is not None:
-            ctx = current_context()
-            state = self.attached
-            attached = state.prepared
+            activation = _current.get()  # (current_context(), inlined: every round trip)
+            ctx = activation.context if activation.active else _NO_CONTEXT
+            prepared = self.prepared
             try:
                 if (
-                    ctx is state.context
-                    and attached is not None
-                    and time.monotonic() < attached.check_until
+                    ctx is self.context
+                    and prepared is not None
+                    and _monotonic() < prepared.check_until
                 ):
-                    completion = state.completion  # the hot path: same request, connection
+                    completion = prepared  # the hot path: same request, same connection
                 else:
                     completion = self._sync(conn, ctx, name)
             except oracledb.InterfaceError as exc:
@@ -285,9 +294,8 @@ class _ConnectionBinding:
                 return _both(completion, user_completion)
         return completion
 
-    def _sync(self, conn: Any, ctx: EndUserContext, name: str) -> Callable[[Any], None] | None:
+    def _sync(self, conn: Any, ctx: EndUserContext, name: str) -> Prepared | None:
         """Attach, switch or clear: the context differs from the one attached."""
-        state = self.attached
         config = self.binding.config
         if ctx._identity is None:  # (the slot: one call less per request)
             if config.require_end_user and ctx is not APPLICATION and name not in _NEVER_REFUSED:
@@ -298,35 +306,37 @@ class _ConnectionBinding:
                     f"{name!r} round trip with no current end user; run application-level "
                     "work inside `with deepsec.as_application():`"
                 )
-            if state is not _CLEARED:
-                conn.clear_end_user_security_context()
-                self.attached = _CLEARED
-                telemetry.record_context_change(state.context, None)
-                log.debug("cleared end-user context on connection %x", id(conn))
+            self._clear(conn)
             return None
         key = prepared_key(config, ctx, conn)
         prepared = _prepared.get(key)
-        if prepared is None or time.monotonic() >= prepared.check_until:
+        if prepared is None or _monotonic() >= prepared.check_until:
             prepared = self._prepare(conn, ctx, name, key, prepared)
             if prepared is None:  # housekeeping with no token at hand: goes out cleared
-                if state is not _CLEARED:
-                    conn.clear_end_user_security_context()
-                    self.attached = _CLEARED
-                    telemetry.record_context_change(state.context, None)
+                self._clear(conn)
                 return None
-        completion: Callable[[Any], None] | None
-        if state.prepared is not prepared:
+        if self.prepared is not prepared:
             # (Identity, not equality: one Prepared per key and token, and the
             # key tells apart what == does not, e.g. attributes True and 1.)
             conn.set_end_user_security_context(prepared.context)
-            telemetry.record_context_change(state.context, ctx)
+            # (A fresh token for the same context object, after a rejection,
+            # is no context change: record_context_change compares.)
+            telemetry.record_context_change(self.context, ctx)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("attached end-user context %r on connection %x", ctx, id(conn))
-            completion = self._completion(ctx, key, prepared)
-        else:
-            completion = state.completion
-        self.attached = _Attached(ctx, prepared, completion)
-        return completion
+            self.prepared = prepared
+            self.cleared = False
+        self.context = ctx
+        return prepared
+
+    def _clear(self, conn: Any) -> None:
+        """Leave no end-user context on the connection (once: then it is known)."""
+        if not self.cleared:
+            conn.clear_end_user_security_context()
+            telemetry.record_context_change(self.context, None)
+            self.context = self.prepared = None
+            self.cleared = True
+            log.debug("cleared end-user context on connection %x", id(conn))
 
     def _prepare(
         self,
@@ -341,8 +351,9 @@ class _ConnectionBinding:
         Runs at most about once a second per (config, end user): in between,
         :data:`_prepared` answers without hashing the identity again.
         """
-        config = self.binding.config
-        source = self.binding.source
+        binding = self.binding
+        config = binding.config
+        source = binding.source
         entry = _cached_entry(source, ctx)
         if entry is None:
             # Raises InterfaceError on a Connection object already released to
@@ -378,30 +389,11 @@ class _ConnectionBinding:
             prepared = previous
         else:
             built = build_from_parts(config, ctx, token, key[-1])
-            prepared = Prepared(token, built, _recheck_at(usable_until))
+            prepared = Prepared(
+                token, built, _recheck_at(usable_until), key, ctx, binding.round_trip_failed
+            )
         keep_prepared(key, prepared)
         return prepared
-
-    def _completion(
-        self, ctx: EndUserContext, key: tuple[Any, ...], prepared: Prepared
-    ) -> Callable[[Any], None]:
-        def completion(outcome: Any) -> None:
-            # The database rejected the access token (revoked, or expired early):
-            # drop *that* token so the next round trip attaches a fresh one.
-            # Compare-and-drop: a token another connection fetched since is
-            # kept (dropping it would cost one fetch per rejected connection
-            # and, with the shared cache, mark a good token rejected fleet-wide).
-            if isinstance(outcome, oracledb.DatabaseError):
-                err = outcome.args[0] if outcome.args else None
-                if getattr(err, "code", None) == _BAD_ACCESS_TOKEN:
-                    self.binding.source.invalidate(ctx, token=prepared.token)
-                    revoke_prepared(key, prepared)
-                    # Keep the context (with nothing attached): the next round
-                    # trip attaches a fresh token for the same end user, which
-                    # is not a context change to count.
-                    self.attached = _Attached(ctx, None)
-
-        return completion
 
 
 def _is_not_connected(exc: oracledb.InterfaceError) -> bool:
