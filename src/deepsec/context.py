@@ -244,9 +244,18 @@ class EndUserContext:
     ) -> None:
         setattr_ = object.__setattr__
         if data_roles is None and attributes is None:
-            # The per-request case (a token and nothing else): same checks,
-            # fewer calls; this runs for every request of every adapter.
-            setattr_(self, "_identity", validate_identity(identity))
+            # The per-request case (a token and nothing else): the checks of
+            # validate_identity() for a str, inline (this runs for every
+            # request of every adapter, often with cold CPU caches, where
+            # each call shows in bench/hook.py); anything else goes through it.
+            if (
+                type(identity) is not str
+                or not identity
+                or len(identity) > MAX_IDENTITY_LENGTH
+                or identity.isspace()
+            ):
+                identity = validate_identity(identity)
+            setattr_(self, "_identity", identity)
             setattr_(self, "_data_roles", None)
             setattr_(self, "_attributes", None)
             return
@@ -558,21 +567,9 @@ class end_user:  # a class used like a function: ``with deepsec.end_user(...)``
         """The context this block runs under."""
         return self._context
 
-    def _begin(self) -> None:
+    def __enter__(self) -> EndUserContext:
         # One block at a time: shared by two threads or tasks, their exits
         # would end each other's activations.
-        if self._activation is not None:
-            raise RuntimeError("this end_user(...) object is already in use; create one per block")
-        self._activation = Activation(self._context)
-
-    def _finish(self) -> None:
-        activation, self._activation = self._activation, None
-        if activation is not None:
-            activation.end()
-
-    # (__enter__/__exit__ repeat _begin/_finish inline: a `with` block per
-    # request, where every call shows in bench/hook.py.)
-    def __enter__(self) -> EndUserContext:
         if self._activation is not None:
             raise RuntimeError("this end_user(...) object is already in use; create one per block")
         self._activation = Activation(self._context)
@@ -584,18 +581,18 @@ class end_user:  # a class used like a function: ``with deepsec.end_user(...)``
             activation.end()
 
     async def __aenter__(self) -> EndUserContext:
-        self._begin()
+        context = self.__enter__()
         try:
             from .hook import prepare
 
             await prepare()
         except BaseException:
-            self._finish()
+            self.__exit__()
             raise
-        return self._context
+        return context
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._finish()
+        self.__exit__()
 
     def __repr__(self) -> str:
         return f"end_user({self._context!r})"

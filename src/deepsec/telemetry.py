@@ -469,7 +469,9 @@ def record_context_change(previous: EndUserContext | None, current: EndUserConte
     change.  Called only where the hook touches a connection, never on its
     hot path.
     """
-    inst = _instruments()
+    inst = _active  # (_instruments(), inline: a pool's every request attaches)
+    if inst is _NOT_LOADED:
+        inst = _load()
     if inst is None:
         return
     if current is None:
