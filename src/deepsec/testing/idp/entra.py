@@ -72,10 +72,7 @@ class EntraEndpoints(SigningKey):
             **self.extra_claims,
             **extra,
         }
-        token = self.sign(body)
-        with self._lock:
-            self._issued.append(token)
-        return token
+        return self._issue(body)
 
     def _openid_config(self, authority: str, jwks_base: str | None = None) -> dict[str, Any]:
         return {

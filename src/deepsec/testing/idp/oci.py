@@ -81,9 +81,7 @@ class OciEndpoints(SigningKey):
             "jti": str(uuid.uuid4()),
             **self.extra_claims,
         }
-        token = self.sign(body)
-        with self._lock:
-            self._issued.append(token)
+        token = self._issue(body)
         return 200, {"access_token": token, "token_type": "Bearer", "expires_in": self.expires_in}
 
     def _handle_oci_dataplane(
@@ -131,9 +129,7 @@ class OciEndpoints(SigningKey):
                 "jti": str(uuid.uuid4()),
                 **self.extra_claims,
             }
-            token = self.sign(claims)
-            with self._lock:
-                self._issued.append(token)
+            token = self._issue(claims)
             status = 200
             return status, {"token": token}
         finally:
