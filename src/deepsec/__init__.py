@@ -31,7 +31,8 @@ from .errors import (
     TokenAcquisitionError,
     TokenNotReadyError,
 )
-from .hook import install, installed, prepare, uninstall
+from .hook import install, installed, uninstall
+from .prefetch import prepare
 
 __version__ = "0.1.0"
 

@@ -583,7 +583,7 @@ class end_user:  # a class used like a function: ``with deepsec.end_user(...)``
     async def __aenter__(self) -> EndUserContext:
         context = self.__enter__()
         try:
-            from .hook import prepare
+            from .prefetch import prepare
 
             await prepare()
         except BaseException:

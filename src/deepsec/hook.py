@@ -28,7 +28,6 @@ statement that has no end user, before anything is sent.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import threading
@@ -56,13 +55,16 @@ from .context import _EMPTY as _NO_CONTEXT
 from .context import APPLICATION, EndUserContext, _current, current_context
 from .dsn import require_tcps
 from .errors import (
-    USER_TOKEN_REJECTED,
     ConfigError,
     DeepSecError,
-    IdentityNotAccepted,
     NoEndUserError,
-    TokenAcquisitionError,
     TokenNotReadyError,
+)
+from .prefetch import (
+    prepare,
+    recalled_failure,
+    register_config,
+    remember_failure,
 )
 from .tokens import TokenSource, token_source_for
 from .tokens.cache import jwt_expiry
@@ -78,7 +80,7 @@ __all__ = [
     "install",
     "installed",
     "params_hook",
-    "prepare",
+    "prepare",  # (lives in deepsec.prefetch; importable from here as before)
     "uninstall",
 ]
 
@@ -137,7 +139,7 @@ class _Binding:
         reaches pools and connections that already exist; and the config is
         (re-)registered for :func:`prepare`.
         """
-        _configs_in_use.setdefault(self.config.fingerprint, self.config)
+        register_config(self.config)
         return token_source_for(self.config)
 
     # -- on connect / acquire ------------------------------------------------
@@ -205,7 +207,7 @@ class _Binding:
                 # forever (the pool counts it busy); the first round trip made
                 # for this context raises it instead, and the app's release of
                 # the connection returns it to the pool as usual.
-                _remember_failure(self.config, ctx, exc)
+                remember_failure(self.config, ctx, exc)
         if self.user_on_connect is not None:
             result = self.user_on_connect(conn)
             if inspect.isawaitable(result):
@@ -366,7 +368,7 @@ class _ConnectionBinding:
                 # out with no end-user context rather than not at all.
                 return None
             if isinstance(conn, oracledb.AsyncConnection):
-                failure = _recalled_failure(config, ctx)
+                failure = recalled_failure(config, ctx)
                 if failure is not None:  # prepare() or on-connect could not get it
                     raise failure
                 raise TokenNotReadyError(
@@ -479,15 +481,11 @@ def params_hook(params: oracledb.ConnectParams) -> None:
     if _is_ours(params.on_connect_callback):  # the hook ran twice on these params
         return
     token_source_for(config)  # build it now: a bad source fails the connect, not a query
-    _configs_in_use.setdefault(config.fingerprint, config)
+    register_config(config)
     binding = _Binding(config, params.on_connect_callback, params.round_trip_callback)
     params.set(on_connect_callback=binding.on_connect_callback)
 
 
-# Every config a connection or pool was made with in this process: what
-# prepare() fetches tokens for.  (Kept by value: tracking pools' lifetimes would
-# depend on when the garbage collector frees a closed pool.)
-_configs_in_use: dict[str, EndUserSecConfig] = {}
 _install_lock = threading.Lock()
 _warned_reference = False
 
@@ -544,90 +542,3 @@ def uninstall() -> None:
 def installed() -> bool:
     """True while the params hook is registered."""
     return params_hook in _registered_hooks()
-
-
-# Token failures met while fetching ahead of time (prepare(), async on-connect),
-# per (config, context object): the asyncio round trip that needed the token
-# raises the real error instead of TokenNotReadyError.  Bounded.
-_failures: dict[tuple[str, int], tuple[EndUserContext, DeepSecError]] = {}
-_FAILURES_KEPT = 256
-
-
-def _remember_failure(config: EndUserSecConfig, ctx: EndUserContext, exc: DeepSecError) -> None:
-    if len(_failures) >= _FAILURES_KEPT:
-        _failures.clear()
-    _failures[(config.fingerprint, id(ctx))] = (ctx, exc)
-
-
-def _recalled_failure(config: EndUserSecConfig, ctx: EndUserContext) -> DeepSecError | None:
-    entry = _failures.get((config.fingerprint, id(ctx)))
-    return entry[1] if entry is not None and entry[0] is ctx else None
-
-
-def forget_prefetch_configs() -> None:
-    """Forget which configs :func:`prepare` fetches for (test isolation).
-
-    Connections and pools still open register theirs again on their next
-    acquire or token lookup.
-    """
-    _configs_in_use.clear()
-
-
-async def prepare(context: EndUserContext | None = None) -> None:
-    """Fetch, off the event loop, the tokens the current end user will need.
-
-    asyncio connections never fetch tokens inside an operation (that would
-    block the loop); ``async with deepsec.end_user(...)`` and the ASGI/FastAPI
-    adapters call this so the per-round-trip callback finds them cached.  It
-    covers the token source of every ``end_user_sec_params`` connected with so
-    far in this process.
-
-    An app may connect to several databases and a request use only some of
-    them, so a source that fails does not fail the request here: its error is
-    kept, and the first asyncio round trip that needs that token raises it
-    (fail closed, at the statement).  Only when *every* source failed -- the
-    usual single-database case -- is an error raised now, so adapters can
-    answer before the app runs: a provider failure first
-    (:class:`~deepsec.TokenAcquisitionError`, a 503), else the end user's
-    rejection (:class:`~deepsec.IdentityNotAccepted` or a refused user token,
-    a 401).
-
-    Raises:
-        TokenAcquisitionError, IdentityNotAccepted: no source could serve
-            this end user.
-    """
-    ctx = context if context is not None else current_context()
-    if ctx.identity is None:
-        return
-    configs = list(_configs_in_use.values())
-    missing = [c for c in configs if token_source_for(c).cached_token(ctx) is None]
-    if _failures:
-        # A context object now lives beyond one request (adapters reuse one
-        # per user): a failure remembered for a source whose token is cached
-        # again is stale, and must not answer a later statement.
-        for config in configs:
-            if config not in missing:
-                _failures.pop((config.fingerprint, id(ctx)), None)
-    if not missing:
-        return
-    results = await asyncio.gather(
-        *(token_source_for(c).get_token_async(ctx) for c in missing), return_exceptions=True
-    )
-    failures: list[DeepSecError] = []
-    for config, result in zip(missing, results, strict=True):
-        if isinstance(result, DeepSecError):
-            _remember_failure(config, ctx, result)
-            failures.append(result)
-        elif isinstance(result, BaseException):
-            raise result
-        else:
-            _failures.pop((config.fingerprint, id(ctx)), None)
-    if failures and len(failures) == len(configs):
-        raise next((f for f in failures if not _rejects_the_user(f)), failures[0])
-
-
-def _rejects_the_user(exc: DeepSecError) -> bool:
-    """Whether ``exc`` is about this end user, not about the provider or app."""
-    if isinstance(exc, IdentityNotAccepted):
-        return True
-    return isinstance(exc, TokenAcquisitionError) and exc.error in USER_TOKEN_REJECTED

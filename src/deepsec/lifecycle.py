@@ -26,11 +26,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from . import hook as _hook
 from . import telemetry
 from .context import _EMPTY, Activation, activate
 from .errors import DeepSecError, TokenAcquisitionError
-from .hook import prepare
+from .prefetch import configs_in_use, prepare
 from .web import Rejection, Resolution, WebSettings, rejection_for_error, resolve
 
 __all__ = [
@@ -48,7 +47,7 @@ log = logging.getLogger("deepsec.web")
 
 #: The configurations the driver hook serves (filled in place as connections
 #: use ``end_user_sec_params``): while empty, prepare() has nothing to fetch.
-TOKEN_CONFIGS = _hook._configs_in_use
+TOKEN_CONFIGS = configs_in_use
 
 Headers = str | Sequence[str] | None
 

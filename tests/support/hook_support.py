@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import deepsec
 import spi_static
-from deepsec import hook
+from deepsec import prefetch
 from deepsec.tokens import clear_token_sources
 
 USERNAME_SQL = "select xs_sys_context('xs$session','username') from dual"
@@ -31,7 +31,7 @@ def params(**extra: object) -> dict[str, object]:
 def _reset() -> None:
     spi_static.reset()
     clear_token_sources()  # also drops the hook's built security contexts
-    hook.forget_prefetch_configs()  # prepare() covers only this test's configs
+    prefetch.forget_prefetch_configs()  # prepare() covers only this test's configs
     deepsec.install()
 
 

@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "deepsec.celery needs Celery: pip install 'oracledb-deepsec[celery]'"
     ) from exc
 
-from ..hook import prepare
+from ..prefetch import prepare
 from .errors import EndUserExpired, EndUserHeaderRefused, EndUserNotSigned
 from .publish import on_before_publish
 from .settings import DEFAULT_MAX_AGE, installed, resolve

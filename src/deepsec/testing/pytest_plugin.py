@@ -118,7 +118,7 @@ def reset_token_state() -> None:
     test's identity providers (often stopped by now) are not asked again in
     the next; connections still open register theirs again when next used.
     """
-    from deepsec.hook import forget_prefetch_configs
+    from deepsec.prefetch import forget_prefetch_configs
     from deepsec.tokens import clear_token_sources
 
     clear_token_sources()  # also drops MSAL applications
