@@ -28,6 +28,7 @@ statement that has no end user, before anything is sent.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
@@ -118,7 +119,7 @@ class _Binding:
     swap contexts between callback and round trip.
     """
 
-    __slots__ = ("config", "user_on_connect", "user_round_trip")
+    __slots__ = ("config", "on_round_trip_error", "user_on_connect", "user_round_trip")
 
     def __init__(
         self,
@@ -129,6 +130,9 @@ class _Binding:
         self.config = config
         self.user_on_connect = user_on_connect
         self.user_round_trip = user_round_trip
+        #: What the built contexts made for this config call when a round trip
+        #: fails (holds the config only, not this binding and the app's callbacks).
+        self.on_round_trip_error = functools.partial(_round_trip_failed, config)
 
     @property
     def source(self) -> TokenSource:
@@ -172,22 +176,6 @@ class _Binding:
         # (A pool resets the driver connection's round_trip_callback to the
         # pool's own on every acquire, so there is no binding to reuse.)
         conn.round_trip_callback = _ConnectionBinding(self, conn, theirs).round_trip
-
-    def round_trip_failed(self, prepared: Prepared, error: BaseException) -> None:
-        """A round trip made with ``prepared`` attached failed with ``error``.
-
-        When the database rejected the access token (revoked, or expired
-        early), drop *that* token, so the next round trip of every connection
-        holding it attaches a fresh one.  Compare-and-drop: a token another
-        connection fetched since is kept (dropping it would cost one fetch per
-        rejected connection and, with the shared cache, mark a good token
-        rejected fleet-wide).
-        """
-        if isinstance(error, oracledb.DatabaseError):
-            err = error.args[0] if error.args else None
-            if getattr(err, "code", None) == _BAD_ACCESS_TOKEN and prepared.ctx is not None:
-                self.source.invalidate(prepared.ctx, token=prepared.token)
-                revoke_prepared(prepared.key, prepared)
 
     def _rebind_if_replaced(self, conn: Any) -> None:
         # The app's on-connect callback may set its own round_trip_callback
@@ -392,10 +380,27 @@ class _ConnectionBinding:
         else:
             built = build_from_parts(config, ctx, token, key[-1])
             prepared = Prepared(
-                token, built, _recheck_at(usable_until), key, ctx, binding.round_trip_failed
+                token, built, _recheck_at(usable_until), key, ctx, binding.on_round_trip_error
             )
         keep_prepared(key, prepared)
         return prepared
+
+
+def _round_trip_failed(config: EndUserSecConfig, prepared: Prepared, error: BaseException) -> None:
+    """A round trip made with ``prepared`` attached failed with ``error``.
+
+    When the database rejected the access token (revoked, or expired early),
+    drop *that* token, so the next round trip of every connection holding it
+    attaches a fresh one.  Compare-and-drop: a token another connection
+    fetched since is kept (dropping it would cost one fetch per rejected
+    connection and, with the shared cache, mark a good token rejected
+    fleet-wide).
+    """
+    if isinstance(error, oracledb.DatabaseError) and prepared.ctx is not None:
+        err = error.args[0] if error.args else None
+        if getattr(err, "code", None) == _BAD_ACCESS_TOKEN:
+            token_source_for(config).invalidate(prepared.ctx, token=prepared.token)
+            revoke_prepared(prepared.key, prepared)
 
 
 def _is_not_connected(exc: oracledb.InterfaceError) -> bool:
