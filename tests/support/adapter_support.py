@@ -9,6 +9,7 @@ server's per-round-trip records.
 from __future__ import annotations
 
 import contextlib
+import errno
 import random
 import re
 import threading
@@ -407,11 +408,24 @@ def waitress_server(app: Any, threads: int = 16) -> Iterator[str]:
     from waitress.server import create_server
 
     server = create_server(app, host="127.0.0.1", port=0, threads=threads)
-    thread = threading.Thread(target=server.run, daemon=True)
+    closing = threading.Event()
+
+    def run() -> None:
+        try:
+            server.run()
+        except OSError as exc:
+            # close() from this thread races the loop's select() on the closed
+            # socket (EBADF; Pylons/waitress#468, fixed upstream by #506): that
+            # is the server stopping, not a failure.
+            if not (closing.is_set() and exc.errno == errno.EBADF):
+                raise
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.effective_port}"
     finally:
+        closing.set()
         server.close()
         server.task_dispatcher.shutdown()
         thread.join(5)
