@@ -42,15 +42,10 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from .. import telemetry as _telemetry
-from .cache import (
-    FAILURE_MEMORY,
-    Fetcher,
-    FetchResult,
-    TokenCache,
-    _Entry,
-    _fetch_executor,
-    _Flight,
-)
+from ._entry import Fetcher, FetchResult, _Entry, _Flight
+from ._failures import FAILURE_MEMORY
+from ._pool import _fetch_executor
+from .cache import TokenCache
 
 if TYPE_CHECKING:
     from ..config import EndUserSecConfig
