@@ -16,7 +16,8 @@ custom modules).  It gives:
   re-raised per key for a short window (:data:`FAILURE_MEMORY`, or the
   provider's ``Retry-After`` within [:data:`MIN_RETRY_AFTER`,
   :data:`MAX_RETRY_AFTER`]); every :class:`~deepsec.errors.TokenAcquisitionError`
-  says in ``retry_after`` when the cache will fetch again.
+  says in ``retry_after`` when the cache will fetch again (other exceptions
+  pass through unchanged).
 
 Keys must hold no secret (build them with :func:`cache_key`).  The details,
 with the numbers: ``docs/tokens.md``.
