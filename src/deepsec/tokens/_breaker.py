@@ -3,9 +3,9 @@
 Internal module; :class:`CircuitBreaker` is public through
 :mod:`deepsec.tokens.shared`.  Redis is an optimisation, never a dependency:
 while it fails, requests go on with the in-process cache and direct fetches,
-one WARNING is logged per outage, and one probe is let through after 1 s,
-then 2, 4, 8, at most 10 s, so Redis is used again within seconds of coming
-back.
+one WARNING is logged per outage, and probes at growing intervals (from
+:data:`BREAKER_FIRST`, doubling up to :data:`BREAKER_MAX`) find it again
+within seconds of its return.
 """
 
 from __future__ import annotations
