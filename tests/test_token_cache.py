@@ -424,7 +424,7 @@ def test_a_failed_executor_submit_does_not_orphan_the_key(
     import threading
     import time as _time_mod
 
-    from deepsec.tokens import cache as cache_module
+    from deepsec.tokens import _pool
     from deepsec.tokens.cache import FetchResult, TokenCache
 
     cache = TokenCache(10)
@@ -435,10 +435,10 @@ def test_a_failed_executor_submit_does_not_orphan_the_key(
     async def main() -> None:
         executor = concurrent.futures.ThreadPoolExecutor(1)
         executor.shutdown()
-        monkeypatch.setattr(cache_module, "_executor", executor)
+        monkeypatch.setattr(_pool, "_executor", executor)
         with pytest.raises(RuntimeError):
             await cache.aget("k", fetch)
-        monkeypatch.setattr(cache_module, "_executor", None)
+        monkeypatch.setattr(_pool, "_executor", None)
 
     asyncio.run(main())
     done = threading.Event()

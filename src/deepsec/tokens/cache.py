@@ -1,41 +1,26 @@
-"""An in-process token cache built for load.
+"""The in-process token cache (L1) that every token source uses.
 
 :class:`TokenCache` is shared by every token source (Entra ID, OCI IAM and
 custom modules).  It gives:
 
 * **expiry with a safety margin**: a token is served only while
-  ``now < expires_at - margin`` where ``margin = min(skew, lifetime / 4)``, so
-  no caller ever receives a token that is about to expire on the wire;
-* **refresh-ahead**: once an entry enters its refresh window (the last
-  ``refresh_ahead`` seconds of its usable life, at most half of it), a hit
-  still returns the valid token at once and schedules *one* background
-  refresh on a daemon worker thread.  If that refresh fails, the old token
-  keeps serving until it really expires, and another refresh is tried a
-  little later;
+  ``now < expires_at - min(skew, lifetime / 4)``, never about to expire;
+* **refresh-ahead**: in the refresh window a hit still returns the valid
+  token at once and schedules *one* background refresh; if it fails, the old
+  token serves until it really expires;
 * **single-flight**: N concurrent misses for one key, from threads
   (:meth:`TokenCache.get`) or asyncio tasks (:meth:`TokenCache.aget`), make
-  exactly one fetch; the others wait for its result (or its exception);
-* **bounded size** with least-recently-used eviction (``maxsize``);
-* a **lock-free hit path**: :meth:`TokenCache.peek` and the hit path of
-  :meth:`TokenCache.get` are one dict lookup, one clock read and a float
-  compare (well under a microsecond; see ``bench/tokens.py``).
+  one fetch and share its result (or its exception);
+* **bounded size** (LRU) and a **lock-free hit path** (``bench/tokens.py``);
+* **failure memory**: a failed fetch is never cached as success, but is
+  re-raised per key for a short window (:data:`FAILURE_MEMORY`, or the
+  provider's ``Retry-After`` within [:data:`MIN_RETRY_AFTER`,
+  :data:`MAX_RETRY_AFTER`]); every :class:`~deepsec.errors.TokenAcquisitionError`
+  says in ``retry_after`` when the cache will fetch again (other exceptions
+  pass through unchanged).
 
-Keys must hold no secret: callers pass sha256 hex digests, built with
-:func:`cache_key`, never a raw client secret or user token.  (python-oracledb's
-plugin keyed its cache by tuples holding the client secret and the user's
-token.)
-
-Failures are never cached as success.  With ``failure_backoff > 0`` (the
-token sources use :data:`FAILURE_MEMORY`) a failed fetch is remembered *per
-key* and re-raised to callers at once, without calling the provider: requests
-queued behind a failing fetch fail fast instead of fetching again in waves,
-and a provider that is already failing is spared.  A provider's
-``Retry-After`` lengthens (or shortens) the window for that key only, capped
-at :data:`MAX_RETRY_AFTER`.  Every :class:`~deepsec.errors.TokenAcquisitionError`
-raised carries in ``retry_after`` the seconds until the cache will fetch
-again.  With ``wait_timeout`` a caller waiting for another caller's fetch
-gives up after that many seconds (``error="timeout"``).  Other exceptions
-pass through unchanged.
+Keys must hold no secret (build them with :func:`cache_key`).  The details,
+with the numbers: ``docs/tokens.md``.
 """
 
 from __future__ import annotations
@@ -43,20 +28,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
-import copy
-import hashlib
 import logging
 import math
-import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any, NamedTuple
 
 from .. import _jwt
 from .. import telemetry as _telemetry
 from ..errors import TokenAcquisitionError
+from ._entry import Fetcher, FetchResult, _Entry, _Flight
+from ._failures import FAILURE_MEMORY, MAX_RETRY_AFTER, MIN_RETRY_AFTER, FailureMemory
+from ._keys import KeyMemo, cache_key
+from ._pool import _fetch_executor, _refresher
 
 __all__ = [
     "DEFAULT_REFRESH_AHEAD",
@@ -83,184 +67,13 @@ DEFAULT_SKEW = 30.0
 #: treats a cached token as expired: so MSAL really goes to the network
 #: instead of handing back the token we want to replace.
 DEFAULT_REFRESH_AHEAD = 240.0
-#: Seconds a failed fetch is remembered per key by the token sources (when
-#: the provider sent no ``Retry-After``).
-FAILURE_MEMORY = 5.0
-#: Longest a provider's ``Retry-After`` is honoured (seconds).  MSAL honours
-#: up to an hour: one throttled answer then failed every request long after
-#: the provider had recovered.
-MAX_RETRY_AFTER = 10.0
-#: Shortest window a provider's ``Retry-After`` can set (seconds), so a queue
-#: of callers behind a failed fetch still fails fast.
-MIN_RETRY_AFTER = 1.0
 
 _time = time.time
-
-
-class FetchResult(NamedTuple):
-    """What a fetch returns: the token and its absolute expiry (epoch seconds).
-
-    With ``exact=True`` the safety margin is not applied: ``expires_at`` is
-    already the moment the token stops being served (opaque tokens with a
-    fixed lifetime).
-    """
-
-    token: str
-    expires_at: float
-    exact: bool = False
-
-
-#: A blocking callable returning a fresh token; it may raise.
-Fetcher = Callable[[], FetchResult]
-
-
-def cache_key(*parts: object) -> str:
-    """A cache key for ``parts`` that holds no secret: a sha256 hex digest.
-
-    Each part is length-prefixed with its type name, so ``("ab", "c")`` and
-    ``("a", "bc")`` differ, as do ``1`` and ``"1"``.
-    """
-    h = hashlib.sha256()
-    for part in parts:
-        raw = part.encode() if isinstance(part, str) else repr(part).encode()
-        h.update(f"{type(part).__name__}:{len(raw)}:".encode())
-        h.update(raw)
-    return h.hexdigest()
-
-
-class KeyMemo:
-    """Remembers the cache key derived from recently seen identity objects.
-
-    Deriving a key hashes the identity (a user token can be kilobytes: a few
-    microseconds), and ``cached_token`` runs before every database operation.
-    The memo is keyed by ``id(obj)`` and checked with ``is``: each entry keeps
-    its object alive, so the id cannot be reused by another object while the
-    entry exists, and identities (``str`` or tuples of ``str``) are immutable.
-    Bounded: cleared when ``maxsize`` is reached.
-    """
-
-    __slots__ = ("_data", "_derive", "_maxsize")
-
-    def __init__(self, derive: Callable[[Any], str], maxsize: int = 4096) -> None:
-        self._derive = derive
-        self._maxsize = maxsize
-        self._data: dict[int, tuple[object, str]] = {}
-
-    def key(self, obj: object) -> str:
-        """The key for ``obj`` (derived once per object while remembered)."""
-        hit = self._data.get(id(obj))
-        if hit is not None and hit[0] is obj:
-            return hit[1]
-        key = self._derive(obj)
-        if len(self._data) >= self._maxsize:
-            self._data.clear()
-        self._data[id(obj)] = (obj, key)
-        return key
 
 
 def jwt_expiry(token: str) -> float | None:
     """The ``exp`` claim of a JWT (not verified), or ``None`` if it has none."""
     return _jwt.expiry(token)
-
-
-class _Entry:
-    """A cached token.  ``refresh_at`` is moved forward when a refresh starts."""
-
-    __slots__ = ("expires_at", "fetch", "refresh_at", "token")
-
-    def __init__(self, token: str, expires_at: float, refresh_at: float, fetch: Fetcher) -> None:
-        self.token = token
-        self.expires_at = expires_at
-        self.refresh_at = refresh_at
-        self.fetch = fetch
-
-    def __repr__(self) -> str:  # never show the token
-        return f"_Entry(expires_at={self.expires_at:.3f}, refresh_at={self.refresh_at:.3f})"
-
-
-class _Refresher:
-    """A few daemon threads running background refreshes from a queue."""
-
-    def __init__(self, max_workers: int = 4) -> None:
-        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._max = max_workers
-        self._workers = 0
-        self._idle = 0
-        self._lock = threading.Lock()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        with self._lock:
-            spawn = self._idle == 0 and self._workers < self._max
-            if spawn:
-                self._workers += 1
-        self._queue.put(job)
-        if spawn:
-            threading.Thread(target=self._run, name="deepsec-token-refresh", daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                self._idle += 1
-            try:
-                job = self._queue.get(timeout=30.0)
-            except queue.Empty:
-                with self._lock:
-                    self._idle -= 1
-                    if not self._queue.empty():
-                        # submit() saw this worker idle and queued a job for it.
-                        continue
-                    self._workers -= 1
-                return
-            with self._lock:
-                self._idle -= 1
-            if job is None:  # pragma: no cover - not used
-                return
-            try:
-                job()
-            except BaseException:  # pragma: no cover - jobs handle their own errors
-                logger.exception("background token refresh crashed")
-
-
-_refresher = _Refresher()
-
-_executor: concurrent.futures.ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
-
-
-def _fetch_executor() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that run :meth:`TokenCache.aget` fetches (created on first use)."""
-    global _executor
-    if _executor is None:
-        with _executor_lock:
-            if _executor is None:
-                _executor = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=32, thread_name_prefix="deepsec-token-fetch"
-                )
-    return _executor
-
-
-class _Flight(concurrent.futures.Future[str]):
-    """A lookup's in-flight (or settled) fetch; ``source`` tells telemetry who answered."""
-
-    #: ``idp``; ``l2`` when a shared cache answered; ``l1`` for a race lost to a store.
-    source = "idp"
-
-
-def _recalled(exc: BaseException, left: float) -> BaseException:
-    """A remembered failure to raise again: a copy with ``retry_after`` = time left.
-
-    A copy, because concurrent callers raise it at the same time (each raise
-    would otherwise add to one shared traceback).
-    """
-    if not isinstance(exc, TokenAcquisitionError):
-        return exc
-    try:
-        again = copy.copy(exc)
-    except Exception:  # a subclass that cannot be copied: share the original
-        return exc
-    again.retry_after = left
-    again.__traceback__ = None
-    return again
 
 
 class TokenCache:
@@ -309,7 +122,7 @@ class TokenCache:
         self.name = name
         self._data: OrderedDict[str, _Entry] = OrderedDict()
         self._inflight: dict[str, _Flight] = {}
-        self._failures: dict[str, tuple[float, BaseException]] = {}
+        self._failures = FailureMemory()
         self._lock = threading.Lock()
         #: Number of fetches started (misses + background refreshes).
         self.fetches = 0
@@ -489,14 +302,11 @@ class TokenCache:
                 future.source = "l1"
                 future.set_result(entry.token)
                 return future, False
-            failure = self._failures.get(key)
+            failure = self._failures.recall(key, _time)
             if failure is not None:
-                left = failure[0] - _time()
-                if left > 0:
-                    future = _Flight()
-                    future.set_exception(_recalled(failure[1], left))
-                    return future, False
-                del self._failures[key]
+                future = _Flight()
+                future.set_exception(failure)
+                return future, False
             inflight = self._inflight.get(key)
             if inflight is not None:
                 return inflight, False
@@ -546,30 +356,8 @@ class TokenCache:
             return fetch()
 
     def _remember(self, key: str, exc: BaseException) -> None:
-        """Remember a failed fetch for ``key`` (under ``self._lock``).
-
-        Sets ``retry_after`` of a :class:`TokenAcquisitionError` to the window
-        really applied (``None`` when nothing is remembered), so what clients
-        are told matches what the cache does.
-        """
-        if not isinstance(exc, Exception) or self.failure_backoff <= 0:
-            if isinstance(exc, TokenAcquisitionError):
-                exc.retry_after = None
-            return
-        window = self.failure_backoff
-        if isinstance(exc, TokenAcquisitionError):
-            hint = exc.retry_after
-            if hint is not None and math.isfinite(hint):
-                window = min(max(hint, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
-            exc.retry_after = window
-        now = _time()
-        if len(self._failures) >= self.maxsize:  # bounded like the tokens
-            for stale in [k for k, (until, _) in self._failures.items() if until <= now]:
-                del self._failures[stale]
-            while len(self._failures) >= self.maxsize:
-                del self._failures[next(iter(self._failures))]
-        self._failures.pop(key, None)
-        self._failures[key] = (now + window, exc)
+        """Remember a failed fetch for ``key`` (under ``self._lock``; see :mod:`._failures`)."""
+        self._failures.remember(key, exc, self.failure_backoff, self.maxsize, _time)
 
     # --- refresh-ahead ---------------------------------------------------------
 
@@ -662,7 +450,7 @@ class TokenCache:
                 if entry is None or entry.token != token:
                     return
             self._data.pop(key, None)
-            self._failures.pop(key, None)
+            self._failures.forget(key)
 
     def clear(self) -> None:
         """Forget every entry and remembered failure (in-flight fetches finish)."""
