@@ -378,19 +378,27 @@ def test_jwt_expiry() -> None:
     assert jwt_expiry("a.%%%.c") is None
 
 
-def test_failed_refresh_retry_never_extends_past_expiry() -> None:
+def test_failed_refresh_retry_never_extends_past_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
     # the retry interval after a failed refresh must not push the hit path's
-    # refresh_at beyond the expiry (the hit path checks refresh_at alone)
+    # refresh_at beyond the expiry (the hit path checks refresh_at alone).
+    # The cache's clock is frozen at chosen instants: real sleeps made this
+    # depend on the machine's load.
+    from deepsec.tokens import cache as cache_module
+
     cache = TokenCache(10, skew=0.0, refresh_ahead=10.0)
-    fetch = Fetcher(lifetime=0.6)
+    fetch = Fetcher(lifetime=60.0)
     cache.get("k", fetch)
     fetch.fail = TokenAcquisitionError("down", error="connection_error")
     expires = cache.expires_at("k")
     assert expires is not None
-    time.sleep(0.55)  # inside the window, 50 ms before expiry: retry interval is 0.2 s
-    assert cache.peek("k") == "token-1"
-    time.sleep(0.1)
-    assert time.time() > expires
+    now = [expires - 0.05]  # inside the window, 50 ms before expiry: retry interval is 0.2 s
+    monkeypatch.setattr(cache_module, "_time", lambda: now[0])
+    assert cache.peek("k") == "token-1"  # schedules the refresh, which fails
+    deadline = time.monotonic() + 10
+    while cache.refresh_failures == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fetch.calls == 2 and cache.refresh_failures == 1
+    now[0] = expires + 0.01
     assert cache.peek("k") is None
 
 
