@@ -320,15 +320,16 @@ def _otel_mode(mode: str, source: Any) -> Iterator[None]:
     provider configured (the API's no-op); ``sdk``: an SDK MeterProvider and
     TracerProvider recording everything."""
     from deepsec import telemetry
+    from deepsec.telemetry import instruments  # owns _active, the global the events read
 
     if mode == "absent":
-        saved_active, saved_cache = telemetry._active, source.cache.telemetry
-        telemetry._active = None
+        saved_active, saved_cache = instruments._active, source.cache.telemetry
+        instruments._active = None
         source.cache.telemetry = telemetry.NO_TOKEN_TELEMETRY
         try:
             yield
         finally:
-            telemetry._active, source.cache.telemetry = saved_active, saved_cache
+            instruments._active, source.cache.telemetry = saved_active, saved_cache
     elif mode == "api":
         yield
     else:

@@ -1,0 +1,186 @@
+"""The instruments events are recorded with, loaded lazily, and the context-change event.
+
+``opentelemetry`` is imported on the first event, not before: without it
+nothing is imported and ``_active`` becomes ``None``.  Tests and the demo
+swap in their own providers with :func:`use_providers`.
+
+:func:`record_context_change` lives here, beside ``_active``, because it
+reads that global inline: it runs once per pooled request, so it saves the
+call to ``_instruments()``.  Code that swaps the instruments (``bench/hook.py``
+simulating an absent OpenTelemetry) must write *this* module's ``_active``:
+the package does not re-export it, since a copy would not be the one read.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Final
+
+from .names import (
+    ATTR_CONTEXT_ACTION,
+    CONTEXT_ACTIONS,
+    CONTEXT_CHANGES,
+    INSTRUMENTATION_NAME,
+    REQUESTS_REJECTED,
+    TOKEN_FETCH_DURATION,
+    TOKEN_REQUESTS,
+)
+
+if TYPE_CHECKING:
+    from ..context import EndUserContext
+
+
+class _Instruments:
+    """The instruments and tracer events are recorded with (one set at a time)."""
+
+    __slots__ = (
+        "context_changes",
+        "error_code",
+        "fetch_duration",
+        "get_current_span",
+        "internal_kind",
+        "rejected",
+        "status",
+        "token_requests",
+        "tracer",
+    )
+
+    def __init__(self, meter_provider: Any = None, tracer_provider: Any = None) -> None:
+        from opentelemetry import metrics, trace
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        from .. import __version__
+
+        # Without explicit providers the global ones are used; before the app
+        # configures them the API hands out proxies that start recording once
+        # it does, so importing deepsec early loses nothing.
+        meter = (meter_provider or metrics.get_meter_provider()).get_meter(
+            INSTRUMENTATION_NAME, __version__
+        )
+        self.tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(
+            INSTRUMENTATION_NAME, __version__
+        )
+        self.token_requests = meter.create_counter(
+            TOKEN_REQUESTS,
+            unit="{request}",
+            description="Token lookups by the hook, prepare() or an adapter, by where "
+            "the answer came from",
+        )
+        self.fetch_duration = meter.create_histogram(
+            TOKEN_FETCH_DURATION,
+            unit="s",
+            description="Duration of each call to the identity provider",
+        )
+        self.context_changes = meter.create_counter(
+            CONTEXT_CHANGES,
+            unit="{change}",
+            description="End-user security contexts set, switched or cleared on connections",
+        )
+        self.rejected = meter.create_counter(
+            REQUESTS_REJECTED,
+            unit="{request}",
+            description="Requests the web adapters answered themselves instead of the app",
+        )
+        self.get_current_span = trace.get_current_span
+        self.internal_kind = SpanKind.INTERNAL
+        self.status: Any = Status
+        self.error_code: Any = StatusCode.ERROR
+
+
+# The package's name (what docs/logging.md lists), not this module's.
+log = logging.getLogger("deepsec.telemetry")
+_lock = threading.Lock()
+_NOT_LOADED: Any = object()
+#: The active instruments; None when opentelemetry is not importable.
+_active: Any = _NOT_LOADED
+
+
+def _load() -> _Instruments | None:
+    global _active
+    with _lock:
+        if _active is _NOT_LOADED:
+            try:
+                _active = _Instruments()
+            except ImportError:
+                _active = None
+            except Exception as exc:
+                # A broken OpenTelemetry install (a half-upgraded package, a
+                # provider that raises) must never fail a statement: record
+                # nothing in this process, say so once.  The class name only:
+                # the text is the library's, not ours to vouch for.
+                _active = None
+                log.warning(
+                    "OpenTelemetry is installed but could not be loaded (%s); deepsec "
+                    "records no metrics or traces in this process",
+                    type(exc).__name__,
+                )
+        return _active  # type: ignore[no-any-return]
+
+
+def _instruments() -> _Instruments | None:
+    active = _active
+    if active is _NOT_LOADED:
+        return _load()
+    return active  # type: ignore[no-any-return]
+
+
+def available() -> bool:
+    """Whether ``opentelemetry`` is importable (events are recorded)."""
+    return _instruments() is not None
+
+
+@contextmanager
+def use_providers(meter_provider: Any = None, tracer_provider: Any = None) -> Iterator[None]:
+    """Record to these providers instead of the global ones, until the block ends.
+
+    For tests and the demo, which cannot replace the process-wide providers
+    (OpenTelemetry allows setting them once).  Applications configure the
+    global providers and never call this.  A provider left ``None`` is the
+    global one.  Raises ``ImportError`` when opentelemetry is not installed.
+    """
+    global _active
+    instruments = _Instruments(meter_provider, tracer_provider)
+    with _lock:
+        previous = _active
+        _active = instruments
+    try:
+        yield
+    finally:
+        with _lock:
+            _active = previous
+
+
+# -- contexts ----------------------------------------------------------------------
+
+
+_ACTION_ATTRS: Final = {a: {ATTR_CONTEXT_ACTION: a} for a in CONTEXT_ACTIONS}
+
+
+def record_context_change(previous: EndUserContext | None, current: EndUserContext | None) -> None:
+    """Count a connection's context going from ``previous`` to ``current``.
+
+    ``None`` is "no end-user context".  None to a context is ``set``, a
+    context to another (unequal) one ``switch``, a context to None
+    ``clear``; an equal context attached again (a refreshed token) is no
+    change.  Called only where the hook touches a connection, never on its
+    hot path.
+    """
+    inst = _active  # (_instruments(), inline: a pool's every request attaches)
+    if inst is _NOT_LOADED:
+        inst = _load()
+    if inst is None:
+        return
+    if current is None:
+        if previous is None:
+            return
+        action = "clear"
+    elif previous is None:
+        action = "set"
+    elif previous == current:
+        return
+    else:
+        action = "switch"
+    inst.context_changes.add(1, _ACTION_ATTRS[action])
