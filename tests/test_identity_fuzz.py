@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from deepsec import EndUserContext, current_end_user
-from deepsec.context import validate_identity
+from deepsec._validation import validate_identity
 from deepsec.web import (
     MalformedIdentity,
     WebSettings,

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator, Sequence
 from urllib.parse import unquote
 
-from .context import Identity, validate_identity
+from ._validation import Identity, validate_identity
 from .errors import DeepSecError, IdentityError
 
 __all__ = [

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Literal
 
-from .context import validate_attributes, validate_data_roles
+from ._validation import validate_attributes, validate_data_roles
 from .errors import ConfigError, IdentityError
 
 __all__ = ["BUILTIN_SPI_TYPES", "EndUserSecConfig", "parse_end_user_sec_params"]

@@ -42,7 +42,8 @@ from ._identity_parse import (
 )
 from ._rejections import Reason, Rejection, deny
 from ._rejections import rejection_for_error as _rejection_for_error
-from .context import EndUserContext, Identity, validate_identity
+from ._validation import validate_identity
+from .context import EndUserContext, Identity
 from .errors import ConfigError, IdentityError
 
 __all__ = [
