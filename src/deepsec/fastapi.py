@@ -39,14 +39,16 @@ and cost nothing per request: the dependency itself is the bearer scheme, and
 the cookie scheme is added to the document when FastAPI builds it (this module
 wraps ``FastAPI.openapi``; a sub-dependency would be solved on every request).
 When the ASGI middleware (:class:`deepsec.asgi.EndUserSecMiddleware`)
-already resolved the request by the same settings, the dependency reuses that
-context.  Settings: the one table in ``docs/settings.md``; use
-:class:`EndUserIdentity` to change them.
+already resolved the request by the same settings (its activation is the
+current one), the dependency reuses that context.  Settings: the one table
+in ``docs/settings.md``; use :class:`EndUserIdentity` to change them.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections import deque
+from contextlib import AsyncExitStack
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, WebSocketException
@@ -56,10 +58,10 @@ from fastapi.openapi.models import SecurityBase as SecurityBaseModel
 from fastapi.security.base import SecurityBase
 from starlette.requests import HTTPConnection
 
-from .asgi import SCOPE_KEY, SETTINGS_KEY, _identity_headers
-from .context import Activation, EndUserContext
-from .lifecycle import TOKEN_CONFIGS, answer, fetch_tokens, start
-from .web import Rejection, WebSettings
+from .asgi import _identity_headers, _raw_key
+from .context import _EMPTY, EndUserContext, _current
+from .lifecycle import TOKEN_CONFIGS, RequestLease, answer, fetch_tokens, start
+from .web import Rejection, Resolution, WebSettings, remember_alias
 
 __all__ = ["EndUser", "EndUserIdentity", "end_user_identity"]
 
@@ -150,6 +152,12 @@ class EndUserIdentity:
                     # the OpenAPI document instead (_declare_cookie_schemes).
                     self.cookie_scheme = _CookieScheme(s.cookie_name)
                     _cookie_schemes[:] = [self.cookie_scheme]
+        # Whether a resolution may be looked up by the raw header bytes (as
+        # in the ASGI middleware): it depends on them alone, nothing recorded.
+        self._by_bytes = s._cacheable and not s.record_end_user
+        self._remembered: dict[tuple[Any, ...], tuple[Resolution, tuple[str, ...]]] = (
+            s._resolved if self._by_bytes else {}
+        )
         # FastAPI reads the dependency's parameters from this signature.
         self.__signature__ = inspect.Signature(params, return_annotation=EndUserContext | None)
 
@@ -161,29 +169,35 @@ class EndUserIdentity:
         """Resolve and activate the end-user context; FastAPI ends it after the response."""
         scope = connection.scope
         settings = self.settings
-        done = scope.get(SETTINGS_KEY)
-        if done is not None and (done is settings or done == settings):
-            # Resolved already by the same rules (the ASGI middleware, or this
-            # dependency declared twice).  A laxer middleware's resolution is
-            # not reused: this dependency's deny/strict/resolver choices hold.
-            ctx: EndUserContext | None = scope[SCOPE_KEY]
-            return ctx
-        cookie_header, authorization = _identity_headers(scope["headers"])
-        # Synchronous unless tokens must be fetched (lifecycle.needs_tokens,
-        # inlined like the rest of this hot path: every call costs here).
-        outcome = start(
-            settings,
-            connection,
-            cookie_header=cookie_header,
-            authorization=authorization,
-            lease=_DependencyLease,
-        )
-        if isinstance(outcome, Rejection):
-            raise _exception(scope, outcome)
-        ctx = outcome.context
-        if ctx.identity is None:
-            ctx = None
-        elif TOKEN_CONFIGS:
+        current = _current.get()
+        if (
+            isinstance(current, RequestLease)
+            and current.active
+            and (current.settings is settings or current.settings == settings)
+        ):
+            # This request was resolved already by the same rules (the ASGI
+            # middleware, or this dependency declared twice).  A laxer
+            # middleware's resolution is not reused: this dependency's
+            # deny/strict/resolver choices hold.
+            done = current.context
+            return done if done.identity is not None else None
+        # The hot path, as in the ASGI middleware: a repeat of earlier raw
+        # header bytes is one lookup of the resolution they got.
+        try:
+            hit = self._remembered.get(_raw_key(scope["headers"]))
+        except TypeError:  # a server gave headers that are not bytes
+            hit = None
+        if hit is not None:
+            # Activation's __init__, inlined as in the ASGI middleware.
+            ctx = hit[0].context
+            outcome = _new_lease(_DependencyLease)
+            outcome.context = _EMPTY if ctx is None else ctx
+            outcome.active = True
+            outcome._children = None
+            outcome._token = _set_current(outcome)
+        else:
+            outcome, ctx = self._start(connection)
+        if ctx is not None and TOKEN_CONFIGS:  # needs_tokens(), inlined
             fetched = await fetch_tokens(outcome, settings)
             if isinstance(fetched, Rejection):
                 raise _exception(scope, fetched)
@@ -191,21 +205,47 @@ class EndUserIdentity:
         if stack is None:  # pragma: no cover - FastAPI older than 0.118
             outcome.end()
             raise RuntimeError("deepsec.fastapi needs FastAPI 0.118 or later")
-        # FastAPI closes this stack after the response is sent (in this task).
-        # push(lease): its __exit__ answers endpoint errors, then ends the
-        # identity -- one object and one push per request.
+        # FastAPI closes this stack after the response is sent (in this task):
+        # the lease's __exit__ answers endpoint errors, then ends the identity.
         outcome.scope = scope
         outcome.settings = settings
         outcome.in_endpoint = True
-        stack.push(outcome)
-        scope[SCOPE_KEY] = ctx
-        scope[SETTINGS_KEY] = settings
         function_stack = scope.get("fastapi_function_astack")
-        if function_stack is not None:
-            # An object with __exit__: push() of a plain callable first fails
-            # an attribute lookup (an exception per request, ~1 us).
-            function_stack.push(_EndpointDone(outcome))
+        if _DIRECT_PUSH:
+            # What stack.push() stores, without its three calls per push.
+            stack._exit_callbacks.append((True, outcome.__exit__))
+            if function_stack is not None:
+                function_stack._exit_callbacks.append((True, outcome.endpoint_done))
+        else:  # pragma: no cover - a contextlib without _exit_callbacks
+            stack.push(outcome)
+            if function_stack is not None:
+                function_stack.push(_EndpointDone(outcome))
         return ctx
+
+    def _start(self, connection: HTTPConnection) -> tuple[_DependencyLease, EndUserContext | None]:
+        """Resolve and activate in full (:func:`deepsec.lifecycle.start`); and the end user.
+
+        Raises the rejection as an ``HTTPException`` (``WebSocketException``).
+        A resolution remembered under the decoded header values is
+        remembered under their bytes as well (the hot path's key).
+        """
+        scope = connection.scope
+        cookie_header, authorization = _identity_headers(scope["headers"])
+        outcome = start(
+            self.settings,
+            connection,
+            cookie_header=cookie_header,
+            authorization=authorization,
+            lease=_DependencyLease,
+        )
+        if isinstance(outcome, Rejection):
+            raise _exception(scope, outcome)
+        if self._by_bytes:
+            remember_alias(
+                self.settings, (cookie_header, authorization, None), _raw_key(scope["headers"])
+            )
+        ctx = outcome.context
+        return outcome, (ctx if ctx.identity is not None else None)
 
 
 class _DeclaredEndUserIdentity(EndUserIdentity, SecurityBase):
@@ -262,7 +302,7 @@ def _openapi(self: FastAPI) -> dict[str, Any]:
 FastAPI.openapi = _openapi  # type: ignore[method-assign]
 
 
-class _DependencyLease(Activation):
+class _DependencyLease(RequestLease):
     """One request's identity lease that also answers deepsec's endpoint errors.
 
     Pushed on FastAPI's request stack (its ``__exit__`` runs after the
@@ -276,10 +316,9 @@ class _DependencyLease(Activation):
     a *handled* error after the response started into a RuntimeError).
     """
 
-    __slots__ = ("in_endpoint", "scope", "settings")
+    __slots__ = ("in_endpoint", "scope")
 
     scope: Any
-    settings: WebSettings
     in_endpoint: bool
 
     def __exit__(self, *exc_info: object) -> None:
@@ -290,6 +329,11 @@ class _DependencyLease(Activation):
         finally:
             self.end()
             self.scope = None  # tasks that outlive the request keep no scope
+
+    def endpoint_done(self, exc_type: object, exc: object, tb: object) -> None:
+        """Exit callback of the endpoint's (function) stack: see :class:`_EndpointDone`."""
+        if exc_type is None:
+            self.in_endpoint = False
 
     def _answer(self, exc: Exception) -> None:
         handlers = self.scope.get("starlette.exception_handlers")
@@ -315,6 +359,26 @@ class _EndpointDone:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
             self.lease.in_endpoint = False
+
+
+def _direct_push_works() -> bool:
+    """Whether ``AsyncExitStack.push(cm)`` stores ``(True, cm.__exit__)`` in ``_exit_callbacks``.
+
+    Checked once, on the contextlib in use: then the dependency appends that
+    itself (``push`` costs three Python calls per request); else it pushes.
+    """
+    probe = _EndpointDone(None)  # type: ignore[arg-type]
+    stack = AsyncExitStack()
+    callbacks = getattr(stack, "_exit_callbacks", None)
+    if not isinstance(callbacks, deque):
+        return False
+    stack.push(probe)  # type: ignore[type-var]
+    return list(callbacks) == [(True, probe.__exit__)]
+
+
+_DIRECT_PUSH = _direct_push_works()
+_new_lease = object.__new__
+_set_current = _current.set
 
 
 def _handler_for(by_type: Any, mro: tuple[type, ...]) -> Any:
