@@ -252,20 +252,20 @@ class EndUserSecMiddleware:
             # answer 401/503 if the response has not started -- also when a
             # framework inside already answered 500 (held back by send()).
             held = lease._state
-            rejection = None if held is _STARTED else answer(exc, settings)
+            lease._state = True  # tasks that outlive the request keep no message
+            rejection = None if held is True else answer(exc, settings)
             if rejection is None:
-                if held is not None and held is not _STARTED:
+                if held is not None and held is not True:
                     await _flush(send, held)
                 raise
             await _reject(scope, receive, send, rejection)
         else:
             held = lease._state
-            if held is not None and held is not _STARTED:
+            if held is not None and held is not True:
                 # A 500 without an exception reaching us: send it after all.
+                lease._state = True
                 await _flush(send, held)
         finally:
-            # Tasks that outlive the request keep no message, and send nothing.
-            lease._state = _STARTED
             # Activation.end(), inlined for the common case: no values derived
             # by the plugin-style setters, and this task set the token.
             token = lease._token
@@ -329,14 +329,14 @@ class _Exchange(RequestLease):
     __slots__ = ("_held_size", "_send", "_state")
 
     _send: Send
-    #: ``None``: nothing sent yet; ``_STARTED``: the response started; a
+    #: ``None``: nothing sent yet; ``True``: the response started; a
     #: list: the messages of a 500 held back (``_held_size`` body bytes).
     _state: Any
     _held_size: int
 
     def send(self, message: Message) -> Awaitable[None]:
         state = self._state
-        if state is _STARTED:  # the common path once the status line is out
+        if state is True:  # the common path once the status line is out
             return self._send(message)
         if state is None:
             kind = message["type"]
@@ -345,20 +345,18 @@ class _Exchange(RequestLease):
                     self._state = [message]
                     self._held_size = 0
                     return _nothing()
-                self._state = _STARTED
+                self._state = True
             elif kind in _WS_STARTS:
-                self._state = _STARTED
+                self._state = True
             return self._send(message)
         state.append(message)
         self._held_size += len(message.get("body", b""))
         if message.get("more_body", False) or self._held_size > HELD_500_LIMIT:
-            self._state = _STARTED
+            self._state = True
             return _flush(self._send, state)
         return _nothing()
 
 
-#: ``_Exchange._state`` once the response started.
-_STARTED = object()
 _new_exchange = object.__new__
 _set_current = _current.set
 _WS_STARTS = frozenset({"websocket.accept", "websocket.close", "websocket.http.response.start"})

@@ -58,7 +58,7 @@ from fastapi.openapi.models import SecurityBase as SecurityBaseModel
 from fastapi.security.base import SecurityBase
 from starlette.requests import HTTPConnection
 
-from .asgi import _identity_headers, _raw_key
+from .asgi import _BYTES, _REPEATED, _identity_headers, _raw_key
 from .context import _EMPTY, EndUserContext, _current
 from .lifecycle import TOKEN_CONFIGS, RequestLease, answer, fetch_tokens, start
 from .web import Rejection, Resolution, WebSettings, remember_alias
@@ -183,8 +183,16 @@ class EndUserIdentity:
             return done if done.identity is not None else None
         # The hot path, as in the ASGI middleware: a repeat of earlier raw
         # header bytes is one lookup of the resolution they got.
+        # _raw_key(), inlined: every call costs here.
+        cookie: Any = None
+        authorization: Any = None
+        for name, value in scope["headers"]:
+            if name == b"cookie":
+                cookie = value if cookie is None else _REPEATED
+            elif name == b"authorization":
+                authorization = value if authorization is None else _REPEATED
         try:
-            hit = self._remembered.get(_raw_key(scope["headers"]))
+            hit = self._remembered.get((_BYTES, cookie, authorization))
         except TypeError:  # a server gave headers that are not bytes
             hit = None
         if hit is not None:
@@ -323,12 +331,27 @@ class _DependencyLease(RequestLease):
 
     def __exit__(self, *exc_info: object) -> None:
         exc = exc_info[1]
-        try:
-            if exc is not None and self.in_endpoint and isinstance(exc, Exception):
-                self._answer(exc)
-        finally:
+        if exc is not None:
+            try:
+                if self.in_endpoint and isinstance(exc, Exception):
+                    self._answer(exc)
+            finally:
+                self.end()
+                self.scope = None  # tasks that outlive the request keep no scope
+            return
+        self.scope = None
+        # Activation.end(), inlined for the common case (as in the ASGI
+        # middleware): no values derived by the plugin-style setters.
+        token = self._token
+        if self._children is None and token is not None:
+            self.active = False
+            self._token = None
+            try:  # noqa: SIM105 - a plain try costs nothing per request
+                _current.reset(token)
+            except ValueError:
+                pass  # set in another Context: its copy reads as ended anyway
+        else:
             self.end()
-            self.scope = None  # tasks that outlive the request keep no scope
 
     def endpoint_done(self, exc_type: object, exc: object, tb: object) -> None:
         """Exit callback of the endpoint's (function) stack: see :class:`_EndpointDone`."""
