@@ -213,21 +213,25 @@ class EndUserIdentity:
         if stack is None:  # pragma: no cover - FastAPI older than 0.118
             outcome.end()
             raise RuntimeError("deepsec.fastapi needs FastAPI 0.118 or later")
-        # FastAPI closes this stack after the response is sent (in this task):
-        # the lease's __exit__ answers endpoint errors, then ends the identity.
+        # FastAPI closes the endpoint's (function) stack when the endpoint
+        # returned, then this one after the response is sent (in this task):
+        # the lease's __exit__ is called on both, one bound method in one
+        # tuple.  It notes the first; on the second it answers endpoint
+        # errors, then ends the identity.
         outcome.scope = scope
         outcome.settings = settings
-        outcome.in_endpoint = True
         function_stack = scope.get("fastapi_function_astack")
+        outcome.phase = _ENDPOINT if function_stack is not None else _ENDPOINT_FAILED
         if _DIRECT_PUSH:
-            # What stack.push() stores, without its three calls per push.
-            stack._exit_callbacks.append((True, outcome.__exit__))
+            # What stack.push(outcome) stores, without its three calls per push.
+            callback = (True, outcome.__exit__)
+            stack._exit_callbacks.append(callback)
             if function_stack is not None:
-                function_stack._exit_callbacks.append((True, outcome.endpoint_done))
+                function_stack._exit_callbacks.append(callback)
         else:  # pragma: no cover - a contextlib without _exit_callbacks
             stack.push(outcome)
             if function_stack is not None:
-                function_stack.push(_EndpointDone(outcome))
+                function_stack.push(outcome)
         return ctx
 
     def _start(self, connection: HTTPConnection) -> tuple[_DependencyLease, EndUserContext | None]:
@@ -313,8 +317,9 @@ FastAPI.openapi = _openapi  # type: ignore[method-assign]
 class _DependencyLease(RequestLease):
     """One request's identity lease that also answers deepsec's endpoint errors.
 
-    Pushed on FastAPI's request stack (its ``__exit__`` runs after the
-    response): an error the endpoint raised (ORA-52601, a provider failure,
+    Pushed on the endpoint's (function) stack, which tells it the endpoint
+    returned, and on FastAPI's request stack (that ``__exit__`` runs after
+    the response): an error the endpoint raised (ORA-52601, a provider failure,
     ``TokenNotReadyError``) becomes the same ``HTTPException`` a resolution
     failure is, which Starlette answers; the identity ends either way.
     Nothing is added to the app's exception handlers, so the app's own
@@ -324,16 +329,22 @@ class _DependencyLease(RequestLease):
     a *handled* error after the response started into a RuntimeError).
     """
 
-    __slots__ = ("in_endpoint", "scope")
+    __slots__ = ("phase", "scope")
 
     scope: Any
-    in_endpoint: bool
+    #: Where the request is: :data:`_ENDPOINT`, :data:`_ENDPOINT_FAILED` or
+    #: :data:`_RESPONSE` (an error now may come from a started response).
+    phase: int
 
     def __exit__(self, *exc_info: object) -> None:
+        phase = self.phase
+        if phase == _ENDPOINT:  # the endpoint's stack closes (the request's stays)
+            self.phase = _RESPONSE if exc_info[0] is None else _ENDPOINT_FAILED
+            return
         exc = exc_info[1]
         if exc is not None:
             try:
-                if self.in_endpoint and isinstance(exc, Exception):
+                if phase == _ENDPOINT_FAILED and isinstance(exc, Exception):
                     self._answer(exc)
             finally:
                 self.end()
@@ -353,11 +364,6 @@ class _DependencyLease(RequestLease):
         else:
             self.end()
 
-    def endpoint_done(self, exc_type: object, exc: object, tb: object) -> None:
-        """Exit callback of the endpoint's (function) stack: see :class:`_EndpointDone`."""
-        if exc_type is None:
-            self.in_endpoint = False
-
     def _answer(self, exc: Exception) -> None:
         handlers = self.scope.get("starlette.exception_handlers")
         if handlers is not None and _handler_for(handlers[0], type(exc).__mro__) is not None:
@@ -367,21 +373,18 @@ class _DependencyLease(RequestLease):
             raise _exception(self.scope, rejection) from exc
 
 
-class _EndpointDone:
-    """Exit callback of the endpoint's (function) stack.
+#: _DependencyLease.phase: the endpoint runs (its stack is open).
+_ENDPOINT = 2
+#: The endpoint raised (or, without an endpoint stack, it may have): answer.
+_ENDPOINT_FAILED = 0
+#: The endpoint returned: an error comes from sending the response, which may
+#: have started, so it passes unchanged.
+_RESPONSE = 1
 
-    An error after the endpoint returned comes from sending the response,
-    which may have started: the lease must then let it pass unchanged.
-    """
 
-    __slots__ = ("lease",)
-
-    def __init__(self, lease: _DependencyLease) -> None:
-        self.lease = lease
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.lease.in_endpoint = False
+class _Probe:
+    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - never called
+        pass
 
 
 def _direct_push_works() -> bool:
@@ -390,7 +393,7 @@ def _direct_push_works() -> bool:
     Checked once, on the contextlib in use: then the dependency appends that
     itself (``push`` costs three Python calls per request); else it pushes.
     """
-    probe = _EndpointDone(None)  # type: ignore[arg-type]
+    probe = _Probe()
     stack = AsyncExitStack()
     callbacks = getattr(stack, "_exit_callbacks", None)
     if not isinstance(callbacks, deque):
