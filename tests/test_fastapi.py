@@ -524,22 +524,26 @@ def test_a_database_error_in_a_streaming_body_passes_unchanged() -> None:
         client.get("/stream")
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_the_lease_ends_and_answers_with_or_without_direct_exit_callbacks(
-    monkeypatch: pytest.MonkeyPatch, direct: bool
+@pytest.mark.parametrize("one_callback", [True, False])
+def test_the_lease_ends_and_answers_only_endpoint_errors(
+    monkeypatch: pytest.MonkeyPatch, one_callback: bool
 ) -> None:
-    """The dependency appends its exit callbacks itself where contextlib allows, else pushes.
+    """One exit callback where this FastAPI allows it, else one on each of its stacks.
 
-    Either way the identity ends after the response, and an error raised in
-    the endpoint is answered.
+    Either way the identity ends after the response, a deepsec error raised
+    in the endpoint is answered, and one raised while the response is sent
+    (a streaming body, a background task) passes unchanged: answering it
+    would make Starlette raise "response already started" instead.
     """
+    from fastapi import BackgroundTasks
+
     import deepsec.fastapi as deepsec_fastapi
     from deepsec import TokenNotReadyError
     from deepsec.context import _current
 
-    if direct:
-        assert deepsec_fastapi._DIRECT_PUSH  # this Python's contextlib allows it
-    monkeypatch.setattr(deepsec_fastapi, "_DIRECT_PUSH", direct)
+    if one_callback:
+        assert deepsec_fastapi._ONE_CALLBACK  # this Python's contextlib and FastAPI allow it
+    monkeypatch.setattr(deepsec_fastapi, "_ONE_CALLBACK", one_callback)
     leases: list[Any] = []
     app = FastAPI(dependencies=[Depends(end_user_identity)])
 
@@ -548,15 +552,34 @@ def test_the_lease_ends_and_answers_with_or_without_direct_exit_callbacks(
         leases.append(_current.get())
         return {"user": user is not None}
 
-    @app.get("/not-ready")
-    async def not_ready() -> None:
+    def not_ready() -> None:
         raise TokenNotReadyError("no token yet")
+
+    @app.get("/not-ready")
+    async def endpoint_not_ready() -> None:
+        not_ready()
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def body() -> Any:
+            yield b"first chunk"
+            not_ready()
+
+        return StreamingResponse(body())
+
+    @app.get("/background")
+    async def background(tasks: BackgroundTasks) -> dict[str, str]:
+        tasks.add_task(not_ready)
+        return {"status": "sent"}
 
     headers = {"Authorization": f"Bearer {ALICE}"}
     with TestClient(app) as client:
         for _ in range(2):  # resolved in full, then the hot path
             assert client.get("/ok", headers=headers).json() == {"user": True}
         answered = client.get("/not-ready", headers=headers)
+        for path in ("/stream", "/background"):
+            with pytest.raises(TokenNotReadyError):
+                client.get(path, headers=headers)
     assert answered.status_code == 503 and "token_unavailable" in answered.text
     assert len(leases) == 2 and all(not lease.active for lease in leases)
     assert leases[0].context is leases[1].context  # one remembered context
