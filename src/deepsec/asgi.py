@@ -338,15 +338,25 @@ class _Exchange(RequestLease):
         state = self._state
         if state is True:  # the common path once the status line is out
             return self._send(message)
+        if (
+            state is None
+            and message["type"] == "http.response.start"
+            and message.get("status") != 500
+        ):
+            self._state = True
+            return self._send(message)
+        return self._rare(message)
+
+    def _rare(self, message: Message) -> Awaitable[None]:
+        """``send`` for a 500, a WebSocket, other messages before the start, a held 500."""
+        state = self._state
         if state is None:
             kind = message["type"]
-            if kind == "http.response.start":
-                if message.get("status") == 500:
-                    self._state = [message]
-                    self._held_size = 0
-                    return _nothing()
-                self._state = True
-            elif kind in _WS_STARTS:
+            if kind == "http.response.start":  # a 500: held back
+                self._state = [message]
+                self._held_size = 0
+                return _nothing()
+            if kind in _WS_STARTS:
                 self._state = True
             return self._send(message)
         state.append(message)
