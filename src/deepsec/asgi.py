@@ -338,11 +338,9 @@ class _Exchange(RequestLease):
         state = self._state
         if state is True:  # the common path once the status line is out
             return self._send(message)
-        if (
-            state is None
-            and message["type"] == "http.response.start"
-            and message.get("status") != 500
-        ):
+        # ("status" is required in a response start: the server rejects one
+        # without it anyway.)
+        if state is None and message["type"] == "http.response.start" and message["status"] != 500:
             self._state = True
             return self._send(message)
         return self._rare(message)
