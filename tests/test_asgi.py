@@ -417,3 +417,99 @@ def test_a_small_complete_500_is_still_replaced() -> None:
 
     sent = asyncio.run(_asgi_call(EndUserSecMiddleware(app), {"type": "http", "headers": []}, []))
     assert sent[0]["status"] == 503
+
+
+def test_repeat_requests_are_one_lookup_by_the_raw_bytes_and_malformed_ones_never_are(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The hot path: a repeat of earlier header bytes reuses their resolution.
+
+    Only a valid resolution without a warning is remembered under the bytes:
+    a malformed cookie next to a valid token still warns on every request,
+    repeated fields and headers that are not bytes are resolved in full, and
+    none of them reaches a 500.
+    """
+    import logging
+
+    from deepsec.asgi import _BYTES
+
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((current_end_user(), scope[SCOPE_KEY]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    mw = EndUserSecMiddleware(app)
+    bearer = (b"authorization", f"Bearer {ALICE}".encode())
+
+    def call(headers: list[Any]) -> int:
+        scope = {"type": "http", "method": "GET", "path": "/", "headers": headers}
+        sent = asyncio.run(_asgi_call(mw, scope, []))
+        assert current_end_user() is None  # reset after every request
+        return int(sent[0]["status"])
+
+    assert call([bearer, (b"cookie", b"theme=dark")]) == 200
+    assert (_BYTES, b"theme=dark", bearer[1]) in mw.settings._resolved
+    assert call([bearer, (b"cookie", b"theme=dark")]) == 200
+    (first, in_scope), (second, _) = seen
+    assert first is not None and first is second is in_scope  # one remembered context
+
+    caplog.set_level(logging.WARNING, logger="deepsec.web")
+    caplog.clear()
+    bad = (b"cookie", b'identity=["bob"')
+    for _ in range(3):
+        assert call([bad, bearer]) == 200
+    assert len([r for r in caplog.records if r.name == "deepsec.web"]) == 3
+    assert all('["bob"' not in str(key) for key in mw.settings._resolved)
+    assert seen[-1][0] == first  # the bearer token still counts
+
+    # Repeated fields and non-bytes values: resolved in full, never a 500.
+    assert call([(b"cookie", b"a=1"), bearer, (b"cookie", b"b=2")]) == 200
+    assert call([(b"cookie", bytearray(b"a=1")), bearer]) == 200
+    assert seen[-2][0] == seen[-1][0] == first
+    remembered = [key for key in mw.settings._resolved if key and key[0] is _BYTES]
+    assert all(isinstance(part, (bytes, type(None))) for key in remembered for part in key[1:])
+
+
+def test_the_inlined_activation_sets_every_field_of_activation() -> None:
+    """The hot path builds and ends the lease without Activation's methods.
+
+    It must set every slot Activation has (a slot added there must be set
+    here too), and end the lease for tasks that outlive the request.
+    """
+    from deepsec.context import Activation, _current
+
+    slots = {name for cls in Activation.__mro__ for name in getattr(cls, "__slots__", ())}
+    leases: list[Any] = []
+    tasks: list[Any] = []
+    late: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        lease = _current.get()
+        leases.append({name: hasattr(lease, name) for name in slots})
+        leases.append(lease)
+
+        async def outlives() -> None:
+            await asyncio.sleep(0.05)
+            late.append(current_end_user())
+
+        tasks.append(asyncio.ensure_future(outlives()))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    mw = EndUserSecMiddleware(app)
+    headers = [(b"authorization", f"Bearer {ALICE}".encode())]
+
+    async def run() -> None:
+        for _ in range(2):  # the first request resolves in full, the second is the hot path
+            await _asgi_call(mw, {"type": "http", "headers": headers}, [])
+            assert current_end_user() is None
+        await asyncio.gather(*tasks)
+
+    asyncio.run(run())
+    hot_fields, hot_lease = leases[2], leases[3]
+    assert hot_fields == dict.fromkeys(slots, True)
+    assert hot_lease.context.identity == ALICE
+    assert not hot_lease.active and hot_lease._token is None
+    assert late == [None, None]  # the spawned tasks lost the end user when it ended

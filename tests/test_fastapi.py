@@ -522,3 +522,101 @@ def test_a_database_error_in_a_streaming_body_passes_unchanged() -> None:
     app.exception_handlers.pop(oracledb.Error)  # no app handler: nothing handles it
     with TestClient(app) as client, pytest.raises(oracledb.DatabaseError, match="ORA-03113"):
         client.get("/stream")
+
+
+@pytest.mark.parametrize("one_callback", [True, False])
+def test_the_lease_ends_and_answers_only_endpoint_errors(
+    monkeypatch: pytest.MonkeyPatch, one_callback: bool
+) -> None:
+    """One exit callback where this FastAPI allows it, else one on each of its stacks.
+
+    Either way the identity ends after the response, a deepsec error raised
+    in the endpoint is answered, and one raised while the response is sent
+    (a streaming body, a background task) passes unchanged: answering it
+    would make Starlette raise "response already started" instead.
+    """
+    from fastapi import BackgroundTasks
+
+    import deepsec.fastapi as deepsec_fastapi
+    from deepsec import TokenNotReadyError
+    from deepsec.context import _current
+
+    if one_callback:
+        assert deepsec_fastapi._ONE_CALLBACK  # this Python's contextlib and FastAPI allow it
+    monkeypatch.setattr(deepsec_fastapi, "_ONE_CALLBACK", one_callback)
+    leases: list[Any] = []
+    app = FastAPI(dependencies=[Depends(end_user_identity)])
+
+    @app.get("/ok")
+    async def ok(user: EndUser) -> dict[str, Any]:
+        leases.append(_current.get())
+        return {"user": user is not None}
+
+    def not_ready() -> None:
+        raise TokenNotReadyError("no token yet")
+
+    @app.get("/not-ready")
+    async def endpoint_not_ready() -> None:
+        not_ready()
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def body() -> Any:
+            yield b"first chunk"
+            not_ready()
+
+        return StreamingResponse(body())
+
+    @app.get("/background")
+    async def background(tasks: BackgroundTasks) -> dict[str, str]:
+        tasks.add_task(not_ready)
+        return {"status": "sent"}
+
+    headers = {"Authorization": f"Bearer {ALICE}"}
+    with TestClient(app) as client:
+        for _ in range(2):  # resolved in full, then the hot path
+            assert client.get("/ok", headers=headers).json() == {"user": True}
+        answered = client.get("/not-ready", headers=headers)
+        for path in ("/stream", "/background"):
+            with pytest.raises(TokenNotReadyError):
+                client.get(path, headers=headers)
+    assert answered.status_code == 503 and "token_unavailable" in answered.text
+    assert len(leases) == 2 and all(not lease.active for lease in leases)
+    assert leases[0].context is leases[1].context  # one remembered context
+
+
+def test_the_dependency_reuses_the_requests_lease_under_the_same_rules() -> None:
+    """Behind the middleware, or declared twice: the request's activation is reused."""
+    from deepsec.context import _current
+
+    first, twin = EndUserIdentity(), EndUserIdentity()  # equal settings, other objects
+    behind = EndUserIdentity()
+    strict = EndUserIdentity(no_identity="deny")
+
+    def app_with(*dependencies: Any, middleware: bool = False) -> FastAPI:
+        app = FastAPI(dependencies=[Depends(d) for d in dependencies])
+        if middleware:
+            app.add_middleware(EndUserSecMiddleware)
+
+        @app.get("/")
+        async def root() -> dict[str, Any]:
+            return {"lease": type(_current.get()).__name__}
+
+        return app
+
+    headers = {"Authorization": f"Bearer {ALICE}"}
+    cases = [
+        (app_with(behind, middleware=True), "_Exchange"),
+        (app_with(first, twin), "_DependencyLease"),
+        (app_with(strict, middleware=True), "_DependencyLease"),  # its own, stricter rules
+    ]
+    for app, lease in cases:
+        with TestClient(app) as client:
+            for _ in range(2):
+                assert client.get("/", headers=headers).json() == {"lease": lease}
+    # Those that reused the request's resolution never resolved anything.
+    assert behind.settings._resolved == twin.settings._resolved == {}
+    assert first.settings._resolved and strict.settings._resolved
+    # The stricter dependency denies what the middleware let through.
+    with TestClient(cases[2][0]) as client:
+        assert client.get("/").status_code == 401

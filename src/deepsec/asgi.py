@@ -23,8 +23,9 @@ The ``resolver``, ``data_roles`` and ``attributes`` callables receive an
 framework request, so the middleware works under any ASGI framework; build
 one if you need it (``starlette.requests.HTTPConnection(conn.scope)``).
 
-The resolved context (or ``None``) is stored in ``scope["deepsec.end_user"]``,
-which :mod:`deepsec.fastapi` uses to reuse it.
+The resolved context (or ``None``) is stored in ``scope["deepsec.end_user"]``;
+:mod:`deepsec.fastapi` reuses it (the request's activation knows the
+settings it was resolved by).
 
 Rejections (one mapping for every adapter, :mod:`deepsec.lifecycle`): HTTP
 gets the JSON response (400/401 with ``WWW-Authenticate``; 401
@@ -49,11 +50,11 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMappi
 from typing import Any
 
 from ._identity_parse import COOKIE_JOIN, cookie_pairs
-from .context import Activation
-from .lifecycle import TOKEN_CONFIGS, answer, fetch_tokens, start
-from .web import Rejection, WebSettings
+from .context import _EMPTY, EndUserContext, _current
+from .lifecycle import TOKEN_CONFIGS, RequestLease, answer, fetch_tokens, start
+from .web import Rejection, Resolution, WebSettings, remember_alias
 
-__all__ = ["SCOPE_KEY", "SETTINGS_KEY", "ASGIConnection", "EndUserSecMiddleware"]
+__all__ = ["SCOPE_KEY", "ASGIConnection", "EndUserSecMiddleware"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -62,9 +63,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Scope key holding the request's resolved context (``None``: no end user).
+#: (The one key the middleware adds: frameworks fill the scope up to where
+#: one more key costs a resize of the dict; the settings are on the lease.)
 SCOPE_KEY = "deepsec.end_user"
-#: Scope key holding the settings that context was resolved with.
-SETTINGS_KEY = "deepsec.settings"
 
 
 class _Headers(Mapping[str, str]):
@@ -180,30 +181,112 @@ class EndUserSecMiddleware:
         self._reads_request = not (
             s.resolver is None and s.data_roles is None and s.attributes is None
         )
+        # Whether a resolution may be looked up by the raw header bytes: the
+        # identity depends on them alone and nothing is recorded per request.
+        self._by_bytes = s._cacheable and not s.record_end_user
+        # Where the hot path looks (never filled when it may not).
+        self._remembered: dict[tuple[Any, ...], tuple[Resolution, tuple[str, ...]]] = (
+            s._resolved if self._by_bytes else {}
+        )
 
     def __repr__(self) -> str:
         return f"EndUserSecMiddleware({self.app!r})"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind != "http" and kind != "websocket":
+        hit = key = None
+        if kind == "http":
+            # The hot path: the raw header bytes, not decoded, are the key of
+            # the resolution an earlier request with the same bytes got (one
+            # dict lookup).  A repeated field never matches (resolved in full).
+            # _raw_key(), inlined: every call costs here.
+            cookie: Any = None
+            authorization: Any = None
+            for name, value in scope["headers"]:
+                if name == b"cookie":
+                    cookie = value if cookie is None else _REPEATED
+                elif name == b"authorization":
+                    authorization = value if authorization is None else _REPEATED
+            key = (_BYTES, cookie, authorization)
+            try:
+                hit = self._remembered.get(key)
+            except TypeError:  # a server gave headers that are not bytes
+                key = None
+        elif kind != "websocket":
             await self.app(scope, receive, send)
             return
+        user: EndUserContext | None
+        if hit is not None:
+            # Only valid resolutions without a warning are remembered under
+            # these keys: nothing to log, reject or record.  Activation's
+            # __init__, inlined (one call fewer per request; the fields are
+            # checked against Activation's in tests/test_asgi.py).
+            user = hit[0].context
+            lease = _new_exchange(_Exchange)
+            lease.context = _EMPTY if user is None else user
+            lease.active = True
+            lease._children = None
+            lease._token = _set_current(lease)
+        else:
+            outcome, user = self._start(scope, key)
+            if isinstance(outcome, Rejection):
+                await _reject(scope, receive, send, outcome)
+                return
+            lease = outcome
         settings = self.settings
-        # _identity_headers(), inlined (this is the whole per-request budget).
-        cookie_header: str | list[str] | None = None
-        authorization: str | list[str] | None = None
-        for name, value in scope.get("headers") or ():
-            if name == b"cookie":
-                text = value.decode("latin-1")
-                cookie_header = text if cookie_header is None else _one_more(cookie_header, text)
-            elif name == b"authorization":
-                text = value.decode("latin-1")
-                authorization = text if authorization is None else _one_more(authorization, text)
-        # Synchronous up to here: only a request that may need tokens pays
-        # for a coroutine (fetch_tokens), the common one runs straight on.
+        if user is not None and TOKEN_CONFIGS:  # needs_tokens(), inlined
+            # Only a request that may need tokens pays for a coroutine.
+            fetched = await fetch_tokens(lease, settings)
+            if isinstance(fetched, Rejection):
+                await _reject(scope, receive, send, fetched)
+                return
+        scope[SCOPE_KEY] = user
+        lease.settings = settings
+        lease._send = send
+        lease._state = None
+        try:
+            await self.app(scope, receive, lease.send)
+        except Exception as exc:
+            # A statement in the endpoint failed for the end user's token
+            # (ORA-52601, a provider failure, a token dropped after ORA-52602):
+            # answer 401/503 if the response has not started -- also when a
+            # framework inside already answered 500 (held back by send()).
+            held = lease._state
+            lease._state = True  # tasks that outlive the request keep no message
+            rejection = None if held is True else answer(exc, settings)
+            if rejection is None:
+                if held is not None and held is not True:
+                    await _flush(send, held)
+                raise
+            await _reject(scope, receive, send, rejection)
+        else:
+            held = lease._state
+            if held is not None and held is not True:
+                # A 500 without an exception reaching us: send it after all.
+                lease._state = True
+                await _flush(send, held)
+        finally:
+            # Activation.end(), inlined for the common case: no values derived
+            # by the plugin-style setters, and this task set the token.
+            token = lease._token
+            if lease._children is None and token is not None:
+                lease.active = False
+                lease._token = None
+                _current.reset(token)
+            else:
+                lease.end()
+
+    def _start(
+        self, scope: Scope, raw: tuple[Any, ...] | None
+    ) -> tuple[_Exchange | Rejection, EndUserContext | None]:
+        """Resolve and activate in full (:func:`deepsec.lifecycle.start`); and the end user.
+
+        For an HTTP request whose resolution gets remembered under the decoded
+        header values, it is remembered under ``raw`` (their bytes) as well.
+        """
+        cookie_header, authorization = _identity_headers(scope.get("headers"))
         outcome = start(
-            settings,
+            self.settings,
             # Only the app's callables read the request: build it only for them.
             ASGIConnection(scope) if self._reads_request else None,
             cookie_header=cookie_header,
@@ -211,42 +294,18 @@ class EndUserSecMiddleware:
             lease=_Exchange,
         )
         if isinstance(outcome, Rejection):
-            await _reject(scope, receive, send, outcome)
-            return
+            return outcome, None
+        if raw is not None and self._by_bytes:
+            remember_alias(self.settings, (cookie_header, authorization, None), raw)
         ctx = outcome.context
-        if ctx.identity is None:
-            scope[SCOPE_KEY] = None
-        else:
-            if TOKEN_CONFIGS:  # needs_tokens(), inlined
-                fetched = await fetch_tokens(outcome, settings)
-                if isinstance(fetched, Rejection):
-                    await _reject(scope, receive, send, fetched)
-                    return
-            scope[SCOPE_KEY] = ctx
-        scope[SETTINGS_KEY] = settings
-        outcome._send = send
-        outcome.started = False
-        outcome.held = None
-        outcome._held_size = 0
-        try:
-            await self.app(scope, receive, outcome.send)
-        except Exception as exc:
-            # A statement in the endpoint failed for the end user's token
-            # (ORA-52601, a provider failure, a token dropped after ORA-52602):
-            # answer 401/503 if the response has not started -- also when a
-            # framework inside already answered 500 (held back by send()).
-            rejection = None if outcome.started else answer(exc, settings)
-            if rejection is None:
-                if outcome.held:
-                    await _flush(send, outcome.held)
-                raise
-            await _reject(scope, receive, send, rejection)
-        else:
-            if outcome.held:  # a 500 without an exception reaching us: send it after all
-                await _flush(send, outcome.held)
-        finally:
-            outcome.end()
-            outcome.held = None  # tasks that outlive the request keep no message
+        return outcome, (ctx if ctx.identity is not None else None)
+
+
+#: First item of the keys under which the middleware remembers a resolution by
+#: the raw header bytes (other keys start with text or None: never equal).
+_BYTES = object()
+#: Stands for a repeated header field in such a key: never remembered.
+_REPEATED = object()
 
 
 #: A held-back 500 is sent as soon as its body streams (``more_body``) or
@@ -254,49 +313,60 @@ class EndUserSecMiddleware:
 HELD_500_LIMIT = 64 * 1024
 
 
-class _Exchange(Activation):
+class _Exchange(RequestLease):
     """One request's identity lease, and the guard on the app's ``send``.
 
-    One object per request (it is what :func:`deepsec.lifecycle.start`
-    activates): ``send`` notes when the response started (after that an
-    error can no longer be answered) and holds back a 500, which a
-    framework's error middleware sends before re-raising, so that we can
-    answer in its place.  Only a complete, small 500 is held (an error page);
-    a streaming (``more_body``) or large (over :data:`HELD_500_LIMIT`) 500
-    body flushes what is held and goes on unbuffered, so memory and latency
-    stay bounded.  A plain method returning the server's awaitable: no
-    coroutine of its own per message.
+    One object per request (the activation of its end user): ``send`` notes
+    when the response started (after that an error can no longer be
+    answered) and holds back a 500, which a framework's error middleware
+    sends before re-raising, so that we can answer in its place.  Only a
+    complete, small 500 is held (an error page); a streaming (``more_body``)
+    or large (over :data:`HELD_500_LIMIT`) 500 body flushes what is held and
+    goes on unbuffered, so memory and latency stay bounded.  A plain method
+    returning the server's awaitable: no coroutine of its own per message.
     """
 
-    __slots__ = ("_held_size", "_send", "held", "started")
+    __slots__ = ("_held_size", "_send", "_state")
 
     _send: Send
-    started: bool
-    held: list[Message] | None
+    #: ``None``: nothing sent yet; ``True``: the response started; a
+    #: list: the messages of a 500 held back (``_held_size`` body bytes).
+    _state: Any
     _held_size: int
 
     def send(self, message: Message) -> Awaitable[None]:
-        if self.started:  # the common path once the status line is out
+        state = self._state
+        if state is True:  # the common path once the status line is out
             return self._send(message)
-        if self.held is not None:
-            self.held.append(message)
-            self._held_size += len(message.get("body", b""))
-            if message.get("more_body", False) or self._held_size > HELD_500_LIMIT:
-                held, self.held = self.held, None
-                self.started = True
-                return _flush(self._send, held)
-            return _nothing()
-        kind = message["type"]
-        if kind == "http.response.start":
-            if message.get("status") == 500:
-                self.held = [message]
+        # ("status" is required in a response start: the server rejects one
+        # without it anyway.)
+        if state is None and message["type"] == "http.response.start" and message["status"] != 500:
+            self._state = True
+            return self._send(message)
+        return self._rare(message)
+
+    def _rare(self, message: Message) -> Awaitable[None]:
+        """``send`` for a 500, a WebSocket, other messages before the start, a held 500."""
+        state = self._state
+        if state is None:
+            kind = message["type"]
+            if kind == "http.response.start":  # a 500: held back
+                self._state = [message]
+                self._held_size = 0
                 return _nothing()
-            self.started = True
-        elif kind in _WS_STARTS:
-            self.started = True
-        return self._send(message)
+            if kind in _WS_STARTS:
+                self._state = True
+            return self._send(message)
+        state.append(message)
+        self._held_size += len(message.get("body", b""))
+        if message.get("more_body", False) or self._held_size > HELD_500_LIMIT:
+            self._state = True
+            return _flush(self._send, state)
+        return _nothing()
 
 
+_new_exchange = object.__new__
+_set_current = _current.set
 _WS_STARTS = frozenset({"websocket.accept", "websocket.close", "websocket.http.response.start"})
 
 
@@ -308,6 +378,23 @@ async def _flush(send: Send, held: list[Message]) -> None:
     """Send a held-back 500 after all (the error was not ours, or none came)."""
     for message in held:
         await send(message)
+
+
+def _raw_key(raw: Any) -> tuple[Any, ...]:
+    """The key of a resolution remembered by the raw header bytes (the hot path's lookup).
+
+    Not decoded: ``(_BYTES, cookie, authorization)``, each field's bytes or
+    ``None``; a repeated field is :data:`_REPEATED`, which nothing is
+    remembered under.  (Inlined in :meth:`EndUserSecMiddleware.__call__`.)
+    """
+    cookie: Any = None
+    authorization: Any = None
+    for name, value in raw:
+        if name == b"cookie":
+            cookie = value if cookie is None else _REPEATED
+        elif name == b"authorization":
+            authorization = value if authorization is None else _REPEATED
+    return (_BYTES, cookie, authorization)
 
 
 def _identity_headers(raw: Any) -> tuple[str | list[str] | None, str | list[str] | None]:

@@ -39,27 +39,31 @@ and cost nothing per request: the dependency itself is the bearer scheme, and
 the cookie scheme is added to the document when FastAPI builds it (this module
 wraps ``FastAPI.openapi``; a sub-dependency would be solved on every request).
 When the ASGI middleware (:class:`deepsec.asgi.EndUserSecMiddleware`)
-already resolved the request by the same settings, the dependency reuses that
-context.  Settings: the one table in ``docs/settings.md``; use
-:class:`EndUserIdentity` to change them.
+already resolved the request by the same settings (its activation is the
+current one), the dependency reuses that context.  Settings: the one table
+in ``docs/settings.md``; use :class:`EndUserIdentity` to change them.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections import deque
+from contextlib import AsyncExitStack
+from types import CodeType
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, WebSocketException
+from fastapi import routing as fastapi_routing
 from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.models import APIKey, HTTPBearer
 from fastapi.openapi.models import SecurityBase as SecurityBaseModel
 from fastapi.security.base import SecurityBase
 from starlette.requests import HTTPConnection
 
-from .asgi import SCOPE_KEY, SETTINGS_KEY, _identity_headers
-from .context import Activation, EndUserContext
-from .lifecycle import TOKEN_CONFIGS, answer, fetch_tokens, start
-from .web import Rejection, WebSettings
+from .asgi import _BYTES, _REPEATED, _identity_headers, _raw_key
+from .context import _EMPTY, EndUserContext, _current
+from .lifecycle import TOKEN_CONFIGS, RequestLease, answer, fetch_tokens, start
+from .web import Rejection, Resolution, WebSettings, remember_alias
 
 __all__ = ["EndUser", "EndUserIdentity", "end_user_identity"]
 
@@ -150,6 +154,12 @@ class EndUserIdentity:
                     # the OpenAPI document instead (_declare_cookie_schemes).
                     self.cookie_scheme = _CookieScheme(s.cookie_name)
                     _cookie_schemes[:] = [self.cookie_scheme]
+        # Whether a resolution may be looked up by the raw header bytes (as
+        # in the ASGI middleware): it depends on them alone, nothing recorded.
+        self._by_bytes = s._cacheable and not s.record_end_user
+        self._remembered: dict[tuple[Any, ...], tuple[Resolution, tuple[str, ...]]] = (
+            s._resolved if self._by_bytes else {}
+        )
         # FastAPI reads the dependency's parameters from this signature.
         self.__signature__ = inspect.Signature(params, return_annotation=EndUserContext | None)
 
@@ -161,29 +171,43 @@ class EndUserIdentity:
         """Resolve and activate the end-user context; FastAPI ends it after the response."""
         scope = connection.scope
         settings = self.settings
-        done = scope.get(SETTINGS_KEY)
-        if done is not None and (done is settings or done == settings):
-            # Resolved already by the same rules (the ASGI middleware, or this
-            # dependency declared twice).  A laxer middleware's resolution is
-            # not reused: this dependency's deny/strict/resolver choices hold.
-            ctx: EndUserContext | None = scope[SCOPE_KEY]
-            return ctx
-        cookie_header, authorization = _identity_headers(scope["headers"])
-        # Synchronous unless tokens must be fetched (lifecycle.needs_tokens,
-        # inlined like the rest of this hot path: every call costs here).
-        outcome = start(
-            settings,
-            connection,
-            cookie_header=cookie_header,
-            authorization=authorization,
-            lease=_DependencyLease,
-        )
-        if isinstance(outcome, Rejection):
-            raise _exception(scope, outcome)
-        ctx = outcome.context
-        if ctx.identity is None:
-            ctx = None
-        elif TOKEN_CONFIGS:
+        current = _current.get()
+        if (
+            isinstance(current, RequestLease)
+            and current.active
+            and (current.settings is settings or current.settings == settings)
+        ):
+            # This request was resolved already by the same rules (the ASGI
+            # middleware, or this dependency declared twice).  A laxer
+            # middleware's resolution is not reused: this dependency's
+            # deny/strict/resolver choices hold.
+            done = current.context
+            return done if done.identity is not None else None
+        # The hot path, as in the ASGI middleware: a repeat of earlier raw
+        # header bytes is one lookup of the resolution they got.
+        # _raw_key(), inlined: every call costs here.
+        cookie: Any = None
+        authorization: Any = None
+        for name, value in scope["headers"]:
+            if name == b"cookie":
+                cookie = value if cookie is None else _REPEATED
+            elif name == b"authorization":
+                authorization = value if authorization is None else _REPEATED
+        try:
+            hit = self._remembered.get((_BYTES, cookie, authorization))
+        except TypeError:  # a server gave headers that are not bytes
+            hit = None
+        if hit is not None:
+            # Activation's __init__, inlined as in the ASGI middleware.
+            ctx = hit[0].context
+            outcome = _new_lease(_DependencyLease)
+            outcome.context = _EMPTY if ctx is None else ctx
+            outcome.active = True
+            outcome._children = None
+            outcome._token = _set_current(outcome)
+        else:
+            outcome, ctx = self._start(connection)
+        if ctx is not None and TOKEN_CONFIGS:  # needs_tokens(), inlined
             fetched = await fetch_tokens(outcome, settings)
             if isinstance(fetched, Rejection):
                 raise _exception(scope, fetched)
@@ -191,21 +215,50 @@ class EndUserIdentity:
         if stack is None:  # pragma: no cover - FastAPI older than 0.118
             outcome.end()
             raise RuntimeError("deepsec.fastapi needs FastAPI 0.118 or later")
-        # FastAPI closes this stack after the response is sent (in this task).
-        # push(lease): its __exit__ answers endpoint errors, then ends the
-        # identity -- one object and one push per request.
+        # FastAPI closes its request stack after the response is sent (in
+        # this task): the lease's __exit__ then answers endpoint errors and
+        # ends the identity.
         outcome.scope = scope
         outcome.settings = settings
-        outcome.in_endpoint = True
-        stack.push(outcome)
-        scope[SCOPE_KEY] = ctx
-        scope[SETTINGS_KEY] = settings
-        function_stack = scope.get("fastapi_function_astack")
-        if function_stack is not None:
-            # An object with __exit__: push() of a plain callable first fails
-            # an attribute lookup (an exception per request, ~1 us).
-            function_stack.push(_EndpointDone(outcome))
+        if _ONE_CALLBACK:
+            # What stack.push(outcome) stores, without its three calls; an
+            # error's traceback tells whether it came from the endpoint.
+            outcome.phase = _BY_TRACEBACK
+            stack._exit_callbacks.append((True, outcome.__exit__))
+        else:  # pragma: no cover - another FastAPI or contextlib layout
+            # The endpoint's (function) stack, closed when the endpoint
+            # returned, tells it instead: the lease is pushed on both.
+            function_stack = scope.get("fastapi_function_astack")
+            outcome.phase = _ENDPOINT if function_stack is not None else _ENDPOINT_FAILED
+            stack.push(outcome)
+            if function_stack is not None:
+                function_stack.push(outcome)
         return ctx
+
+    def _start(self, connection: HTTPConnection) -> tuple[_DependencyLease, EndUserContext | None]:
+        """Resolve and activate in full (:func:`deepsec.lifecycle.start`); and the end user.
+
+        Raises the rejection as an ``HTTPException`` (``WebSocketException``).
+        A resolution remembered under the decoded header values is
+        remembered under their bytes as well (the hot path's key).
+        """
+        scope = connection.scope
+        cookie_header, authorization = _identity_headers(scope["headers"])
+        outcome = start(
+            self.settings,
+            connection,
+            cookie_header=cookie_header,
+            authorization=authorization,
+            lease=_DependencyLease,
+        )
+        if isinstance(outcome, Rejection):
+            raise _exception(scope, outcome)
+        if self._by_bytes:
+            remember_alias(
+                self.settings, (cookie_header, authorization, None), _raw_key(scope["headers"])
+            )
+        ctx = outcome.context
+        return outcome, (ctx if ctx.identity is not None else None)
 
 
 class _DeclaredEndUserIdentity(EndUserIdentity, SecurityBase):
@@ -262,11 +315,12 @@ def _openapi(self: FastAPI) -> dict[str, Any]:
 FastAPI.openapi = _openapi  # type: ignore[method-assign]
 
 
-class _DependencyLease(Activation):
+class _DependencyLease(RequestLease):
     """One request's identity lease that also answers deepsec's endpoint errors.
 
-    Pushed on FastAPI's request stack (its ``__exit__`` runs after the
-    response): an error the endpoint raised (ORA-52601, a provider failure,
+    Pushed on the endpoint's (function) stack, which tells it the endpoint
+    returned, and on FastAPI's request stack (that ``__exit__`` runs after
+    the response): an error the endpoint raised (ORA-52601, a provider failure,
     ``TokenNotReadyError``) becomes the same ``HTTPException`` a resolution
     failure is, which Starlette answers; the identity ends either way.
     Nothing is added to the app's exception handlers, so the app's own
@@ -276,20 +330,45 @@ class _DependencyLease(Activation):
     a *handled* error after the response started into a RuntimeError).
     """
 
-    __slots__ = ("in_endpoint", "scope", "settings")
+    __slots__ = ("phase", "scope")
 
     scope: Any
-    settings: WebSettings
-    in_endpoint: bool
+    #: How an error is known to come from the endpoint (then it is answered)
+    #: rather than from sending the response: :data:`_BY_TRACEBACK`, or
+    #: where the request is, :data:`_ENDPOINT`, :data:`_ENDPOINT_FAILED` or
+    #: :data:`_RESPONSE` (without the endpoint handler's code object).
+    phase: int
 
     def __exit__(self, *exc_info: object) -> None:
+        phase = self.phase
+        if phase == _ENDPOINT:  # the endpoint's stack closes (the request's stays)
+            self.phase = _RESPONSE if exc_info[0] is None else _ENDPOINT_FAILED
+            return
         exc = exc_info[1]
-        try:
-            if exc is not None and self.in_endpoint and isinstance(exc, Exception):
-                self._answer(exc)
-        finally:
+        if exc is not None:
+            try:
+                if isinstance(exc, Exception) and (
+                    phase == _ENDPOINT_FAILED
+                    or (phase == _BY_TRACEBACK and _raised_in_endpoint(exc))
+                ):
+                    self._answer(exc)
+            finally:
+                self.end()
+                self.scope = None  # tasks that outlive the request keep no scope
+            return
+        self.scope = None
+        # Activation.end(), inlined for the common case (as in the ASGI
+        # middleware): no values derived by the plugin-style setters.
+        token = self._token
+        if self._children is None and token is not None:
+            self.active = False
+            self._token = None
+            try:  # noqa: SIM105 - a plain try costs nothing per request
+                _current.reset(token)
+            except ValueError:
+                pass  # set in another Context: its copy reads as ended anyway
+        else:
             self.end()
-            self.scope = None  # tasks that outlive the request keep no scope
 
     def _answer(self, exc: Exception) -> None:
         handlers = self.scope.get("starlette.exception_handlers")
@@ -300,21 +379,75 @@ class _DependencyLease(Activation):
             raise _exception(self.scope, rejection) from exc
 
 
-class _EndpointDone:
-    """Exit callback of the endpoint's (function) stack.
+#: _DependencyLease.phase: an error that passed through FastAPI's endpoint
+#: handler came from the endpoint (see _raised_in_endpoint).
+_BY_TRACEBACK = 3
+#: The endpoint runs (its stack is open).
+_ENDPOINT = 2
+#: The endpoint raised (or, without an endpoint stack, it may have): answer.
+_ENDPOINT_FAILED = 0
+#: The endpoint returned: an error comes from sending the response, which may
+#: have started, so it passes unchanged.
+_RESPONSE = 1
 
-    An error after the endpoint returned comes from sending the response,
-    which may have started: the lease must then let it pass unchanged.
+
+class _Probe:
+    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - never called
+        pass
+
+
+def _direct_push_works() -> bool:
+    """Whether ``AsyncExitStack.push(cm)`` stores ``(True, cm.__exit__)`` in ``_exit_callbacks``.
+
+    Checked once, on the contextlib in use: then the dependency appends that
+    itself (``push`` costs three Python calls per request); else it pushes.
     """
+    probe = _Probe()
+    stack = AsyncExitStack()
+    callbacks = getattr(stack, "_exit_callbacks", None)
+    if not isinstance(callbacks, deque):
+        return False
+    stack.push(probe)  # type: ignore[type-var]
+    return list(callbacks) == [(True, probe.__exit__)]
 
-    __slots__ = ("lease",)
 
-    def __init__(self, lease: _DependencyLease) -> None:
-        self.lease = lease
+_DIRECT_PUSH = _direct_push_works()
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.lease.in_endpoint = False
+
+def _endpoint_handler_codes() -> frozenset[CodeType]:
+    """The code of FastAPI's endpoint handlers (the ``app`` inner functions).
+
+    An exception whose traceback passes through one was raised while
+    solving dependencies or running the endpoint: the response has not
+    started.  One raised while sending the response (a streaming body,
+    background tasks) never does.  Empty when this FastAPI is laid out
+    otherwise: the dependency then learns it from the endpoint's stack.
+    """
+    codes = [
+        const
+        for factory in (fastapi_routing.get_request_handler, fastapi_routing.get_websocket_app)
+        for const in factory.__code__.co_consts
+        if isinstance(const, CodeType) and const.co_name == "app"
+    ]
+    return frozenset(codes) if len(codes) == 2 else frozenset()
+
+
+_HANDLER_CODES = _endpoint_handler_codes()
+#: One exit callback per request (on the request stack) suffices.
+_ONE_CALLBACK = _DIRECT_PUSH and bool(_HANDLER_CODES)
+
+
+def _raised_in_endpoint(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in _HANDLER_CODES:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+_new_lease = object.__new__
+_set_current = _current.set
 
 
 def _handler_for(by_type: Any, mro: tuple[type, ...]) -> Any:

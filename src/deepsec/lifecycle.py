@@ -34,6 +34,7 @@ from .web import Rejection, Resolution, WebSettings, rejection_for_error, resolv
 
 __all__ = [
     "TOKEN_CONFIGS",
+    "RequestLease",
     "answer",
     "begin",
     "fetch_tokens",
@@ -74,6 +75,19 @@ def begin(resolution: Resolution, settings: WebSettings | None = None) -> Activa
         telemetry.record_end_user(settings.record_end_user, context)
     # resolve() only yields validated contexts: skip activate()'s type check.
     return Activation(context) if context is not None else activate(None)
+
+
+class RequestLease(Activation):
+    """An adapter's activation for one request, with the settings it was resolved by.
+
+    A later deepsec layer of the same request (the FastAPI dependency behind
+    the ASGI middleware) that finds one active as the current activation,
+    resolved by equal settings, reuses it instead of resolving again.
+    """
+
+    __slots__ = ("settings",)
+
+    settings: WebSettings
 
 
 Lease = TypeVar("Lease", bound=Activation)

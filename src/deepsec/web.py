@@ -277,6 +277,24 @@ def _remember(
     cache[key] = value
 
 
+def remember_alias(settings: WebSettings, key: tuple[Any, ...], alias: tuple[Any, ...]) -> None:
+    """Remember the resolution kept under ``key`` also under ``alias``.
+
+    For an adapter's own form of the same raw header values (the ASGI
+    middleware's header bytes), so that a repeat request skips decoding them.
+    Only a resolution :func:`resolve` remembered without a warning (valid,
+    within ``max_size``) is there to copy: malformed input stays uncached.
+    """
+    if not settings._cacheable:
+        return
+    try:
+        hit = settings._resolved.get(key)
+    except TypeError:  # a repeated field is a list: never remembered
+        return
+    if hit is not None and not hit[1]:
+        _remember(settings._resolved, alias, hit)
+
+
 _RESOLVED_CACHE_SIZE = 512
 _resolved_lock = threading.Lock()
 _NONE = Resolution(context=None)
