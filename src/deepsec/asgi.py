@@ -47,7 +47,7 @@ Settings: the one table in ``docs/settings.md``.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
-from typing import Any
+from typing import Any, TypeVar
 
 from ._identity_parse import COOKIE_JOIN, cookie_pairs
 from .context import _EMPTY, EndUserContext, _current
@@ -194,40 +194,14 @@ class EndUserSecMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        hit = key = None
+        lease: Any = None
+        key = None
         if kind == "http":
-            # The hot path: the raw header bytes, not decoded, are the key of
-            # the resolution an earlier request with the same bytes got (one
-            # dict lookup).  A repeated field never matches (resolved in full).
-            # _raw_key(), inlined: every call costs here.
-            cookie: Any = None
-            authorization: Any = None
-            for name, value in scope["headers"]:
-                if name == b"cookie":
-                    cookie = value if cookie is None else _REPEATED
-                elif name == b"authorization":
-                    authorization = value if authorization is None else _REPEATED
-            key = (_BYTES, cookie, authorization)
-            try:
-                hit = self._remembered.get(key)
-            except TypeError:  # a server gave headers that are not bytes
-                key = None
+            lease, user, key = _lease_by_bytes(self._remembered, scope["headers"], _Exchange)
         elif kind != "websocket":
             await self.app(scope, receive, send)
             return
-        user: EndUserContext | None
-        if hit is not None:
-            # Only valid resolutions without a warning are remembered under
-            # these keys: nothing to log, reject or record.  Activation's
-            # __init__, inlined (one call fewer per request; the fields are
-            # checked against Activation's in tests/test_asgi.py).
-            user = hit[0].context
-            lease = _new_exchange(_Exchange)
-            lease.context = _EMPTY if user is None else user
-            lease.active = True
-            lease._children = None
-            lease._token = _set_current(lease)
-        else:
+        if lease is None:
             outcome, user = self._start(scope, key)
             if isinstance(outcome, Rejection):
                 await _reject(scope, receive, send, outcome)
@@ -266,15 +240,7 @@ class EndUserSecMiddleware:
                 lease._state = True
                 await _flush(send, held)
         finally:
-            # Activation.end(), inlined for the common case: no values derived
-            # by the plugin-style setters, and this task set the token.
-            token = lease._token
-            if lease._children is None and token is not None:
-                lease.active = False
-                lease._token = None
-                _current.reset(token)
-            else:
-                lease.end()
+            lease.end()
 
     def _start(
         self, scope: Scope, raw: tuple[Any, ...] | None
@@ -307,6 +273,8 @@ _BYTES = object()
 #: Stands for a repeated header field in such a key: never remembered.
 _REPEATED = object()
 
+
+LeaseT = TypeVar("LeaseT", bound=RequestLease)
 
 #: A held-back 500 is sent as soon as its body streams (``more_body``) or
 #: passes this many bytes: only a framework's short error page is held.
@@ -365,7 +333,7 @@ class _Exchange(RequestLease):
         return _nothing()
 
 
-_new_exchange = object.__new__
+_new_lease = object.__new__
 _set_current = _current.set
 _WS_STARTS = frozenset({"websocket.accept", "websocket.close", "websocket.http.response.start"})
 
@@ -380,12 +348,20 @@ async def _flush(send: Send, held: list[Message]) -> None:
         await send(message)
 
 
-def _raw_key(raw: Any) -> tuple[Any, ...]:
-    """The key of a resolution remembered by the raw header bytes (the hot path's lookup).
+def _lease_by_bytes(
+    remembered: dict[tuple[Any, ...], Any], raw: Any, lease_class: type[LeaseT]
+) -> tuple[LeaseT | None, EndUserContext | None, tuple[Any, ...] | None]:
+    """The hot path of the middleware and the FastAPI dependency: one dict lookup.
 
-    Not decoded: ``(_BYTES, cookie, authorization)``, each field's bytes or
-    ``None``; a repeated field is :data:`_REPEATED`, which nothing is
-    remembered under.  (Inlined in :meth:`EndUserSecMiddleware.__call__`.)
+    The raw header bytes, not decoded, are the key of the resolution an
+    earlier request with the same bytes got: ``(_BYTES, cookie,
+    authorization)``, each field's bytes or ``None``; a repeated field is
+    :data:`_REPEATED`, which nothing is remembered under.  Only valid
+    resolutions without a warning are remembered under such keys: nothing to
+    log, reject or record.  On a hit, returns the activated lease (of
+    ``lease_class``) and the end user (``None``: none); on a miss, no lease
+    and the key to remember the full resolution under (``None`` when the
+    server gave headers that are not bytes).
     """
     cookie: Any = None
     authorization: Any = None
@@ -394,7 +370,22 @@ def _raw_key(raw: Any) -> tuple[Any, ...]:
             cookie = value if cookie is None else _REPEATED
         elif name == b"authorization":
             authorization = value if authorization is None else _REPEATED
-    return (_BYTES, cookie, authorization)
+    key = (_BYTES, cookie, authorization)
+    try:
+        hit = remembered.get(key)
+    except TypeError:  # a server gave headers that are not bytes
+        return None, None, None
+    if hit is None:
+        return None, None, key
+    user: EndUserContext | None = hit[0].context
+    # Activation's __init__, inlined (one call fewer per request; the fields
+    # are checked against Activation's in tests/test_asgi.py).
+    lease = _new_lease(lease_class)
+    lease.context = _EMPTY if user is None else user
+    lease.active = True
+    lease._children = None
+    lease._token = _set_current(lease)
+    return lease, user, key
 
 
 def _identity_headers(raw: Any) -> tuple[str | list[str] | None, str | list[str] | None]:

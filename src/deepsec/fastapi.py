@@ -60,8 +60,8 @@ from fastapi.openapi.models import SecurityBase as SecurityBaseModel
 from fastapi.security.base import SecurityBase
 from starlette.requests import HTTPConnection
 
-from .asgi import _BYTES, _REPEATED, _identity_headers, _raw_key
-from .context import _EMPTY, EndUserContext, _current
+from .asgi import _identity_headers, _lease_by_bytes
+from .context import EndUserContext, _current
 from .lifecycle import TOKEN_CONFIGS, RequestLease, answer, fetch_tokens, start
 from .web import Rejection, Resolution, WebSettings, remember_alias
 
@@ -185,28 +185,9 @@ class EndUserIdentity:
             return done if done.identity is not None else None
         # The hot path, as in the ASGI middleware: a repeat of earlier raw
         # header bytes is one lookup of the resolution they got.
-        # _raw_key(), inlined: every call costs here.
-        cookie: Any = None
-        authorization: Any = None
-        for name, value in scope["headers"]:
-            if name == b"cookie":
-                cookie = value if cookie is None else _REPEATED
-            elif name == b"authorization":
-                authorization = value if authorization is None else _REPEATED
-        try:
-            hit = self._remembered.get((_BYTES, cookie, authorization))
-        except TypeError:  # a server gave headers that are not bytes
-            hit = None
-        if hit is not None:
-            # Activation's __init__, inlined as in the ASGI middleware.
-            ctx = hit[0].context
-            outcome = _new_lease(_DependencyLease)
-            outcome.context = _EMPTY if ctx is None else ctx
-            outcome.active = True
-            outcome._children = None
-            outcome._token = _set_current(outcome)
-        else:
-            outcome, ctx = self._start(connection)
+        outcome, ctx, key = _lease_by_bytes(self._remembered, scope["headers"], _DependencyLease)
+        if outcome is None:
+            outcome, ctx = self._start(connection, key)
         if ctx is not None and TOKEN_CONFIGS:  # needs_tokens(), inlined
             fetched = await fetch_tokens(outcome, settings)
             if isinstance(fetched, Rejection):
@@ -235,12 +216,14 @@ class EndUserIdentity:
                 function_stack.push(outcome)
         return ctx
 
-    def _start(self, connection: HTTPConnection) -> tuple[_DependencyLease, EndUserContext | None]:
+    def _start(
+        self, connection: HTTPConnection, raw: tuple[Any, ...] | None
+    ) -> tuple[_DependencyLease, EndUserContext | None]:
         """Resolve and activate in full (:func:`deepsec.lifecycle.start`); and the end user.
 
         Raises the rejection as an ``HTTPException`` (``WebSocketException``).
         A resolution remembered under the decoded header values is
-        remembered under their bytes as well (the hot path's key).
+        remembered under ``raw`` (their bytes, the hot path's key) as well.
         """
         scope = connection.scope
         cookie_header, authorization = _identity_headers(scope["headers"])
@@ -253,10 +236,8 @@ class EndUserIdentity:
         )
         if isinstance(outcome, Rejection):
             raise _exception(scope, outcome)
-        if self._by_bytes:
-            remember_alias(
-                self.settings, (cookie_header, authorization, None), _raw_key(scope["headers"])
-            )
+        if raw is not None and self._by_bytes:
+            remember_alias(self.settings, (cookie_header, authorization, None), raw)
         ctx = outcome.context
         return outcome, (ctx if ctx.identity is not None else None)
 
@@ -357,18 +338,7 @@ class _DependencyLease(RequestLease):
                 self.scope = None  # tasks that outlive the request keep no scope
             return
         self.scope = None
-        # Activation.end(), inlined for the common case (as in the ASGI
-        # middleware): no values derived by the plugin-style setters.
-        token = self._token
-        if self._children is None and token is not None:
-            self.active = False
-            self._token = None
-            try:  # noqa: SIM105 - a plain try costs nothing per request
-                _current.reset(token)
-            except ValueError:
-                pass  # set in another Context: its copy reads as ended anyway
-        else:
-            self.end()
+        self.end()
 
     def _answer(self, exc: Exception) -> None:
         handlers = self.scope.get("starlette.exception_handlers")
@@ -444,10 +414,6 @@ def _raised_in_endpoint(exc: BaseException) -> bool:
             return True
         tb = tb.tb_next
     return False
-
-
-_new_lease = object.__new__
-_set_current = _current.set
 
 
 def _handler_for(by_type: Any, mro: tuple[type, ...]) -> Any:
