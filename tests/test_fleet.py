@@ -30,7 +30,11 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
-    with Fleet(PROCESSES) as running:
+    # A generous Redis socket timeout (the library's is 0.5 s): on a loaded
+    # machine one late Redis answer opened a worker's breaker, and that worker
+    # fetched every user itself (a 0.8 s Redis stall: 128 calls instead of 20).
+    # The breaker has its own tests; a killed Redis still fails fast here.
+    with Fleet(PROCESSES, redis_socket_timeout=5.0) as running:
         yield running
 
 
