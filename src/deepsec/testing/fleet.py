@@ -134,17 +134,11 @@ def _round(index: int, job: dict[str, Any], barrier: Any) -> tuple[list[float], 
     return latencies, errors, int(hits)
 
 
-def _child(
-    index: int, jobs: Any, results: Any, barrier: Any, redis_socket_timeout: float | None
-) -> None:
+def _child(index: int, jobs: Any, results: Any, barrier: Any) -> None:
     # Imported before the first round, so start-up is not part of a cold start.
     import msal  # noqa: F401
 
     from .. import config, tokens  # noqa: F401
-    from ..tokens import _redis_l2
-
-    if redis_socket_timeout is not None:  # read when a source builds its Redis client
-        _redis_l2.SOCKET_TIMEOUT = redis_socket_timeout
 
     results.put(("ready", index, None))
     while True:
@@ -158,17 +152,9 @@ def _child(
 
 
 class Fleet:
-    """``processes`` worker processes; use as a context manager.
+    """``processes`` worker processes; use as a context manager."""
 
-    ``redis_socket_timeout``: the shared cache's Redis socket timeout in the
-    workers (``None``: the library's own).  Tests of the fleet-wide
-    single-flight set it generously: with the library's short timeout, one
-    Redis answer late on a loaded machine opens a worker's breaker, and that
-    worker then fetches on its own (as it should), so the fleet no longer
-    makes exactly one call per user.
-    """
-
-    def __init__(self, processes: int, *, redis_socket_timeout: float | None = None) -> None:
+    def __init__(self, processes: int) -> None:
         self.processes = processes
         ctx = multiprocessing.get_context("spawn")
         self._barrier = ctx.Barrier(processes + 1)
@@ -177,7 +163,7 @@ class Fleet:
         self._procs = [
             ctx.Process(
                 target=_child,
-                args=(i, self._jobs[i], self._results, self._barrier, redis_socket_timeout),
+                args=(i, self._jobs[i], self._results, self._barrier),
                 name=f"deepsec-fleet-{i}",
                 daemon=True,
             )
