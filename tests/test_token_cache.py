@@ -7,7 +7,6 @@ import base64
 import json
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,14 +15,15 @@ from concurrency_support import run_threads
 from deepsec.errors import TokenAcquisitionError
 from deepsec.tokens import cache as cache_module
 from deepsec.tokens.cache import FetchResult, TokenCache, cache_key, jwt_expiry
+from token_support import CacheClock, wait_until
 
 
 class Fetcher:
     """A fake provider: counts calls, optional delay, lifetime and failures.
 
     Tokens expire ``lifetime`` after the cache's clock (real time unless a
-    test moves it with :class:`Clock`).  ``gate``: each call waits for it
-    (at most 10 s) before answering, so a test decides when a fetch ends.
+    test moves it with ``CacheClock``).  ``gate``: each call waits for it (at
+    most 10 s) before answering, so a test decides when a fetch ends.
     """
 
     def __init__(self, lifetime: float = 60.0, delay: float = 0.0) -> None:
@@ -45,27 +45,6 @@ class Fetcher:
         if self.fail is not None:
             raise self.fail
         return FetchResult(f"token-{n}", cache_module._time() + self.lifetime)
-
-
-class Clock:
-    """The token cache's clock, stopped at ``now`` and moved by the test.
-
-    Tests of expiry and refresh windows step it instead of sleeping: a real
-    sleep inside a sub-second window failed whenever a loaded machine
-    overslept.  Background refreshes still run on real threads.
-    """
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.now = time.time()
-        monkeypatch.setattr(cache_module, "_time", lambda: self.now)
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    """Wait (polling) until ``condition()`` holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 class JoinCountingCache(TokenCache):
@@ -133,7 +112,7 @@ def test_expired_token_is_refused_and_not_cached() -> None:
 
 
 def test_entry_stops_serving_at_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = Clock(monkeypatch)
+    clock = CacheClock(monkeypatch)
     cache = TokenCache(10, skew=0.0, refresh_ahead=0.0)
     fetch = Fetcher(lifetime=0.3)
     assert cache.get("k", fetch) == "token-1"
@@ -269,7 +248,7 @@ def test_failure_reaches_every_waiter_with_its_type_and_is_not_cached() -> None:
 
 
 def test_failure_backoff_reraises_without_fetching(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = Clock(monkeypatch)
+    clock = CacheClock(monkeypatch)
     cache = TokenCache(10, failure_backoff=0.3)
     fetch = Fetcher()
     fetch.fail = TokenAcquisitionError("no", error="invalid_client")
@@ -304,7 +283,7 @@ def test_async_failure_passes_through() -> None:
 def test_refresh_ahead_serves_old_token_and_refreshes_once_in_background(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clock = Clock(monkeypatch)
+    clock = CacheClock(monkeypatch)
     cache = TokenCache(10, skew=0.1, refresh_ahead=10.0)
     fetch = Fetcher(lifetime=1.0)
     assert cache.get("k", fetch) == "token-1"
@@ -319,7 +298,7 @@ def test_refresh_ahead_serves_old_token_and_refreshes_once_in_background(
 
 
 def test_peek_triggers_refresh_with_the_stored_fetch(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = Clock(monkeypatch)
+    clock = CacheClock(monkeypatch)
     cache = TokenCache(10, skew=0.1, refresh_ahead=10.0)
     fetch = Fetcher(lifetime=1.0)
     cache.get("k", fetch)
@@ -330,7 +309,7 @@ def test_peek_triggers_refresh_with_the_stored_fetch(monkeypatch: pytest.MonkeyP
 
 
 def test_failed_refresh_keeps_serving_until_real_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = Clock(monkeypatch)
+    clock = CacheClock(monkeypatch)
     cache = TokenCache(10, skew=0.1, refresh_ahead=10.0)
     fetch = Fetcher(lifetime=1.0)
     cache.get("k", fetch)
