@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -258,7 +259,11 @@ def test_to_thread_copies_end_with_the_block():
 
         async with deepsec.end_user(("zoe", None)):
             fut = asyncio.ensure_future(asyncio.to_thread(work))
-            await asyncio.sleep(0.05)
+            # The block ends only once the thread has read inside it (a fixed
+            # sleep ended it first when a loaded machine started the thread late).
+            deadline = time.monotonic() + 5
+            while not out and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
         gate.set()
         await fut
         return out

@@ -37,8 +37,12 @@ def fleet() -> Iterator[Fleet]:
 def _params(idp: LocalIdP, redis: RedisTestServer) -> dict[str, Any]:
     # A generous timeout: on a loaded 2-core machine the lock holder's first
     # request (MSAL start-up included) can take seconds, and a waiter that
-    # gives up early fetches on its own.
-    return idp.azure_params("on_behalf_of", token_cache=redis.url, timeout=15.0)
+    # gives up early fetches on its own.  A generous Redis socket timeout too
+    # (the library's is 0.5 s): one late Redis answer opened a worker's
+    # breaker, and that worker fetched every user itself (a 0.8 s Redis stall:
+    # 128 calls instead of 20).  A killed Redis still fails at once.
+    url = redis.url + "?socket_timeout=5&socket_connect_timeout=5"
+    return idp.azure_params("on_behalf_of", token_cache=url, timeout=15.0)
 
 
 @pytest.mark.parametrize("use_async", [False, True], ids=["threads", "asyncio"])

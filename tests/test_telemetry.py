@@ -687,9 +687,12 @@ def test_demo_summary_tells_provider_calls_from_lookups_that_waited(idp: LocalId
     # fetch, but one token was fetched.
     from deepsec.tokens import token_source_for
 
-    source = token_source_for(parse_end_user_sec_params(idp.azure_params("on_behalf_of")))
+    # Generous (for a loaded machine): 30 s for the provider, and 2 s for the
+    # other four threads to join the first one's fetch before it ends.
+    params = idp.azure_params("on_behalf_of", timeout=30.0)
+    source = token_source_for(parse_end_user_sec_params(params))
     alice = EndUserContext(idp.issue_user_token("alice"))
-    idp.faults.delay(0.5)
+    idp.faults.delay(2.0)
     with telemetry.collect_summary() as summary:
         run_threads(lambda: source.get_token(alice), count=5, timeout=30)
     text = summary()

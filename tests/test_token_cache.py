@@ -7,22 +7,31 @@ import base64
 import json
 import threading
 import time
+from typing import Any
 
 import pytest
 
 from concurrency_support import run_threads
 from deepsec.errors import TokenAcquisitionError
+from deepsec.tokens import cache as cache_module
 from deepsec.tokens.cache import FetchResult, TokenCache, cache_key, jwt_expiry
+from token_support import CacheClock, wait_until
 
 
 class Fetcher:
-    """A fake provider: counts calls, optional delay, lifetime and failures."""
+    """A fake provider: counts calls, optional delay, lifetime and failures.
+
+    Tokens expire ``lifetime`` after the cache's clock (real time unless a
+    test moves it with ``CacheClock``).  ``gate``: each call waits for it (at
+    most 10 s) before answering, so a test decides when a fetch ends.
+    """
 
     def __init__(self, lifetime: float = 60.0, delay: float = 0.0) -> None:
         self.lifetime = lifetime
         self.delay = delay
         self.calls = 0
         self.fail: BaseException | None = None
+        self.gate: threading.Event | None = None
         self.lock = threading.Lock()
 
     def __call__(self) -> FetchResult:
@@ -31,9 +40,34 @@ class Fetcher:
             n = self.calls
         if self.delay:
             time.sleep(self.delay)
+        if self.gate is not None:
+            self.gate.wait(10)
         if self.fail is not None:
             raise self.fail
-        return FetchResult(f"token-{n}", time.time() + self.lifetime)
+        return FetchResult(f"token-{n}", cache_module._time() + self.lifetime)
+
+
+class JoinCountingCache(TokenCache):
+    """A cache that tells when ``expected`` lookups have joined a fetch (or its result).
+
+    A fetch gated on :attr:`joined` ends only after every caller has joined
+    it, however late a loaded machine starts them.
+    """
+
+    def __init__(self, expected: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.expected = expected
+        self.joins = 0
+        self.joined = threading.Event()
+        self._count_lock = threading.Lock()
+
+    def _join(self, key: str, fetch: Any) -> Any:
+        flight = super()._join(key, fetch)
+        with self._count_lock:
+            self.joins += 1
+            if self.joins >= self.expected:
+                self.joined.set()
+        return flight
 
 
 def test_miss_then_hit() -> None:
@@ -77,11 +111,14 @@ def test_expired_token_is_refused_and_not_cached() -> None:
     assert len(fetch_calls) == 2
 
 
-def test_entry_stops_serving_at_expiry() -> None:
+def test_entry_stops_serving_at_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = CacheClock(monkeypatch)
     cache = TokenCache(10, skew=0.0, refresh_ahead=0.0)
     fetch = Fetcher(lifetime=0.3)
     assert cache.get("k", fetch) == "token-1"
-    time.sleep(0.35)
+    clock.now += 0.29
+    assert cache.peek("k") == "token-1"
+    clock.now += 0.02
     assert cache.peek("k") is None
     assert cache.get("k", fetch) == "token-2"
 
@@ -103,7 +140,10 @@ def test_single_flight_threads() -> None:
 
 def test_single_flight_asyncio_does_not_block_the_loop() -> None:
     cache = TokenCache(10)
-    fetch = Fetcher(delay=0.3)
+    fetch = Fetcher()
+    # The fetch ends only after the loop has ticked 10 times: a loop blocked
+    # by it would never tick (the fetch gives up after 10 s, and ticks < 10).
+    fetch.gate = threading.Event()
 
     async def main() -> tuple[list[str], int]:
         ticks = 0
@@ -113,6 +153,8 @@ def test_single_flight_asyncio_does_not_block_the_loop() -> None:
             nonlocal ticks
             while not stop:
                 ticks += 1
+                if ticks >= 10:
+                    fetch.gate.set()
                 await asyncio.sleep(0.01)
 
         tick_task = asyncio.create_task(ticker())
@@ -152,7 +194,8 @@ def test_threads_and_tasks_share_one_fetch() -> None:
 
 def test_cancelled_waiter_does_not_cancel_the_shared_fetch() -> None:
     cache = TokenCache(10)
-    fetch = Fetcher(delay=0.3)
+    fetch = Fetcher()
+    fetch.gate = threading.Event()  # the fetch is still running when first is cancelled
 
     async def main() -> str:
         first = asyncio.create_task(cache.aget("k", fetch))
@@ -161,6 +204,7 @@ def test_cancelled_waiter_does_not_cancel_the_shared_fetch() -> None:
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
+        fetch.gate.set()
         return await second
 
     assert asyncio.run(main()) == "token-1"
@@ -180,8 +224,11 @@ def test_one_fetch_per_key() -> None:
 
 
 def test_failure_reaches_every_waiter_with_its_type_and_is_not_cached() -> None:
-    cache = TokenCache(10)
-    fetch = Fetcher(delay=0.2)
+    # The fetch fails only once all 32 callers have joined it: a caller the
+    # machine started after a (timed) failure would fetch again.
+    cache = JoinCountingCache(32, 10)
+    fetch = Fetcher()
+    fetch.gate = cache.joined
     fetch.fail = TokenAcquisitionError("provider down", error="server_error")
     errors: list[BaseException] = []
 
@@ -200,22 +247,25 @@ def test_failure_reaches_every_waiter_with_its_type_and_is_not_cached() -> None:
     assert cache.get("k", fetch) == "token-2"  # no negative caching by default
 
 
-def test_failure_backoff_reraises_without_fetching() -> None:
+def test_failure_backoff_reraises_without_fetching(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = CacheClock(monkeypatch)
     cache = TokenCache(10, failure_backoff=0.3)
     fetch = Fetcher()
     fetch.fail = TokenAcquisitionError("no", error="invalid_client")
     for _ in range(3):
         with pytest.raises(TokenAcquisitionError):
             cache.get("k", fetch)
+        clock.now += 0.09  # still inside the window (at most 0.27 s in)
     assert fetch.calls == 1
-    time.sleep(0.35)
+    clock.now += 0.05
     fetch.fail = None
     assert cache.get("k", fetch) == "token-2"
 
 
 def test_async_failure_passes_through() -> None:
-    cache = TokenCache(10)
-    fetch = Fetcher(delay=0.05)
+    cache = JoinCountingCache(20, 10)
+    fetch = Fetcher()
+    fetch.gate = cache.joined  # fails once every task has joined it
     fetch.fail = TokenAcquisitionError("bad", error="invalid_grant")
 
     async def main() -> list[BaseException | str]:
@@ -230,45 +280,50 @@ def test_async_failure_passes_through() -> None:
     assert all(isinstance(r, TokenAcquisitionError) and r.error == "invalid_grant" for r in results)
 
 
-def test_refresh_ahead_serves_old_token_and_refreshes_once_in_background() -> None:
+def test_refresh_ahead_serves_old_token_and_refreshes_once_in_background(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = CacheClock(monkeypatch)
     cache = TokenCache(10, skew=0.1, refresh_ahead=10.0)
-    fetch = Fetcher(lifetime=1.0, delay=0.1)
+    fetch = Fetcher(lifetime=1.0)
     assert cache.get("k", fetch) == "token-1"
     # usable until +0.9 s, refresh window from +0.45 s
-    time.sleep(0.5)
-    started = time.perf_counter()
+    clock.now += 0.5
+    fetch.gate = threading.Event()  # the refresh cannot end before the hits below
     seen = {cache.get("k", fetch) for _ in range(1000)}
-    assert time.perf_counter() - started < 0.05  # hits did not wait for the refresh
-    assert seen == {"token-1"}
-    time.sleep(0.2)
+    assert seen == {"token-1"}  # so the hits did not wait for it
+    fetch.gate.set()
+    wait_until(lambda: cache.peek("k") == "token-2")
     assert fetch.calls == 2  # exactly one background refresh
-    assert cache.peek("k") == "token-2"
 
 
-def test_peek_triggers_refresh_with_the_stored_fetch() -> None:
+def test_peek_triggers_refresh_with_the_stored_fetch(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = CacheClock(monkeypatch)
     cache = TokenCache(10, skew=0.1, refresh_ahead=10.0)
     fetch = Fetcher(lifetime=1.0)
     cache.get("k", fetch)
-    time.sleep(0.5)
+    clock.now += 0.5  # inside the refresh window (from +0.45 s), before expiry (+0.9 s)
     assert cache.peek("k") == "token-1"
-    time.sleep(0.1)
-    assert cache.peek("k") == "token-2"
+    wait_until(lambda: cache.peek("k") == "token-2")
+    assert fetch.calls == 2
 
 
-def test_failed_refresh_keeps_serving_until_real_expiry() -> None:
+def test_failed_refresh_keeps_serving_until_real_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = CacheClock(monkeypatch)
     cache = TokenCache(10, skew=0.1, refresh_ahead=10.0)
     fetch = Fetcher(lifetime=1.0)
     cache.get("k", fetch)
     expires = cache.expires_at("k")
     assert expires is not None
     fetch.fail = TokenAcquisitionError("down", error="connection_error")
-    time.sleep(0.5)
-    while time.time() < expires - 0.02:
-        token = cache.peek("k")
-        assert token == "token-1"
-        time.sleep(0.01)
-    assert cache.refresh_failures >= 1
-    time.sleep(0.05)
+    # From the refresh window (+0.45 s) to just before expiry (+0.9 s); each
+    # refresh started (every retry interval, 0.2 s here) fails before the next step.
+    for step in (0.5, 0.6, 0.75, 0.85, 0.88):
+        clock.now = expires - 0.9 + step
+        assert cache.peek("k") == "token-1"
+        wait_until(lambda: cache.refresh_failures == cache.fetches - 1)
+    assert cache.refresh_failures >= 2
+    clock.now = expires + 0.01
     assert cache.peek("k") is None
     with pytest.raises(TokenAcquisitionError):
         cache.get("k", fetch)
@@ -291,10 +346,13 @@ def test_no_caller_ever_gets_an_expired_token() -> None:
 
     def worker() -> None:
         while time.time() < stop:
+            # The time before the call: a token expired by then was served
+            # expired.  (Read after the call, a thread the machine paused
+            # past the 0.2 s margin would blame the cache.)
+            before = time.time()
             token = cache.get("k", tracking_fetch)
-            now = time.time()
-            if issued[token] <= now:
-                bad.append((token, now))
+            if issued[token] <= before:
+                bad.append((token, before))
             time.sleep(0.001)
 
     run_threads(worker, count=8)
@@ -505,14 +563,17 @@ def test_remembered_failures_are_bounded_like_the_tokens() -> None:
 
 def test_waiters_give_up_after_wait_timeout_sync_and_async() -> None:
     cache = TokenCache(10, failure_backoff=5.0, wait_timeout=0.3)
-    fetch = Fetcher(delay=1.5)  # a fetch that does not bound itself (a custom module)
+    fetch = Fetcher()  # a fetch that does not bound itself (a custom module) ...
+    fetch.gate = threading.Event()  # ... and ends only when the test lets it
     leader = threading.Thread(target=lambda: cache.get("k", fetch), daemon=True)
     leader.start()
-    time.sleep(0.05)
+    wait_until(lambda: fetch.calls == 1)
+    # The fetch cannot end while the waiters wait: each answer below is a
+    # waiter giving up; the bounds are wide for a loaded machine.
     started = time.monotonic()
     with pytest.raises(TokenAcquisitionError) as info:
         cache.get("k", fetch)
-    assert info.value.error == "timeout" and time.monotonic() - started < 0.8
+    assert info.value.error == "timeout" and 0.29 <= time.monotonic() - started < 5.0
 
     async def main() -> list[object]:
         return list(
@@ -523,9 +584,10 @@ def test_waiters_give_up_after_wait_timeout_sync_and_async() -> None:
 
     started = time.monotonic()
     results = asyncio.run(main())
-    assert time.monotonic() - started < 0.8
+    assert time.monotonic() - started < 5.0
     assert all(isinstance(r, TokenAcquisitionError) and r.error == "timeout" for r in results)
-    leader.join(3)
+    fetch.gate.set()
+    leader.join(10)
     assert fetch.calls == 1
     assert cache.get("k", fetch) == "token-1"  # the fetch finished meanwhile: served
 

@@ -182,7 +182,9 @@ def test_queued_callers_fail_fast_during_the_remembered_failure(idp: LocalIdP, f
     durations.clear()
     errors.clear()
     run_threads(caller, count=32)  # the queued wave: remembered, no new fetch
-    assert max(durations) < 0.5, max(durations)
+    # Far below the fetch's timeout (what a caller that fetched would wait),
+    # with room for 32 threads on 2 loaded cores.
+    assert max(durations) < TIMEOUT / 2, max(durations)
     assert idp.token_requests() == 2
     assert all(e.error == "timeout" and 0 < (e.retry_after or 0) <= FAILURE_MEMORY for e in errors)
 
@@ -195,7 +197,7 @@ def test_other_users_are_not_held_by_one_users_remembered_failure(idp: LocalIdP)
     elapsed, exc = timed(lambda: source.get_token(slow))
     assert isinstance(exc, TokenAcquisitionError) and elapsed <= TIMEOUT + MARGIN
     elapsed, exc = timed(lambda: source.get_token(context_for(idp, "on_behalf_of", "fresh")))
-    assert exc is None and elapsed < 1.0
+    assert exc is None and elapsed < TIMEOUT  # not held for the slow user's timeout
     with pytest.raises(TokenAcquisitionError):  # still remembered for the slow user
         source.get_token(slow)
 

@@ -41,7 +41,9 @@ def test_client_credentials(idp: LocalIdP) -> None:
 
 def test_concurrent_cold_start_one_request(idp: LocalIdP) -> None:
     idp.faults.delay(0.2)
-    src = source(idp.oci_params())
+    # A generous timeout: 64 threads share 2 loaded cores with the provider
+    # (in this process); one request for all of them needs no deadline.
+    src = source(idp.oci_params(timeout=30.0))
     barrier = threading.Barrier(64)
     out: list[str] = []
 

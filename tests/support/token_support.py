@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msal
@@ -20,6 +21,28 @@ def skip_ahead(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     expiry); the network, MSAL and the identity provider keep real time.
     """
     monkeypatch.setattr(cache, "_time", lambda: time.time() + seconds)
+
+
+class CacheClock:
+    """The token cache's clock, stopped at ``now`` and moved by the test.
+
+    Tests of expiry and refresh windows step it instead of sleeping: a real
+    sleep inside a sub-second window failed whenever a loaded machine
+    overslept.  Background refreshes still run on real threads, the network,
+    MSAL and the identity provider keep real time.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = time.time()
+        monkeypatch.setattr(cache, "_time", lambda: self.now)
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Wait (polling) until ``condition()`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
 
 
 def raw_msal_app(idp: LocalIdP) -> Any:
