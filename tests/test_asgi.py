@@ -40,6 +40,7 @@ from adapter_support import (
     rid,
     run_load,
     tag,
+    user_token,
     uvicorn_server,
 )
 from deepsec import ConfigError, EndUserContext, current_end_user
@@ -470,6 +471,53 @@ def test_repeat_requests_are_one_lookup_by_the_raw_bytes_and_malformed_ones_neve
     assert seen[-2][0] == seen[-1][0] == first
     remembered = [key for key in mw.settings._resolved if key and key[0] is _BYTES]
     assert all(isinstance(part, (bytes, type(None))) for key in remembered for part in key[1:])
+    # A repeated field whose first value alone is remembered (Alice's bearer
+    # above) is not that value: two different tokens name no end user.
+    other = (b"authorization", f"Bearer {user_token('bob')}".encode())
+    assert call([bearer]) == 200
+    assert (_BYTES, None, bearer[1]) in mw.settings._resolved
+    assert call([bearer, other]) == 200
+    assert seen[-1][0] is None
+
+
+def test_a_scope_without_headers_runs_as_nobody_not_500() -> None:
+    """``headers`` may be missing from a hand-built or minimal server's scope."""
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(current_end_user())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sent = asyncio.run(
+        _asgi_call(EndUserSecMiddleware(app), {"type": "http", "method": "GET", "path": "/"}, [])
+    )
+    assert sent[0]["status"] == 200 and seen == [None]
+
+
+def test_an_error_while_fetching_tokens_ends_the_lease() -> None:
+    """Not a deepsec error (a custom source's bug, a cancellation): it propagates,
+    and the end user does not stay current in the request's task."""
+    from deepsec import lifecycle
+    from deepsec.context import activate
+    from deepsec.web import WebSettings
+
+    async def run() -> tuple[bool, object]:
+        lease = activate(EndUserContext(ALICE))
+        original = lifecycle.prepare
+
+        async def broken(context: Any) -> None:
+            raise ZeroDivisionError("a custom token source's bug")
+
+        lifecycle.prepare = broken  # type: ignore[assignment]
+        try:
+            with pytest.raises(ZeroDivisionError):
+                await lifecycle.fetch_tokens(lease, WebSettings())
+        finally:
+            lifecycle.prepare = original  # type: ignore[assignment]
+        return lease.active, current_end_user()
+
+    assert asyncio.run(run()) == (False, None)
 
 
 def test_the_inlined_activation_sets_every_field_of_activation() -> None:

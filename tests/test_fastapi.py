@@ -56,6 +56,7 @@ pytestmark = pytest.mark.timeout(60)
 
 # These tests send local [name, key] users in cookies: opt in (off by default).
 LOCAL_USERS = EndUserIdentity(client_local_users=True)
+BOB = user_token("bob")
 
 
 def make_app(
@@ -524,11 +525,12 @@ def test_a_database_error_in_a_streaming_body_passes_unchanged() -> None:
         client.get("/stream")
 
 
-@pytest.mark.parametrize("one_callback", [True, False])
+@pytest.mark.parametrize("direct_push", [True, False])
 def test_the_lease_ends_and_answers_only_endpoint_errors(
-    monkeypatch: pytest.MonkeyPatch, one_callback: bool
+    monkeypatch: pytest.MonkeyPatch, direct_push: bool
 ) -> None:
-    """One exit callback where this FastAPI allows it, else one on each of its stacks.
+    """The lease's exit callback, on both of FastAPI's stacks: appended directly
+    where this contextlib allows it (checked at import), else pushed.
 
     Either way the identity ends after the response, a deepsec error raised
     in the endpoint is answered, and one raised while the response is sent
@@ -541,9 +543,9 @@ def test_the_lease_ends_and_answers_only_endpoint_errors(
     from deepsec import TokenNotReadyError
     from deepsec.context import _current
 
-    if one_callback:
-        assert deepsec_fastapi._ONE_CALLBACK  # this Python's contextlib and FastAPI allow it
-    monkeypatch.setattr(deepsec_fastapi, "_ONE_CALLBACK", one_callback)
+    if direct_push:
+        assert deepsec_fastapi._DIRECT_PUSH  # this Python's contextlib allows it
+    monkeypatch.setattr(deepsec_fastapi, "_DIRECT_PUSH", direct_push)
     leases: list[Any] = []
     app = FastAPI(dependencies=[Depends(end_user_identity)])
 
@@ -620,3 +622,55 @@ def test_the_dependency_reuses_the_requests_lease_under_the_same_rules() -> None
     # The stricter dependency denies what the middleware let through.
     with TestClient(cases[2][0]) as client:
         assert client.get("/").status_code == 401
+
+
+def test_a_request_the_endpoint_makes_to_the_app_in_process_is_resolved_from_its_own_headers() -> (
+    None
+):
+    """The outer request's lease is current while its endpoint calls the app in process.
+
+    The inner request (httpx.ASGITransport, a batch or fan-out handler) must
+    not reuse it: it runs as the user its own headers name, or as nobody.
+    """
+    app = FastAPI(dependencies=[Depends(end_user_identity)])
+
+    @app.get("/whoami")
+    async def whoami(user: EndUser) -> dict[str, Any]:
+        return {"user": None if user is None else user.identity}
+
+    @app.get("/outer")
+    async def outer(user: EndUser) -> dict[str, Any]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://in-process") as c:
+            as_bob = await c.get("/whoami", headers={"Authorization": f"Bearer {BOB}"})
+            as_nobody = await c.get("/whoami")
+        assert user is not None
+        return {
+            "outer": user.identity,
+            "inner": [as_bob.json()["user"], as_nobody.json()["user"]],
+            "after": None if current_end_user() is None else current_end_user().identity,
+        }
+
+    with TestClient(app) as client:
+        got = client.get("/outer", headers={"Authorization": f"Bearer {ALICE}"}).json()
+    assert got == {"outer": ALICE, "inner": [BOB, None], "after": ALICE}
+
+
+def test_an_error_from_a_function_scoped_dependency_teardown_is_answered() -> None:
+    """A ``yield`` dependency with ``scope="function"`` tears down before the response:
+    its deepsec error gets the same 503 as one raised in the endpoint, not a 500."""
+    from deepsec import TokenNotReadyError
+
+    async def audit(user: EndUser) -> AsyncIterator[None]:
+        yield
+        raise TokenNotReadyError("no token for the audit statement")
+
+    app = FastAPI()
+
+    @app.get("/t")
+    async def endpoint(_: Annotated[None, Depends(audit, scope="function")]) -> dict[str, Any]:
+        return {}
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/t", headers={"Authorization": f"Bearer {ALICE}"})
+    assert response.status_code == 503, response.text

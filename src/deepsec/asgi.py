@@ -197,7 +197,11 @@ class EndUserSecMiddleware:
         lease: Any = None
         key = None
         if kind == "http":
-            lease, user, key = _lease_by_bytes(self._remembered, scope["headers"], _Exchange)
+            try:
+                raw = scope["headers"]
+            except KeyError:  # a hand-built or minimal server's scope
+                raw = ()
+            lease, user, key = _lease_by_bytes(self._remembered, raw, _Exchange)
         elif kind != "websocket":
             await self.app(scope, receive, send)
             return
@@ -215,6 +219,7 @@ class EndUserSecMiddleware:
                 await _reject(scope, receive, send, fetched)
                 return
         scope[SCOPE_KEY] = user
+        lease.scope = scope
         lease.settings = settings
         lease._send = send
         lease._state = None
@@ -240,6 +245,7 @@ class EndUserSecMiddleware:
                 lease._state = True
                 await _flush(send, held)
         finally:
+            lease.scope = None  # tasks that outlive the request keep no scope
             lease.end()
 
     def _start(

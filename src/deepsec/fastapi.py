@@ -49,11 +49,9 @@ from __future__ import annotations
 import inspect
 from collections import deque
 from contextlib import AsyncExitStack
-from types import CodeType
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, WebSocketException
-from fastapi import routing as fastapi_routing
 from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.models import APIKey, HTTPBearer
 from fastapi.openapi.models import SecurityBase as SecurityBaseModel
@@ -175,12 +173,16 @@ class EndUserIdentity:
         if (
             isinstance(current, RequestLease)
             and current.active
+            and current.scope is scope
             and (current.settings is settings or current.settings == settings)
         ):
             # This request was resolved already by the same rules (the ASGI
             # middleware, or this dependency declared twice).  A laxer
             # middleware's resolution is not reused: this dependency's
-            # deny/strict/resolver choices hold.
+            # deny/strict/resolver choices hold.  Only a lease of *this*
+            # request's scope: a request the endpoint makes to the app in
+            # process (httpx.ASGITransport) runs with the outer request's
+            # lease current, and must be resolved from its own headers.
             done = current.context
             return done if done.identity is not None else None
         # The hot path, as in the ASGI middleware: a repeat of earlier raw
@@ -196,21 +198,23 @@ class EndUserIdentity:
         if stack is None:  # pragma: no cover - FastAPI older than 0.118
             outcome.end()
             raise RuntimeError("deepsec.fastapi needs FastAPI 0.118 or later")
-        # FastAPI closes its request stack after the response is sent (in
-        # this task): the lease's __exit__ then answers endpoint errors and
-        # ends the identity.
+        # FastAPI closes the endpoint's (function) stack when the endpoint
+        # returned, then the request's stack after the response is sent (in
+        # this task): the lease's __exit__ is called on both.  It notes the
+        # first; on the second it answers endpoint errors, then ends the
+        # identity.
         outcome.scope = scope
         outcome.settings = settings
-        if _ONE_CALLBACK:
-            # What stack.push(outcome) stores, without its three calls; an
-            # error's traceback tells whether it came from the endpoint.
-            outcome.phase = _BY_TRACEBACK
-            stack._exit_callbacks.append((True, outcome.__exit__))
-        else:  # pragma: no cover - another FastAPI or contextlib layout
-            # The endpoint's (function) stack, closed when the endpoint
-            # returned, tells it instead: the lease is pushed on both.
-            function_stack = scope.get("fastapi_function_astack")
-            outcome.phase = _ENDPOINT if function_stack is not None else _ENDPOINT_FAILED
+        function_stack = scope.get("fastapi_function_astack")
+        outcome.phase = _ENDPOINT if function_stack is not None else _ENDPOINT_FAILED
+        if _DIRECT_PUSH:
+            # What push(outcome) stores (checked at import), without its
+            # three calls per push.
+            callback = (True, outcome.__exit__)
+            stack._exit_callbacks.append(callback)
+            if function_stack is not None:
+                function_stack._exit_callbacks.append(callback)
+        else:  # a contextlib laid out otherwise
             stack.push(outcome)
             if function_stack is not None:
                 function_stack.push(outcome)
@@ -311,13 +315,10 @@ class _DependencyLease(RequestLease):
     a *handled* error after the response started into a RuntimeError).
     """
 
-    __slots__ = ("phase", "scope")
+    __slots__ = ("phase",)
 
-    scope: Any
-    #: How an error is known to come from the endpoint (then it is answered)
-    #: rather than from sending the response: :data:`_BY_TRACEBACK`, or
-    #: where the request is, :data:`_ENDPOINT`, :data:`_ENDPOINT_FAILED` or
-    #: :data:`_RESPONSE` (without the endpoint handler's code object).
+    #: Where the request is: :data:`_ENDPOINT`, :data:`_ENDPOINT_FAILED` or
+    #: :data:`_RESPONSE` (an error now may come from a started response).
     phase: int
 
     def __exit__(self, *exc_info: object) -> None:
@@ -328,10 +329,7 @@ class _DependencyLease(RequestLease):
         exc = exc_info[1]
         if exc is not None:
             try:
-                if isinstance(exc, Exception) and (
-                    phase == _ENDPOINT_FAILED
-                    or (phase == _BY_TRACEBACK and _raised_in_endpoint(exc))
-                ):
+                if phase == _ENDPOINT_FAILED and isinstance(exc, Exception):
                     self._answer(exc)
             finally:
                 self.end()
@@ -349,9 +347,6 @@ class _DependencyLease(RequestLease):
             raise _exception(self.scope, rejection) from exc
 
 
-#: _DependencyLease.phase: an error that passed through FastAPI's endpoint
-#: handler came from the endpoint (see _raised_in_endpoint).
-_BY_TRACEBACK = 3
 #: The endpoint runs (its stack is open).
 _ENDPOINT = 2
 #: The endpoint raised (or, without an endpoint stack, it may have): answer.
@@ -382,38 +377,6 @@ def _direct_push_works() -> bool:
 
 
 _DIRECT_PUSH = _direct_push_works()
-
-
-def _endpoint_handler_codes() -> frozenset[CodeType]:
-    """The code of FastAPI's endpoint handlers (the ``app`` inner functions).
-
-    An exception whose traceback passes through one was raised while
-    solving dependencies or running the endpoint: the response has not
-    started.  One raised while sending the response (a streaming body,
-    background tasks) never does.  Empty when this FastAPI is laid out
-    otherwise: the dependency then learns it from the endpoint's stack.
-    """
-    codes = [
-        const
-        for factory in (fastapi_routing.get_request_handler, fastapi_routing.get_websocket_app)
-        for const in factory.__code__.co_consts
-        if isinstance(const, CodeType) and const.co_name == "app"
-    ]
-    return frozenset(codes) if len(codes) == 2 else frozenset()
-
-
-_HANDLER_CODES = _endpoint_handler_codes()
-#: One exit callback per request (on the request stack) suffices.
-_ONE_CALLBACK = _DIRECT_PUSH and bool(_HANDLER_CODES)
-
-
-def _raised_in_endpoint(exc: BaseException) -> bool:
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code in _HANDLER_CODES:
-            return True
-        tb = tb.tb_next
-    return False
 
 
 def _handler_for(by_type: Any, mro: tuple[type, ...]) -> Any:

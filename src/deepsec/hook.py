@@ -62,6 +62,7 @@ from .errors import (
     TokenNotReadyError,
 )
 from .prefetch import (
+    forget_prefetch_configs,
     prepare,
     recalled_failure,
     register_config,
@@ -75,13 +76,16 @@ _monotonic = time.monotonic
 _weakref = weakref.ref
 _AsyncConnection = oracledb.AsyncConnection
 
+# forget_prefetch_configs and prepare live in deepsec.prefetch; they are
+# importable from here as before.
 __all__ = [
     "build_security_context",
+    "forget_prefetch_configs",
     "forget_security_contexts",
     "install",
     "installed",
     "params_hook",
-    "prepare",  # (lives in deepsec.prefetch; importable from here as before)
+    "prepare",
     "uninstall",
 ]
 

@@ -78,15 +78,18 @@ def begin(resolution: Resolution, settings: WebSettings | None = None) -> Activa
 
 
 class RequestLease(Activation):
-    """An adapter's activation for one request, with the settings it was resolved by.
+    """An adapter's activation for one request, with its scope and the settings it was resolved by.
 
     A later deepsec layer of the same request (the FastAPI dependency behind
-    the ASGI middleware) that finds one active as the current activation,
-    resolved by equal settings, reuses it instead of resolving again.
+    the ASGI middleware) that finds one active as the current activation, of
+    the same ASGI scope and resolved by equal settings, reuses it instead of
+    resolving again.  The scope is set while the request runs, and ``None``
+    after (tasks that outlive the request keep no scope).
     """
 
-    __slots__ = ("settings",)
+    __slots__ = ("scope", "settings")
 
+    scope: Any
     settings: WebSettings
 
 
@@ -171,6 +174,11 @@ async def fetch_tokens(outcome: Lease, settings: WebSettings) -> Lease | Rejecti
         if rejection is None:
             raise
         return rejection
+    except BaseException:
+        # Cancelled, or a custom token source's own error: the request does
+        # not run, so its end user must not stay current in this task.
+        outcome.end()
+        raise
     return outcome
 
 
