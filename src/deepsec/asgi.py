@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 from ._identity_parse import COOKIE_JOIN, cookie_pairs
 from .context import _EMPTY, EndUserContext, _current
 from .lifecycle import TOKEN_CONFIGS, RequestLease, answer, fetch_tokens, start
-from .web import Rejection, Resolution, WebSettings, remember_alias
+from .web import Rejection, WebSettings, remember_alias
 
 __all__ = ["SCOPE_KEY", "ASGIConnection", "EndUserSecMiddleware"]
 
@@ -181,13 +181,7 @@ class EndUserSecMiddleware:
         self._reads_request = not (
             s.resolver is None and s.data_roles is None and s.attributes is None
         )
-        # Whether a resolution may be looked up by the raw header bytes: the
-        # identity depends on them alone and nothing is recorded per request.
-        self._by_bytes = s._cacheable and not s.record_end_user
-        # Where the hot path looks (never filled when it may not).
-        self._remembered: dict[tuple[Any, ...], tuple[Resolution, tuple[str, ...]]] = (
-            s._resolved if self._by_bytes else {}
-        )
+        self._remembered = _remembered_by_bytes(s)
 
     def __repr__(self) -> str:
         return f"EndUserSecMiddleware({self.app!r})"
@@ -251,26 +245,16 @@ class EndUserSecMiddleware:
     def _start(
         self, scope: Scope, raw: tuple[Any, ...] | None
     ) -> tuple[_Exchange | Rejection, EndUserContext | None]:
-        """Resolve and activate in full (:func:`deepsec.lifecycle.start`); and the end user.
-
-        For an HTTP request whose resolution gets remembered under the decoded
-        header values, it is remembered under ``raw`` (their bytes) as well.
-        """
-        cookie_header, authorization = _identity_headers(scope.get("headers"))
-        outcome = start(
+        """Resolve and activate in full; and the end user (see :func:`_start_in_full`)."""
+        return _start_in_full(
             self.settings,
             # Only the app's callables read the request: build it only for them.
             ASGIConnection(scope) if self._reads_request else None,
-            cookie_header=cookie_header,
-            authorization=authorization,
-            lease=_Exchange,
+            scope.get("headers"),
+            raw,
+            self._remembered,
+            _Exchange,
         )
-        if isinstance(outcome, Rejection):
-            return outcome, None
-        if raw is not None and self._by_bytes:
-            remember_alias(self.settings, (cookie_header, authorization, None), raw)
-        ctx = outcome.context
-        return outcome, (ctx if ctx.identity is not None else None)
 
 
 #: First item of the keys under which the middleware remembers a resolution by
@@ -352,6 +336,49 @@ async def _flush(send: Send, held: list[Message]) -> None:
     """Send a held-back 500 after all (the error was not ours, or none came)."""
     for message in held:
         await send(message)
+
+
+def _remembered_by_bytes(settings: WebSettings) -> dict[tuple[Any, ...], Any]:
+    """Where an adapter looks a resolution up by the raw header bytes.
+
+    The resolutions ``settings`` remember, when the identity depends on the
+    header values alone and nothing is recorded per request; else an empty
+    dict that is never filled (every request is resolved in full).
+    """
+    return settings._resolved if settings._cacheable and not settings.record_end_user else {}
+
+
+def _start_in_full(
+    settings: WebSettings,
+    request: Any,
+    raw_headers: Any,
+    raw: tuple[Any, ...] | None,
+    remembered: dict[tuple[Any, ...], Any],
+    lease_class: type[LeaseT],
+) -> tuple[LeaseT | Rejection, EndUserContext | None]:
+    """Resolve and activate a request that :func:`_lease_by_bytes` missed.
+
+    :func:`deepsec.lifecycle.start` on the decoded ``Cookie`` and
+    ``Authorization`` values; returns the lease (or the rejection) and the
+    end user (``None``: none).
+    A resolution remembered under the decoded header values is remembered
+    under ``raw`` (their bytes, the hot path's key) as well, when
+    ``remembered`` is where the adapter looks (:func:`_remembered_by_bytes`).
+    """
+    cookie_header, authorization = _identity_headers(raw_headers)
+    outcome = start(
+        settings,
+        request,
+        cookie_header=cookie_header,
+        authorization=authorization,
+        lease=lease_class,
+    )
+    if isinstance(outcome, Rejection):
+        return outcome, None
+    if raw is not None and remembered is settings._resolved:
+        remember_alias(settings, (cookie_header, authorization, None), raw)
+    ctx = outcome.context
+    return outcome, (ctx if ctx.identity is not None else None)
 
 
 def _lease_by_bytes(

@@ -58,10 +58,10 @@ from fastapi.openapi.models import SecurityBase as SecurityBaseModel
 from fastapi.security.base import SecurityBase
 from starlette.requests import HTTPConnection
 
-from .asgi import _identity_headers, _lease_by_bytes
+from .asgi import _lease_by_bytes, _remembered_by_bytes, _start_in_full
 from .context import EndUserContext, _current
-from .lifecycle import TOKEN_CONFIGS, RequestLease, answer, fetch_tokens, start
-from .web import Rejection, Resolution, WebSettings, remember_alias
+from .lifecycle import TOKEN_CONFIGS, RequestLease, answer, fetch_tokens
+from .web import Rejection, WebSettings
 
 __all__ = ["EndUser", "EndUserIdentity", "end_user_identity"]
 
@@ -152,12 +152,9 @@ class EndUserIdentity:
                     # the OpenAPI document instead (_declare_cookie_schemes).
                     self.cookie_scheme = _CookieScheme(s.cookie_name)
                     _cookie_schemes[:] = [self.cookie_scheme]
-        # Whether a resolution may be looked up by the raw header bytes (as
-        # in the ASGI middleware): it depends on them alone, nothing recorded.
-        self._by_bytes = s._cacheable and not s.record_end_user
-        self._remembered: dict[tuple[Any, ...], tuple[Resolution, tuple[str, ...]]] = (
-            s._resolved if self._by_bytes else {}
-        )
+        # Where a repeat request is looked up by its raw header bytes (as in
+        # the ASGI middleware).
+        self._remembered = _remembered_by_bytes(s)
         # FastAPI reads the dependency's parameters from this signature.
         self.__signature__ = inspect.Signature(params, return_annotation=EndUserContext | None)
 
@@ -189,7 +186,12 @@ class EndUserIdentity:
         # header bytes is one lookup of the resolution they got.
         outcome, ctx, key = _lease_by_bytes(self._remembered, scope["headers"], _DependencyLease)
         if outcome is None:
-            outcome, ctx = self._start(connection, key)
+            started, ctx = _start_in_full(
+                settings, connection, scope["headers"], key, self._remembered, _DependencyLease
+            )
+            if isinstance(started, Rejection):
+                raise _exception(scope, started)
+            outcome = started
         if ctx is not None and TOKEN_CONFIGS:  # needs_tokens(), inlined
             fetched = await fetch_tokens(outcome, settings)
             if isinstance(fetched, Rejection):
@@ -219,31 +221,6 @@ class EndUserIdentity:
             if function_stack is not None:
                 function_stack.push(outcome)
         return ctx
-
-    def _start(
-        self, connection: HTTPConnection, raw: tuple[Any, ...] | None
-    ) -> tuple[_DependencyLease, EndUserContext | None]:
-        """Resolve and activate in full (:func:`deepsec.lifecycle.start`); and the end user.
-
-        Raises the rejection as an ``HTTPException`` (``WebSocketException``).
-        A resolution remembered under the decoded header values is
-        remembered under ``raw`` (their bytes, the hot path's key) as well.
-        """
-        scope = connection.scope
-        cookie_header, authorization = _identity_headers(scope["headers"])
-        outcome = start(
-            self.settings,
-            connection,
-            cookie_header=cookie_header,
-            authorization=authorization,
-            lease=_DependencyLease,
-        )
-        if isinstance(outcome, Rejection):
-            raise _exception(scope, outcome)
-        if raw is not None and self._by_bytes:
-            remember_alias(self.settings, (cookie_header, authorization, None), raw)
-        ctx = outcome.context
-        return outcome, (ctx if ctx.identity is not None else None)
 
 
 class _DeclaredEndUserIdentity(EndUserIdentity, SecurityBase):
@@ -327,16 +304,12 @@ class _DependencyLease(RequestLease):
             self.phase = _RESPONSE if exc_info[0] is None else _ENDPOINT_FAILED
             return
         exc = exc_info[1]
-        if exc is not None:
-            try:
-                if phase == _ENDPOINT_FAILED and isinstance(exc, Exception):
-                    self._answer(exc)
-            finally:
-                self.end()
-                self.scope = None  # tasks that outlive the request keep no scope
-            return
-        self.scope = None
-        self.end()
+        try:
+            if exc is not None and phase == _ENDPOINT_FAILED and isinstance(exc, Exception):
+                self._answer(exc)
+        finally:
+            self.end()
+            self.scope = None  # tasks that outlive the request keep no scope
 
     def _answer(self, exc: Exception) -> None:
         handlers = self.scope.get("starlette.exception_handlers")
