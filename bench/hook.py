@@ -87,13 +87,12 @@ def bare_app(pool: Any) -> Request:
 _hand_user: contextvars.ContextVar[str | None] = contextvars.ContextVar("user", default=None)
 
 
-def by_hand_app(pool: Any) -> Request:
+def _hand_data_layer(pool: Any) -> Callable[[str], None]:
+    """The data layer written by hand: a built context per token, set on every acquire."""
     access_token = spi_static.get_database_access_token({"client_id": "hr-app"}, None)
     contexts: dict[str, Any] = {}
 
-    def data_layer() -> None:
-        token = _hand_user.get()
-        assert token is not None
+    def run(token: str) -> None:
         context = contexts.get(token)
         if context is None:
             context = contexts[token] = oracledb.create_end_user_security_context(
@@ -103,12 +102,20 @@ def by_hand_app(pool: Any) -> Request:
             conn.set_end_user_security_context(context)
             _query(conn)
 
+    return run
+
+
+def by_hand_app(pool: Any) -> Request:
+    data_layer = _hand_data_layer(pool)
+
     def request(header: str) -> None:
         # The hand-written adapter floor of bench/adapters.py: read the
         # header, set a contextvar for the data layer, reset it.
         reset = _hand_user.set(header[7:])
         try:
-            data_layer()
+            token = _hand_user.get()  # (the data layer reads it where it runs)
+            assert token is not None
+            data_layer(token)
         finally:
             _hand_user.reset(reset)
 
@@ -127,21 +134,13 @@ def breakdown_app(pool: Any) -> Request:
     callback machinery and deepsec's activation (a validated context under a
     lease) instead of a bare contextvar.
     """
-    access_token = spi_static.get_database_access_token({"client_id": "hr-app"}, None)
-    contexts: dict[str, Any] = {}
+    data_layer = _hand_data_layer(pool)
 
     def request(header: str) -> None:
         with deepsec.end_user(header[7:]) as ctx:
             token = ctx.identity
             assert isinstance(token, str)
-            context = contexts.get(token)
-            if context is None:
-                context = contexts[token] = oracledb.create_end_user_security_context(
-                    access_token, end_user_identity=token
-                )
-            with pool.acquire() as conn:
-                conn.set_end_user_security_context(context)
-                _query(conn)
+            data_layer(token)
 
     return request
 
