@@ -73,9 +73,9 @@ class Prepared:
         token: str,
         context: Any,
         check_until: float,
-        key: tuple[Any, ...] = (),
-        ctx: EndUserContext | None = None,
-        on_error: Callable[[Prepared, BaseException], None] | None = None,
+        key: tuple[Any, ...],
+        ctx: EndUserContext,
+        on_error: Callable[[Prepared, BaseException], None],
     ) -> None:
         self.token = token
         self.context = context  # oracledb.EndUserSecurityContext
@@ -95,7 +95,7 @@ class Prepared:
 
     def __call__(self, outcome: Any) -> None:
         """The completion of a round trip made with this context attached."""
-        if outcome is not None and self.on_error is not None:
+        if outcome is not None:
             self.on_error(self, outcome)
 
     def revoke(self) -> None:

@@ -400,7 +400,7 @@ def _round_trip_failed(config: EndUserSecConfig, prepared: Prepared, error: Base
     connection and, with the shared cache, mark a good token rejected
     fleet-wide).
     """
-    if isinstance(error, oracledb.DatabaseError) and prepared.ctx is not None:
+    if isinstance(error, oracledb.DatabaseError):
         err = error.args[0] if error.args else None
         if getattr(err, "code", None) == _BAD_ACCESS_TOKEN:
             token_source_for(config).invalidate(prepared.ctx, token=prepared.token)
