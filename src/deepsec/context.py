@@ -24,8 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import Any, Final
 
+from ._validation import MAX_IDENTITY_LENGTH as MAX_IDENTITY_LENGTH  # (importable here as before)
 from ._validation import (
-    MAX_IDENTITY_LENGTH,
     Identity,
     _check_roles_with_local_user,
     _same_attributes,
@@ -97,18 +97,9 @@ class EndUserContext:
     ) -> None:
         setattr_ = object.__setattr__
         if data_roles is None and attributes is None:
-            # The per-request case (a token and nothing else): the checks of
-            # validate_identity() for a str, inline (this runs for every
-            # request of every adapter, often with cold CPU caches, where
-            # each call shows in bench/hook.py); anything else goes through it.
-            if (
-                type(identity) is not str
-                or not identity
-                or len(identity) > MAX_IDENTITY_LENGTH
-                or identity.isspace()
-            ):
-                identity = validate_identity(identity)
-            setattr_(self, "_identity", identity)
+            # The per-request case (a token and nothing else): same checks,
+            # fewer calls; this runs for every request of every adapter.
+            setattr_(self, "_identity", validate_identity(identity))
             setattr_(self, "_data_roles", None)
             setattr_(self, "_attributes", None)
             return
