@@ -344,3 +344,68 @@ def test_setters_in_many_threads_all_end_with_the_request():
         for t in threads:
             t.join()
         assert seen == [None] * 8
+
+
+def test_a_reused_end_user_object_does_not_revive_its_first_blocks_copies():
+    """The object is its first block's lease: a later block must get a new one.
+
+    A copy of the first block's context (a task or thread that outlived it)
+    holds the object itself; were the second block to reactivate it, that
+    work would run as the end user again.
+    """
+    import contextvars
+
+    scope = deepsec.end_user("tok.reuse.x")
+    with scope:
+        outlived = contextvars.copy_context()
+    assert outlived.run(deepsec.get_end_user_identity) is None
+    with scope:
+        assert deepsec.get_end_user_identity() == "tok.reuse.x"
+        assert outlived.run(deepsec.get_end_user_identity) is None
+        inner = contextvars.copy_context()
+    assert inner.run(deepsec.get_end_user_identity) is None
+    assert deepsec.get_end_user_identity() is None
+
+
+def test_equal_tokens_share_one_validated_context_and_the_memo_is_bounded(monkeypatch):
+    from deepsec import context as context_module
+
+    monkeypatch.setattr(context_module, "_TOKEN_CONTEXTS_KEPT", 3)
+    context_module.forget_token_contexts()
+    first = deepsec.end_user("tok.memo.a").context
+    again = deepsec.end_user("".join(["tok.memo.", "a"])).context  # an equal, new str
+    assert again is first
+    for token in ("tok.memo.b", "tok.memo.c", "tok.memo.d"):
+        deepsec.end_user(token)
+    assert len(context_module._token_contexts) == 3
+    assert "tok.memo.a" not in context_module._token_contexts  # the oldest went first
+    # Invalid tokens raise every time and are never remembered.
+    for _ in range(2):
+        with pytest.raises(IdentityError):
+            deepsec.end_user("   ")
+    assert "   " not in context_module._token_contexts
+    # Oversized tokens are validated every time, not kept.
+    big = "t" * (context_module._TOKEN_CONTEXT_MAX_LEN + 1)
+    assert deepsec.end_user(big).context is not deepsec.end_user(big).context
+    # With roles or attributes the context is the caller's own, never shared.
+    assert deepsec.end_user("tok.memo.d", data_roles=["r"]).context.data_roles == ("r",)
+    context_module.forget_token_contexts()
+
+
+def test_a_str_subclass_token_is_never_looked_up_in_the_memo():
+    """A subclass could answer == (and hash) like another user's token."""
+    from deepsec import context as context_module
+
+    victim = deepsec.end_user("tok.victim.x").context
+
+    class Sneaky(str):
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        def __hash__(self) -> int:
+            return hash("tok.victim.x")
+
+    sneaky = deepsec.end_user(Sneaky("tok.attacker.x")).context
+    assert sneaky is not victim
+    assert str.__eq__(sneaky.identity, "tok.attacker.x")
+    assert not any(type(k) is not str for k in context_module._token_contexts)

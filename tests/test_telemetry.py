@@ -719,3 +719,10 @@ def test_a_provider_description_naming_the_user_reaches_no_log(
     for text in (answer.text, *(r.getMessage() for r in caplog.records)):
         assert "alice" not in text and "AADSTS50173" not in text, text
     assert_nothing_secret(otel, idp)
+
+
+def test_the_context_change_counts_cover_every_action_once() -> None:
+    from deepsec.telemetry import instruments
+
+    assert sorted(instruments._ACTIONS) == sorted(telemetry.CONTEXT_ACTIONS)
+    assert len(set(instruments._ACTIONS)) == len(instruments._ACTIONS)

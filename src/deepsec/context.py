@@ -191,6 +191,43 @@ _EMPTY = EndUserContext(None)
 APPLICATION = EndUserContext(None)
 
 
+# Validated contexts of recent token identities, by token: a documented cache
+# (docs/performance.md).  ``end_user(token)`` runs once per request in apps
+# that scope their own work; equal tokens share one immutable context, so a
+# repeat neither validates nor allocates again, and the hook's caches meet
+# the same object.  Keys are exact ``str`` only: a subclass could answer
+# ``==`` for another user's token.  Bounded in count and token length (a
+# larger token is validated every time), so it holds at most ~4 MB.
+_TOKEN_CONTEXTS_KEPT: Final = 512
+_TOKEN_CONTEXT_MAX_LEN: Final = 8192
+_token_contexts: dict[str, EndUserContext] = {}
+
+
+def context_for_token(token: str) -> EndUserContext:
+    """The validated context of a token identity (shared; see above).
+
+    Raises:
+        IdentityError: the token is empty, blank or too long.
+    """
+    context = _token_contexts.get(token) if type(token) is str else None
+    if context is None:
+        context = EndUserContext(token)
+        if type(token) is str and len(token) <= _TOKEN_CONTEXT_MAX_LEN:
+            if len(_token_contexts) >= _TOKEN_CONTEXTS_KEPT:
+                # The oldest first; another thread may have taken it already.
+                try:  # noqa: SIM105
+                    del _token_contexts[next(iter(_token_contexts))]
+                except (KeyError, RuntimeError, StopIteration):
+                    pass
+            _token_contexts[token] = context
+    return context
+
+
+def forget_token_contexts() -> None:
+    """Drop the remembered token contexts (tests; after handling a token leak)."""
+    _token_contexts.clear()
+
+
 class Activation:
     """One activation of a context: the contextvar's value, and its own lease.
 
@@ -383,7 +420,7 @@ def get_end_user_attributes() -> dict[str, Any] | None:
     return None if attrs is None else copy.deepcopy(dict(attrs))
 
 
-class end_user:  # a class used like a function: ``with deepsec.end_user(...)``
+class end_user(Activation):  # a class used like a function: ``with deepsec.end_user(...)``
     """Scope a block of sync or async code to one end user.
 
     ``with deepsec.end_user(token):`` or ``async with deepsec.end_user(("bob",
@@ -392,9 +429,14 @@ class end_user:  # a class used like a function: ``with deepsec.end_user(...)``
     ``async with`` also fetches the database-access tokens the block will need
     off the event loop, so asyncio connections never wait on the network.
     Tasks started inside the block lose the end user when the block exits.
+
+    The object is the first block's :class:`Activation` (one object per
+    ``with``: this runs for every request).  A block entered again with the
+    same object gets a new activation: the first one's copies, in tasks that
+    outlived it, must stay ended.
     """
 
-    __slots__ = ("_activation", "_context")
+    __slots__ = ("_again", "_used")
 
     def __init__(
         self,
@@ -403,26 +445,37 @@ class end_user:  # a class used like a function: ``with deepsec.end_user(...)``
         data_roles: Sequence[str] | None = None,
         attributes: Mapping[str, Any] | None = None,
     ) -> None:
-        self._context = EndUserContext(identity, data_roles, attributes)
-        self._activation: Activation | None = None
-
-    @property
-    def context(self) -> EndUserContext:
-        """The context this block runs under."""
-        return self._context
+        if data_roles is None and attributes is None and type(identity) is str:
+            # The per-request case: a repeat token is one dict lookup.
+            context = _token_contexts.get(identity)
+            self.context = context if context is not None else context_for_token(identity)
+        else:
+            self.context = EndUserContext(identity, data_roles, attributes)
+        self.active = False  # (not current until the block is entered)
+        self._children = self._token = None
+        self._used = False
+        #: The activation of a later block with this object.
+        self._again: Activation | None = None
 
     def __enter__(self) -> EndUserContext:
+        if not self._used:
+            self._used = self.active = True
+            self._token = _current.set(self)
+            return self.context
         # One block at a time: shared by two threads or tasks, their exits
         # would end each other's activations.
-        if self._activation is not None:
+        if self.active or self._again is not None:
             raise RuntimeError("this end_user(...) object is already in use; create one per block")
-        self._activation = Activation(self._context)
-        return self._context
+        self._again = Activation(self.context)
+        return self.context
 
     def __exit__(self, *exc_info: object) -> None:
-        activation, self._activation = self._activation, None
-        if activation is not None:
-            activation.end()
+        again = self._again
+        if again is None:
+            self.end()
+        else:
+            self._again = None
+            again.end()
 
     async def __aenter__(self) -> EndUserContext:
         context = self.__enter__()
@@ -439,7 +492,7 @@ class end_user:  # a class used like a function: ``with deepsec.end_user(...)``
         self.__exit__()
 
     def __repr__(self) -> str:
-        return f"end_user({self._context!r})"
+        return f"end_user({self.context!r})"
 
 
 class as_application:  # a class used like a function: ``with deepsec.as_application():``

@@ -37,11 +37,13 @@ class _Instruments:
     """The instruments and tracer events are recorded with (one set at a time)."""
 
     __slots__ = (
+        "changes",
         "context_changes",
         "error_code",
         "fetch_duration",
         "get_current_span",
         "internal_kind",
+        "observation",
         "rejected",
         "status",
         "token_requests",
@@ -50,6 +52,7 @@ class _Instruments:
 
     def __init__(self, meter_provider: Any = None, tracer_provider: Any = None) -> None:
         from opentelemetry import metrics, trace
+        from opentelemetry.metrics import Observation
         from opentelemetry.trace import SpanKind, Status, StatusCode
 
         from .. import __version__
@@ -74,8 +77,18 @@ class _Instruments:
             unit="s",
             description="Duration of each call to the identity provider",
         )
-        self.context_changes = meter.create_counter(
+        # Counted here and reported at each collection (an observable
+        # counter): a pool attaches on every request, and a synchronous
+        # counter's add() would cost every request the SDK's bookkeeping.
+        # Indexed by _ACTIONS; no lock (it would cost more than the rest of
+        # the event): under the GIL ``changes[i] += 1`` on a list of ints is
+        # not interrupted, and on a free-threaded build a rare concurrent
+        # change could go uncounted, which a metric can afford.
+        self.changes = [0] * len(_ACTIONS)
+        self.observation: Any = Observation
+        self.context_changes = meter.create_observable_counter(
             CONTEXT_CHANGES,
+            callbacks=[self.observe_changes],
             unit="{change}",
             description="End-user security contexts set, switched or cleared on connections",
         )
@@ -88,6 +101,15 @@ class _Instruments:
         self.internal_kind = SpanKind.INTERNAL
         self.status: Any = Status
         self.error_code: Any = StatusCode.ERROR
+
+    def observe_changes(self, options: Any) -> list[Any]:
+        """The context changes counted so far, by action (the SDK's callback)."""
+        counts = list(self.changes)
+        return [
+            self.observation(n, _ACTION_ATTRS[a])
+            for a, n in zip(_ACTIONS, counts, strict=True)
+            if n
+        ]
 
 
 # The package's name (what docs/logging.md lists), not this module's.
@@ -157,6 +179,8 @@ def use_providers(meter_provider: Any = None, tracer_provider: Any = None) -> It
 
 
 _ACTION_ATTRS: Final = {a: {ATTR_CONTEXT_ACTION: a} for a in CONTEXT_ACTIONS}
+_ACTIONS: Final = ("set", "switch", "clear")  # the index into _Instruments.changes
+_SET, _SWITCH, _CLEAR = range(3)
 
 
 def record_context_change(previous: EndUserContext | None, current: EndUserContext | None) -> None:
@@ -176,11 +200,8 @@ def record_context_change(previous: EndUserContext | None, current: EndUserConte
     if current is None:
         if previous is None:
             return
-        action = "clear"
+        inst.changes[_CLEAR] += 1
     elif previous is None:
-        action = "set"
-    elif previous == current:
-        return
-    else:
-        action = "switch"
-    inst.context_changes.add(1, _ACTION_ATTRS[action])
+        inst.changes[_SET] += 1
+    elif previous != current:  # (an equal context again is a refreshed token)
+        inst.changes[_SWITCH] += 1
