@@ -24,6 +24,14 @@
    fresh token string (as a header parser produces), so neither app can
    recognise a user by object identity.  deepsec's cost is the
    ``deepsec / by hand`` ratio (target: at most 1.03).
+
+   Every round opens new pools for every app.  A pool's connections keep
+   their place in memory and their server threads for the whole run, and
+   that alone moves an app's median by up to 4-5% (two identical "by hand"
+   apps on their own pools differed that much): fresh pools each round turn
+   that bias into noise the medians average out.  ``by hand (A/A)`` is a
+   second, identical "by hand" app: its ratio to "by hand" is the noise
+   floor of the run.
 2. **The callback alone** on a connection whose context is unchanged (the
    hot path of later round trips of one request), against an empty callback.
 """
@@ -87,10 +95,13 @@ def bare_app(pool: Any) -> Request:
 _hand_user: contextvars.ContextVar[str | None] = contextvars.ContextVar("user", default=None)
 
 
-def _hand_data_layer(pool: Any) -> Callable[[str], None]:
-    """The data layer written by hand: a built context per token, set on every acquire."""
+def _hand_data_layer(pool: Any, contexts: dict[str, Any]) -> Callable[[str], None]:
+    """The data layer written by hand: a built context per token, set on every acquire.
+
+    ``contexts``: the built contexts, kept for the life of the process (as
+    deepsec keeps its own across pools).
+    """
     access_token = spi_static.get_database_access_token({"client_id": "hr-app"}, None)
-    contexts: dict[str, Any] = {}
 
     def run(token: str) -> None:
         context = contexts.get(token)
@@ -105,8 +116,8 @@ def _hand_data_layer(pool: Any) -> Callable[[str], None]:
     return run
 
 
-def by_hand_app(pool: Any) -> Request:
-    data_layer = _hand_data_layer(pool)
+def by_hand_app(pool: Any, contexts: dict[str, Any]) -> Request:
+    data_layer = _hand_data_layer(pool, contexts)
 
     def request(header: str) -> None:
         # The hand-written adapter floor of bench/adapters.py: read the
@@ -126,7 +137,7 @@ def _empty_callback(conn: Any) -> None:
     conn.round_trip_callback = lambda name: None
 
 
-def breakdown_app(pool: Any) -> Request:
+def breakdown_app(pool: Any, contexts: dict[str, Any]) -> Request:
     """``by hand``, but the user travels in ``deepsec.end_user()`` (``--breakdown``).
 
     Run on a pool whose connections get an empty round-trip callback on every
@@ -134,7 +145,7 @@ def breakdown_app(pool: Any) -> Request:
     callback machinery and deepsec's activation (a validated context under a
     lease) instead of a bare contextvar.
     """
-    data_layer = _hand_data_layer(pool)
+    data_layer = _hand_data_layer(pool, contexts)
 
     def request(header: str) -> None:
         with deepsec.end_user(header[7:]) as ctx:
@@ -198,6 +209,26 @@ def per_call_ns(fn: Callable[[str], Any], n: int = 200_000) -> float:
     return best
 
 
+def _apps(wire: WireServer, breakdown: bool, contexts: dict[str, Any]) -> dict[str, Any]:
+    """New pools and the apps on them: ``{name: (pool, request)}``."""
+    made = {
+        "bare": (lambda pool: bare_app(pool), {}),
+        "by hand": (lambda pool: by_hand_app(pool, contexts), {}),
+        "by hand (A/A)": (lambda pool: by_hand_app(pool, contexts), {}),
+        "deepsec": (deepsec_app, {"extra_auth_params": PARAMS}),
+    }
+    if breakdown:
+        made["hand+eu+cb"] = (
+            lambda pool: breakdown_app(pool, contexts),
+            {"on_connect_callback": _empty_callback},
+        )
+    apps = {}
+    for name, (build, extra) in made.items():
+        pool = _pool(wire, **extra)
+        apps[name] = (pool, build(pool))
+    return apps
+
+
 def bench_requests(
     wire: WireServer, rounds: int, n: int, users: int, block: int, breakdown: bool
 ) -> None:
@@ -205,60 +236,62 @@ def bench_requests(
         "Bearer " + spi_static.make_jwt({"preferred_username": f"user{i}", "sub": f"s{i}"})
         for i in range(users)
     ]
-    pools = {
-        "bare": _pool(wire),
-        "by hand": _pool(wire),
-        "deepsec": _pool(wire, extra_auth_params=PARAMS),
-    }
-    apps = {
-        "bare": bare_app(pools["bare"]),
-        "by hand": by_hand_app(pools["by hand"]),
-        "deepsec": deepsec_app(pools["deepsec"]),
-    }
-    if breakdown:
-        pools["breakdown"] = _pool(wire, on_connect_callback=_empty_callback)
-        apps["hand+eu+cb"] = breakdown_app(pools["breakdown"])
-    try:
-        wall: dict[str, list[float]] = {k: [] for k in apps}
-        cpu: dict[str, list[float]] = {k: [] for k in apps}
-        run_round(apps, headers, 200, wall, cpu, block)  # warm up: connections, caches
-        wall = {k: [] for k in apps}
-        cpu = {k: [] for k in apps}
-        round_wall: dict[str, list[float]] = {k: [] for k in apps}
-        for r in range(rounds):
+    contexts: dict[str, Any] = {}  # by hand: built contexts, for the whole process
+    names = list(_apps_names(breakdown))
+    wall: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
+    round_wall: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        made = _apps(wire, breakdown, contexts)
+        apps = {k: request for k, (_pool_, request) in made.items()}
+        try:
+            warm_w: dict[str, list[float]] = {k: [] for k in names}
+            warm_c: dict[str, list[float]] = {k: [] for k in names}
+            run_round(apps, headers, 100, warm_w, warm_c, block)  # connections, caches
             before = {k: len(v) for k, v in wall.items()}
             run_round(apps, headers, n, wall, cpu, block, shift=r)
             for k, v in wall.items():
                 round_wall[k].append(statistics.median(v[before[k] :]))
+        finally:
+            for pool, _request in made.values():
+                pool.close(force=True)
+    print(
+        f"requests through a pool to the wire test server in its own process "
+        f"({rounds} rounds x {n} requests per app, new pools each round, interleaved in "
+        f"blocks of {block}, {users} users; median request)"
+    )
+    print(f"  {'':13s} {'wall us':>9s} {'x bare':>7s} {'client CPU us':>14s} {'x bare':>7s}")
+    mw = {k: statistics.median(v) * 1e6 for k, v in wall.items()}
+    mc = {k: statistics.median(v) * 1e6 for k, v in cpu.items()}
+    for k in names:
         print(
-            f"requests through a pool to the wire test server in its own process "
-            f"({rounds} rounds x {n} requests per app, interleaved in blocks of {block}, "
-            f"{users} users; median request)"
+            f"  {k:13s} {mw[k]:9.1f} {mw[k] / mw['bare']:7.3f} "
+            f"{mc[k]:14.1f} {mc[k] / mc['bare']:7.3f}"
         )
-        print(f"  {'':10s} {'wall us':>9s} {'x bare':>7s} {'client CPU us':>14s} {'x bare':>7s}")
-        mw = {k: statistics.median(v) * 1e6 for k, v in wall.items()}
-        mc = {k: statistics.median(v) * 1e6 for k, v in cpu.items()}
-        for k in apps:
-            print(
-                f"  {k:10s} {mw[k]:9.1f} {mw[k] / mw['bare']:7.3f} "
-                f"{mc[k]:14.1f} {mc[k] / mc['bare']:7.3f}"
-            )
-        paired = [d / h for d, h in zip(round_wall["deepsec"], round_wall["by hand"], strict=True)]
+
+    def paired(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(round_wall[a], round_wall[b], strict=True)]
+
+    for label, a in (("deepsec", "deepsec"), ("A/A control", "by hand (A/A)")):
+        ratios = paired(a, "by hand")
         print(
-            f"  deepsec / by hand, wall clock (median request): "
-            f"{mw['deepsec'] / mw['by hand']:.3f}; per round: min {min(paired):.3f}, "
-            f"median {statistics.median(paired):.3f}, max {max(paired):.3f} (target <= 1.03)"
+            f"  {label} / by hand, wall clock (median request): "
+            f"{mw[a] / mw['by hand']:.3f}; per round: min {min(ratios):.3f}, "
+            f"median {statistics.median(ratios):.3f}, max {max(ratios):.3f}"
+            + (" (target <= 1.03)" if a == "deepsec" else " (noise floor: ideally 1.000)")
         )
-        print(f"  deepsec - by hand, client CPU: {mc['deepsec'] - mc['by hand']:+.1f} us/request")
-        if "hand+eu+cb" in mc:
-            print(
-                f"    of which deepsec.end_user() and the driver's callbacks: "
-                f"{mc['hand+eu+cb'] - mc['by hand']:+.1f} us; the hook's own logic: "
-                f"{mc['deepsec'] - mc['hand+eu+cb']:+.1f} us"
-            )
-    finally:
-        for pool in pools.values():
-            pool.close(force=True)
+    print(f"  deepsec - by hand, client CPU: {mc['deepsec'] - mc['by hand']:+.1f} us/request")
+    if "hand+eu+cb" in mc:
+        print(
+            f"    of which deepsec.end_user() and the driver's callbacks: "
+            f"{mc['hand+eu+cb'] - mc['by hand']:+.1f} us; the hook's own logic: "
+            f"{mc['deepsec'] - mc['hand+eu+cb']:+.1f} us"
+        )
+
+
+def _apps_names(breakdown: bool) -> tuple[str, ...]:
+    names = ("bare", "by hand", "by hand (A/A)", "deepsec")
+    return (*names, "hand+eu+cb") if breakdown else names
 
 
 def bench_callback(wire: WireServer) -> None:

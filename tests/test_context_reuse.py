@@ -189,6 +189,7 @@ def test_prepared_contexts_are_bounded(oracle, monkeypatch):
                 cur.execute(f"{USERNAME_SQL} /* bound-{i} */")
                 assert cur.fetchone()[0] == f"user{i}"
     assert len(_contexts.prepared) <= 5
+    _assert_identity_index_mirrors_prepared()
 
 
 @pytest.mark.timeout(30)
@@ -224,3 +225,44 @@ def test_prepared_contexts_are_bounded_in_bytes(oracle, monkeypatch):
             cur.execute("select 1 from dual /* bytes-huge */")
         assert oracle.find_statements("bytes-huge")[0].context is not None
         assert all(key[1] != huge for key in _contexts.prepared)
+        _assert_identity_index_mirrors_prepared()
+        assert all(huge not in index for index in _contexts._by_identity.values())
+
+
+def _assert_identity_index_mirrors_prepared() -> None:
+    """The hook's by-identity index holds exactly the plain entries of ``prepared``."""
+    plain = {
+        (key[0], key[1]): entry
+        for key, entry in _contexts.prepared.items()
+        if key[2] is None and key[3] is None and key[4] is False
+    }
+    indexed = {
+        (fingerprint, identity): entry
+        for fingerprint, index in _contexts._by_identity.items()
+        for identity, entry in index.items()
+    }
+    assert indexed == plain
+
+
+@pytest.mark.timeout(30)
+def test_the_identity_index_follows_the_prepared_contexts(oracle):
+    """Built, reused, rebuilt with roles, forgotten: the index never holds an entry
+    ``prepared`` does not, so it can never serve a context the full key would not."""
+    config = deepsec.parse_end_user_sec_params(params()["end_user_sec_params"])
+    index = _contexts.identity_index(config)
+    assert index is not None
+    with oracledb.connect(**oracle.connect_kwargs(), extra_auth_params=params()) as conn:
+        for name, extra in (("ivy", {}), ("ivy", {"data_roles": ["R"]}), ("jon", {})):
+            with deepsec.end_user(user_token(name), **extra), conn.cursor() as cur:
+                cur.execute(f"{USERNAME_SQL} /* index-{name} */")
+                assert cur.fetchone()[0] == name
+        assert sorted(decode_jwt_claims(i)["preferred_username"] for i in index) == ["ivy", "jon"]
+        _assert_identity_index_mirrors_prepared()
+        deepsec.hook.forget_security_contexts()
+        assert index == {} and _contexts.identity_index(config) is index
+        with deepsec.end_user(user_token("ivy")), conn.cursor() as cur:
+            cur.execute(f"{USERNAME_SQL} /* index-again */")
+            assert cur.fetchone()[0] == "ivy"
+        _assert_identity_index_mirrors_prepared()
+    obo = params(auth_flow="on_behalf_of")["end_user_sec_params"]
+    assert _contexts.identity_index(deepsec.parse_end_user_sec_params(obo)) is None

@@ -25,6 +25,7 @@ __all__ = [
     "build_from_parts",
     "build_security_context",
     "forget_security_contexts",
+    "identity_index",
     "keep_prepared",
     "prepared",
     "prepared_key",
@@ -119,6 +120,14 @@ _total_cost = 0
 #: read it from the cache just before the rejection must not put it back.
 _revoked_tokens: dict[tuple[Any, ...], str] = {}
 prepared_lock = threading.Lock()
+#: The entries of ``prepared`` for plain contexts (a token or local user with
+#: no data roles or attributes of its own), by config fingerprint, then by
+#: identity: the hook's first round trip of a pooled request finds its
+#: user's entry without building the full key.  The same entries as
+#: ``prepared`` (kept, dropped and forgotten with them), for configs that
+#: asked for an index (:func:`identity_index`: not on-behalf-of, whose key
+#: also depends on the connection).
+_by_identity: dict[str, dict[Any, Prepared]] = {}
 
 
 def _attributes_key(attributes: Any) -> str | None:
@@ -139,8 +148,8 @@ def prepared_key(config: EndUserSecConfig, ctx: EndUserContext, conn: Any) -> tu
     context object per request still finds its user's entry (a str hash,
     not the sha256 the token cache keys by).
     """
-    # The slots, not the properties: this runs on the first round trip of every
-    # request (each pool acquire), where every call shows in bench/hook.py.
+    # The slots, not the properties.  (_index_of reads this layout: keep the
+    # two in step.)
     attributes = ctx._attributes
     return (
         config.fingerprint,
@@ -149,6 +158,24 @@ def prepared_key(config: EndUserSecConfig, ctx: EndUserContext, conn: Any) -> tu
         None if attributes is None else _attributes_key(attributes),
         config.auth_flow == "on_behalf_of" and _obo_alone(conn),
     )
+
+
+def identity_index(config: EndUserSecConfig) -> dict[Any, Prepared] | None:
+    """``config``'s plain entries by identity (read-only for callers), or ``None``.
+
+    ``None`` for on-behalf-of, whose key depends on the connection too.
+    """
+    if config.auth_flow == "on_behalf_of":
+        return None
+    with prepared_lock:
+        return _by_identity.setdefault(config.fingerprint, {})
+
+
+def _index_of(key: tuple[Any, ...]) -> dict[Any, Prepared] | None:
+    """The identity index a key's entry belongs in (see :func:`prepared_key`)."""
+    if key[2] is None and key[3] is None and key[4] is False:
+        return _by_identity.get(key[0])
+    return None
 
 
 def _obo_alone(conn: Any) -> bool:
@@ -190,6 +217,9 @@ def keep_prepared(key: tuple[Any, ...], entry: Prepared) -> None:
         prepared[key] = entry
         _costs[key] = cost
         _total_cost += cost
+        index = _index_of(key)
+        if index is not None:
+            index[key[1]] = entry
 
 
 def _drop(key: tuple[Any, ...]) -> None:
@@ -197,6 +227,9 @@ def _drop(key: tuple[Any, ...]) -> None:
     global _total_cost
     if prepared.pop(key, None) is not None:
         _total_cost -= _costs.pop(key, 0)
+        index = _index_of(key)
+        if index is not None:
+            index.pop(key[1], None)
 
 
 def revoke_prepared(key: tuple[Any, ...], entry: Prepared) -> None:
@@ -218,6 +251,8 @@ def forget_security_contexts() -> None:
     global _total_cost
     with prepared_lock:
         prepared.clear()
+        for index in _by_identity.values():
+            index.clear()  # (cleared, not dropped: bindings hold them)
         _costs.clear()
         _revoked_tokens.clear()
         _total_cost = 0

@@ -40,12 +40,12 @@ from typing import Any
 
 import oracledb
 
-from . import telemetry
 from ._contexts import (
     Prepared,
     build_from_parts,
     build_security_context,
     forget_security_contexts,
+    identity_index,
     keep_prepared,
     prepared_key,
     revoke_prepared,
@@ -68,6 +68,9 @@ from .prefetch import (
     register_config,
     remember_failure,
 )
+from .telemetry.instruments import SET as _SET
+from .telemetry.instruments import context_changes as _context_changes
+from .telemetry.instruments import record_context_change
 from .tokens import TokenSource, token_source_for
 from .tokens.cache import jwt_expiry
 
@@ -75,6 +78,7 @@ from .tokens.cache import jwt_expiry
 _monotonic = time.monotonic
 _weakref = weakref.ref
 _AsyncConnection = oracledb.AsyncConnection
+_DEBUG = logging.DEBUG
 
 # forget_prefetch_configs and prepare live in deepsec.prefetch; they are
 # importable from here as before.
@@ -123,7 +127,13 @@ class _Binding:
     swap contexts between callback and round trip.
     """
 
-    __slots__ = ("config", "on_round_trip_error", "user_on_connect", "user_round_trip")
+    __slots__ = (
+        "by_identity",
+        "config",
+        "on_round_trip_error",
+        "user_on_connect",
+        "user_round_trip",
+    )
 
     def __init__(
         self,
@@ -137,6 +147,10 @@ class _Binding:
         #: What the built contexts made for this config call when a round trip
         #: fails (holds the config only, not this binding and the app's callbacks).
         self.on_round_trip_error = functools.partial(_round_trip_failed, config)
+        #: This config's plain prepared contexts by identity (None for
+        #: on-behalf-of): the first round trip of each pooled request finds
+        #: its user's without building the full key.
+        self.by_identity = identity_index(config)
 
     @property
     def source(self) -> TokenSource:
@@ -302,21 +316,31 @@ class _ConnectionBinding:
                 )
             self._clear(conn)
             return None
-        key = prepared_key(config, ctx, conn)
-        prepared = _prepared.get(key)
+        index = self.binding.by_identity
+        if index is not None and ctx._data_roles is None and ctx._attributes is None:
+            prepared = index.get(ctx._identity)  # (the entry prepared_key would find)
+        else:
+            prepared = None
         if prepared is None or _monotonic() >= prepared.check_until:
-            prepared = self._prepare(conn, ctx, name, key, prepared)
-            if prepared is None:  # housekeeping with no token at hand: goes out cleared
-                self._clear(conn)
-                return None
+            key = prepared_key(config, ctx, conn)
+            prepared = _prepared.get(key)
+            if prepared is None or _monotonic() >= prepared.check_until:
+                prepared = self._prepare(conn, ctx, name, key, prepared)
+                if prepared is None:  # housekeeping with no token at hand: goes out cleared
+                    self._clear(conn)
+                    return None
         if self.prepared is not prepared:
             # (Identity, not equality: one Prepared per key and token, and the
             # key tells apart what == does not, e.g. attributes True and 1.)
             conn.set_end_user_security_context(prepared.context)
-            # (A fresh token for the same context object, after a rejection,
-            # is no context change: record_context_change compares.)
-            telemetry.record_context_change(self.context, ctx)
-            if log.isEnabledFor(logging.DEBUG):
+            previous = self.context
+            if previous is None:  # a pooled request's connection: count it inline
+                _context_changes[_SET] += 1
+            else:
+                # (A fresh token for the same context object, after a
+                # rejection, is no context change: record_context_change compares.)
+                record_context_change(previous, ctx)
+            if log.isEnabledFor(_DEBUG):
                 log.debug("attached end-user context %r on connection %x", ctx, id(conn))
             self.prepared = prepared
             self.cleared = False
@@ -327,7 +351,7 @@ class _ConnectionBinding:
         """Leave no end-user context on the connection (once: then it is known)."""
         if not self.cleared:
             conn.clear_end_user_security_context()
-            telemetry.record_context_change(self.context, None)
+            record_context_change(self.context, None)
             self.context = self.prepared = None
             self.cleared = True
             log.debug("cleared end-user context on connection %x", id(conn))

@@ -50,7 +50,9 @@ class _Instruments:
         "tracer",
     )
 
-    def __init__(self, meter_provider: Any = None, tracer_provider: Any = None) -> None:
+    def __init__(
+        self, meter_provider: Any = None, tracer_provider: Any = None, *, from_now: bool = False
+    ) -> None:
         from opentelemetry import metrics, trace
         from opentelemetry.metrics import Observation
         from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -77,14 +79,10 @@ class _Instruments:
             unit="s",
             description="Duration of each call to the identity provider",
         )
-        # Counted here and reported at each collection (an observable
-        # counter): a pool attaches on every request, and a synchronous
-        # counter's add() would cost every request the SDK's bookkeeping.
-        # Indexed by _ACTIONS; no lock (it would cost more than the rest of
-        # the event): under the GIL ``changes[i] += 1`` on a list of ints is
-        # not interrupted, and on a free-threaded build a rare concurrent
-        # change could go uncounted, which a metric can afford.
-        self.changes = [0] * len(_ACTIONS)
+        # Counted in context_changes and reported at each collection (an
+        # observable counter): since the process started, or ``from_now``
+        # (providers swapped in by use_providers).
+        self.changes = list(context_changes) if from_now else [0] * len(context_changes)
         self.observation: Any = Observation
         self.context_changes = meter.create_observable_counter(
             CONTEXT_CHANGES,
@@ -103,8 +101,8 @@ class _Instruments:
         self.error_code: Any = StatusCode.ERROR
 
     def observe_changes(self, options: Any) -> list[Any]:
-        """The context changes counted so far, by action (the SDK's callback)."""
-        counts = list(self.changes)
+        """The context changes counted since these instruments were made (the SDK's callback)."""
+        counts = [now - then for now, then in zip(context_changes, self.changes, strict=True)]
         return [
             self.observation(n, _ACTION_ATTRS[a])
             for a, n in zip(_ACTIONS, counts, strict=True)
@@ -164,7 +162,7 @@ def use_providers(meter_provider: Any = None, tracer_provider: Any = None) -> It
     global one.  Raises ``ImportError`` when opentelemetry is not installed.
     """
     global _active
-    instruments = _Instruments(meter_provider, tracer_provider)
+    instruments = _Instruments(meter_provider, tracer_provider, from_now=True)
     with _lock:
         previous = _active
         _active = instruments
@@ -179,8 +177,19 @@ def use_providers(meter_provider: Any = None, tracer_provider: Any = None) -> It
 
 
 _ACTION_ATTRS: Final = {a: {ATTR_CONTEXT_ACTION: a} for a in CONTEXT_ACTIONS}
-_ACTIONS: Final = ("set", "switch", "clear")  # the index into _Instruments.changes
-_SET, _SWITCH, _CLEAR = range(3)
+_ACTIONS: Final = ("set", "switch", "clear")  # the order of context_changes
+SET, _SWITCH, _CLEAR = range(3)
+
+#: Context changes made in this process, by action (``_ACTIONS`` order),
+#: whether or not OpenTelemetry is installed: reported by the
+#: ``deepsec.context.changes`` observable counter.  A plain list because a
+#: pool attaches on every request: the hook counts a connection's first
+#: context (``SET``) inline, and a synchronous counter's ``add()`` would cost
+#: every request the SDK's bookkeeping.  No lock (it would cost more than
+#: the event): under the GIL ``context_changes[i] += 1`` is not interrupted;
+#: on a free-threaded build a rare concurrent change could go uncounted,
+#: which a metric can afford.
+context_changes: Final[list[int]] = [0, 0, 0]
 
 
 def record_context_change(previous: EndUserContext | None, current: EndUserContext | None) -> None:
@@ -192,16 +201,10 @@ def record_context_change(previous: EndUserContext | None, current: EndUserConte
     change.  Called only where the hook touches a connection, never on its
     hot path.
     """
-    inst = _active  # (_instruments(), inline: a pool's every request attaches)
-    if inst is _NOT_LOADED:
-        inst = _load()
-    if inst is None:
-        return
     if current is None:
-        if previous is None:
-            return
-        inst.changes[_CLEAR] += 1
+        if previous is not None:
+            context_changes[_CLEAR] += 1
     elif previous is None:
-        inst.changes[_SET] += 1
+        context_changes[SET] += 1
     elif previous != current:  # (an equal context again is a refreshed token)
-        inst.changes[_SWITCH] += 1
+        context_changes[_SWITCH] += 1
