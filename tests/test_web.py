@@ -472,3 +472,36 @@ def test_start_reuses_raw_header_resolutions_and_still_warns_each_request(caplog
     listed = start(settings, None, cookie_header=["a=1", "b=2"], authorization=None)
     assert listed.context.identity is None
     listed.end()
+
+
+def test_the_remembered_request_sets_every_field_of_activation_and_rejects_still() -> None:
+    """lifecycle.start activates a remembered request without Activation's __init__.
+
+    Every slot must be set (a slot added to Activation must be set there too),
+    the lease must end like any other, and a remembered rejection (no
+    identity where one is required) is still answered, never activated.
+    """
+    import contextvars
+
+    from deepsec import lifecycle
+    from deepsec.context import Activation, current_end_user
+    from deepsec.web import Rejection, WebSettings
+
+    slots = {name for cls in Activation.__mro__ for name in getattr(cls, "__slots__", ())}
+    settings = WebSettings()
+    token = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJib2IifQ.sig"
+    seen = []
+    for _ in range(2):  # the first resolves in full, the second is remembered
+        lease = lifecycle.start(settings, None, cookie_header=None, authorization=f"Bearer {token}")
+        assert isinstance(lease, Activation)
+        seen.append({name: hasattr(lease, name) for name in slots})
+        assert current_end_user() is not None and current_end_user().identity == token
+        outlives = contextvars.copy_context()  # what a task spawned now would hold
+        lease.end()
+        assert outlives.run(current_end_user) is None and current_end_user() is None
+    assert seen[1] == dict.fromkeys(slots, True)
+    deny = WebSettings(no_identity="deny")
+    for _ in range(2):  # remembered the second time, and still a rejection
+        outcome = lifecycle.start(deny, None, cookie_header=None, authorization=None)
+        assert isinstance(outcome, Rejection) and outcome.status == 401
+        assert current_end_user() is None
