@@ -11,7 +11,10 @@ of a framework run interleaved in each round (order rotating) and the figure
 is the median CPU time per request (``time.process_time``: other load on the
 machine does not count).  Targets (issue 9): deepsec adds at most 1.5x what
 the floor adds over bare; the FastAPI dependency at most 5 us above a
-minimal ``async def`` dependency without ``yield``.
+minimal ``async def`` dependency without ``yield``.  Each framework also
+runs a second, identical floor app: "floor adds" is the mean of the two
+copies', and their difference (the last column) is the run's noise, which
+for floors adding 2-5 us is as large as the margin the verdict turns on.
 
 Table 2 repeats it with an endpoint that runs one ``select 1`` through a
 pool (python-oracledb thin, TCPS) to the wire test server in its own process
@@ -50,6 +53,11 @@ HEADERS = {"authorization": f"Bearer {TOKEN}", "cookie": "theme=dark; csrftoken=
 SELECT = "select 1 from dual"
 
 Runner = Callable[[int], tuple[float, float]]  # n requests -> (cpu seconds, wall seconds)
+
+#: A second, identical floor app per framework: what it adds beyond the
+#: first is the run's noise (two copies of one app differ by their place in
+#: memory and the order they run in), printed beside the verdict.
+FLOOR_COPY = "floor copy"
 
 
 # -- request drivers ---------------------------------------------------------------
@@ -165,7 +173,7 @@ def flask_apps() -> dict[str, Any]:
 
     def build(variant: str) -> Any:
         app = Flask(f"bench-{variant}")
-        if variant == "floor":
+        if variant.startswith("floor"):
             floors.install_flask_floor(app)
         elif variant == "deepsec":
             DeepSec(app)
@@ -181,7 +189,7 @@ def flask_apps() -> dict[str, Any]:
 
         return app
 
-    return {v: build(v) for v in ("bare", "floor", "deepsec")}
+    return {v: build(v) for v in ("bare", "floor", FLOOR_COPY, "deepsec")}
 
 
 def _django_index(request: Any) -> Any:
@@ -224,6 +232,7 @@ def django_apps() -> dict[str, Any] | None:
     for variant, middleware in (
         ("bare", []),
         ("floor", ["floors.django_floor"]),
+        (FLOOR_COPY, ["floors.django_floor"]),
         ("deepsec", [deepsec.django.MIDDLEWARE_PATH]),
     ):
         settings.MIDDLEWARE = middleware
@@ -251,6 +260,7 @@ def starlette_apps() -> dict[str, Any]:
     return {
         "bare": Starlette(routes=routes),
         "floor": Starlette(routes=routes, middleware=[Middleware(floors.ASGIFloor)]),
+        FLOOR_COPY: Starlette(routes=routes, middleware=[Middleware(floors.ASGIFloor)]),
         "deepsec": Starlette(routes=routes, middleware=[Middleware(EndUserSecMiddleware)]),
     }
 
@@ -280,6 +290,7 @@ def fastapi_apps() -> dict[str, Any]:
     return {
         "bare": build([]),
         "floor": build([], floors.ASGIFloor),
+        FLOOR_COPY: build([], floors.ASGIFloor),
         "deepsec": build([], EndUserSecMiddleware),
         "floor-dependency": build([Depends(floors.fastapi_floor_dependency)]),
         "deepsec-dependency": build([Depends(end_user_identity)]),
@@ -324,15 +335,22 @@ def _median_delta(samples: Samples, a: str, b: str, column: int) -> float:
 
 
 def row(samples: Samples, label: str, bare: str, floor: str, ours: str, column: int) -> str:
+    """One table row; with a floor copy, "floor adds" is the mean of both copies'."""
     us = 1e6
     floor_adds = _median_delta(samples, floor, bare, column)
+    noise = "" if FLOOR_COPY not in samples or floor != "floor" else "n/a"
+    if noise:
+        copy_adds = _median_delta(samples, FLOOR_COPY, bare, column)
+        noise = f"{(copy_adds - floor_adds) * us:+.1f}"
+        floor_adds = (floor_adds + copy_adds) / 2
     ours_adds = _median_delta(samples, ours, bare, column)
     ratio = ours_adds / floor_adds if floor_adds > 0 else float("inf")
-    above = _median_delta(samples, ours, floor, column)
+    above = ours_adds - floor_adds
     return (
         f"| {label} | {_median(samples, bare, column) * us:.1f} | "
         f"{_median(samples, floor, column) * us:.1f} | {_median(samples, ours, column) * us:.1f} | "
-        f"{floor_adds * us:+.1f} | {ours_adds * us:+.1f} | {above * us:+.1f} | {ratio:.2f}x |"
+        f"{floor_adds * us:+.1f} | {ours_adds * us:+.1f} | {above * us:+.1f} | {ratio:.2f}x | "
+        f"{noise or 'n/a'} |"
     )
 
 
@@ -341,9 +359,9 @@ def report(title: str, results: dict[str, Samples], column: int) -> None:
     print(f"\n{title} ({unit} us per request; medians of {unit} per round, deltas paired)\n")
     print(
         "| framework | bare | floor | deepsec | floor adds | deepsec adds | deepsec - floor "
-        "| deepsec adds / floor adds |"
+        "| deepsec adds / floor adds | A/A: floor copy - floor |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for framework, r in results.items():
         print(row(r, framework, "bare", "floor", "deepsec", column))
         if "deepsec-dependency" in r:
