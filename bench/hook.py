@@ -5,9 +5,9 @@
 1. **Requests through a pool** (the realistic figure): one request is "read
    the end user's bearer token, acquire a pooled connection, run
    ``select 1 from dual``, fetch, release", against the Oracle wire test
-   server running in its own process (``bench/_wire.py``), over TCPS.  Three
+   server running in its own process (``bench/_wire.py``), over TCPS.  The
    apps, each with its own pool, run in interleaved rounds (the order
-   rotates, so machine noise and drift hit all alike); the figure is the
+   shuffled, so machine noise and drift hit all alike); the figure is the
    median per-request wall-clock time:
 
    - ``bare``: no end-user context at all;
@@ -18,7 +18,13 @@
      per user) and calls ``conn.set_end_user_security_context(...)`` on every
      acquire (the pool clears it on release);
    - ``deepsec``: ``with deepsec.end_user(token):`` around the same request,
-     on a pool created with ``end_user_sec_params``.
+     on a pool created with ``end_user_sec_params``;
+   - with ``--minimal``, ``minimal hook``: the least a correct round-trip
+     callback design does on the public API (a callback bound per acquire
+     that reads a contextvar and sets a built context looked up by token; a
+     memo of token contexts under a bare ``Activation``), without deepsec's
+     strict mode, telemetry, logging, callback chaining or token checks:
+     the floor of any such design.
 
    The requests cycle through ``--users`` end users, and each request gets a
    fresh token string (as a header parser produces), so neither app can
@@ -41,9 +47,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import contextvars
+import random
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +65,7 @@ import spi_static  # noqa: I001  (found through the sys.path lines above)
 from _wire import WireServer, wire_server
 
 import deepsec
+from deepsec.context import Activation, EndUserContext, _current
 
 SQL = "select 1 from dual"
 PARAMS = {"end_user_sec_params": {"spi_type": "spi_static", "client_id": "hr-app"}}
@@ -156,6 +165,55 @@ def breakdown_app(pool: Any, contexts: dict[str, Any]) -> Request:
     return request
 
 
+class _MinimalBinding:
+    """``--minimal``: one Connection object's callback in the least correct design."""
+
+    __slots__ = ("attached", "conn_ref")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn_ref = weakref.ref(conn)
+        self.attached: Any = None
+
+    def round_trip(self, name: str) -> None:
+        activation = _current.get()
+        ctx = activation.context if activation.active else None
+        if ctx is not self.attached and ctx is not None and ctx.identity is not None:
+            conn = self.conn_ref()
+            if conn is not None:
+                conn.set_end_user_security_context(_MINIMAL_BUILT[ctx.identity])
+                self.attached = ctx
+
+
+_MINIMAL_BUILT: dict[Any, Any] = {}  # token -> built context (filled before the rounds)
+
+
+def _minimal_on_connect(conn: Any) -> None:
+    conn.round_trip_callback = _MinimalBinding(conn).round_trip
+
+
+def minimal_app(pool: Any, headers: list[str]) -> Request:
+    access_token = spi_static.get_database_access_token({"client_id": "hr-app"}, None)
+    for header in headers:
+        _MINIMAL_BUILT[header[7:]] = oracledb.create_end_user_security_context(
+            access_token, end_user_identity=header[7:]
+        )
+    memo: dict[str, EndUserContext] = {}
+
+    def request(header: str) -> None:
+        token = header[7:]
+        ctx = memo.get(token)
+        if ctx is None:
+            ctx = memo[token] = EndUserContext(token)
+        activation = Activation(ctx)
+        try:
+            with pool.acquire() as conn:
+                _query(conn)
+        finally:
+            activation.end()
+
+    return request
+
+
 def deepsec_app(pool: Any) -> Request:
     def request(header: str) -> None:
         with deepsec.end_user(header[7:]), pool.acquire() as conn:
@@ -171,22 +229,26 @@ def run_round(
     wall: dict[str, list[float]],
     cpu: dict[str, list[float]],
     block: int,
-    shift: int = 0,
+    seed: int = 0,
 ) -> None:
     """``n`` requests per app, interleaved in blocks of ``block``, timed one by one.
 
-    Short blocks (a few milliseconds, the order rotating) put every app under
-    the same machine load, which long rounds cannot do on a shared machine;
-    a block rather than single requests keeps each app's code and data warm
-    in the CPU caches, as they are in a real server running one app.
+    Short blocks (a few milliseconds, in an order shuffled per block) put
+    every app under the same machine load, which long rounds cannot do on a
+    shared machine; a block rather than single requests keeps each app's code
+    and data warm in the CPU caches, as they are in a real server running one
+    app.  Shuffled, not rotated: in a fixed rotation an app always follows
+    the same neighbour (the A/A copy would always run right after "by hand",
+    on the same code and data).
     """
+    rng = random.Random(seed)
     fresh = [h.encode().decode() for h in headers]  # new str objects each round
     users = len(fresh)
     names = list(apps)
     clock, thread_clock = time.perf_counter, time.thread_time
-    for j, start in enumerate(range(0, n, block)):
-        k = (j + shift) % len(names)
-        for name in names[k:] + names[:k]:
+    for start in range(0, n, block):
+        rng.shuffle(names)
+        for name in names:
             app = apps[name]
             for i in range(start, min(n, start + block)):
                 header = fresh[i % users]
@@ -209,7 +271,13 @@ def per_call_ns(fn: Callable[[str], Any], n: int = 200_000) -> float:
     return best
 
 
-def _apps(wire: WireServer, breakdown: bool, contexts: dict[str, Any]) -> dict[str, Any]:
+def _apps(
+    wire: WireServer,
+    breakdown: bool,
+    minimal: bool,
+    contexts: dict[str, Any],
+    headers: list[str],
+) -> dict[str, Any]:
     """New pools and the apps on them: ``{name: (pool, request)}``."""
     made = {
         "bare": (lambda pool: bare_app(pool), {}),
@@ -222,6 +290,11 @@ def _apps(wire: WireServer, breakdown: bool, contexts: dict[str, Any]) -> dict[s
             lambda pool: breakdown_app(pool, contexts),
             {"on_connect_callback": _empty_callback},
         )
+    if minimal:
+        made["minimal hook"] = (
+            lambda pool: minimal_app(pool, headers),
+            {"on_connect_callback": _minimal_on_connect},
+        )
     apps = {}
     for name, (build, extra) in made.items():
         pool = _pool(wire, **extra)
@@ -230,26 +303,32 @@ def _apps(wire: WireServer, breakdown: bool, contexts: dict[str, Any]) -> dict[s
 
 
 def bench_requests(
-    wire: WireServer, rounds: int, n: int, users: int, block: int, breakdown: bool
+    wire: WireServer,
+    rounds: int,
+    n: int,
+    users: int,
+    block: int,
+    breakdown: bool,
+    minimal: bool = False,
 ) -> None:
     headers = [
         "Bearer " + spi_static.make_jwt({"preferred_username": f"user{i}", "sub": f"s{i}"})
         for i in range(users)
     ]
     contexts: dict[str, Any] = {}  # by hand: built contexts, for the whole process
-    names = list(_apps_names(breakdown))
+    names = list(_apps_names(breakdown, minimal))
     wall: dict[str, list[float]] = {k: [] for k in names}
     cpu: dict[str, list[float]] = {k: [] for k in names}
     round_wall: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
-        made = _apps(wire, breakdown, contexts)
+        made = _apps(wire, breakdown, minimal, contexts, headers)
         apps = {k: request for k, (_pool_, request) in made.items()}
         try:
             warm_w: dict[str, list[float]] = {k: [] for k in names}
             warm_c: dict[str, list[float]] = {k: [] for k in names}
             run_round(apps, headers, 100, warm_w, warm_c, block)  # connections, caches
             before = {k: len(v) for k, v in wall.items()}
-            run_round(apps, headers, n, wall, cpu, block, shift=r)
+            run_round(apps, headers, n, wall, cpu, block, seed=r)
             for k, v in wall.items():
                 round_wall[k].append(statistics.median(v[before[k] :]))
         finally:
@@ -295,14 +374,21 @@ def bench_requests(
     if "hand+eu+cb" in mc:
         print(
             f"    of which deepsec.end_user() and the driver's callbacks: "
-            f"{mc['hand+eu+cb'] - mc['by hand']:+.1f} us; the hook's own logic: "
+            f"{mc['hand+eu+cb'] - hand_c:+.1f} us; the hook's own logic: "
             f"{mc['deepsec'] - mc['hand+eu+cb']:+.1f} us"
+        )
+    if "minimal hook" in mw:
+        print(
+            f"  minimal hook / by hand, wall clock: {mw['minimal hook'] / hand_w:.3f}; "
+            f"client CPU {mc['minimal hook'] - hand_c:+.1f} us/request (the design's floor)"
         )
 
 
-def _apps_names(breakdown: bool) -> tuple[str, ...]:
-    names = ("bare", "by hand", "by hand (A/A)", "deepsec")
-    return (*names, "hand+eu+cb") if breakdown else names
+def _apps_names(breakdown: bool, minimal: bool) -> tuple[str, ...]:
+    names: tuple[str, ...] = ("bare", "by hand", "by hand (A/A)", "deepsec")
+    if breakdown:
+        names = (*names, "hand+eu+cb")
+    return (*names, "minimal hook") if minimal else names
 
 
 def bench_callback(wire: WireServer) -> None:
@@ -339,9 +425,22 @@ def main() -> None:
         action="store_true",
         help="add 'hand+eu+cb': by hand with deepsec.end_user() and an empty callback",
     )
+    parser.add_argument(
+        "--minimal",
+        action="store_true",
+        help="add 'minimal hook': the least a correct round-trip callback design does",
+    )
     args = parser.parse_args()
     with wire_server() as wire:
-        bench_requests(wire, args.rounds, args.requests, args.users, args.block, args.breakdown)
+        bench_requests(
+            wire,
+            args.rounds,
+            args.requests,
+            args.users,
+            args.block,
+            args.breakdown,
+            args.minimal,
+        )
         bench_callback(wire)
         telemetry_overhead(
             {

@@ -387,6 +387,9 @@ def test_equal_tokens_share_one_validated_context_and_the_memo_is_bounded(monkey
     # Oversized tokens are validated every time, not kept.
     big = "t" * (context_module._TOKEN_CONTEXT_MAX_LEN + 1)
     assert deepsec.end_user(big).context is not deepsec.end_user(big).context
+    # Non-ASCII tokens are validated every time, not kept (the bound is in bytes).
+    wide = "tok.\u00e9.x"
+    assert deepsec.end_user(wide).context is not deepsec.end_user(wide).context
     # With roles or attributes the context is the caller's own, never shared.
     assert deepsec.end_user("tok.memo.d", data_roles=["r"]).context.data_roles == ("r",)
     context_module.forget_token_contexts()
@@ -409,3 +412,29 @@ def test_a_str_subclass_token_is_never_looked_up_in_the_memo():
     assert sneaky is not victim
     assert str.__eq__(sneaky.identity, "tok.attacker.x")
     assert not any(type(k) is not str for k in context_module._token_contexts)
+
+
+def test_str_subclass_identities_become_plain_strings():
+    """The prepared-context caches key by identity: a subclass must not answer for another."""
+
+    class Sneaky(str):
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        def __hash__(self) -> int:
+            return 0
+
+    token = EndUserContext(Sneaky("tok.a.b")).identity
+    local = EndUserContext((Sneaky("ann"), Sneaky("k"))).identity
+    assert type(token) is str and str.__eq__(token, "tok.a.b")
+    assert isinstance(local, tuple) and all(type(part) is str for part in local)
+    assert local == ("ann", "k")
+
+
+def test_a_new_end_user_object_has_every_field_of_activation():
+    """end_user fills Activation's fields itself: a slot added there must be set here."""
+    from deepsec.context import Activation
+
+    slots = {name for cls in Activation.__mro__ for name in getattr(cls, "__slots__", ())}
+    for scope in (deepsec.end_user("tok.slots.x"), deepsec.end_user(("sam", None))):
+        assert {name: hasattr(scope, name) for name in slots} == dict.fromkeys(slots, True)

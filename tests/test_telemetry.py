@@ -726,3 +726,53 @@ def test_the_context_change_counts_cover_every_action_once() -> None:
 
     assert sorted(instruments._ACTIONS) == sorted(telemetry.CONTEXT_ACTIONS)
     assert len(set(instruments._ACTIONS)) == len(instruments._ACTIONS)
+
+
+def test_context_changes_are_reported_only_while_a_provider_records(oracle) -> None:
+    """A use_providers block reports the changes made inside it, as a counter would.
+
+    After the block its provider hears of no more; a later block on the same
+    provider adds its own on top (the SDK keeps the first callback it got).
+    """
+    import oracledb
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from hook_support import params, user_token
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+
+    def sets() -> int:
+        data = reader.get_metrics_data()
+        return sum(
+            point.value
+            for rm in (data.resource_metrics if data else ())
+            for sm in rm.scope_metrics
+            for metric in sm.metrics
+            if metric.name == telemetry.CONTEXT_CHANGES
+            for point in metric.data.data_points
+            if point.attributes.get("deepsec.context.action") == "set"
+        )
+
+    def one_request(pool: Any, name: str) -> None:
+        with deepsec.end_user(user_token(name)), pool.acquire() as conn, conn.cursor() as cur:
+            cur.execute("select 1 from dual")
+            cur.fetchall()
+
+    pool = oracledb.create_pool(**oracle.connect_kwargs(), extra_auth_params=params(), min=1, max=1)
+    try:
+        one_request(pool, "olga")  # before any block: not this provider's
+        with telemetry.use_providers(provider):
+            one_request(pool, "olga")
+            assert sets() == 1
+        for _ in range(3):
+            one_request(pool, "olga")  # after the block: not this provider's either
+        assert sets() == 1
+        with telemetry.use_providers(provider):
+            one_request(pool, "olga")
+            assert sets() == 2
+        assert sets() == 2
+    finally:
+        pool.close(force=True)
+        provider.shutdown()

@@ -484,3 +484,25 @@ def test_provider_description_is_kept_out_of_messages_and_logs(
     assert deepsec_lines
     for text in (str(exc), repr(exc), *deepsec_lines):
         assert "ivan" not in text and "AADSTS50173" not in text, text
+
+
+def test_tls_failures_name_verification_only_when_the_certificate_was_rejected(
+    idp: LocalIdP, tmp_path: Any
+) -> None:
+    """A certificate the CA file does not vouch for points at ca_file; a handshake
+    cut short (an overloaded provider or proxy) does not."""
+    import ssl
+
+    from deepsec.testing.tls import TestCA
+    from deepsec.tokens._http import error_from_exception
+
+    other_ca = TestCA().write_ca_pem(tmp_path / "other-ca.pem")
+    with pytest.raises(requests.exceptions.SSLError) as caught:
+        requests.get(idp.base_url, verify=str(other_ca), timeout=10)
+    rejected = error_from_exception(caught.value, "token request")
+    assert "TLS verification" in str(rejected) and "ca_file" in str(rejected)
+    cut = requests.exceptions.SSLError(ssl.SSLEOFError(8, "EOF occurred in violation of protocol"))
+    dropped = error_from_exception(cut, "token request")
+    assert "verification" not in str(dropped) and "ca_file" not in str(dropped)
+    assert "SSLEOFError" in str(dropped) and "violation" not in str(dropped)
+    assert rejected.error == dropped.error == "connection_error"

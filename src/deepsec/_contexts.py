@@ -17,7 +17,7 @@ from typing import Any
 import oracledb
 
 from .config import EndUserSecConfig
-from .context import EndUserContext
+from .context import EndUserContext, forget_token_contexts
 from .errors import IdentityError
 
 __all__ = [
@@ -247,8 +247,10 @@ def revoke_prepared(key: tuple[Any, ...], entry: Prepared) -> None:
 
 
 def forget_security_contexts() -> None:
-    """Drop every built security context kept for reuse (tests, key rotation)."""
+    """Drop every built security context kept for reuse, and the remembered
+    token contexts (tests, key rotation)."""
     global _total_cost
+    forget_token_contexts()
     with prepared_lock:
         prepared.clear()
         for index in _by_identity.values():

@@ -42,6 +42,10 @@ def validate_identity(value: object) -> Identity | None:
     if value is None:
         return None
     if isinstance(value, str):
+        if type(value) is not str:
+            # A subclass could answer == and hash() like another user's token
+            # in the caches keyed by identity: keep its characters only.
+            value = str.__str__(value)
         if not value or value.isspace():  # (strip() would copy a long token)
             raise IdentityError("end-user identity token must be a non-empty string")
         if len(value) > MAX_IDENTITY_LENGTH:
@@ -56,6 +60,11 @@ def validate_identity(value: object) -> Identity | None:
                 f"a local end-user identity must be (name, key_or_None); got {len(value)} items"
             )
         name, key = value
+        # (Plain str copies of subclasses, as for a token above.)
+        if isinstance(name, str) and type(name) is not str:
+            name = str.__str__(name)
+        if isinstance(key, str) and type(key) is not str:
+            key = str.__str__(key)
         if not isinstance(name, str):
             raise TypeError(f"end-user name must be a str, not {type(name).__name__}")
         if not name.strip():

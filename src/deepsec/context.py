@@ -196,8 +196,9 @@ APPLICATION = EndUserContext(None)
 # that scope their own work; equal tokens share one immutable context, so a
 # repeat neither validates nor allocates again, and the hook's caches meet
 # the same object.  Keys are exact ``str`` only: a subclass could answer
-# ``==`` for another user's token.  Bounded in count and token length (a
-# larger token is validated every time), so it holds at most ~4 MB.
+# ``==`` for another user's token.  Bounded in count and token length, ASCII
+# tokens only (any other is validated every time), so it holds at most ~4 MB;
+# forget_security_contexts() (tests, key rotation) empties it too.
 _TOKEN_CONTEXTS_KEPT: Final = 512
 _TOKEN_CONTEXT_MAX_LEN: Final = 8192
 _token_contexts: dict[str, EndUserContext] = {}
@@ -212,7 +213,8 @@ def context_for_token(token: str) -> EndUserContext:
     context = _token_contexts.get(token) if type(token) is str else None
     if context is None:
         context = EndUserContext(token)
-        if type(token) is str and len(token) <= _TOKEN_CONTEXT_MAX_LEN:
+        # ASCII only (JWTs are): the bound is then one byte per character.
+        if type(token) is str and len(token) <= _TOKEN_CONTEXT_MAX_LEN and token.isascii():
             if len(_token_contexts) >= _TOKEN_CONTEXTS_KEPT:
                 # The oldest first; another thread may have taken it already.
                 try:  # noqa: SIM105

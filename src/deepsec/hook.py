@@ -68,7 +68,7 @@ from .prefetch import (
     register_config,
     remember_failure,
 )
-from .telemetry.instruments import SET as _SET
+from .telemetry.instruments import CONTEXT_SET as _SET
 from .telemetry.instruments import context_changes as _context_changes
 from .telemetry.instruments import record_context_change
 from .tokens import TokenSource, token_source_for

@@ -24,7 +24,7 @@ are the imports to use:
 
 * :mod:`.names`: instrument, span and attribute names, their vocabularies, ``error.type``;
 * :mod:`.instruments`: the instruments (loaded lazily, or swapped by
-  :func:`use_providers`) and :func:`record_context_change`, which reads them inline;
+  :func:`use_providers`) and the context-change counts (:func:`record_context_change`);
 * :mod:`.tokens`: :class:`TokenTelemetry` and :func:`record_token_request`;
 * :mod:`.adapters`: rejected requests and the opt-in end-user pseudonym;
 * :mod:`.summary`: the demo's metrics summary and :func:`metric_points`.

@@ -2,19 +2,22 @@
 
 ``opentelemetry`` is imported on the first event, not before: without it
 nothing is imported and ``_active`` becomes ``None``.  Tests and the demo
-swap in their own providers with :func:`use_providers`.
+swap in their own providers with :func:`use_providers`.  Code that swaps the
+instruments (``bench/hook.py`` simulating an absent OpenTelemetry) must
+write *this* module's ``_active``: the package does not re-export it, since
+a copy would not be the one read.
 
-:func:`record_context_change` lives here, beside ``_active``, because it
-reads that global inline: it runs once per pooled request, so it saves the
-call to ``_instruments()``.  Code that swaps the instruments (``bench/hook.py``
-simulating an absent OpenTelemetry) must write *this* module's ``_active``:
-the package does not re-export it, since a copy would not be the one read.
+Context changes are counted in :data:`context_changes`, a plain list, with
+or without OpenTelemetry: a pool attaches on every request, and the hook
+counts a connection's first context there inline (:data:`CONTEXT_SET`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final
@@ -38,12 +41,10 @@ class _Instruments:
 
     __slots__ = (
         "changes",
-        "context_changes",
         "error_code",
         "fetch_duration",
         "get_current_span",
         "internal_kind",
-        "observation",
         "rejected",
         "status",
         "token_requests",
@@ -79,17 +80,25 @@ class _Instruments:
             unit="s",
             description="Duration of each call to the identity provider",
         )
-        # Counted in context_changes and reported at each collection (an
-        # observable counter): since the process started, or ``from_now``
-        # (providers swapped in by use_providers).
-        self.changes = list(context_changes) if from_now else [0] * len(context_changes)
-        self.observation: Any = Observation
-        self.context_changes = meter.create_observable_counter(
-            CONTEXT_CHANGES,
-            callbacks=[self.observe_changes],
-            unit="{change}",
-            description="End-user security contexts set, switched or cleared on connections",
-        )
+        # Counted in context_changes and reported at each collection by an
+        # observable counter: one observer per meter provider, which reports
+        # what happened while that provider recorded (see _ChangeObserver).
+        provider = meter_provider or metrics.get_meter_provider()
+        with _observers_lock:
+            observer = _observers.get(provider)
+            if observer is None:
+                observer = _ChangeObserver(Observation)
+                meter.create_observable_counter(
+                    CONTEXT_CHANGES,
+                    callbacks=[observer],
+                    unit="{change}",
+                    description="End-user security contexts set, switched or cleared on "
+                    "connections",
+                )
+                with contextlib.suppress(TypeError):  # a provider not weakly referable
+                    _observers[provider] = observer
+            observer.start(from_now=from_now)
+        self.changes = observer
         self.rejected = meter.create_counter(
             REQUESTS_REJECTED,
             unit="{request}",
@@ -99,15 +108,6 @@ class _Instruments:
         self.internal_kind = SpanKind.INTERNAL
         self.status: Any = Status
         self.error_code: Any = StatusCode.ERROR
-
-    def observe_changes(self, options: Any) -> list[Any]:
-        """The context changes counted since these instruments were made (the SDK's callback)."""
-        counts = [now - then for now, then in zip(context_changes, self.changes, strict=True)]
-        return [
-            self.observation(n, _ACTION_ATTRS[a])
-            for a, n in zip(_ACTIONS, counts, strict=True)
-            if n
-        ]
 
 
 # The package's name (what docs/logging.md lists), not this module's.
@@ -171,20 +171,72 @@ def use_providers(meter_provider: Any = None, tracer_provider: Any = None) -> It
     finally:
         with _lock:
             _active = previous
+        with _observers_lock:
+            instruments.changes.stop()  # later changes are not this provider's
 
 
 # -- contexts ----------------------------------------------------------------------
 
 
+class _ChangeObserver:
+    """``deepsec.context.changes`` for one meter provider: the SDK's callback.
+
+    Reports the changes made while the provider recorded, as a synchronous
+    counter would have counted them: the global provider from the start of
+    the process, a ``use_providers`` block's from its start to its end (and
+    again from the start of a later block on the same provider, added on).
+    One per provider: the SDK keeps the first callback registered under a
+    name and ignores later ones.
+    """
+
+    __slots__ = ("done", "observation", "since")
+
+    def __init__(self, observation: Any) -> None:
+        self.observation = observation
+        #: Counts of the provider's earlier blocks, ended.
+        self.done = [0] * len(_ACTIONS)
+        #: ``context_changes`` when the current block started; None: none is running.
+        self.since: list[int] | None = None
+
+    def start(self, *, from_now: bool) -> None:
+        if self.since is None:
+            self.since = list(context_changes) if from_now else [0] * len(_ACTIONS)
+
+    def stop(self) -> None:
+        since = self.since
+        if since is not None:
+            self.since = None
+            self.done = [
+                d + n - s for d, n, s in zip(self.done, context_changes, since, strict=True)
+            ]
+
+    def __call__(self, options: Any) -> list[Any]:
+        since = self.since
+        counts = list(self.done)
+        if since is not None:
+            counts = [d + n - s for d, n, s in zip(counts, context_changes, since, strict=True)]
+        return [
+            self.observation(n, _ACTION_ATTRS[a])
+            for a, n in zip(_ACTIONS, counts, strict=True)
+            if n
+        ]
+
+
+#: The observer registered with each meter provider (weakly: a test's
+#: provider goes with the test).
+_observers: weakref.WeakKeyDictionary[Any, _ChangeObserver] = weakref.WeakKeyDictionary()
+_observers_lock = threading.Lock()
+
+
 _ACTION_ATTRS: Final = {a: {ATTR_CONTEXT_ACTION: a} for a in CONTEXT_ACTIONS}
 _ACTIONS: Final = ("set", "switch", "clear")  # the order of context_changes
-SET, _SWITCH, _CLEAR = range(3)
+CONTEXT_SET, _SWITCH, _CLEAR = range(3)
 
 #: Context changes made in this process, by action (``_ACTIONS`` order),
 #: whether or not OpenTelemetry is installed: reported by the
 #: ``deepsec.context.changes`` observable counter.  A plain list because a
 #: pool attaches on every request: the hook counts a connection's first
-#: context (``SET``) inline, and a synchronous counter's ``add()`` would cost
+#: context (``CONTEXT_SET``) inline, and a synchronous counter's ``add()`` would cost
 #: every request the SDK's bookkeeping.  No lock (it would cost more than
 #: the event): under the GIL ``context_changes[i] += 1`` is not interrupted;
 #: on a free-threaded build a rare concurrent change could go uncounted,
@@ -205,6 +257,6 @@ def record_context_change(previous: EndUserContext | None, current: EndUserConte
         if previous is not None:
             context_changes[_CLEAR] += 1
     elif previous is None:
-        context_changes[SET] += 1
+        context_changes[CONTEXT_SET] += 1
     elif previous != current:  # (an equal context again is a refreshed token)
         context_changes[_SWITCH] += 1

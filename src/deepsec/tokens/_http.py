@@ -330,6 +330,35 @@ def timeout_error(what: str) -> TokenAcquisitionError:
     )
 
 
+def _tls_causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps: causes, contexts, and exceptions among its args
+    (urllib3 keeps the ssl error as a MaxRetryError's ``reason``)."""
+    seen: set[int] = set()
+    stack: list[object] = [exc]
+    while stack:
+        item = stack.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        stack.extend((item.__cause__, item.__context__, getattr(item, "reason", None)))
+        stack.extend(item.args)
+
+
+def _certificate_rejected(exc: BaseException) -> bool:
+    """Whether a TLS failure is the provider's certificate failing verification."""
+    return any(isinstance(e, ssl.SSLCertVerificationError) for e in _tls_causes(exc))
+
+
+def _tls_failure_name(exc: BaseException) -> str:
+    """The class name of the innermost ssl error (never its text)."""
+    name = type(exc).__name__
+    for e in _tls_causes(exc):
+        if isinstance(e, ssl.SSLError):
+            name = type(e).__name__
+    return name
+
+
 def error_from_exception(
     exc: BaseException, what: str, secrets: Iterable[str] = ()
 ) -> TokenAcquisitionError:
@@ -342,9 +371,17 @@ def error_from_exception(
     if is_timeout(exc):
         return timeout_error(what)
     if isinstance(exc, requests.exceptions.SSLError):
+        if _certificate_rejected(exc):
+            return TokenAcquisitionError(
+                f"{what}: TLS verification with the identity provider failed "
+                "(check ca_file and the provider's certificate)",
+                error="connection_error",
+            )
+        # A handshake cut short (the provider or a proxy dropped it): no
+        # reason to send the operator after certificates.
         return TokenAcquisitionError(
-            f"{what}: TLS verification with the identity provider failed "
-            "(check ca_file and the provider's certificate)",
+            f"{what}: the TLS connection to the identity provider failed "
+            f"({_tls_failure_name(exc)})",
             error="connection_error",
         )
     if isinstance(exc, requests.ConnectionError):
