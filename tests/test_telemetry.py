@@ -776,3 +776,20 @@ def test_context_changes_are_reported_only_while_a_provider_records(oracle) -> N
     finally:
         pool.close(force=True)
         provider.shutdown()
+
+
+def test_a_block_on_the_global_meter_provider_leaves_it_recording() -> None:
+    """use_providers(None, ...) records to the global provider: its end must not
+    stop the global observer, which counts for the whole process."""
+    from opentelemetry import metrics
+
+    from deepsec.telemetry import instruments
+
+    instruments._instruments()  # the global instruments exist
+    observer = instruments._observers.get(metrics.get_meter_provider())
+    if observer is None:
+        pytest.skip("the global meter provider cannot be weakly referenced")
+    assert observer.since is not None
+    with telemetry.use_providers(None):
+        pass
+    assert observer.since is not None  # still recording

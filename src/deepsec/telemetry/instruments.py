@@ -45,6 +45,7 @@ class _Instruments:
         "fetch_duration",
         "get_current_span",
         "internal_kind",
+        "owns_changes",
         "rejected",
         "status",
         "token_requests",
@@ -97,7 +98,8 @@ class _Instruments:
                 )
                 with contextlib.suppress(TypeError):  # a provider not weakly referable
                     _observers[provider] = observer
-            observer.start(from_now=from_now)
+            #: Whether these instruments started the observer (and end it).
+            self.owns_changes = observer.start(from_now=from_now)
         self.changes = observer
         self.rejected = meter.create_counter(
             REQUESTS_REJECTED,
@@ -171,8 +173,9 @@ def use_providers(meter_provider: Any = None, tracer_provider: Any = None) -> It
     finally:
         with _lock:
             _active = previous
-        with _observers_lock:
-            instruments.changes.stop()  # later changes are not this provider's
+        if instruments.owns_changes:  # (not the global provider's, nor an outer block's)
+            with _observers_lock:
+                instruments.changes.stop()  # later changes are not this provider's
 
 
 # -- contexts ----------------------------------------------------------------------
@@ -198,9 +201,12 @@ class _ChangeObserver:
         #: ``context_changes`` when the current block started; None: none is running.
         self.since: list[int] | None = None
 
-    def start(self, *, from_now: bool) -> None:
-        if self.since is None:
-            self.since = list(context_changes) if from_now else [0] * len(_ACTIONS)
+    def start(self, *, from_now: bool) -> bool:
+        """Start recording unless it already does; whether this call started it."""
+        if self.since is not None:
+            return False
+        self.since = list(context_changes) if from_now else [0] * len(_ACTIONS)
+        return True
 
     def stop(self) -> None:
         since = self.since
