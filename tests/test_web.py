@@ -475,11 +475,11 @@ def test_start_reuses_raw_header_resolutions_and_still_warns_each_request(caplog
 
 
 def test_the_remembered_request_sets_every_field_of_activation_and_rejects_still() -> None:
-    """lifecycle.start activates a remembered request without Activation's __init__.
+    """lifecycle.start activates a remembered request like any other.
 
-    Every slot must be set (a slot added to Activation must be set there too),
-    the lease must end like any other, and a remembered rejection (no
-    identity where one is required) is still answered, never activated.
+    Every slot of Activation is set, the lease ends like any other, and a
+    remembered rejection (no identity where one is required) is still
+    answered, never activated.
     """
     import contextvars
 

@@ -210,11 +210,13 @@ def context_for_token(token: str) -> EndUserContext:
     Raises:
         IdentityError: the token is empty, blank or too long.
     """
-    context = _token_contexts.get(token) if type(token) is str else None
+    if type(token) is not str:
+        return EndUserContext(token)  # (validated, never remembered)
+    context = _token_contexts.get(token)
     if context is None:
         context = EndUserContext(token)
         # ASCII only (JWTs are): the bound is then one byte per character.
-        if type(token) is str and len(token) <= _TOKEN_CONTEXT_MAX_LEN and token.isascii():
+        if len(token) <= _TOKEN_CONTEXT_MAX_LEN and token.isascii():
             if len(_token_contexts) >= _TOKEN_CONTEXTS_KEPT:
                 # The oldest first; another thread may have taken it already.
                 try:  # noqa: SIM105
@@ -448,9 +450,7 @@ class end_user(Activation):  # a class used like a function: ``with deepsec.end_
         attributes: Mapping[str, Any] | None = None,
     ) -> None:
         if data_roles is None and attributes is None and type(identity) is str:
-            # The per-request case: a repeat token is one dict lookup.
-            context = _token_contexts.get(identity)
-            self.context = context if context is not None else context_for_token(identity)
+            self.context = context_for_token(identity)  # (a repeat token: one dict lookup)
         else:
             self.context = EndUserContext(identity, data_roles, attributes)
         self.active = False  # (not current until the block is entered)

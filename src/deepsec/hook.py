@@ -68,8 +68,6 @@ from .prefetch import (
     register_config,
     remember_failure,
 )
-from .telemetry.instruments import CONTEXT_SET as _SET
-from .telemetry.instruments import context_changes as _context_changes
 from .telemetry.instruments import record_context_change
 from .tokens import TokenSource, token_source_for
 from .tokens.cache import jwt_expiry
@@ -333,13 +331,9 @@ class _ConnectionBinding:
             # (Identity, not equality: one Prepared per key and token, and the
             # key tells apart what == does not, e.g. attributes True and 1.)
             conn.set_end_user_security_context(prepared.context)
-            previous = self.context
-            if previous is None:  # a pooled request's connection: count it inline
-                _context_changes[_SET] += 1
-            else:
-                # (A fresh token for the same context object, after a
-                # rejection, is no context change: record_context_change compares.)
-                record_context_change(previous, ctx)
+            # (A fresh token for the same context object, after a rejection,
+            # is no context change: record_context_change compares.)
+            record_context_change(self.context, ctx)
             if log.isEnabledFor(_DEBUG):
                 log.debug("attached end-user context %r on connection %x", ctx, id(conn))
             self.prepared = prepared

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from . import telemetry
-from .context import _EMPTY, Activation, _current, activate
+from .context import _EMPTY, Activation, activate
 from .errors import DeepSecError, TokenAcquisitionError
 from .prefetch import configs_in_use, prepare
 from .web import Rejection, Resolution, WebSettings, rejection_for_error, resolve
@@ -51,9 +51,6 @@ log = logging.getLogger("deepsec.web")
 TOKEN_CONFIGS = configs_in_use
 
 Headers = str | Sequence[str] | None
-
-_new_lease = object.__new__
-_set_current = _current.set
 
 
 def rejected(rejection: Rejection) -> Rejection:
@@ -126,17 +123,6 @@ def start(
             pass
     if hit is not None and not hit[1]:
         resolution = hit[0]
-        if resolution.rejection is None and not settings.record_end_user:
-            # The common request: activate its end user (or none) without
-            # Activation's __init__, a call fewer per request (tests/test_web.py
-            # checks that every field of Activation is set).
-            user = resolution.context
-            activation = _new_lease(lease)
-            activation.context = _EMPTY if user is None else user
-            activation.active = True
-            activation._children = None
-            activation._token = _set_current(activation)
-            return activation
     else:
         resolution = resolve(
             settings, request, cookie_header=cookie_header, authorization=authorization

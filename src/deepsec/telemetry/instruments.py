@@ -8,8 +8,8 @@ write *this* module's ``_active``: the package does not re-export it, since
 a copy would not be the one read.
 
 Context changes are counted in :data:`context_changes`, a plain list, with
-or without OpenTelemetry: a pool attaches on every request, and the hook
-counts a connection's first context there inline (:data:`CONTEXT_SET`).
+or without OpenTelemetry (:func:`record_context_change`): a pool attaches on
+every request.
 """
 
 from __future__ import annotations
@@ -236,14 +236,13 @@ _observers_lock = threading.Lock()
 
 _ACTION_ATTRS: Final = {a: {ATTR_CONTEXT_ACTION: a} for a in CONTEXT_ACTIONS}
 _ACTIONS: Final = ("set", "switch", "clear")  # the order of context_changes
-CONTEXT_SET, _SWITCH, _CLEAR = range(3)
+_SET, _SWITCH, _CLEAR = range(3)
 
 #: Context changes made in this process, by action (``_ACTIONS`` order),
 #: whether or not OpenTelemetry is installed: reported by the
 #: ``deepsec.context.changes`` observable counter.  A plain list because a
-#: pool attaches on every request: the hook counts a connection's first
-#: context (``CONTEXT_SET``) inline, and a synchronous counter's ``add()`` would cost
-#: every request the SDK's bookkeeping.  No lock (it would cost more than
+#: pool attaches on every request, and a synchronous counter's ``add()``
+#: would cost every request the SDK's bookkeeping.  No lock (it would cost more than
 #: the event): under the GIL ``context_changes[i] += 1`` is not interrupted;
 #: on a free-threaded build a rare concurrent change could go uncounted,
 #: which a metric can afford.
@@ -263,6 +262,6 @@ def record_context_change(previous: EndUserContext | None, current: EndUserConte
         if previous is not None:
             context_changes[_CLEAR] += 1
     elif previous is None:
-        context_changes[CONTEXT_SET] += 1
+        context_changes[_SET] += 1
     elif previous != current:  # (an equal context again is a refreshed token)
         context_changes[_SWITCH] += 1
