@@ -65,7 +65,7 @@ import spi_static  # noqa: I001  (found through the sys.path lines above)
 from _wire import WireServer, wire_server
 
 import deepsec
-from deepsec.context import Activation, EndUserContext, _current
+from deepsec.context import EndUserContext, _current, new_activation
 
 SQL = "select 1 from dual"
 PARAMS = {"end_user_sec_params": {"spi_type": "spi_static", "client_id": "hr-app"}}
@@ -204,7 +204,7 @@ def minimal_app(pool: Any, headers: list[str]) -> Request:
         ctx = memo.get(token)
         if ctx is None:
             ctx = memo[token] = EndUserContext(token)
-        activation = Activation(ctx)
+        activation = new_activation(ctx)
         try:
             with pool.acquire() as conn:
                 _query(conn)

@@ -520,11 +520,9 @@ def test_an_error_while_fetching_tokens_ends_the_lease() -> None:
     assert asyncio.run(run()) == (False, None)
 
 
-def test_the_inlined_activation_sets_every_field_of_activation() -> None:
-    """The hot path builds and ends the lease without Activation's methods.
-
-    It must set every slot Activation has (a slot added there must be set
-    here too), and end the lease for tasks that outlive the request.
+def test_the_hot_path_lease_sets_every_field_of_activation() -> None:
+    """The hot path's lease (a remembered request) has every slot Activation has
+    set, and ends for tasks that outlive the request.
     """
     from deepsec.context import Activation, _current
 

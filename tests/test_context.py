@@ -431,6 +431,23 @@ def test_str_subclass_identities_become_plain_strings():
     assert local == ("ann", "k")
 
 
+def test_new_activation_sets_every_field_and_activation_has_no_other_constructor():
+    """new_activation is the one constructor: every slot set, current or not; a
+    class call (which would leave the slots unset) is refused."""
+    from deepsec.context import Activation, _current, new_activation
+
+    slots = {name for cls in Activation.__mro__ for name in getattr(cls, "__slots__", ())}
+    ctx = deepsec.EndUserContext("tok.new.activation")
+    for current in (True, False):
+        activation = new_activation(ctx, current=current)
+        assert {name: hasattr(activation, name) for name in slots} == dict.fromkeys(slots, True)
+        assert (_current.get() is activation) is current
+        activation.end()
+        assert not activation.active and _current.get() is not activation
+    with pytest.raises(TypeError):
+        Activation(ctx)  # type: ignore[call-arg]
+
+
 def test_a_new_end_user_object_has_every_field_of_activation():
     """end_user fills Activation's fields itself: a slot added there must be set here."""
     from deepsec.context import Activation

@@ -50,7 +50,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMappi
 from typing import Any, TypeVar
 
 from ._identity_parse import COOKIE_JOIN, cookie_pairs
-from .context import _EMPTY, EndUserContext, _current
+from .context import _EMPTY, EndUserContext, new_activation
 from .lifecycle import TOKEN_CONFIGS, RequestLease, answer, fetch_tokens, start
 from .web import Rejection, WebSettings, remember_alias
 
@@ -323,8 +323,6 @@ class _Exchange(RequestLease):
         return _nothing()
 
 
-_new_lease = object.__new__
-_set_current = _current.set
 _WS_STARTS = frozenset({"websocket.accept", "websocket.close", "websocket.http.response.start"})
 
 
@@ -411,14 +409,7 @@ def _lease_by_bytes(
     if hit is None:
         return None, None, key
     user: EndUserContext | None = hit[0].context
-    # Activation's __init__, inlined (one call fewer per request; the fields
-    # are checked against Activation's in tests/test_asgi.py).
-    lease = _new_lease(lease_class)
-    lease.context = _EMPTY if user is None else user
-    lease.active = True
-    lease._children = None
-    lease._token = _set_current(lease)
-    return lease, user, key
+    return new_activation(_EMPTY if user is None else user, lease_class), user, key
 
 
 def _identity_headers(raw: Any) -> tuple[str | list[str] | None, str | list[str] | None]:

@@ -22,7 +22,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
-from typing import Any, Final
+from typing import Any, Final, TypeVar, overload
 
 from ._validation import MAX_IDENTITY_LENGTH as MAX_IDENTITY_LENGTH  # (importable here as before)
 from ._validation import (
@@ -247,13 +247,14 @@ class Activation:
 
     context: EndUserContext
     active: bool
+    #: Values the plugin-style setters derive from this one: they end with it.
+    _children: list[Activation] | None
+    _token: contextvars.Token[Activation] | None
 
-    def __init__(self, context: EndUserContext, *, current: bool = True) -> None:
-        self.context = context
-        self.active = True
-        # Values the plugin-style setters derive from this one: they end with it.
-        self._children: list[Activation] | None = None
-        self._token: contextvars.Token[Activation] | None = _current.set(self) if current else None
+    # No __init__: :func:`new_activation` is the one place an activation's
+    # fields are set.  Adapters make one per request, and a class call
+    # running a Python ``__init__`` costs about a third more than that
+    # function call (the interpreter cannot inline a call made from C).
 
     def end(self) -> None:
         """End the identity everywhere and restore the previous context.
@@ -289,13 +290,33 @@ class Activation:
         return f"<deepsec Activation {'active' if self.active else 'ended'}>"
 
 
+A = TypeVar("A", bound=Activation)
+_new = object.__new__
+
+
+@overload
+def new_activation(context: EndUserContext, *, current: bool = True) -> Activation: ...
+@overload
+def new_activation(context: EndUserContext, cls: type[A], *, current: bool = True) -> A: ...
+def new_activation(
+    context: EndUserContext, cls: type[Activation] = Activation, *, current: bool = True
+) -> Activation:
+    """A new activation of ``context`` (of class ``cls``), made current unless ``current=False``.
+
+    The one constructor of :class:`Activation` and its subclasses but
+    :class:`end_user`, whose objects start inactive.
+    """
+    activation = _new(cls)
+    activation.context = context
+    activation.active = True
+    activation._children = None
+    activation._token = _current.set(activation) if current else None
+    return activation
+
+
 # The default is shared by every thread and task, which is safe: it is never
 # ended and its context is immutable.
-_FOREVER = Activation.__new__(Activation)
-_FOREVER.context = _EMPTY
-_FOREVER.active = True
-_FOREVER._children = None
-_FOREVER._token = None
+_FOREVER = new_activation(_EMPTY, current=False)
 _current: contextvars.ContextVar[Activation] = contextvars.ContextVar(
     "deepsec_end_user",
     default=_FOREVER,
@@ -318,7 +339,7 @@ def current_end_user() -> EndUserContext | None:
 
 
 def _start(context: EndUserContext) -> Activation:
-    return Activation(context)
+    return new_activation(context)
 
 
 def _end(activation: Activation) -> None:
@@ -332,10 +353,10 @@ def activate(context: EndUserContext | None) -> Activation:
     the response is done (:func:`deactivate`, or ``activation.end()``).
     """
     if context is None:
-        return Activation(_EMPTY)
+        return new_activation(_EMPTY)
     if type(context) is not EndUserContext and not isinstance(context, EndUserContext):
         raise TypeError(f"expected EndUserContext or None, not {type(context).__name__}")
-    return Activation(context)
+    return new_activation(context)
 
 
 def deactivate(activation: Activation) -> None:
@@ -365,7 +386,7 @@ def _replace_current(**changes: Any) -> None:
     parent = _current.get()
     inherited = parent.active
     base = parent.context if inherited else _EMPTY
-    child = Activation(base.replace(**changes), current=False)  # slow: validates
+    child = new_activation(base.replace(**changes), current=False)  # slow: validates
     if not inherited:
         pass  # the request is over: the value never ends
     elif parent._children is not None or parent._token is not None:
@@ -450,7 +471,9 @@ class end_user(Activation):  # a class used like a function: ``with deepsec.end_
         attributes: Mapping[str, Any] | None = None,
     ) -> None:
         if data_roles is None and attributes is None and type(identity) is str:
-            self.context = context_for_token(identity)  # (a repeat token: one dict lookup)
+            # A repeat token is one dict lookup (context_for_token's first step).
+            context = _token_contexts.get(identity)
+            self.context = context if context is not None else context_for_token(identity)
         else:
             self.context = EndUserContext(identity, data_roles, attributes)
         self.active = False  # (not current until the block is entered)
@@ -468,7 +491,7 @@ class end_user(Activation):  # a class used like a function: ``with deepsec.end_
         # would end each other's activations.
         if self.active or self._again is not None:
             raise RuntimeError("this end_user(...) object is already in use; create one per block")
-        self._again = Activation(self.context)
+        self._again = new_activation(self.context)
         return self.context
 
     def __exit__(self, *exc_info: object) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from . import telemetry
-from .context import _EMPTY, Activation, activate
+from .context import _EMPTY, Activation, new_activation
 from .errors import DeepSecError, TokenAcquisitionError
 from .prefetch import configs_in_use, prepare
 from .web import Rejection, Resolution, WebSettings, rejection_for_error, resolve
@@ -74,7 +74,7 @@ def begin(resolution: Resolution, settings: WebSettings | None = None) -> Activa
     if settings is not None and settings.record_end_user:
         telemetry.record_end_user(settings.record_end_user, context)
     # resolve() only yields validated contexts: skip activate()'s type check.
-    return Activation(context) if context is not None else activate(None)
+    return new_activation(context if context is not None else _EMPTY)
 
 
 class RequestLease(Activation):
@@ -137,7 +137,7 @@ def start(
         telemetry.record_end_user(settings.record_end_user, context)
     # resolve() only yields validated contexts: skip activate()'s type check;
     # no end user is activated too (a request never inherits a context).
-    return lease(context if context is not None else _EMPTY)
+    return new_activation(context if context is not None else _EMPTY, lease)
 
 
 async def start_async(
