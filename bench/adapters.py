@@ -31,6 +31,7 @@ import asyncio
 import base64
 import io
 import json
+import random
 import statistics
 import sys
 import time
@@ -52,7 +53,12 @@ TOKEN = (
 HEADERS = {"authorization": f"Bearer {TOKEN}", "cookie": "theme=dark; csrftoken=f00ba4"}
 SELECT = "select 1 from dual"
 
-Runner = Callable[[int], tuple[float, float]]  # n requests -> (cpu seconds, wall seconds)
+#: Runs n requests; returns each one's (CPU seconds, wall-clock seconds), or
+#: with ``each=False`` one entry: their mean, timed around the whole batch.
+#: (Timing each request reads the thread's CPU clock, a system call, twice
+#: per request: it adds about 3 us to a 15 us request and disturbs the CPU
+#: caches every adapter's cost depends on, so Table 1 times batches.)
+Runner = Callable[[int], list[tuple[float, float]]]
 
 #: A second, identical floor app per framework: what it adds beyond the
 #: first is the run's noise (two copies of one app differ by their place in
@@ -63,7 +69,7 @@ FLOOR_COPY = "floor copy"
 # -- request drivers ---------------------------------------------------------------
 
 
-def wsgi_runner(app: Any, path: str) -> Runner:
+def wsgi_runner(app: Any, path: str, each: bool) -> Runner:
     environ = {
         "REQUEST_METHOD": "GET",
         "PATH_INFO": path,
@@ -83,9 +89,13 @@ def wsgi_runner(app: Any, path: str) -> Runner:
     def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
         assert status.startswith("200"), status
 
-    def run(n: int) -> tuple[float, float]:
-        cpu, wall = time.process_time(), time.perf_counter()
+    def run(n: int) -> list[tuple[float, float]]:
+        timed = []
+        cpu_clock, clock = time.thread_time, time.perf_counter
+        b0, s0 = cpu_clock(), clock()
         for _ in range(n):
+            if each:
+                c0, t0 = cpu_clock(), clock()
             env = dict(environ)
             env["wsgi.input"] = io.BytesIO()
             body = app(env, start_response)
@@ -96,12 +106,15 @@ def wsgi_runner(app: Any, path: str) -> Runner:
                 close = getattr(body, "close", None)
                 if close is not None:
                     close()
-        return time.process_time() - cpu, time.perf_counter() - wall
+            if each:
+                t1, c1 = clock(), cpu_clock()
+                timed.append((c1 - c0, t1 - t0))
+        return timed if each else [((cpu_clock() - b0) / n, (clock() - s0) / n)]
 
     return run
 
 
-def asgi_runner(app: Any, loop: asyncio.AbstractEventLoop, path: str) -> Runner:
+def asgi_runner(app: Any, loop: asyncio.AbstractEventLoop, path: str, each: bool) -> Runner:
     headers = [(k.encode(), v.encode()) for k, v in HEADERS.items()]
     template = {
         "type": "http",
@@ -129,13 +142,20 @@ def asgi_runner(app: Any, loop: asyncio.AbstractEventLoop, path: str) -> Runner:
         if message["type"] == "http.response.start":
             assert message["status"] == 200, message
 
-    async def many(n: int) -> tuple[float, float]:
-        cpu, wall = time.process_time(), time.perf_counter()
+    async def many(n: int) -> list[tuple[float, float]]:
+        timed = []
+        cpu_clock, clock = time.thread_time, time.perf_counter
+        b0, s0 = cpu_clock(), clock()
         for _ in range(n):
+            if each:
+                c0, t0 = cpu_clock(), clock()
             scope = dict(template)
             scope["state"] = {}
             await app(scope, receive, send)
-        return time.process_time() - cpu, time.perf_counter() - wall
+            if each:
+                t1, c1 = clock(), cpu_clock()
+                timed.append((c1 - c0, t1 - t0))
+        return timed if each else [((cpu_clock() - b0) / n, (clock() - s0) / n)]
 
     return lambda n: loop.run_until_complete(many(n))
 
@@ -205,15 +225,20 @@ def _django_db(request: Any) -> Any:
     return JsonResponse({"status": "ok"})
 
 
-def django_apps() -> dict[str, Any] | None:
+#: ``[True]`` once Django is configured for the bench (empty: not installed).
+DJANGO: list[bool] = []
+
+
+def django_setup() -> bool:
+    """Configure Django once for the bench; False when it is not installed."""
     try:
         import django
         from django.conf import settings
         from django.urls import path
 
-        import deepsec.django
+        import deepsec.django  # noqa: F401  (the INSTALLED_APPS entry below)
     except ImportError:
-        return None
+        return False
     settings.configure(
         DEBUG=False,
         ALLOWED_HOSTS=["*"],
@@ -226,7 +251,15 @@ def django_apps() -> dict[str, Any] | None:
     )
     globals()["urlpatterns"] = [path("", _django_index), path("db", _django_db)]
     django.setup()
+    return True
+
+
+def django_apps() -> dict[str, Any]:
+    """New handlers, one per variant (after :func:`django_setup`)."""
+    from django.conf import settings
     from django.core.handlers.wsgi import WSGIHandler
+
+    import deepsec.django
 
     apps = {}
     for variant, middleware in (
@@ -300,26 +333,44 @@ def fastapi_apps() -> dict[str, Any]:
 # -- measurement -----------------------------------------------------------------------
 
 
-Samples = dict[str, list[tuple[float, float]]]  # variant -> per-round (cpu, wall) per request
+Samples = dict[str, list[tuple[float, float]]]  # variant -> per round: (cpu, wall) per request
 
 
-def measure(runners: dict[str, Runner], n: int, rounds: int) -> Samples:
-    """Per-round (cpu, wall) seconds per request of each runner, rounds interleaved.
+def measure(
+    build: Callable[[], dict[str, Runner]],
+    n: int,
+    rounds: int,
+    *,
+    block: int,
+    stat: Callable[[list[float]], float],
+    seed: int = 0,
+) -> Samples:
+    """Each variant's ``stat`` of its per-request (cpu, wall) seconds, per round.
 
-    Every round runs each variant once, back to back (order rotating and
-    reversing), so a round's variants share the machine's load of the moment.
+    Every round builds every app anew (``build``) and warms it up untimed,
+    then runs ``n`` requests per variant in blocks of ``block``, the order
+    of the variants shuffled per block, so that they share the machine's
+    load of the moment.  New apps each round: an app object's place in
+    memory biases its timings for as long as it lives (two identical floor
+    apps built once differed by up to 4.6 us per request under FastAPI), and
+    building them anew turns that bias into noise the medians average out.
     """
-    for run in runners.values():
-        run(max(n // 5, 20))  # warm up
-    samples: Samples = {k: [] for k in runners}
-    names = list(runners)
-    for i in range(rounds):
-        order = names[i % len(names) :] + names[: i % len(names)]
-        if i % 2:
-            order.reverse()
-        for name in order:
-            c, w = runners[name](n)
-            samples[name].append((c / n, w / n))
+    rng = random.Random(seed)
+    samples: Samples = {}
+    for _ in range(rounds):
+        runners = build()
+        for run in runners.values():
+            run(max(n // 5, 10))  # warm up: caches, remembered resolutions
+        names = list(runners)
+        timed: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+        for start in range(0, n, block):
+            rng.shuffle(names)
+            for name in names:
+                timed[name] += runners[name](min(block, n - start))
+        for name, each in timed.items():
+            cpu = stat([c for c, _ in each])
+            wall = stat([w for _, w in each])
+            samples.setdefault(name, []).append((cpu, wall))
     return samples
 
 
@@ -369,30 +420,33 @@ def report(title: str, results: dict[str, Samples], column: int) -> None:
             print(row(r, label, "bare", "floor-dependency", "deepsec-dependency", column))
 
 
-def run_all(path: str, n: int, rounds: int, loop: asyncio.AbstractEventLoop) -> dict[str, Samples]:
+def run_all(
+    path: str,
+    n: int,
+    rounds: int,
+    loop: asyncio.AbstractEventLoop,
+    *,
+    block: int,
+    stat: Callable[[list[float]], float],
+) -> dict[str, Samples]:
+    each = block < n  # interleaved blocks: per-request times (else one batch each)
+
+    def wsgi(apps: Callable[[], dict[str, Any]], path: str) -> Callable[[], dict[str, Runner]]:
+        return lambda: {k: wsgi_runner(a, path, each) for k, a in apps().items()}
+
+    def asgi(apps: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Runner]]:
+        return lambda: {k: asgi_runner(a, loop, path, each) for k, a in apps().items()}
+
+    def run(build: Callable[[], dict[str, Runner]]) -> Samples:
+        return measure(build, n, rounds, block=block, stat=stat)
+
     results: dict[str, Samples] = {}
-    apps = FRAMEWORKS["flask"]
-    results["Flask (DeepSec)"] = measure(
-        {k: wsgi_runner(a, path) for k, a in apps.items()}, n, rounds
-    )
-    if FRAMEWORKS.get("django") is not None:
-        apps = FRAMEWORKS["django"]
-        dpath = path.rstrip("/") or "/"
-        results["Django (middleware)"] = measure(
-            {k: wsgi_runner(a, dpath) for k, a in apps.items()}, n, rounds
-        )
-    apps = FRAMEWORKS["starlette"]
-    results["Starlette (ASGI middleware)"] = measure(
-        {k: asgi_runner(a, loop, path) for k, a in apps.items()}, n, rounds
-    )
-    apps = FRAMEWORKS["fastapi"]
-    results["FastAPI (ASGI middleware)"] = measure(
-        {k: asgi_runner(a, loop, path) for k, a in apps.items()}, n, rounds
-    )
+    results["Flask (DeepSec)"] = run(wsgi(flask_apps, path))
+    if DJANGO:
+        results["Django (middleware)"] = run(wsgi(django_apps, path.rstrip("/") or "/"))
+    results["Starlette (ASGI middleware)"] = run(asgi(starlette_apps))
+    results["FastAPI (ASGI middleware)"] = run(asgi(fastapi_apps))
     return results
-
-
-FRAMEWORKS: dict[str, Any] = {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,22 +454,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=300, help="requests per round")
     parser.add_argument("--rounds", type=int, default=31, help="interleaved rounds")
     parser.add_argument("--db-requests", type=int, default=50, help="requests per round (db)")
+    parser.add_argument("--block", type=int, default=10, help="requests per app in a row (db)")
     parser.add_argument("--no-db", action="store_true", help="skip the wire-server table")
     args = parser.parse_args(argv)
 
     import logging
 
     logging.disable(logging.WARNING)
-    FRAMEWORKS.update(
-        flask=flask_apps(),
-        django=django_apps(),
-        starlette=starlette_apps(),
-        fastapi=fastapi_apps(),
-    )
+    DJANGO.extend([True] if django_setup() else [])
     loop = asyncio.new_event_loop()
     try:
         print(f"python {sys.version.split()[0]}, {args.rounds} rounds")
-        results = run_all("/", args.requests, args.rounds, loop)
+        # Table 1: the mean CPU per request (a garbage collection or cache
+        # miss a variant causes is its cost), whole rounds per variant.
+        mean = statistics.fmean
+        results = run_all("/", args.requests, args.rounds, loop, block=args.requests, stat=mean)
         report("Table 1: no database", results, 0)
         if not args.no_db:
             import oracledb
@@ -434,7 +487,17 @@ def main(argv: list[str] | None = None) -> int:
 
                 POOLS.aio = loop.run_until_complete(make_async_pool())
                 try:
-                    results = run_all("/db", args.db_requests, args.rounds, loop)
+                    # Table 2: the median request, variants interleaved in
+                    # short blocks: a round trip's latency jitters by tens of
+                    # microseconds, so a mean would be the jitter's.
+                    results = run_all(
+                        "/db",
+                        args.db_requests,
+                        args.rounds,
+                        loop,
+                        block=args.block,
+                        stat=statistics.median,
+                    )
                 finally:
                     loop.run_until_complete(POOLS.aio.close(force=True))
                     POOLS.sync.close(force=True)
