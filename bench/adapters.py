@@ -1,27 +1,29 @@
 """Adapter cost: bare app vs hand-written floor vs deepsec, per framework.
 
-Run ``python bench/adapters.py [--requests N] [--rounds R] [--no-db]``.
+Run ``python bench/adapters.py [--requests N] [--rounds R] [--block B] [--no-db]``.
 
 Each WSGI/ASGI app is called in process with a request carrying an end-user
 bearer token and two unrelated cookies, so every adapter does its full work.
 Three apps per framework: **bare** (no identity handling), **floor** (the
 adapter a competent developer writes by hand, ``bench/floors.py``: read the
-header or cookie, set a contextvar, reset it) and **deepsec**.  All variants
-of a framework run interleaved in each round (order rotating) and the figure
-is the median CPU time per request (``time.process_time``: other load on the
-machine does not count).  Targets (issue 9): deepsec adds at most 1.5x what
-the floor adds over bare; the FastAPI dependency at most 5 us above a
-minimal ``async def`` dependency without ``yield``.  Each framework also
-runs a second, identical floor app: "floor adds" is the mean of the two
-copies', and their difference (the last column) is the run's noise, which
-for floors adding 2-5 us is as large as the margin the verdict turns on.
+header or cookie, set a contextvar, reset it) and **deepsec**.  Every round
+builds every app anew and runs all variants of a framework interleaved; the
+figures are medians over rounds, deltas paired within a round.  Targets
+(issue 9): deepsec adds at most 1.5x what the floor adds over bare; the
+FastAPI dependency at most 5 us above a minimal ``async def`` dependency
+without ``yield``.  Each framework also runs a second, identical floor app:
+"floor adds" is the mean of the two copies', and their difference (the last
+column) is the run's noise.
 
-Table 2 repeats it with an endpoint that runs one ``select 1`` through a
-pool (python-oracledb thin, TCPS) to the wire test server in its own process
-(``bench/_wire.py``), reporting wall-clock time per request as well: the
-adapter's share of a realistic request.  The pool is the same plain pool for
-all three apps, so the table isolates the adapter (the driver hook's cost is
-``bench/hook.py``'s subject).
+Table 1 (hello-world endpoints): the mean CPU time per request of a batch of
+``--requests`` per variant and round.  Table 2 repeats it with an endpoint
+that runs one ``select 1`` through a pool (python-oracledb thin, TCPS) to the
+wire test server in its own process (``bench/_wire.py``): each request timed
+on its own, variants interleaved in blocks of ``--block`` (order shuffled per
+block), the median request per round; CPU and wall-clock time.  The pool is
+the same plain pool for all apps, so the table isolates the adapter's share
+of a realistic request (the driver hook's cost is ``bench/hook.py``'s
+subject).
 """
 
 from __future__ import annotations
