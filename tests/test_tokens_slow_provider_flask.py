@@ -71,7 +71,7 @@ def test_anonymous_requests_are_answered_while_the_provider_drips(
 ) -> None:
     # The warm-up user is none of the users below: for up to a second after a
     # round trip, the hook reuses the context it built for that user without
-    # asking the token cache (hook._RECHECK_INTERVAL), so a loop user who had
+    # asking the token cache (deepsec._round_trip._RECHECK_INTERVAL), so a loop user who had
     # warmed up could get a 200 with the dropped token if the loop started
     # quickly.  The names are this test's own, for the same reason.
     warm_user = idp.issue_user_token("slow-provider-warm-up")
