@@ -1,6 +1,7 @@
 """Adapter cost: bare app vs hand-written floor vs deepsec, per framework.
 
-Run ``python bench/adapters.py [--requests N] [--rounds R] [--block B] [--no-db]``.
+Run ``python bench/adapters.py [--requests N] [--rounds R] [--db-requests N] [--block B]
+[--no-db]``.
 
 Each WSGI/ASGI app is called in process with a request carrying an end-user
 bearer token and two unrelated cookies, so every adapter does its full work.
@@ -431,7 +432,7 @@ def run_all(
     block: int,
     stat: Callable[[list[float]], float],
 ) -> dict[str, Samples]:
-    each = block < n  # interleaved blocks: per-request times (else one batch each)
+    each = stat is not statistics.fmean  # a median needs each request's time
 
     def wsgi(apps: Callable[[], dict[str, Any]], path: str) -> Callable[[], dict[str, Runner]]:
         return lambda: {k: wsgi_runner(a, path, each) for k, a in apps().items()}

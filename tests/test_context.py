@@ -444,8 +444,28 @@ def test_new_activation_sets_every_field_and_activation_has_no_other_constructor
         assert (_current.get() is activation) is current
         activation.end()
         assert not activation.active and _current.get() is not activation
-    with pytest.raises(TypeError):
-        Activation(ctx)  # type: ignore[call-arg]
+    for call in (lambda: Activation(ctx), Activation):  # with or without arguments
+        with pytest.raises(TypeError, match="new_activation"):
+            call()  # type: ignore[operator]
+
+
+def test_a_lease_class_whose_init_new_activation_would_skip_is_refused():
+    """new_activation() never runs __init__: a subclass defining one is refused when
+    the class is made, and end_user (made by its own __init__) is refused by it."""
+    from deepsec.context import Activation, _current, new_activation
+
+    with pytest.raises(TypeError, match="defines __init__"):
+
+        class _Lease(Activation):
+            __slots__ = ("extra",)
+
+            def __init__(self) -> None:
+                self.extra = 1
+
+    before = _current.get()
+    with pytest.raises(TypeError, match="end_user"):
+        new_activation(deepsec.EndUserContext("tok.refused"), deepsec.end_user)
+    assert _current.get() is before  # nothing was made current
 
 
 def test_a_new_end_user_object_has_every_field_of_activation():

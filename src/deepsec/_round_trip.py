@@ -5,7 +5,7 @@ object (on connect and on every pool acquire); python-oracledb calls its
 :meth:`~ConnectionBinding.round_trip` before each round trip, inside the
 connection's lock and in the thread or task that issued it.  It attaches,
 switches or clears the end-user security context so that the round trip
-carries exactly the current end user (see ``docs/architecture.md``).
+carries exactly the current end user (see :mod:`deepsec.hook` for how it is bound).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
-from typing import Any, Final, TypeVar, overload
+from typing import Any, ClassVar, Final, TypeVar, overload
 
 from ._validation import MAX_IDENTITY_LENGTH as MAX_IDENTITY_LENGTH  # (importable here as before)
 from ._validation import (
@@ -57,6 +57,7 @@ __all__ = [
     "get_end_user_attributes",
     "get_end_user_data_roles",
     "get_end_user_identity",
+    "new_activation",
     "restore_point",
     "set_end_user_attributes",
     "set_end_user_data_roles",
@@ -251,10 +252,26 @@ class Activation:
     _children: list[Activation] | None
     _token: contextvars.Token[Activation] | None
 
-    # No __init__: :func:`new_activation` is the one place an activation's
-    # fields are set.  Adapters make one per request, and a class call
-    # running a Python ``__init__`` costs about a third more than that
-    # function call (the interpreter cannot inline a call made from C).
+    #: Whether the class is built by its own ``__init__`` (:class:`end_user`,
+    #: whose objects start inactive) rather than by :func:`new_activation`.
+    _own_init: ClassVar[bool] = False
+
+    # :func:`new_activation` is the one constructor: it sets the fields
+    # without running ``__init__``.  Adapters make one per request, and a
+    # class call running a Python ``__init__`` costs about a third more than
+    # that function call (the interpreter cannot inline a call made from C).
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("make an Activation with deepsec.context.new_activation()")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # new_activation() would skip a subclass's own __init__, and fields it
+        # set would be missing when the lease ends: refuse it at class creation.
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__ and not cls._own_init:
+            raise TypeError(
+                f"{cls.__name__} defines __init__, which new_activation() never runs; "
+                "set its fields after new_activation(context, cls) instead"
+            )
 
     def end(self) -> None:
         """End the identity everywhere and restore the previous context.
@@ -290,22 +307,25 @@ class Activation:
         return f"<deepsec Activation {'active' if self.active else 'ended'}>"
 
 
-A = TypeVar("A", bound=Activation)
+_A = TypeVar("_A", bound=Activation)
 _new = object.__new__
 
 
 @overload
 def new_activation(context: EndUserContext, *, current: bool = True) -> Activation: ...
 @overload
-def new_activation(context: EndUserContext, cls: type[A], *, current: bool = True) -> A: ...
+def new_activation(context: EndUserContext, cls: type[_A], *, current: bool = True) -> _A: ...
 def new_activation(
     context: EndUserContext, cls: type[Activation] = Activation, *, current: bool = True
 ) -> Activation:
     """A new activation of ``context`` (of class ``cls``), made current unless ``current=False``.
 
     The one constructor of :class:`Activation` and its subclasses but
-    :class:`end_user`, whose objects start inactive.
+    :class:`end_user`, whose objects start inactive (refused here: its own
+    ``__init__`` sets fields this does not).  ``__init__`` is not run.
     """
+    if cls._own_init:
+        raise TypeError(f"{cls.__name__} objects are made by calling {cls.__name__}(...)")
     activation = _new(cls)
     activation.context = context
     activation.active = True
@@ -462,6 +482,8 @@ class end_user(Activation):  # a class used like a function: ``with deepsec.end_
     """
 
     __slots__ = ("_again", "_used")
+
+    _own_init = True  # (its __init__ sets every field; it starts inactive)
 
     def __init__(
         self,

@@ -112,7 +112,8 @@ def start(
     ``max_size`` are; anything malformed goes through ``resolve`` and warns
     every time).  ``lease``: the :class:`~deepsec.context.Activation`
     subclass to activate with (an adapter may keep its per-request state in
-    the same object).
+    the same object); it is made by :func:`~deepsec.context.new_activation`,
+    which runs no ``__init__``.
     """
     hit = None
     if settings._cacheable:
