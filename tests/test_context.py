@@ -368,7 +368,7 @@ def test_a_reused_end_user_object_does_not_revive_its_first_blocks_copies():
 
 
 def test_equal_tokens_share_one_validated_context_and_the_memo_is_bounded(monkeypatch):
-    from deepsec import context as context_module
+    from deepsec import _end_user_context as context_module
 
     monkeypatch.setattr(context_module, "_TOKEN_CONTEXTS_KEPT", 3)
     context_module.forget_token_contexts()
@@ -397,7 +397,7 @@ def test_equal_tokens_share_one_validated_context_and_the_memo_is_bounded(monkey
 
 def test_a_str_subclass_token_is_never_looked_up_in_the_memo():
     """A subclass could answer == (and hash) like another user's token."""
-    from deepsec import context as context_module
+    from deepsec import _end_user_context as context_module
 
     victim = deepsec.end_user("tok.victim.x").context
 
