@@ -25,7 +25,7 @@ from typing import Any, ClassVar, TypeVar, overload
 from ._end_user_context import _EMPTY as _EMPTY
 from ._end_user_context import APPLICATION as APPLICATION
 from ._end_user_context import EndUserContext as EndUserContext
-from ._end_user_context import _token_contexts, context_for_token
+from ._end_user_context import context_for_token
 from ._end_user_context import forget_token_contexts as forget_token_contexts
 from ._validation import MAX_IDENTITY_LENGTH as MAX_IDENTITY_LENGTH
 from ._validation import Identity as Identity
@@ -310,9 +310,7 @@ class end_user(Activation):  # a class used like a function: ``with deepsec.end_
         attributes: Mapping[str, Any] | None = None,
     ) -> None:
         if data_roles is None and attributes is None and type(identity) is str:
-            # A repeat token is one dict lookup (context_for_token's first step).
-            context = _token_contexts.get(identity)
-            self.context = context if context is not None else context_for_token(identity)
+            self.context = context_for_token(identity)  # (a repeat token: one dict lookup)
         else:
             self.context = EndUserContext(identity, data_roles, attributes)
         self.active = False  # (not current until the block is entered)

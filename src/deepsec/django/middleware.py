@@ -32,7 +32,6 @@ from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from ..context import EndUserContext, activate
 from ..lifecycle import answer, begin, start
 from ..web import Rejection, Resolution, WebSettings, resolve
-from . import conf as _conf
 from .conf import get_settings
 
 __all__ = ["EndUserSecMiddleware", "rejection_response"]
@@ -207,7 +206,7 @@ class EndUserSecMiddleware:
         # elsewhere.  (_resolve() inlined: this is the per-request hot path.)
         meta = request.META
         outcome = start(
-            _conf._cache or get_settings(),  # (the parsed settings, without a call)
+            get_settings(),
             request,
             cookie_header=meta.get("HTTP_COOKIE"),
             authorization=meta.get("HTTP_AUTHORIZATION"),
