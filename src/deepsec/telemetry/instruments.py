@@ -209,18 +209,19 @@ class _ChangeObserver:
         return True
 
     def stop(self) -> None:
-        since = self.since
-        if since is not None:
+        if self.since is not None:
+            self.done = self._counts()
             self.since = None
-            self.done = [
-                d + n - s for d, n, s in zip(self.done, context_changes, since, strict=True)
-            ]
+
+    def _counts(self) -> list[int]:
+        """The changes this provider recorded so far, by action."""
+        since = self.since
+        if since is None:
+            return list(self.done)
+        return [d + n - s for d, n, s in zip(self.done, context_changes, since, strict=True)]
 
     def __call__(self, options: Any) -> list[Any]:
-        since = self.since
-        counts = list(self.done)
-        if since is not None:
-            counts = [d + n - s for d, n, s in zip(counts, context_changes, since, strict=True)]
+        counts = self._counts()
         return [
             self.observation(n, _ACTION_ATTRS[a])
             for a, n in zip(_ACTIONS, counts, strict=True)
