@@ -352,7 +352,7 @@ def test_redis_killed_mid_run_no_request_fails_and_it_comes_back(
     stop.set()
     for t in threads:
         t.join()
-    assert errors == []
+    assert errors == [], [repr(e.__cause__) for e in errors[:3]]  # (why, if it ever fails)
     assert during > 20  # requests went on while Redis was down
     warnings = [
         r for r in caplog.records if r.levelno == logging.WARNING and "unavailable" in r.message
@@ -651,6 +651,23 @@ def test_breaker_doubles_its_pause_only_on_a_failed_probe() -> None:
     assert breaker.admit() == 2 and breaker.admit() == 0  # one probe, the others skip
     breaker.failure(OSError(), probe=True)
     assert BREAKER_FIRST < breaker._open_until - time.monotonic() <= 2 * BREAKER_FIRST + 0.05
+
+
+def test_breaker_is_closed_by_its_probe_not_by_a_late_success() -> None:
+    # A call sent before Redis died can succeed after another call's failure
+    # opened the breaker: closing on that would announce a second outage at
+    # the next failure (one WARNING per outage).
+    breaker = CircuitBreaker("redis://h/0")
+    assert breaker.failure(OSError()) is True
+    breaker.success()  # in flight when it opened
+    assert not breaker.closed
+    assert breaker.failure(OSError()) is False and breaker.outages == 1
+    breaker._open_until = time.monotonic()  # the pause is over
+    assert breaker.admit() == 2  # this call probes
+    breaker.success(probe=True)
+    assert breaker.closed
+    breaker.success()  # closed: nothing to do
+    assert breaker.closed and breaker.outages == 1
 
 
 def test_asyncio_run_many_times_leaks_no_redis_client(

@@ -30,7 +30,10 @@ class CircuitBreaker:
     then one caller probes while the others still skip.  A failed probe
     doubles the pause (up to :data:`BREAKER_MAX`); calls that were already in
     flight when it opened do not (a burst of them would otherwise push the
-    next probe out to the maximum at once).  A success closes it.
+    next probe out to the maximum at once).  The probe's success closes it;
+    so does any success while it is closed, but not the late success of a
+    call sent before it opened: that says nothing of Redis now, and closing
+    on it would log a second outage when the next call fails.
 
     ``problem`` and ``fixed`` are the log messages (``%s``: where, then the
     exception's type name), so one class serves "unreachable" and "refuses
@@ -75,12 +78,12 @@ class CircuitBreaker:
         """Whether this call may use Redis (cheap when closed)."""
         return self.admit() != DENY
 
-    def success(self) -> None:
-        """A Redis call worked."""
+    def success(self, probe: bool = False) -> None:
+        """A Redis call worked; ``probe``: it was this breaker's probe (see :meth:`admit`)."""
         if self._open_until == 0.0:
             return
         with self._lock:
-            if self._open_until == 0.0:
+            if self._open_until == 0.0 or not (probe and self._probing):
                 return
             self._open_until = 0.0
             self._pause = BREAKER_FIRST

@@ -139,9 +139,9 @@ class RedisL2:
             result = fn(*args, **kwargs)
         except self._refused as exc:
             if cleanup:
-                self.breaker.success()
+                self.breaker.success(reached == PROBE)
             elif write:  # Redis answered: reachable, but it refuses writes
-                self.breaker.success()
+                self.breaker.success(reached == PROBE)
                 self.writes.failure(exc, wrote == PROBE)
             else:  # a read refused (ACL): Redis is of no use until that changes
                 self.breaker.failure(exc, reached == PROBE)
@@ -157,9 +157,9 @@ class RedisL2:
             self.breaker.abandon()
             self.writes.abandon()
             raise
-        self.breaker.success()
+        self.breaker.success(reached == PROBE)
         if write:
-            self.writes.success()
+            self.writes.success(wrote == PROBE)
         return result
 
     def _get_with_ttl(self, name: str) -> tuple[Any, int]:
