@@ -364,13 +364,7 @@ def _start_in_full(
     ``remembered`` is where the adapter looks (:func:`_remembered_by_bytes`).
     """
     cookie_header, authorization = _identity_headers(raw_headers)
-    outcome = start(
-        settings,
-        request,
-        cookie_header=cookie_header,
-        authorization=authorization,
-        lease=lease_class,
-    )
+    outcome = start(settings, request, cookie_header, authorization, lease_class)
     if isinstance(outcome, Rejection):
         return outcome, None
     if raw is not None and remembered is settings._resolved:

@@ -169,8 +169,8 @@ def _before_request() -> Response | None:
     outcome = start(
         _state().settings,
         request._get_current_object(),  # type: ignore[attr-defined]
-        cookie_header=environ.get("HTTP_COOKIE"),
-        authorization=environ.get("HTTP_AUTHORIZATION"),
+        environ.get("HTTP_COOKIE"),  # (positional: see lifecycle.start)
+        environ.get("HTTP_AUTHORIZATION"),
     )
     if isinstance(outcome, Rejection):
         # Still activate "no end user": the request must not inherit whatever

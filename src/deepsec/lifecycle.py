@@ -99,14 +99,15 @@ Lease = TypeVar("Lease", bound=Activation)
 def start(
     settings: WebSettings,
     request: Any,
-    *,
     cookie_header: Headers,
     authorization: Headers,
     lease: type[Lease] = Activation,  # type: ignore[assignment]
 ) -> Lease | Rejection:
     """Resolve and activate one request's end user (:func:`begin` of :func:`resolve`).
 
-    The hot path of every adapter, hence inlined: a repeat of earlier raw
+    The hot path of every adapter, hence inlined, and its arguments
+    positional (a call with keywords, or one that leaves a keyword-only default,
+    costs CPython 3.11 a slower frame set-up): a repeat of earlier raw
     header values (the common request) is one dict lookup in the resolutions
     :func:`~deepsec.web.resolve` remembered (only valid inputs within
     ``max_size`` are; anything malformed goes through ``resolve`` and warns
@@ -145,7 +146,7 @@ async def start_async(
     settings: WebSettings, request: Any, *, cookie_header: Headers, authorization: Headers
 ) -> Activation | Rejection:
     """:func:`start`, then :func:`fetch_tokens` when :func:`needs_tokens`."""
-    outcome = start(settings, request, cookie_header=cookie_header, authorization=authorization)
+    outcome = start(settings, request, cookie_header, authorization)
     if isinstance(outcome, Activation) and needs_tokens(outcome):
         return await fetch_tokens(outcome, settings)
     return outcome
