@@ -352,7 +352,7 @@ def test_redis_killed_mid_run_no_request_fails_and_it_comes_back(
     stop.set()
     for t in threads:
         t.join()
-    assert errors == [], [repr(e.__cause__) for e in errors[:3]]  # (why, if it ever fails)
+    assert errors == [], [(repr(e), repr(e.__cause__)) for e in errors[:3]]  # (why, if it fails)
     assert during > 20  # requests went on while Redis was down
     warnings = [
         r for r in caplog.records if r.levelno == logging.WARNING and "unavailable" in r.message
@@ -668,6 +668,58 @@ def test_breaker_is_closed_by_its_probe_not_by_a_late_success() -> None:
     assert breaker.closed
     breaker.success()  # closed: nothing to do
     assert breaker.closed and breaker.outages == 1
+
+
+def _unreached_l2() -> Any:
+    # Nothing connects until a command is sent; the tests below send none
+    # through redis-py, only through RedisL2._call with their own functions.
+    from deepsec.tokens._redis_l2 import RedisL2
+
+    return RedisL2("redis://127.0.0.1:1/0", Sealer(b"k" * 32), lock_ttl=1.0)
+
+
+def test_breaker_through_calls_a_late_call_dying_leaves_the_probe_its_turn() -> None:
+    from deepsec.tokens._redis_l2 import _L2Down
+
+    l2 = _unreached_l2()
+
+    class Killed(BaseException):
+        pass
+
+    def sent_before_the_outage() -> None:
+        # While this call is out, another one fails and the pause passes; a
+        # third one is the probe.
+        l2.breaker.failure(OSError())
+        l2.breaker._open_until = time.monotonic()
+        assert l2.breaker.admit() == 2
+        raise Killed
+
+    with pytest.raises(Killed):
+        l2._call(sent_before_the_outage)
+    assert l2.breaker._probing  # still the probe's turn
+    l2.breaker.success(probe=True)
+    assert l2.breaker.closed
+
+    # A probe that dies gives its turn back: the next call probes.
+    l2.breaker.failure(OSError())
+    l2.breaker._open_until = time.monotonic()
+
+    def dies() -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        l2._call(dies)
+    assert not l2.breaker._probing and l2.breaker.admit() == 2
+
+    # A refused write that was the main breaker's probe closes it: Redis answered.
+    l2.breaker.abandon()
+
+    def refused() -> None:
+        raise redis_py.ResponseError("OOM command not allowed")
+
+    with pytest.raises(_L2Down):
+        l2._call(refused, write=True)
+    assert l2.breaker.closed and not l2.writes.closed
 
 
 def test_asyncio_run_many_times_leaks_no_redis_client(

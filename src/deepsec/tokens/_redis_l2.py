@@ -154,8 +154,13 @@ class RedisL2:
             # A timed-out command may still have run.
             raise _L2Down(isinstance(exc, self._timeouts)) from None
         except BaseException:
-            self.breaker.abandon()
-            self.writes.abandon()
+            # Only the probe gives its turn back: a call sent before the
+            # breaker opened holds no turn, and clearing the probe's would
+            # make the breaker ignore the probe's answer.
+            if reached == PROBE:
+                self.breaker.abandon()
+            if wrote == PROBE:
+                self.writes.abandon()
             raise
         self.breaker.success(reached == PROBE)
         if write:
