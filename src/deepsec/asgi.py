@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 
 from ._identity_parse import COOKIE_JOIN, cookie_pairs
 from .context import _EMPTY, EndUserContext, new_activation
-from .lifecycle import TOKEN_CONFIGS, RequestLease, answer, fetch_tokens, start
+from .lifecycle import TOKEN_CONFIGS, RequestLease, _start, answer, fetch_tokens
 from .web import Rejection, WebSettings, remember_alias
 
 __all__ = ["SCOPE_KEY", "ASGIConnection", "EndUserSecMiddleware"]
@@ -364,7 +364,7 @@ def _start_in_full(
     ``remembered`` is where the adapter looks (:func:`_remembered_by_bytes`).
     """
     cookie_header, authorization = _identity_headers(raw_headers)
-    outcome = start(settings, request, cookie_header, authorization, lease_class)
+    outcome = _start(settings, request, cookie_header, authorization, lease_class)
     if isinstance(outcome, Rejection):
         return outcome, None
     if raw is not None and remembered is settings._resolved:

@@ -46,7 +46,7 @@ from werkzeug.local import LocalProxy
 from . import context as _context
 from .context import EndUserContext, activate, current_context
 from .errors import ConfigError, DeepSecError
-from .lifecycle import answer, start
+from .lifecycle import _start, answer
 from .web import Rejection, WebSettings
 
 __all__ = ["CONFIG_PREFIX", "DeepSec", "DeepSecState", "current_end_user"]
@@ -166,10 +166,10 @@ def _before_request() -> Response | None:
     environ = request.environ
     # The raw header values: web.resolve applies the one rule for repeats,
     # encodings and quoting (werkzeug's cookie parser would drop ["bob", null]).
-    outcome = start(
+    outcome = _start(
         _state().settings,
         request._get_current_object(),  # type: ignore[attr-defined]
-        environ.get("HTTP_COOKIE"),  # (positional: see lifecycle.start)
+        environ.get("HTTP_COOKIE"),  # (cookie, then authorization)
         environ.get("HTTP_AUTHORIZATION"),
     )
     if isinstance(outcome, Rejection):

@@ -99,22 +99,38 @@ Lease = TypeVar("Lease", bound=Activation)
 def start(
     settings: WebSettings,
     request: Any,
+    *,
     cookie_header: Headers,
     authorization: Headers,
     lease: type[Lease] = Activation,  # type: ignore[assignment]
 ) -> Lease | Rejection:
     """Resolve and activate one request's end user (:func:`begin` of :func:`resolve`).
 
-    The hot path of every adapter, hence inlined, and its arguments
-    positional (a call with keywords, or one that leaves a keyword-only default,
-    costs CPython 3.11 a slower frame set-up): a repeat of earlier raw
-    header values (the common request) is one dict lookup in the resolutions
-    :func:`~deepsec.web.resolve` remembered (only valid inputs within
-    ``max_size`` are; anything malformed goes through ``resolve`` and warns
-    every time).  ``lease``: the :class:`~deepsec.context.Activation`
-    subclass to activate with (an adapter may keep its per-request state in
-    the same object); it is made by :func:`~deepsec.context.new_activation`,
-    which runs no ``__init__``.
+    A repeat of earlier raw header values (the common request) is one dict
+    lookup in the resolutions :func:`~deepsec.web.resolve` remembered (only
+    valid inputs within ``max_size`` are; anything malformed goes through
+    ``resolve`` and warns every time).  ``lease``: the
+    :class:`~deepsec.context.Activation` subclass to activate with (an
+    adapter may keep its per-request state in the same object); it is made
+    by :func:`~deepsec.context.new_activation`, which runs no ``__init__``.
+    The two header values are keyword-only: swapped, they would name
+    another end user without any error.
+    """
+    return _start(settings, request, cookie_header, authorization, lease)
+
+
+def _start(
+    settings: WebSettings,
+    request: Any,
+    cookie_header: Headers,
+    authorization: Headers,
+    lease: type[Lease] = Activation,  # type: ignore[assignment]
+) -> Lease | Rejection:
+    """:func:`start` for deepsec's adapters, which call it on every request.
+
+    Positional, because CPython 3.11 sets up the frame of a call that passes
+    keywords, or leaves a keyword-only default, more slowly (about 700
+    instructions a Django request).  The hot path, hence inlined.
     """
     hit = None
     if settings._cacheable:
@@ -146,7 +162,7 @@ async def start_async(
     settings: WebSettings, request: Any, *, cookie_header: Headers, authorization: Headers
 ) -> Activation | Rejection:
     """:func:`start`, then :func:`fetch_tokens` when :func:`needs_tokens`."""
-    outcome = start(settings, request, cookie_header, authorization)
+    outcome = _start(settings, request, cookie_header, authorization)
     if isinstance(outcome, Activation) and needs_tokens(outcome):
         return await fetch_tokens(outcome, settings)
     return outcome

@@ -30,7 +30,7 @@ from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
 from ..context import EndUserContext, activate
-from ..lifecycle import answer, begin, start
+from ..lifecycle import _start, answer, begin
 from ..web import Rejection, Resolution, WebSettings, resolve
 from .conf import get_settings
 
@@ -204,10 +204,10 @@ def EndUserSecMiddleware(
                 outcome = begin(resolution, settings)
             else:
                 meta = request.META
-                outcome = start(
+                outcome = _start(
                     settings,
                     request,
-                    meta.get("HTTP_COOKIE"),  # (positional: see lifecycle.start)
+                    meta.get("HTTP_COOKIE"),  # (cookie, then authorization)
                     meta.get("HTTP_AUTHORIZATION"),
                 )
             if isinstance(outcome, Rejection):
@@ -230,10 +230,10 @@ def EndUserSecMiddleware(
             # cookies its own way, so the same bytes would name another end
             # user than elsewhere.  (_resolve() inlined: the per-request hot path.)
             meta = request.META
-            outcome = start(
+            outcome = _start(
                 get_settings(),
                 request,
-                meta.get("HTTP_COOKIE"),  # (positional: see lifecycle.start)
+                meta.get("HTTP_COOKIE"),  # (cookie, then authorization)
                 meta.get("HTTP_AUTHORIZATION"),
             )
             if isinstance(outcome, Rejection):
