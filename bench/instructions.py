@@ -1,0 +1,171 @@
+"""Adapter cost in machine instructions per request: counted, where CPU time is timed.
+
+Run ``python bench/instructions.py [--requests N] [--layouts L]`` (needs
+Valgrind: ``apt-get install valgrind``; about five minutes on two cores).
+
+``bench/adapters.py`` times the adapters, and on a shared machine two
+identical apps can differ by half a microsecond per request.  This counts
+instead: every app of ``bench/adapters.py`` (bare, hand-written floor,
+deepsec; the same request) runs in a process of its own under Valgrind's
+cachegrind, once with a warm-up only and once with ``N`` more requests; the
+difference of the two counts divided by ``N`` is what one request costs
+(start-up, imports and warm-up cancel out).  The machine's load does not
+change a count: one process run twice agrees to the instruction.
+
+What does change it is the process's layout.  CPython looks type attributes
+up through a small cache whose slots depend on the order types were created
+in, so one more class imported anywhere moves a Django request by up to
+1.5k instructions, in every variant and not alike.  Each child therefore
+first creates ``0 .. L-1`` throwaway types (``L`` layouts), the variants of
+one layout are compared with each other, and the figures are medians over
+the layouts.  Not the issue-9 target (CPU time): an instruction that misses
+the CPU caches costs more than one that does not.  Read it as the share of
+the work, and as the tool to judge a change the timing bench cannot resolve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import adapters
+
+#: (row label, framework, bare, floor, deepsec): the variants of ``adapters``.
+ROWS = [
+    ("Flask (DeepSec)", "flask", "bare", "floor", "deepsec"),
+    ("Django (middleware)", "django", "bare", "floor", "deepsec"),
+    ("Starlette (ASGI middleware)", "starlette", "bare", "floor", "deepsec"),
+    ("FastAPI (ASGI middleware)", "fastapi", "bare", "floor", "deepsec"),
+    ("FastAPI (dependency)", "fastapi", "bare", "floor-dependency", "deepsec-dependency"),
+]
+WARM_UP = 300
+
+
+def serve(framework: str, variant: str, requests: int) -> None:
+    """The child process: build the variant's app, warm it up, serve ``requests``."""
+    logging.disable(logging.WARNING)
+    loop = asyncio.new_event_loop()
+    if framework == "flask":
+        run = adapters.wsgi_runner(adapters.flask_apps()[variant], "/", False)
+    elif framework == "django":
+        adapters.django_setup()
+        run = adapters.wsgi_runner(adapters.django_apps()[variant], "/", False)
+    elif framework == "starlette":
+        run = adapters.asgi_runner(adapters.starlette_apps()[variant], loop, "/", False)
+    else:
+        run = adapters.asgi_runner(adapters.fastapi_apps()[variant], loop, "/", False)
+    run(WARM_UP)
+    # What the app built and the warm-up left is long-lived: frozen, a full
+    # collection does not scan it, so the two runs (with and without
+    # ``requests``) differ by what the requests cost and by nothing else.
+    gc.collect()
+    gc.freeze()
+    if requests:
+        run(requests)
+
+
+def _shift_layout(types: int) -> None:
+    """Create and look up ``types`` throwaway types: later types get other cache slots."""
+    for i in range(types):
+        getattr(type(f"Layout{i}", (), {}), "attribute", None)
+
+
+def instructions(framework: str, variant: str, requests: int, layout: int) -> int:
+    """Instructions the whole child process executes (Valgrind's "I refs")."""
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    done = subprocess.run(
+        [
+            "valgrind",
+            "--tool=cachegrind",
+            "--cache-sim=no",
+            "--cachegrind-out-file=/dev/null",
+            sys.executable,
+            __file__,
+            "--serve",
+            framework,
+            variant,
+            str(requests),
+            str(layout),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise SystemExit(f"{framework} {variant}: the child failed\n{done.stderr[-2000:]}")
+    return int(found.group(1).replace(",", ""))
+
+
+def per_request(framework: str, variant: str, requests: int, layout: int) -> float:
+    """Instructions one request costs in one layout: the difference of two runs."""
+    served = instructions(framework, variant, requests, layout)
+    return (served - instructions(framework, variant, 0, layout)) / requests
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--requests", type=int, default=1000, help="requests counted per app")
+    parser.add_argument("--layouts", type=int, default=3, help="process layouts per app")
+    parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.layouts < 1:
+        parser.error("--requests and --layouts must be at least 1")
+    if args.serve:
+        framework, variant, n, layout = args.serve
+        _shift_layout(int(layout))
+        serve(framework, variant, int(n))
+        return 0
+    if shutil.which("valgrind") is None:
+        print("bench/instructions.py needs Valgrind: apt-get install valgrind", file=sys.stderr)
+        return 2
+    jobs = sorted(
+        {(row[1], v, layout) for row in ROWS for v in row[2:] for layout in range(args.layouts)}
+    )
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+    try:
+        counts = pool.map(lambda job: per_request(job[0], job[1], args.requests, job[2]), jobs)
+        counted = dict(zip(jobs, counts, strict=True))
+    finally:  # a failed child: report it now, not after every other job ran
+        pool.shutdown(cancel_futures=True)
+    print(
+        f"python {sys.version.split()[0]}, instructions per request "
+        f"({args.requests} counted; medians of {args.layouts} layouts)\n"
+    )
+    print(
+        "| framework | bare | floor | deepsec | floor adds | deepsec adds "
+        "| deepsec adds / floor adds (each layout) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, framework, bare, floor, ours in ROWS:
+        layouts = range(args.layouts)
+        b, f, o = (
+            [counted[framework, v, layout] for layout in layouts] for v in (bare, floor, ours)
+        )
+        floor_adds = [y - x for x, y in zip(b, f, strict=True)]
+        ours_adds = [y - x for x, y in zip(b, o, strict=True)]
+        ratios = ", ".join(f"{y / x:.2f}" for x, y in zip(floor_adds, ours_adds, strict=True))
+        median = statistics.median
+        print(
+            f"| {label} | {median(b):,.0f} | {median(f):,.0f} | {median(o):,.0f} | "
+            f"{median(floor_adds):+,.0f} | {median(ours_adds):+,.0f} | "
+            f"{median(ours_adds) / median(floor_adds):.2f}x ({ratios}) |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
