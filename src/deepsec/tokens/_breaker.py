@@ -74,10 +74,6 @@ class CircuitBreaker:
             self._probing = True
             return PROBE
 
-    def allow(self) -> bool:
-        """Whether this call may use Redis (cheap when closed)."""
-        return self.admit() != DENY
-
     def success(self, probe: bool = False) -> None:
         """A Redis call worked; ``probe``: it was this breaker's probe (see :meth:`admit`)."""
         if self._open_until == 0.0:

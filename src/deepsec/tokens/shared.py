@@ -262,8 +262,7 @@ class SharedTokenCache(TokenCache):
             asyncio.get_running_loop()
         except RuntimeError:
             # Bounded by the socket timeout and skipped while the breaker is
-            # open.  (Not in the background: a late success of an operation
-            # started before an outage would close the breaker again.)
+            # open: a thread can wait for it (only the event loop must not).
             self.l2.delete(digest, rejected)
         else:  # never a blocking Redis call on the event loop
             _background(self.l2.delete, digest, rejected)
