@@ -177,14 +177,6 @@ def current_end_user() -> EndUserContext | None:
     return ctx if ctx.identity is not None else None
 
 
-def _start(context: EndUserContext) -> Activation:
-    return new_activation(context)
-
-
-def _end(activation: Activation) -> None:
-    activation.end()
-
-
 def activate(context: EndUserContext | None) -> Activation:
     """Make ``context`` current; return the :class:`Activation` that ends it.
 
@@ -384,12 +376,12 @@ class as_application:  # a class used like a function: ``with deepsec.as_applica
             raise RuntimeError(
                 "this as_application() object is already in use; create one per block"
             )
-        self._activation = _start(APPLICATION)
+        self._activation = new_activation(APPLICATION)
 
     def __exit__(self, *exc_info: object) -> None:
         activation, self._activation = self._activation, None
         if activation is not None:
-            _end(activation)
+            activation.end()
 
     async def __aenter__(self) -> None:
         self.__enter__()
