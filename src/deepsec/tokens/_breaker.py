@@ -76,10 +76,10 @@ class CircuitBreaker:
 
     def success(self, probe: bool = False) -> None:
         """A Redis call worked; ``probe``: it was this breaker's probe (see :meth:`admit`)."""
-        if self._open_until == 0.0:
-            return
+        if not probe or self._open_until == 0.0:
+            return  # (closed, or a late call's answer: see the class docstring)
         with self._lock:
-            if self._open_until == 0.0 or not (probe and self._probing):
+            if self._open_until == 0.0 or not self._probing:
                 return
             self._open_until = 0.0
             self._pause = BREAKER_FIRST

@@ -138,11 +138,10 @@ class RedisL2:
         try:
             result = fn(*args, **kwargs)
         except self._refused as exc:
-            if cleanup:
+            if cleanup or write:  # Redis answered: reachable
                 self.breaker.success(reached == PROBE)
-            elif write:  # Redis answered: reachable, but it refuses writes
-                self.breaker.success(reached == PROBE)
-                self.writes.failure(exc, wrote == PROBE)
+                if not cleanup:  # but it refuses writes
+                    self.writes.failure(exc, wrote == PROBE)
             else:  # a read refused (ACL): Redis is of no use until that changes
                 self.breaker.failure(exc, reached == PROBE)
             raise _L2Down from None
