@@ -22,7 +22,7 @@ from ._contexts import Prepared, build_from_parts, keep_prepared, prepared_key, 
 from ._contexts import prepared as _prepared
 from .config import EndUserSecConfig
 from .context import _EMPTY as _NO_CONTEXT
-from .context import APPLICATION, EndUserContext, _current
+from .context import APPLICATION, EndUserContext, _current_activation
 from .errors import NoEndUserError, TokenNotReadyError
 from .prefetch import recalled_failure
 from .telemetry.instruments import record_context_change
@@ -32,12 +32,11 @@ from .tokens.cache import jwt_expiry
 if TYPE_CHECKING:
     from .hook import _Binding
 
-__all__ = ["ConnectionBinding", "round_trip_failed"]
+__all__ = ["ConnectionBinding", "bind_connection", "round_trip_failed"]
 
 # Looked up once: these run on every acquire and round trip.
 _monotonic = time.monotonic
 _weakref = weakref.ref
-_new_binding = object.__new__
 _DEBUG = logging.DEBUG
 
 log = logging.getLogger("deepsec")
@@ -87,25 +86,6 @@ class ConnectionBinding:
     #: The app's own round-trip callback, called after ours.
     user_round_trip: Callable[..., Any] | None
 
-    @classmethod
-    def new(
-        cls, binding: _Binding, conn: Any, user_round_trip: Callable[..., Any] | None
-    ) -> ConnectionBinding:
-        """The state for a new Connection object (made on every pool acquire).
-
-        A classmethod, not ``__init__``: a class call runs a Python
-        ``__init__`` from C, which costs about a third more than this plain
-        method call, on every acquire.
-        """
-        self = _new_binding(cls)
-        self.binding = binding
-        self.conn_ref = _weakref(conn)
-        self.context = None
-        self.prepared = None
-        self.cleared = False
-        self.user_round_trip = user_round_trip
-        return self
-
     def round_trip(self, name: str) -> Any:
         """Attach, switch or clear the end-user context before one round trip.
 
@@ -113,9 +93,12 @@ class ConnectionBinding:
         (which watches for a rejected token), or ``None``.
         """
         completion = None
-        conn = self.conn_ref()
+        # (Read into a local, then called: CPython 3.11 does not specialize
+        # calling a slot's value as a method, self.conn_ref().)
+        conn_ref = self.conn_ref
+        conn = conn_ref()
         if conn is not None:
-            activation = _current.get()  # (current_context(), inlined: every round trip)
+            activation = _current_activation()  # (current_context(), inlined: every round trip)
             ctx = activation.context if activation.active else _NO_CONTEXT
             prepared = self.prepared
             try:
@@ -250,6 +233,26 @@ class ConnectionBinding:
             )
         keep_prepared(key, prepared)
         return prepared
+
+
+def bind_connection(
+    binding: _Binding, conn: Any, user_round_trip: Callable[..., Any] | None
+) -> ConnectionBinding:
+    """The state for a new Connection object (made on every pool acquire).
+
+    A module function, not ``__init__`` (a class call runs a Python
+    ``__init__`` from C, about a third more) nor a classmethod (CPython 3.11
+    does not specialize reading an attribute of a class): on every acquire.
+    The class has no ``__init__``: calling it is C only.
+    """
+    self = ConnectionBinding()
+    self.binding = binding
+    self.conn_ref = _weakref(conn)
+    self.context = None
+    self.prepared = None
+    self.cleared = False
+    self.user_round_trip = user_round_trip
+    return self
 
 
 def round_trip_failed(config: EndUserSecConfig, prepared: Prepared, error: BaseException) -> None:

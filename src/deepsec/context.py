@@ -84,7 +84,9 @@ class Activation:
         # new_activation() would skip a subclass's own __init__, and fields it
         # set would be missing when the lease ends: refuse it at class creation.
         super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__ and not cls._own_init:
+        if cls._own_init:
+            _BUILT_BY_INIT.add(cls)
+        elif "__init__" in cls.__dict__:
             raise TypeError(
                 f"{cls.__name__} defines __init__, which new_activation() never runs; "
                 "set its fields after new_activation(context, cls) instead"
@@ -126,6 +128,11 @@ class Activation:
 
 _A = TypeVar("_A", bound=Activation)
 _new = object.__new__
+#: The classes whose objects their own ``__init__`` builds (``_own_init``):
+#: new_activation() refuses them.  Looked up in a set, not read from the
+#: class: CPython 3.11 does not specialize reading a class attribute, so that
+#: read went through the type-attribute cache on every request.
+_BUILT_BY_INIT: set[type[Activation]] = set()
 
 
 @overload
@@ -143,7 +150,7 @@ def new_activation(
     (``current`` is not keyword-only: a call that leaves a keyword-only
     default costs CPython 3.11 a slower frame set-up, on every request.)
     """
-    if cls._own_init:
+    if cls in _BUILT_BY_INIT:
         raise TypeError(f"{cls.__name__} objects are made by calling {cls.__name__}(...)")
     activation = _new(cls)
     activation.context = context
@@ -160,6 +167,10 @@ _current: contextvars.ContextVar[Activation] = contextvars.ContextVar(
     "deepsec_end_user",
     default=_FOREVER,
 )
+#: ``_current.get``, bound once for the hot paths of other modules: CPython
+#: 3.11 compiles ``imported_name.method()`` as an attribute read it does not
+#: specialize (a bound method made on every call).
+_current_activation = _current.get
 
 
 def current_context() -> EndUserContext:

@@ -59,7 +59,7 @@ from fastapi.security.base import SecurityBase
 from starlette.requests import HTTPConnection
 
 from .asgi import _lease_by_bytes, _remembered_by_bytes, _start_in_full
-from .context import EndUserContext, _current
+from .context import EndUserContext, _current_activation
 from .lifecycle import TOKEN_CONFIGS, RequestLease, answer, fetch_tokens
 from .web import Rejection, WebSettings
 
@@ -166,7 +166,7 @@ class EndUserIdentity:
         """Resolve and activate the end-user context; FastAPI ends it after the response."""
         scope = connection.scope
         settings = self.settings
-        current = _current.get()
+        current = _current_activation()
         if (
             isinstance(current, RequestLease)
             and current.active

@@ -47,7 +47,7 @@ from ._contexts import (
     prepared_key,
 )
 from ._contexts import prepared as _prepared
-from ._round_trip import ConnectionBinding, round_trip_failed
+from ._round_trip import ConnectionBinding, bind_connection, round_trip_failed
 from .config import EndUserSecConfig, parse_end_user_sec_params
 from .context import EndUserContext, current_context
 from .dsn import require_tcps
@@ -140,7 +140,7 @@ class _Binding:
                 self._bind(conn, self.user_round_trip)
                 return _DONE
             return self._on_connect_async(conn)
-        binding = ConnectionBinding.new(self, conn, self.user_round_trip)
+        binding = bind_connection(self, conn, self.user_round_trip)
         conn.round_trip_callback = binding.round_trip
         if self.user_on_connect is not None:
             self.user_on_connect(conn)
@@ -156,7 +156,7 @@ class _Binding:
     def _bind(self, conn: Any, theirs: Callable[..., Any] | None) -> None:
         # (A pool resets the driver connection's round_trip_callback to the
         # pool's own on every acquire, so there is no binding to reuse.)
-        conn.round_trip_callback = ConnectionBinding.new(self, conn, theirs).round_trip
+        conn.round_trip_callback = bind_connection(self, conn, theirs).round_trip
 
     def _rebind_if_replaced(self, conn: Any) -> None:
         # The app's on-connect callback may set its own round_trip_callback
