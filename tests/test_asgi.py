@@ -451,7 +451,7 @@ def test_repeat_requests_are_one_lookup_by_the_raw_bytes_and_malformed_ones_neve
         return int(sent[0]["status"])
 
     assert call([bearer, (b"cookie", b"theme=dark")]) == 200
-    assert (_BYTES, b"theme=dark", bearer[1]) in mw.settings._resolved
+    assert (_BYTES, b"theme=dark", bearer[1]) in mw.settings._by_raw
     assert call([bearer, (b"cookie", b"theme=dark")]) == 200
     (first, in_scope), (second, _) = seen
     assert first is not None and first is second is in_scope  # one remembered context
@@ -462,20 +462,20 @@ def test_repeat_requests_are_one_lookup_by_the_raw_bytes_and_malformed_ones_neve
     for _ in range(3):
         assert call([bad, bearer]) == 200
     assert len([r for r in caplog.records if r.name == "deepsec.web"]) == 3
-    assert all('["bob"' not in str(key) for key in mw.settings._resolved)
+    assert all('["bob"' not in str(key) for key in mw.settings._by_raw)
     assert seen[-1][0] == first  # the bearer token still counts
 
     # Repeated fields and non-bytes values: resolved in full, never a 500.
     assert call([(b"cookie", b"a=1"), bearer, (b"cookie", b"b=2")]) == 200
     assert call([(b"cookie", bytearray(b"a=1")), bearer]) == 200
     assert seen[-2][0] == seen[-1][0] == first
-    remembered = [key for key in mw.settings._resolved if key and key[0] is _BYTES]
+    remembered = [key for key in mw.settings._by_raw if key and key[0] is _BYTES]
     assert all(isinstance(part, (bytes, type(None))) for key in remembered for part in key[1:])
     # A repeated field whose first value alone is remembered (Alice's bearer
     # above) is not that value: two different tokens name no end user.
     other = (b"authorization", f"Bearer {user_token('bob')}".encode())
     assert call([bearer]) == 200
-    assert (_BYTES, None, bearer[1]) in mw.settings._resolved
+    assert (_BYTES, None, bearer[1]) in mw.settings._by_raw
     assert call([bearer, other]) == 200
     assert seen[-1][0] is None
 

@@ -321,6 +321,7 @@ def test_mutation_fuzz_resolve_100k_cases_without_an_exception() -> None:
             if i % 20_000 == 0:
                 for web in variants:  # let parsing run, not only the cache
                     web._resolved.clear()
+                    web._by_raw.clear()
     finally:
         logging.getLogger("deepsec.web").setLevel(previous)
     assert sum(outcomes.values()) == cases

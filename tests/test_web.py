@@ -262,7 +262,7 @@ def test_malformed_cookie_with_a_valid_bearer_warns_on_every_request(caplog):
     assert all(r.levelno == logging.WARNING for r in records)
     assert '["bob"' not in caplog.text and TOKEN not in caplog.text
     # A malformed input is not cached (it would evict good entries).
-    assert settings._resolved == {}
+    assert settings._resolved == settings._by_raw == {}
 
 
 def test_nested_and_surrogate_cookies_are_one_warning_without_the_value(caplog):
@@ -381,7 +381,7 @@ def test_resolution_cache_keeps_no_oversized_or_malformed_values(caplog):
     for i in range(20):
         resolve(settings, None, authorization=big + str(i))
         resolve(settings, None, cookie_header=f'identity=["bob{i}"')
-    assert settings._resolved == {}
+    assert settings._resolved == settings._by_raw == {}
     # Each malformed request still warns, cached or not.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="deepsec.web"):
@@ -389,8 +389,10 @@ def test_resolution_cache_keeps_no_oversized_or_malformed_values(caplog):
             resolve(settings, None, cookie_header='identity=["bob"')
     assert len(caplog.records) == 3
     resolve(settings, None, authorization=f"Bearer {TOKEN}")
-    # Once under the parsed values, once under the raw headers (lifecycle.start).
-    assert set(settings._resolved) == {(None, f"Bearer {TOKEN}"), (None, f"Bearer {TOKEN}", None)}
+    # Once under the parsed values, once under the raw headers (lifecycle.start),
+    # there as the context a request activates.
+    parsed = settings._resolved[None, f"Bearer {TOKEN}"][0].context
+    assert settings._by_raw == {(None, f"Bearer {TOKEN}"): parsed} and parsed is not None
 
 
 def test_a_huge_cookie_header_is_never_remembered_raw():
@@ -406,9 +408,9 @@ def test_a_huge_cookie_header_is_never_remembered_raw():
         outcome.end()
     assert all(
         sum(len(part) for part in key if isinstance(part, str)) <= settings.max_size
-        for key in settings._resolved
+        for key in [*settings._resolved, *settings._by_raw]
     )
-    assert len(settings._resolved) <= 1
+    assert len(settings._resolved) <= 1 and settings._by_raw == {}
 
 
 def test_an_exception_group_of_our_errors_is_answered_like_them():
@@ -455,7 +457,7 @@ def test_start_reuses_raw_header_resolutions_and_still_warns_each_request(caplog
     headers = {"cookie_header": "theme=dark", "authorization": f"Bearer {TOKEN}"}
     first, second = start(settings, None, **headers), start(settings, None, **headers)
     assert first.context is second.context  # one remembered context object
-    assert ("theme=dark", f"Bearer {TOKEN}", None) in settings._resolved
+    assert settings._by_raw["theme=dark", f"Bearer {TOKEN}"] is first.context
     second.end()
     first.end()
     assert current_end_user() is None
@@ -467,7 +469,7 @@ def test_start_reuses_raw_header_resolutions_and_still_warns_each_request(caplog
     records = [r for r in caplog.records if r.name == "deepsec.web"]
     assert len(records) == 3 and '["bob"' not in caplog.text
     # Neither the malformed raw headers nor anything keyed on them is remembered.
-    assert all('["bob"' not in str(key) for key in settings._resolved)
+    assert all('["bob"' not in str(key) for key in [*settings._resolved, *settings._by_raw])
     # Repeated fields (lists) are not hashable: resolved in full, never remembered raw.
     listed = start(settings, None, cookie_header=["a=1", "b=2"], authorization=None)
     assert listed.context.identity is None

@@ -50,7 +50,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMappi
 from typing import Any, TypeVar
 
 from ._identity_parse import COOKIE_JOIN, cookie_pairs
-from .context import _EMPTY, EndUserContext, new_activation
+from .context import EndUserContext, new_activation
 from .lifecycle import TOKEN_CONFIGS, RequestLease, _start, answer, fetch_tokens
 from .web import Rejection, WebSettings, remember_alias
 
@@ -187,6 +187,9 @@ class EndUserSecMiddleware:
         return f"EndUserSecMiddleware({self.app!r})"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # (self.app read into a local: CPython 3.11 does not specialize
+        # calling an instance attribute as a method, self.app(...).)
+        app = self.app
         kind = scope["type"]
         lease: Any = None
         key = None
@@ -197,7 +200,7 @@ class EndUserSecMiddleware:
                 raw = ()
             lease, user, key = _lease_by_bytes(self._remembered, raw, _Exchange)
         elif kind != "websocket":
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
             return
         if lease is None:
             outcome, user = self._start(scope, key)
@@ -218,7 +221,7 @@ class EndUserSecMiddleware:
         lease._send = send
         lease._state = None
         try:
-            await self.app(scope, receive, lease.send)
+            await app(scope, receive, lease.send)
         except Exception as exc:
             # A statement in the endpoint failed for the end user's token
             # (ORA-52601, a provider failure, a token dropped after ORA-52602):
@@ -293,14 +296,16 @@ class _Exchange(RequestLease):
     _held_size: int
 
     def send(self, message: Message) -> Awaitable[None]:
-        state = self._state
+        # (The server's send read into a local: CPython 3.11 does not
+        # specialize calling a slot's value as a method, self._send(...).)
+        send, state = self._send, self._state
         if state is True:  # the common path once the status line is out
-            return self._send(message)
+            return send(message)
         # ("status" is required in a response start: the server rejects one
         # without it anyway.)
         if state is None and message["type"] == "http.response.start" and message["status"] != 500:
             self._state = True
-            return self._send(message)
+            return send(message)
         return self._rare(message)
 
     def _rare(self, message: Message) -> Awaitable[None]:
@@ -343,7 +348,7 @@ def _remembered_by_bytes(settings: WebSettings) -> dict[tuple[Any, ...], Any]:
     header values alone and nothing is recorded per request; else an empty
     dict that is never filled (every request is resolved in full).
     """
-    return settings._resolved if settings._cacheable and not settings.record_end_user else {}
+    return settings._by_raw if settings._cacheable and not settings.record_end_user else {}
 
 
 def _start_in_full(
@@ -367,8 +372,8 @@ def _start_in_full(
     outcome = _start(settings, request, cookie_header, authorization, lease_class)
     if isinstance(outcome, Rejection):
         return outcome, None
-    if raw is not None and remembered is settings._resolved:
-        remember_alias(settings, (cookie_header, authorization, None), raw)
+    if raw is not None and remembered is settings._by_raw:
+        remember_alias(settings, (cookie_header, authorization), raw)
     ctx = outcome.context
     return outcome, (ctx if ctx.identity is not None else None)
 
@@ -402,8 +407,9 @@ def _lease_by_bytes(
         return None, None, None
     if hit is None:
         return None, None, key
-    user: EndUserContext | None = hit[0].context
-    return new_activation(_EMPTY if user is None else user, lease_class), user, key
+    # Only contexts are remembered under these keys (remember_alias).
+    user = hit if hit._identity is not None else None
+    return new_activation(hit, lease_class), user, key
 
 
 def _identity_headers(raw: Any) -> tuple[str | list[str] | None, str | list[str] | None]:

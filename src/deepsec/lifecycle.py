@@ -132,30 +132,28 @@ def _start(
     keywords, or leaves a keyword-only default, more slowly (about 700
     instructions a Django request).  The hot path, hence inlined.
     """
-    hit = None
-    if settings._cacheable:
-        # A plain try (contextlib.suppress costs more on every request).
-        try:  # noqa: SIM105
-            hit = settings._resolved.get((cookie_header, authorization, None))
-        except TypeError:  # a repeated field is a list: not hashable, not remembered
-            pass
-    if hit is not None and not hit[1]:
-        resolution = hit[0]
-    else:
+    try:
+        target = settings._by_raw.get((cookie_header, authorization))
+    except TypeError:  # a repeated field is a list: not hashable, not remembered
+        target = None
+    if target is None:
         resolution = resolve(
             settings, request, cookie_header=cookie_header, authorization=authorization
         )
-    rejection = resolution.rejection
-    if rejection is not None:
-        return rejected(rejection)
-    context = resolution.context
+        rejection = resolution.rejection
+        if rejection is not None:
+            return rejected(rejection)
+        context = resolution.context
+        # (No end user is activated too: a request never inherits a context.)
+        target = context if context is not None else _EMPTY
+    elif isinstance(target, Rejection):  # remembered (no_identity="deny")
+        return rejected(target)
     # The opt-in pseudonym goes on the request's (server) span here, where the
     # resolved end user becomes the request's: a keyed hash, never the identity.
     if settings.record_end_user:
-        telemetry.record_end_user(settings.record_end_user, context)
-    # resolve() only yields validated contexts: skip activate()'s type check;
-    # no end user is activated too (a request never inherits a context).
-    return new_activation(context if context is not None else _EMPTY, lease)
+        telemetry.record_end_user(settings.record_end_user, target)
+    # resolve() only yields validated contexts: skip activate()'s type check.
+    return new_activation(target, lease)
 
 
 async def start_async(

@@ -43,7 +43,7 @@ from ._identity_parse import (
 from ._rejections import Reason, Rejection, deny
 from ._rejections import rejection_for_error as _rejection_for_error
 from ._validation import validate_identity
-from .context import EndUserContext, Identity
+from .context import _EMPTY, EndUserContext, Identity
 from .errors import ConfigError, IdentityError
 
 __all__ = [
@@ -96,8 +96,7 @@ class WebSettings:
     no_identity: NoIdentityPolicy = "least_privilege"
     token_error_status: int = 503
     record_end_user: bool | str = field(default=False, repr=False)
-    # (identity cookie, Authorization) -- and (raw Cookie header,
-    # Authorization, None) -- -> resolution and its (empty) warnings, used
+    # (identity cookie, Authorization) -> resolution and its warnings, used
     # only when the identity depends on nothing else (no resolver, no
     # roles/attributes callables).  Repeat requests of one user then skip
     # parsing and reuse one EndUserContext object, which also lets the driver
@@ -105,6 +104,14 @@ class WebSettings:
     # within max_size are kept, in bytes; malformed inputs are never kept, so
     # their warning is logged on every request.
     _resolved: dict[tuple[Any, ...], tuple[Resolution, tuple[str, ...]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    # The same resolutions by the raw header values an adapter hands over --
+    # (Cookie header, Authorization), or an adapter's own form of them, see
+    # remember_alias -- kept as what a request activates: the context
+    # (_EMPTY: no end user) or the rejection.  The adapters' hot path: one
+    # lookup, nothing to unpack.  Only resolutions without a warning.
+    _by_raw: dict[tuple[Any, ...], EndUserContext | Rejection] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
     _cacheable: bool = field(default=True, init=False, repr=False, compare=False)
@@ -201,12 +208,12 @@ def resolve(
     that have one).  ``request`` is passed to the app's callables.
     """
     cache = settings._resolved if settings._cacheable else None
-    # Remembered under the raw header values too: deepsec.lifecycle.start()
-    # looks a repeat request up there before calling us (one dict lookup, no
-    # cookie scanning).  The 3-tuple never equals the 2-tuple keys of parsed
-    # values below.  Repeated fields (lists) are not remembered raw, nor raw
-    # values beyond the cap parsed ones have: a huge Cookie header (other
-    # cookies, padding) never becomes a key.  Malformed ones: see below.
+    # Remembered under the raw header values too (settings._by_raw):
+    # deepsec.lifecycle.start() looks a repeat request up there before
+    # calling us (one dict lookup, no cookie scanning).  Repeated fields
+    # (lists) are not remembered raw, nor raw values beyond the cap parsed
+    # ones have: a huge Cookie header (other cookies, padding) never becomes
+    # a key.  Malformed ones: see below.
     raw_key: tuple[Any, ...] | None = None
     if (
         cache is not None
@@ -217,7 +224,7 @@ def resolve(
         + (len(authorization) if authorization else 0)
         <= settings.max_size
     ):
-        raw_key = (cookie_header, authorization, None)
+        raw_key = (cookie_header, authorization)
     warnings: tuple[str, ...] = ()
     name = settings.cookie_name
     if (
@@ -259,17 +266,20 @@ def resolve(
     if hit[1]:
         warnings += hit[1]
     if raw_key is not None and not warnings:  # malformed: resolved (and warned) each time
-        _remember(cache, raw_key, hit)
+        _remember(settings._by_raw, raw_key, _activated(hit[0]))
     if warnings:
         _warn_malformed(*warnings)
     return hit[0]
 
 
-def _remember(
-    cache: dict[tuple[Any, ...], tuple[Resolution, tuple[str, ...]]],
-    key: tuple[Any, ...],
-    value: tuple[Resolution, tuple[str, ...]],
-) -> None:
+def _activated(resolution: Resolution) -> EndUserContext | Rejection:
+    """What a request resolved so activates (``_EMPTY``: no end user), or its rejection."""
+    if resolution.rejection is not None:
+        return resolution.rejection
+    return resolution.context if resolution.context is not None else _EMPTY
+
+
+def _remember(cache: dict[tuple[Any, ...], Any], key: tuple[Any, ...], value: Any) -> None:
     if len(cache) >= _RESOLVED_CACHE_SIZE:
         with _resolved_lock:
             for old in list(cache)[: _RESOLVED_CACHE_SIZE // 4]:
@@ -278,21 +288,23 @@ def _remember(
 
 
 def remember_alias(settings: WebSettings, key: tuple[Any, ...], alias: tuple[Any, ...]) -> None:
-    """Remember the resolution kept under ``key`` also under ``alias``.
+    """Remember the context kept under the raw ``key`` also under ``alias``.
 
     For an adapter's own form of the same raw header values (the ASGI
     middleware's header bytes), so that a repeat request skips decoding them.
-    Only a resolution :func:`resolve` remembered without a warning (valid,
-    within ``max_size``) is there to copy: malformed input stays uncached.
+    Only what :func:`resolve` remembered (valid, without a warning, within
+    ``max_size``) is there to copy: malformed input stays uncached.  Only a
+    context, never a rejection: such an alias is looked up by code that
+    activates what it finds.
     """
     if not settings._cacheable:
         return
     try:
-        hit = settings._resolved.get(key)
+        hit = settings._by_raw.get(key)
     except TypeError:  # a repeated field is a list: never remembered
         return
-    if hit is not None and not hit[1]:
-        _remember(settings._resolved, alias, hit)
+    if isinstance(hit, EndUserContext):
+        _remember(settings._by_raw, alias, hit)
 
 
 _RESOLVED_CACHE_SIZE = 512
