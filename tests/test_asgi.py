@@ -462,13 +462,17 @@ def test_repeat_requests_are_one_lookup_by_the_raw_bytes_and_malformed_ones_neve
     for _ in range(3):
         assert call([bad, bearer]) == 200
     assert len([r for r in caplog.records if r.name == "deepsec.web"]) == 3
-    assert all('["bob"' not in str(key) for key in mw.settings._by_raw)
+    assert all('["bob"' not in str(key) for key in [*mw.settings._resolved, *mw.settings._by_raw])
     assert seen[-1][0] == first  # the bearer token still counts
 
     # Repeated fields and non-bytes values: resolved in full, never a 500.
     assert call([(b"cookie", b"a=1"), bearer, (b"cookie", b"b=2")]) == 200
     assert call([(b"cookie", bytearray(b"a=1")), bearer]) == 200
     assert seen[-2][0] == seen[-1][0] == first
+    # Values that are not bytes at all break the spec: the field counts as absent.
+    assert call([(b"cookie", "identity=x"), bearer]) == 200 and seen[-1][0] == first
+    assert call([(b"authorization", None)]) == 200 and seen[-1][0] is None
+    assert call([(b"authorization", f"Bearer {ALICE}")]) == 200 and seen[-1][0] is None
     remembered = [key for key in mw.settings._by_raw if key and key[0] is _BYTES]
     assert all(isinstance(part, (bytes, type(None))) for key in remembered for part in key[1:])
     # A repeated field whose first value alone is remembered (Alice's bearer

@@ -388,6 +388,39 @@ def test_record_end_user_puts_a_keyed_hash_on_the_server_span(
     assert_nothing_secret(otel, idp, alice1, alice2, bob, key)
 
 
+def test_record_end_user_is_set_on_every_repeat_asgi_request(otel: Recorded) -> None:
+    """The ASGI middleware's raw-bytes hot path skips nothing record_end_user needs.
+
+    A repeat of the same header bytes is a dictionary lookup that records
+    nothing, so with ``record_end_user`` the middleware must resolve every
+    request through the lifecycle, which puts the pseudonym on each span.
+    """
+    import asyncio
+
+    from deepsec.asgi import EndUserSecMiddleware
+
+    key = "correlation-key-0123456789"
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def send(message: Any) -> None:
+        pass
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    mw = EndUserSecMiddleware(app, record_end_user=key)
+    tracer = otel.tracer_provider.get_tracer("test-server")
+    headers = [(b"authorization", b"Bearer alice-token"), (b"cookie", b"theme=dark")]
+    for _ in range(3):
+        with tracer.start_as_current_span("GET /", kind=SpanKind.SERVER):
+            asyncio.run(mw({"type": "http", "path": "/", "headers": headers}, receive, send))
+    ids = [(s.attributes or {}).get(telemetry.ATTR_END_USER) for s in otel.spans("GET /")]
+    assert ids == [telemetry.end_user_pseudonym("alice-token", key)] * 3
+
+
 def test_a_forged_token_does_not_get_its_victims_pseudonym(idp: LocalIdP) -> None:
     # An unsigned token claiming the victim's issuer and subject: the
     # pseudonym is set before anything verifies a token, so it must differ.

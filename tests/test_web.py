@@ -391,6 +391,7 @@ def test_resolution_cache_keeps_no_oversized_or_malformed_values(caplog):
     resolve(settings, None, authorization=f"Bearer {TOKEN}")
     # Once under the parsed values, once under the raw headers (lifecycle.start),
     # there as the context a request activates.
+    assert set(settings._resolved) == {(None, f"Bearer {TOKEN}")}
     parsed = settings._resolved[None, f"Bearer {TOKEN}"][0].context
     assert settings._by_raw == {(None, f"Bearer {TOKEN}"): parsed} and parsed is not None
 
@@ -474,6 +475,28 @@ def test_start_reuses_raw_header_resolutions_and_still_warns_each_request(caplog
     listed = start(settings, None, cookie_header=["a=1", "b=2"], authorization=None)
     assert listed.context.identity is None
     listed.end()
+
+
+def test_a_remembered_header_value_names_its_user_only_in_its_own_header() -> None:
+    """The raw-header memo is looked up by (Cookie, Authorization), in that order.
+
+    A Cookie header that is, byte for byte, a remembered Authorization value
+    names nobody: swapped, the lookup would hand that request the token's user.
+    """
+    from deepsec.context import current_end_user
+    from deepsec.lifecycle import start
+
+    settings = WebSettings()
+    bearer = f"Bearer {TOKEN}"
+    for _ in range(2):  # resolved, then remembered
+        lease = start(settings, None, cookie_header=None, authorization=bearer)
+        assert lease.context == EndUserContext(TOKEN)
+        lease.end()
+    for _ in range(2):
+        lease = start(settings, None, cookie_header=bearer, authorization=None)
+        assert lease.context.identity is None and current_end_user() is None
+        lease.end()
+    assert settings._by_raw[None, bearer] == EndUserContext(TOKEN)
 
 
 def test_the_remembered_request_sets_every_field_of_activation_and_rejects_still() -> None:

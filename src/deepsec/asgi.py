@@ -372,7 +372,12 @@ def _start_in_full(
     outcome = _start(settings, request, cookie_header, authorization, lease_class)
     if isinstance(outcome, Rejection):
         return outcome, None
-    if raw is not None and remembered is settings._by_raw:
+    # (Only a key of bytes: a value of another type was read as absent.)
+    if (
+        raw is not None
+        and remembered is settings._by_raw
+        and all(part is None or type(part) is bytes for part in raw[1:])
+    ):
         remember_alias(settings, (cookie_header, authorization), raw)
     ctx = outcome.context
     return outcome, (ctx if ctx.identity is not None else None)
@@ -423,12 +428,14 @@ def _identity_headers(raw: Any) -> tuple[str | list[str] | None, str | list[str]
     # ASGI servers give header names lowercased (the spec requires it).
     for name, value in raw or ():
         # (_one_more only for a repeated field: a call per header costs.)
-        if name == b"cookie":
+        if name == b"cookie" and isinstance(value, (bytes, bytearray)):
             text = value.decode("latin-1")
             cookie = text if cookie is None else _one_more(cookie, text)
-        elif name == b"authorization":
+        elif name == b"authorization" and isinstance(value, (bytes, bytearray)):
             text = value.decode("latin-1")
             authorization = text if authorization is None else _one_more(authorization, text)
+        # (A value that is not bytes breaks the ASGI spec: the field counts as
+        # absent -- least privilege, never a 500.)
     return cookie, authorization
 
 
