@@ -8,7 +8,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from .codec import (
@@ -32,7 +32,6 @@ from .codec import (
     _MSG_FUNCTION,
     _MSG_PIGGYBACK,
     _MSG_PROTOCOL,
-    _MSG_ROW_DATA,
     _PACKET_ACCEPT,
     _PACKET_CONNECT,
     _PACKET_DATA,
@@ -41,34 +40,28 @@ from .codec import (
     ORA_END_USER_TOKEN_INVALID,
     ORA_INVALID_LOGON,
     ORA_NO_DATA_FOUND,
-    Column,
     OracleError,
     Value,
     _ora_message,
     _ProtocolError,
-    _Reader,
     _Underflow,
 )
 from .logon import _O5Logon
 from .messages import (
     _STATUS_OK,
     _accept_body,
-    _BindMeta,
     _describe,
     _error,
     _params,
-    _Piggybacks,
     _protocol_reply,
-    _read_bind_meta,
-    _read_bind_row,
-    _read_piggyback,
     _Request,
     _rows,
     _version_number,
 )
 from .oson import decode_oson
+from .parsing import _Cursor, _sql_kind, parse_request
 from .records import ConnectionRecord, WireContext
-from .sql import _PLSQL_WORDS, _Result, _Session, strip_sql_comments
+from .sql import _Result, _Session
 
 if TYPE_CHECKING:
     from .server import OracleTestServer
@@ -78,18 +71,6 @@ logger = logging.getLogger("deepsec.testing.oracle")
 # ---------------------------------------------------------------------------
 # Per-connection state and handler
 # ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Cursor:
-    cursor_id: int
-    sql: str
-    is_query: bool
-    is_plsql: bool
-    bind_metas: list[_BindMeta] = field(default_factory=list)
-    columns: tuple[Column, ...] = ()
-    pending: list[tuple[Value, ...]] = field(default_factory=list)
-    fetched: int = 0
 
 
 @dataclass
@@ -121,13 +102,6 @@ class _ConnState:
 
 class _ConnectionClosed(Exception):
     pass
-
-
-def _sql_kind(sql: str) -> tuple[bool, bool]:
-    """(is_query, is_plsql) of a statement, the way the driver classifies it."""
-    text = strip_sql_comments(sql).strip().lstrip("(").lower()
-    first = text.split(None, 1)[0] if text else ""
-    return first in ("select", "with"), first in _PLSQL_WORDS
 
 
 class _Handler:
@@ -243,134 +217,13 @@ class _Handler:
             else:
                 raise _ProtocolError(f"unexpected message type {kind}")
 
-    # -- parsing -------------------------------------------------------------------
-
-    def _parse(self, payload: bytes) -> _Request:
-        r = _Reader(payload)
-        piggy = _Piggybacks()
-        while r.peek() == _MSG_PIGGYBACK:
-            r.u8()
-            _read_piggyback(r, piggy)
-        if r.u8() != _MSG_FUNCTION:
-            raise _ProtocolError("expected a function message after piggybacks")
-        req = _Request(function=r.u8(), piggy=piggy)
-        r.u8()  # sequence number
-        try:
-            if req.function in (_FUNC_AUTH_PHASE_ONE, _FUNC_AUTH_PHASE_TWO):
-                self._parse_auth(r, req)
-            elif req.function == _FUNC_EXECUTE:
-                self._parse_execute(r, req)
-            elif req.function in (_FUNC_REEXECUTE, _FUNC_REEXECUTE_AND_FETCH):
-                self._parse_reexecute(r, req)
-            elif req.function == _FUNC_FETCH:
-                req.cursor_id = r.ub()
-                req.num_iters = r.ub()
-        except _Underflow:
-            raise
-        except (_ProtocolError, ValueError, IndexError, UnicodeDecodeError) as exc:
-            req.parse_error = str(exc)
-        return req
-
-    @staticmethod
-    def _parse_auth(r: _Reader, req: _Request) -> None:
-        has_user = r.u8()
-        r.ub()  # user length
-        r.ub()  # auth mode
-        r.u8()
-        count = r.ub()
-        r.u8()
-        r.u8()
-        if has_user:
-            user = r.blen()
-            req.auth_user = user.decode() if user else None
-        for _ in range(count):
-            key = r.two()
-            value = r.two()
-            r.ub()  # flags
-            req.auth_pairs[(key or b"").decode()] = (value or b"").decode()
-
-    def _read_rows(self, r: _Reader, req: _Request, expected: int, is_plsql: bool) -> None:
-        metas = req.bind_metas or []
-        for _ in range(expected):
-            if r.remaining() == 0 and not self.last_packet_full:
-                break
-            if r.peek() != _MSG_ROW_DATA:
-                break
-            r.u8()
-            req.bind_rows.append(_read_bind_row(r, metas, is_plsql))
-
-    def _parse_execute(self, r: _Reader, req: _Request) -> None:
-        req.options = r.ub()
-        req.cursor_id = r.ub()
-        has_sql = r.u8()
-        r.ub()  # sql length
-        r.u8()
-        r.ub()  # al8i4 length
-        r.u8()
-        r.u8()
-        r.ub()  # prefetch buffer size
-        req.num_iters = r.ub()
-        r.ub()  # max long size
-        r.u8()
-        num_params = r.ub()
-        for _ in range(5):
-            r.u8()
-        r.u8()
-        num_defines = r.ub()
-        r.ub()  # registration id (lsb)
-        r.u8()
-        r.u8()
-        r.u8()
-        r.ub()
-        r.u8()
-        r.ub()
-        r.ub()  # registration id (msb)
-        r.u8()
-        r.ub()
-        r.u8()
-        r.u8()  # sql signature (field version >= 12.2)
-        r.ub()
-        r.u8()
-        r.ub()
-        r.u8()
-        r.u8()  # chunk ids (field version >= 12.2 ext 1)
-        r.ub()
-        if has_sql:
-            sql_bytes = r.blen()
-            req.sql = sql_bytes.decode("utf-8", "replace") if sql_bytes else ""
-        al8i4 = [r.ub() for _ in range(13)]
-        if num_defines:
-            for _ in range(num_defines):
-                _read_bind_meta(r)
-            return
-        if num_params:
-            req.bind_metas = [_read_bind_meta(r) for _ in range(num_params)]
-            sql = req.sql
-            if sql is None:
-                cursor = self.cursors.get(req.cursor_id)
-                sql = cursor.sql if cursor else ""
-            is_query, is_plsql = _sql_kind(sql)
-            expected = 1 if is_query else max(al8i4[1], 1)
-            self._read_rows(r, req, expected, is_plsql)
-
-    def _parse_reexecute(self, r: _Reader, req: _Request) -> None:
-        req.cursor_id = r.ub()
-        req.num_iters = r.ub()
-        req.options = r.ub()
-        r.ub()  # options 2
-        cursor = self.cursors.get(req.cursor_id)
-        if cursor is not None and cursor.bind_metas:
-            req.bind_metas = cursor.bind_metas
-            expected = 1 if req.function == _FUNC_REEXECUTE_AND_FETCH else max(req.num_iters, 1)
-            self._read_rows(r, req, expected, cursor.is_plsql)
-
     # -- dispatch ------------------------------------------------------------------
 
     def _handle(self, payload: bytes) -> None:
         data = payload
         while True:
             try:
-                req = self._parse(data)
+                req = parse_request(data, self.cursors, self.last_packet_full)
                 break
             except _Underflow:
                 if len(data) > 64 * 1024 * 1024:
