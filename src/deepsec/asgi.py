@@ -76,6 +76,10 @@ class _Headers(Mapping[str, str]):
     def __init__(self, raw: Any) -> None:
         values: dict[str, str] = {}
         for name, value in raw or ():
+            if not isinstance(name, (bytes, bytearray)) or not isinstance(
+                value, (bytes, bytearray)
+            ):
+                continue  # not bytes, against the ASGI spec: absent (never a 500)
             key = name.decode("latin-1").lower()
             text = value.decode("latin-1")
             if key in values:
