@@ -72,8 +72,9 @@ FLOOR_COPY = "floor copy"
 # -- request drivers ---------------------------------------------------------------
 
 
-def wsgi_runner(app: Any, path: str, each: bool) -> Runner:
-    environ = {
+def wsgi_environ(path: str) -> dict[str, Any]:
+    """The bench request as a WSGI environ (without ``wsgi.input``: one per request)."""
+    return {
         "REQUEST_METHOD": "GET",
         "PATH_INFO": path,
         "QUERY_STRING": "",
@@ -88,6 +89,10 @@ def wsgi_runner(app: Any, path: str, each: bool) -> Runner:
         "HTTP_AUTHORIZATION": HEADERS["authorization"],
         "HTTP_COOKIE": HEADERS["cookie"],
     }
+
+
+def wsgi_runner(app: Any, path: str, each: bool) -> Runner:
+    environ = wsgi_environ(path)
 
     def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
         assert status.startswith("200"), status

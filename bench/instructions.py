@@ -6,7 +6,9 @@ Valgrind: ``apt-get install valgrind``; about five minutes on two cores).
 ``bench/adapters.py`` times the adapters, and on a shared machine two
 identical apps can differ by half a microsecond per request.  This counts
 instead: every app of ``bench/adapters.py`` (bare, hand-written floor,
-deepsec; the same request) runs in a process of its own under Valgrind's
+deepsec; the same request), and Django's middlewares alone around a view
+that returns at once (:func:`django_alone`: the steadier Django figure),
+runs in a process of its own under Valgrind's
 cachegrind, once with a warm-up only and once with ``N`` more requests; the
 difference of the two counts divided by ``N`` is what one request costs
 (start-up, imports and warm-up cancel out).  The machine's load does not
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import io
 import logging
 import os
 import re
@@ -35,8 +38,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -46,6 +51,7 @@ import adapters
 ROWS = [
     ("Flask (DeepSec)", "flask", "bare", "floor", "deepsec"),
     ("Django (middleware)", "django", "bare", "floor", "deepsec"),
+    ("Django (the middleware alone)", "django-alone", "bare", "floor", "deepsec"),
     ("Starlette (ASGI middleware)", "starlette", "bare", "floor", "deepsec"),
     ("FastAPI (ASGI middleware)", "fastapi", "bare", "floor", "deepsec"),
     ("FastAPI (dependency)", "fastapi", "bare", "floor-dependency", "deepsec-dependency"),
@@ -62,6 +68,9 @@ def serve(framework: str, variant: str, requests: int) -> None:
     elif framework == "django":
         adapters.django_setup()
         run = adapters.wsgi_runner(adapters.django_apps()[variant], "/", False)
+    elif framework == "django-alone":
+        adapters.django_setup()
+        run = django_alone(variant)
     elif framework == "starlette":
         run = adapters.asgi_runner(adapters.starlette_apps()[variant], loop, "/", False)
     else:
@@ -74,6 +83,40 @@ def serve(framework: str, variant: str, requests: int) -> None:
     gc.freeze()
     if requests:
         run(requests)
+
+
+def django_alone(variant: str) -> Callable[[int], object]:
+    """Django's middleware alone: a new request object each time, a view that returns at once.
+
+    No URL resolution, response handling or WSGI iteration: what they cost
+    moves with the process layout by more than a middleware costs (the full
+    Django row), and cancels out of "adds" anyway.
+    """
+    import floors
+    from django.core.handlers.wsgi import WSGIRequest
+    from django.http import HttpResponse
+
+    import deepsec.django.middleware
+
+    response = HttpResponse(b"ok")
+
+    def view(request: Any) -> HttpResponse:
+        return response
+
+    middleware = {
+        "bare": view,
+        "floor": floors.django_floor(view),
+        "deepsec": deepsec.django.middleware.EndUserSecMiddleware(view),
+    }[variant]
+    environ = adapters.wsgi_environ("/")
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            env = dict(environ)
+            env["wsgi.input"] = io.BytesIO()
+            middleware(WSGIRequest(env))
+
+    return run
 
 
 def _shift_layout(types: int) -> None:
