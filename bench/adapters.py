@@ -238,7 +238,7 @@ DJANGO: list[bool] = []
 
 
 def django_setup() -> bool:
-    """Configure Django once for the bench; False when it is not installed."""
+    """Configure Django once for the bench (again: nothing); False when it is not installed."""
     try:
         import django
         from django.conf import settings
@@ -247,6 +247,8 @@ def django_setup() -> bool:
         import deepsec.django  # noqa: F401  (the INSTALLED_APPS entry below)
     except ImportError:
         return False
+    if settings.configured:
+        return True
     settings.configure(
         DEBUG=False,
         ALLOWED_HOSTS=["*"],

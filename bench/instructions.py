@@ -59,22 +59,26 @@ ROWS = [
 WARM_UP = 300
 
 
+def app_runner(
+    framework: str, variant: str, loop: asyncio.AbstractEventLoop
+) -> Callable[[int], object]:
+    """The variant's hello-world app (``bench/adapters.py``), as "serve n requests"."""
+    if framework == "flask":
+        return adapters.wsgi_runner(adapters.flask_apps()[variant], "/", False)
+    if framework in ("django", "django-alone"):
+        adapters.django_setup()
+        if framework == "django-alone":
+            return django_alone(variant)
+        return adapters.wsgi_runner(adapters.django_apps()[variant], "/", False)
+    if framework == "starlette":
+        return adapters.asgi_runner(adapters.starlette_apps()[variant], loop, "/", False)
+    return adapters.asgi_runner(adapters.fastapi_apps()[variant], loop, "/", False)
+
+
 def serve(framework: str, variant: str, requests: int) -> None:
     """The child process: build the variant's app, warm it up, serve ``requests``."""
     logging.disable(logging.WARNING)
-    loop = asyncio.new_event_loop()
-    if framework == "flask":
-        run = adapters.wsgi_runner(adapters.flask_apps()[variant], "/", False)
-    elif framework == "django":
-        adapters.django_setup()
-        run = adapters.wsgi_runner(adapters.django_apps()[variant], "/", False)
-    elif framework == "django-alone":
-        adapters.django_setup()
-        run = django_alone(variant)
-    elif framework == "starlette":
-        run = adapters.asgi_runner(adapters.starlette_apps()[variant], loop, "/", False)
-    else:
-        run = adapters.asgi_runner(adapters.fastapi_apps()[variant], loop, "/", False)
+    run = app_runner(framework, variant, asyncio.new_event_loop())
     run(WARM_UP)
     # What the app built and the warm-up left is long-lived: frozen, a full
     # collection does not scan it, so the two runs (with and without

@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import adapters
+import instructions
 
 #: (label, framework, variant of bench/adapters.py)
 VARIANTS = [
@@ -97,18 +98,6 @@ def unspecialized(run: Callable[[int], object], requests: int) -> list[str]:
     return sorted(rows)
 
 
-def runner(
-    framework: str, variant: str, loop: asyncio.AbstractEventLoop
-) -> Callable[[int], object]:
-    if framework == "flask":
-        return adapters.wsgi_runner(adapters.flask_apps()[variant], "/", False)
-    if framework == "django":
-        return adapters.wsgi_runner(adapters.django_apps()[variant], "/", False)
-    if framework == "starlette":
-        return adapters.asgi_runner(adapters.starlette_apps()[variant], loop, "/", False)
-    return adapters.asgi_runner(adapters.fastapi_apps()[variant], loop, "/", False)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--requests", type=int, default=3000, help="warm-up requests per app")
@@ -116,11 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(types.CodeType, "_co_code_adaptive") or sys.version_info >= (3, 13):
         print("bench/specialization.py reads CPython 3.11/3.12's inline caches", file=sys.stderr)
         return 2
-    adapters.django_setup()
     loop = asyncio.new_event_loop()
     print(f"python {sys.version.split()[0]}: deepsec instructions that ran unspecialized\n")
     for label, framework, variant in VARIANTS:
-        run = runner(framework, variant, loop)
+        run = instructions.app_runner(framework, variant, loop)
         run(args.requests)
         rows = unspecialized(run, 10)
         print(f"{label}: {len(rows)}")
