@@ -27,10 +27,10 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from . import telemetry
-from .context import _EMPTY, Activation, new_activation
+from .context import Activation, new_activation
 from .errors import DeepSecError, TokenAcquisitionError
 from .prefetch import configs_in_use, prepare
-from .web import Rejection, Resolution, WebSettings, rejection_for_error, resolve
+from .web import Rejection, Resolution, WebSettings, _activated, rejection_for_error, resolve
 
 __all__ = [
     "TOKEN_CONFIGS",
@@ -67,14 +67,13 @@ def begin(resolution: Resolution, settings: WebSettings | None = None) -> Activa
 
     ``settings`` (those it was resolved with) apply ``record_end_user``.
     """
-    rejection = resolution.rejection
-    if rejection is not None:
-        return rejected(rejection)
-    context = resolution.context
+    target = _activated(resolution)
+    if isinstance(target, Rejection):
+        return rejected(target)
     if settings is not None and settings.record_end_user:
-        telemetry.record_end_user(settings.record_end_user, context)
+        telemetry.record_end_user(settings.record_end_user, target)
     # resolve() only yields validated contexts: skip activate()'s type check.
-    return new_activation(context if context is not None else _EMPTY)
+    return new_activation(target)
 
 
 class RequestLease(Activation):
@@ -137,16 +136,11 @@ def _start(
     except TypeError:  # a repeated field is a list: not hashable, not remembered
         target = None
     if target is None:
-        resolution = resolve(
-            settings, request, cookie_header=cookie_header, authorization=authorization
-        )
-        rejection = resolution.rejection
-        if rejection is not None:
-            return rejected(rejection)
-        context = resolution.context
         # (No end user is activated too: a request never inherits a context.)
-        target = context if context is not None else _EMPTY
-    elif isinstance(target, Rejection):  # remembered (no_identity="deny")
+        target = _activated(
+            resolve(settings, request, cookie_header=cookie_header, authorization=authorization)
+        )
+    if isinstance(target, Rejection):
         return rejected(target)
     # The opt-in pseudonym goes on the request's (server) span here, where the
     # resolved end user becomes the request's: a keyed hash, never the identity.
