@@ -30,10 +30,10 @@ class CircuitBreaker:
     then one caller probes while the others still skip.  A failed probe
     doubles the pause (up to :data:`BREAKER_MAX`); calls that were already in
     flight when it opened do not (a burst of them would otherwise push the
-    next probe out to the maximum at once).  The probe's success closes it;
-    so does any success while it is closed, but not the late success of a
-    call sent before it opened: that says nothing of Redis now, and closing
-    on it would log a second outage when the next call fails.
+    next probe out to the maximum at once).  Only the probe's success closes
+    it, not the late success of a call sent before it opened: that says
+    nothing of Redis now, and closing on it would log a second outage when
+    the next call fails.
 
     ``problem`` and ``fixed`` are the log messages (``%s``: where, then the
     exception's type name), so one class serves "unreachable" and "refuses
