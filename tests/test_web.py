@@ -295,6 +295,17 @@ def test_rejection_reasons_and_close_codes():
     assert not_ready is not None and not_ready.reason == "token_not_ready"
 
 
+def test_rejection_cannot_be_subclassed():
+    """The request paths tell a rejection from a lease by ``type(x) is
+    Rejection``: a subclass would be activated as if it were a lease."""
+    from deepsec.web import Rejection
+
+    with pytest.raises(TypeError, match="cannot be subclassed"):
+
+        class _Mine(Rejection):  # type: ignore[misc]
+            pass
+
+
 def test_retry_after_follows_what_the_library_will_do():
     """The TOKENS helper's ``retry_after`` (seconds) wins over the default."""
     exc = TokenAcquisitionError("throttled", error="temporarily_unavailable")

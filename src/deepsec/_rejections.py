@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, final
 
 import oracledb
 
@@ -47,14 +47,21 @@ Reason = Literal[
 _DEFAULT_RETRY_AFTER = {"provider_unavailable": 5.0, "token_not_ready": 1.0}
 
 
+@final
 @dataclass(frozen=True)
 class Rejection:
     """An HTTP response an adapter sends instead of (or in place of) the app's.
 
     ``close_code`` is what a WebSocket gets when the server cannot send an
     HTTP response: 1008 (policy violation) for a refused identity, 1013 (try
-    again later) for a token the library could not get.
+    again later) for a token the library could not get.  Final: the request
+    paths tell a rejection from a lease by its exact type (``type(x) is
+    Rejection``, cheaper than ``isinstance``), so a subclass would be taken
+    for a lease.
     """
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        raise TypeError("Rejection cannot be subclassed (adapters check its exact type)")
 
     status: int
     body: dict[str, str]

@@ -172,7 +172,7 @@ def _before_request() -> Response | None:
         environ.get("HTTP_COOKIE"),  # (cookie, then authorization)
         environ.get("HTTP_AUTHORIZATION"),
     )
-    if isinstance(outcome, Rejection):
+    if type(outcome) is Rejection:
         # Still activate "no end user": the request must not inherit whatever
         # the worker thread's context holds (after_request functions run).
         environ[_ENVIRON_KEY] = activate(None)

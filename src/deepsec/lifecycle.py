@@ -140,7 +140,7 @@ def _start(
         target = _activated(
             resolve(settings, request, cookie_header=cookie_header, authorization=authorization)
         )
-    if isinstance(target, Rejection):
+    if type(target) is Rejection:
         return rejected(target)
     # The opt-in pseudonym goes on the request's (server) span here, where the
     # resolved end user becomes the request's: a keyed hash, never the identity.

@@ -251,6 +251,37 @@ def test_streaming_body_closed_early_runs_finally_as_the_user(server: Any) -> No
     connections["persistent"].close()
 
 
+def test_a_response_class_without_streaming_is_returned_as_it_is() -> None:
+    """A view may return an HttpResponseBase of the app's own that lacks
+    ``streaming``: the middleware reads the attribute directly (no getattr call
+    per request) and must treat its absence as "not streaming", not raise."""
+    from django.http import HttpResponseBase
+    from django.test import RequestFactory
+
+    from deepsec.django.middleware import EndUserSecMiddleware
+
+    class Bare(HttpResponseBase):
+        pass
+
+    assert not hasattr(Bare(), "streaming")
+    seen: list[Any] = []
+
+    def view(request: Any) -> Bare:
+        seen.append(deepsec.current_end_user())
+        return bare
+
+    async def aview(request: Any) -> Bare:
+        return view(request)
+
+    bare = Bare()
+    request = RequestFactory().get("/", HTTP_COOKIE='identity=["una", null]')
+    with override_settings(DEEPSEC={"client_local_users": True}):
+        assert EndUserSecMiddleware(view)(request) is bare
+        assert asyncio.run(EndUserSecMiddleware(aview)(request)) is bare
+    assert [ctx.identity if ctx else None for ctx in seen] == [("una", None)] * 2
+    assert deepsec.current_end_user() is None
+
+
 # -- ASGI ----------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from ..context import EndUserContext, activate
 from ..lifecycle import _start, answer, begin
 from ..web import Rejection, Resolution, WebSettings, resolve
+from . import conf
 from .conf import get_settings
 
 __all__ = ["EndUserSecMiddleware", "process_exception", "rejection_response"]
@@ -198,7 +199,7 @@ def EndUserSecMiddleware(
 
         async def middleware(request: HttpRequest) -> HttpResponseBase:
             """Serve one request under an ASGI handler."""
-            settings = get_settings()
+            settings = conf._cache or get_settings()
             if _uses_request_callables(settings):
                 resolution = await sync_to_async(_resolve, thread_sensitive=True)(settings, request)
                 outcome = begin(resolution, settings)
@@ -210,13 +211,17 @@ def EndUserSecMiddleware(
                     meta.get("HTTP_COOKIE"),  # (cookie, then authorization)
                     meta.get("HTTP_AUTHORIZATION"),
                 )
-            if isinstance(outcome, Rejection):
+            if type(outcome) is Rejection:
                 return rejection_response(outcome)
             try:
                 response = await serve_async(request)
             finally:
                 outcome.end()
-            if getattr(response, "streaming", False):
+            try:
+                streaming = response.streaming
+            except AttributeError:  # a response class of the app's own
+                streaming = False
+            if streaming:
                 _scope_streaming(response, outcome.context)
             return response
 
@@ -231,18 +236,23 @@ def EndUserSecMiddleware(
             # user than elsewhere.  (_resolve() inlined: the per-request hot path.)
             meta = request.META
             outcome = _start(
-                get_settings(),
+                conf._cache or get_settings(),  # (the parsed settings, read without a call)
                 request,
                 meta.get("HTTP_COOKIE"),  # (cookie, then authorization)
                 meta.get("HTTP_AUTHORIZATION"),
             )
-            if isinstance(outcome, Rejection):
+            if type(outcome) is Rejection:
                 return rejection_response(outcome)
             try:
                 response = serve(request)
             finally:
                 outcome.end()
-            if getattr(response, "streaming", False):
+            # (An attribute read, not getattr(): a builtin call per request.)
+            try:
+                streaming = response.streaming
+            except AttributeError:  # a response class of the app's own
+                streaming = False
+            if streaming:
                 _scope_streaming(response, outcome.context)
             return response
 
