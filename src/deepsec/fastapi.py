@@ -49,6 +49,7 @@ from __future__ import annotations
 import inspect
 from collections import deque
 from contextlib import AsyncExitStack
+from types import TracebackType
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, WebSocketException
@@ -298,12 +299,16 @@ class _DependencyLease(RequestLease):
     #: :data:`_RESPONSE` (an error now may come from a started response).
     phase: int
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc: BaseException | None = None,
+        tb: TracebackType | None = None,
+    ) -> None:
         phase = self.phase
         if phase == _ENDPOINT:  # the endpoint's stack closes (the request's stays)
-            self.phase = _RESPONSE if exc_info[0] is None else _ENDPOINT_FAILED
+            self.phase = _RESPONSE if exc_type is None else _ENDPOINT_FAILED
             return
-        exc = exc_info[1]
         try:
             if exc is not None and phase == _ENDPOINT_FAILED and isinstance(exc, Exception):
                 self._answer(exc)

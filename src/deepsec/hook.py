@@ -57,6 +57,7 @@ from .tokens import TokenSource, token_source_for
 
 # Looked up once: this runs on every acquire.
 _AsyncConnection = oracledb.AsyncConnection
+_Connection = oracledb.Connection
 
 # forget_prefetch_configs and prepare live in deepsec.prefetch; they are
 # importable from here as before.
@@ -130,7 +131,8 @@ class _Binding:
 
     def on_connect_callback(self, conn: Any) -> Awaitable[None] | None:
         """Bind the per-round-trip callback; for asyncio, fetch the token first."""
-        if isinstance(conn, _AsyncConnection):
+        # (type() first: the common case without isinstance's subclass walk.)
+        if type(conn) is not _Connection and isinstance(conn, _AsyncConnection):
             ctx = current_context()
             if self.user_on_connect is None and (
                 ctx.identity is None or self._token_at_hand(conn, ctx)
