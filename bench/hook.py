@@ -239,7 +239,7 @@ def deepsec_adapter_app(pool: Any) -> Request:
 
     def request(header: str) -> None:
         outcome = _start(settings, None, None, header)
-        assert isinstance(outcome, Activation)
+        assert isinstance(outcome, Activation) and outcome.context.identity is not None
         try:
             with pool.acquire() as conn:
                 _query(conn)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -431,7 +432,7 @@ def test_str_subclass_identities_become_plain_strings():
     assert local == ("ann", "k")
 
 
-def test_new_activation_sets_every_field_and_activation_has_no_other_constructor():
+def test_new_activation_sets_every_field_and_a_bare_class_call_is_no_activation():
     """new_activation is the one constructor: every slot set, current or not; a
     class call with a context is refused, and one without sets nothing."""
     from deepsec.context import Activation, _current, new_activation
@@ -448,25 +449,40 @@ def test_new_activation_sets_every_field_and_activation_has_no_other_constructor
         Activation(ctx)  # type: ignore[call-arg]
     # A bare class call (what new_activation() starts from) makes nothing
     # current and sets no field; its repr still works.
-    before = _current.get()
     bare = Activation()
-    assert _current.get() is before
     assert not any(hasattr(bare, name) for name in slots)
     assert repr(bare) == "<deepsec Activation ended>"
+    with pytest.raises(AttributeError):
+        bare.end()  # (documented: only new_activation() makes a usable one)
 
 
-def test_a_lease_class_whose_init_new_activation_would_skip_is_refused():
-    """new_activation() never runs __init__: a subclass defining one is refused when
-    the class is made, and end_user (made by its own __init__) is refused by it."""
+def test_a_lease_class_with_an_init_or_new_of_its_own_is_refused():
+    """new_activation() calls the class: a subclass with an __init__ or __new__ of
+    its own or a mixin's is refused when the class is made (it would run, or fail,
+    on every request), and end_user (made by its own __init__) is refused by it."""
     from deepsec.context import Activation, _current, new_activation
 
-    with pytest.raises(TypeError, match="defines __init__"):
+    with pytest.raises(TypeError, match="__init__ or __new__"):
 
         class _Lease(Activation):
             __slots__ = ("extra",)
 
             def __init__(self) -> None:
                 self.extra = 1
+
+    class _Mixin:
+        def __init__(self, tag: str) -> None:
+            self.tag = tag
+
+    class _Maker:
+        def __new__(cls) -> Any:
+            return super().__new__(cls)
+
+    for base in (_Mixin, _Maker):
+        with pytest.raises(TypeError, match="__init__ or __new__"):
+            type("_Mixed", (base, Activation), {"__slots__": ()})
+    with pytest.raises(TypeError, match="__init__ or __new__"):
+        type("_Again", (deepsec.end_user,), {"__slots__": (), "_own_init": False})
 
     before = _current.get()
     with pytest.raises(TypeError, match="end_user"):

@@ -280,6 +280,40 @@ def test_50_threads_200_operations_every_round_trip_carries_its_threads_user(ora
 
 
 @pytest.mark.timeout(30)
+def test_connection_subclasses_take_their_own_branch(oracle):
+    """on_connect_callback tells sync from asyncio connections by type() first;
+    a conn_class subclass of either still takes its own branch: an asyncio one
+    fetches the token when it connects, so a statement made under a plain
+    ``with`` (no prefetch) finds it."""
+
+    class MyConnection(oracledb.Connection):
+        pass
+
+    class MyAsyncConnection(oracledb.AsyncConnection):
+        pass
+
+    with deepsec.end_user(user_token("alice")):
+        conn = connect(oracle, extra_auth_params=params(), conn_class=MyConnection)
+        try:
+            assert whoami(conn) == "alice"
+        finally:
+            conn.close()
+
+    async def main() -> str | None:
+        with deepsec.end_user(user_token("bob")):
+            conn = await oracledb.connect_async(
+                **oracle.connect_kwargs(), extra_auth_params=params(), conn_class=MyAsyncConnection
+            )
+            try:
+                cur = conn.cursor()
+                await cur.execute(USERNAME_SQL)
+                return (await cur.fetchone())[0]
+            finally:
+                await conn.close()
+
+    assert asyncio.run(main()) == "bob"
+
+
 def test_async_standalone_connection_switches_users(oracle):
     async def main() -> list[str | None]:
         conn = await oracledb.connect_async(**oracle.connect_kwargs(), extra_auth_params=params())

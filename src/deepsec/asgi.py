@@ -208,7 +208,7 @@ class EndUserSecMiddleware:
             return
         if lease is None:
             outcome, user = self._start(scope, key)
-            if isinstance(outcome, Rejection):
+            if type(outcome) is Rejection:
                 await _reject(scope, receive, send, outcome)
                 return
             lease = outcome
@@ -216,7 +216,7 @@ class EndUserSecMiddleware:
         if user is not None and TOKEN_CONFIGS:  # needs_tokens(), inlined
             # Only a request that may need tokens pays for a coroutine.
             fetched = await fetch_tokens(lease, settings)
-            if isinstance(fetched, Rejection):
+            if type(fetched) is Rejection:
                 await _reject(scope, receive, send, fetched)
                 return
         scope[SCOPE_KEY] = user
@@ -374,7 +374,7 @@ def _start_in_full(
     """
     cookie_header, authorization = _identity_headers(raw_headers)
     outcome = _start(settings, request, cookie_header, authorization, lease_class)
-    if isinstance(outcome, Rejection):
+    if type(outcome) is Rejection:
         return outcome, None
     # (Only a key of bytes: a value of another type was read as absent.)
     if (

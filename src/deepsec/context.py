@@ -76,21 +76,24 @@ class Activation:
 
     # :func:`new_activation` is the one constructor: it calls the class
     # without arguments and sets the fields itself.  No Python ``__init__``
-    # (hence ``Activation(context)`` is a TypeError, "takes no arguments"):
+    # (hence ``Activation(context)`` is a TypeError, "takes no arguments", and
+    # a bare ``Activation()`` has no field: ending or entering it raises
+    # AttributeError; it is never current):
     # adapters make one per request, and that class call then runs in C
     # alone: about 280 instructions fewer than ``object.__new__(cls)``, whose
     # call CPython 3.11 cannot specialize (measured under cachegrind).
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        # A subclass's own __init__ would run on every request, before
-        # new_activation() sets the fields: refuse it at class creation.
+        # new_activation() calls the class: an __init__ or __new__ other than
+        # object's -- its own or a mixin's -- would run on every request (or
+        # fail it, wanting arguments).  Refuse it at class creation.
         super().__init_subclass__(**kwargs)
         if cls._own_init:
             _BUILT_BY_INIT.add(cls)
-        elif "__init__" in cls.__dict__:
+        elif cls.__init__ is not object.__init__ or cls.__new__ is not object.__new__:
             raise TypeError(
-                f"{cls.__name__} defines __init__; an Activation subclass may not "
-                "(new_activation() sets the fields): set its own after "
-                "new_activation(context, cls) instead"
+                f"{cls.__name__} has an __init__ or __new__ of its own or a base's; an "
+                "Activation subclass may not (new_activation() calls the class and sets "
+                "the fields): set its own fields after new_activation(context, cls) instead"
             )
 
     def end(self) -> None:
@@ -369,7 +372,12 @@ class end_user(Activation):  # a class used like a function: ``with deepsec.end_
             raise
         return context
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc: BaseException | None = None,
+        tb: TracebackType | None = None,
+    ) -> None:
         self.__exit__()
 
     def __repr__(self) -> str:
@@ -416,7 +424,12 @@ class as_application:  # a class used like a function: ``with deepsec.as_applica
     async def __aenter__(self) -> None:
         self.__enter__()
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc: BaseException | None = None,
+        tb: TracebackType | None = None,
+    ) -> None:
         self.__exit__()
 
     def __repr__(self) -> str:

@@ -190,12 +190,12 @@ class EndUserIdentity:
             started, ctx = _start_in_full(
                 settings, connection, scope["headers"], key, self._remembered, _DependencyLease
             )
-            if isinstance(started, Rejection):
+            if type(started) is Rejection:
                 raise _exception(scope, started)
             outcome = started
         if ctx is not None and TOKEN_CONFIGS:  # needs_tokens(), inlined
             fetched = await fetch_tokens(outcome, settings)
-            if isinstance(fetched, Rejection):
+            if type(fetched) is Rejection:
                 raise _exception(scope, fetched)
         stack = scope.get("fastapi_inner_astack")
         if stack is None:  # pragma: no cover - FastAPI older than 0.118

@@ -68,7 +68,7 @@ def begin(resolution: Resolution, settings: WebSettings | None = None) -> Activa
     ``settings`` (those it was resolved with) apply ``record_end_user``.
     """
     target = _activated(resolution)
-    if isinstance(target, Rejection):
+    if type(target) is Rejection:
         return rejected(target)
     if settings is not None and settings.record_end_user:
         telemetry.record_end_user(settings.record_end_user, target)
@@ -111,7 +111,8 @@ def start(
     ``resolve`` and warns every time).  ``lease``: the
     :class:`~deepsec.context.Activation` subclass to activate with (an
     adapter may keep its per-request state in the same object); it is made
-    by :func:`~deepsec.context.new_activation`, which runs no ``__init__``.
+    by :func:`~deepsec.context.new_activation`, which calls the class without
+    arguments (a lease class has no ``__init__`` or ``__new__`` but object's).
     The two header values are keyword-only: swapped, they would name
     another end user without any error.
     """

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from django.core.handlers.asgi import ASGIHandler
 from django.db import connections
+from django.http import HttpResponse
 from django.test import Client, override_settings
 
 import deepsec
@@ -280,6 +281,36 @@ def test_a_response_class_without_streaming_is_returned_as_it_is() -> None:
         assert asyncio.run(EndUserSecMiddleware(aview)(request)) is bare
     assert [ctx.identity if ctx else None for ctx in seen] == [("una", None)] * 2
     assert deepsec.current_end_user() is None
+
+
+def test_the_middleware_follows_the_settings_as_they_change() -> None:
+    """The middleware reads conf's parsed settings without a call: what
+    override_settings sets (and restores) still applies from the next request."""
+    from django.test import RequestFactory
+
+    from deepsec.django.conf import get_settings
+    from deepsec.django.middleware import EndUserSecMiddleware
+
+    seen: list[Any] = []
+
+    def view(request: Any) -> Any:
+        ctx = deepsec.current_end_user()
+        seen.append(None if ctx is None else ctx.identity)
+        return HttpResponse(b"ok")
+
+    middleware = EndUserSecMiddleware(view)
+    cookie = 'identity=["vic", null]'
+
+    def call() -> None:
+        middleware(RequestFactory().get("/", HTTP_COOKIE=cookie))
+
+    with override_settings(DEEPSEC={"client_local_users": True}):
+        call()
+        assert get_settings().client_local_users  # (now cached)
+        with override_settings(DEEPSEC={}):  # local users off: the cookie names nobody
+            call()
+        call()
+    assert seen == [("vic", None), None, ("vic", None)]
 
 
 # -- ASGI ----------------------------------------------------------------------
