@@ -19,7 +19,6 @@ import contextvars
 import copy
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from types import TracebackType
 from typing import Any, ClassVar, TypeVar, overload
 
 # The value class lives in its own module; it is imported from here, as before.
@@ -125,12 +124,7 @@ class Activation:
 
     # Named parameters, not *exc_info: CPython 3.11 specializes the call a
     # ``with`` makes only to a function without *args (~190 instructions).
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc: BaseException | None = None,
-        tb: TracebackType | None = None,
-    ) -> None:
+    def __exit__(self, et: object = None, exc: object = None, tb: object = None) -> None:
         self.end()
 
     def __repr__(self) -> str:
@@ -348,12 +342,7 @@ class end_user(Activation):  # a class used like a function: ``with deepsec.end_
         self._again = new_activation(self.context)
         return self.context
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc: BaseException | None = None,
-        tb: TracebackType | None = None,
-    ) -> None:
+    def __exit__(self, et: object = None, exc: object = None, tb: object = None) -> None:
         again = self._again
         if again is None:
             self.end()
@@ -372,12 +361,7 @@ class end_user(Activation):  # a class used like a function: ``with deepsec.end_
             raise
         return context
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc: BaseException | None = None,
-        tb: TracebackType | None = None,
-    ) -> None:
+    async def __aexit__(self, et: object = None, exc: object = None, tb: object = None) -> None:
         self.__exit__()
 
     def __repr__(self) -> str:
@@ -411,12 +395,7 @@ class as_application:  # a class used like a function: ``with deepsec.as_applica
             )
         self._activation = new_activation(APPLICATION)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc: BaseException | None = None,
-        tb: TracebackType | None = None,
-    ) -> None:
+    def __exit__(self, et: object = None, exc: object = None, tb: object = None) -> None:
         activation, self._activation = self._activation, None
         if activation is not None:
             activation.end()
@@ -424,12 +403,7 @@ class as_application:  # a class used like a function: ``with deepsec.as_applica
     async def __aenter__(self) -> None:
         self.__enter__()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc: BaseException | None = None,
-        tb: TracebackType | None = None,
-    ) -> None:
+    async def __aexit__(self, et: object = None, exc: object = None, tb: object = None) -> None:
         self.__exit__()
 
     def __repr__(self) -> str:

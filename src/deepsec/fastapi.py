@@ -49,7 +49,6 @@ from __future__ import annotations
 import inspect
 from collections import deque
 from contextlib import AsyncExitStack
-from types import TracebackType
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, WebSocketException
@@ -299,15 +298,10 @@ class _DependencyLease(RequestLease):
     #: :data:`_RESPONSE` (an error now may come from a started response).
     phase: int
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc: BaseException | None = None,
-        tb: TracebackType | None = None,
-    ) -> None:
+    def __exit__(self, et: object = None, exc: object = None, tb: object = None) -> None:
         phase = self.phase
         if phase == _ENDPOINT:  # the endpoint's stack closes (the request's stays)
-            self.phase = _RESPONSE if exc_type is None else _ENDPOINT_FAILED
+            self.phase = _RESPONSE if et is None else _ENDPOINT_FAILED
             return
         try:
             if exc is not None and phase == _ENDPOINT_FAILED and isinstance(exc, Exception):
