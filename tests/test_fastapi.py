@@ -44,7 +44,7 @@ from adapter_support import (
 )
 from deepsec import ConfigError, EndUserContext, current_end_user
 from deepsec.asgi import EndUserSecMiddleware
-from deepsec.fastapi import EndUser, EndUserIdentity, end_user_identity
+from deepsec.fastapi import EndUser, EndUserIdentity, add_security_schemes, end_user_identity
 from deepsec.testing.oracle import OracleTestServer
 
 with warnings.catch_warnings():  # Starlette 1.x prefers httpx2 for its TestClient
@@ -347,16 +347,41 @@ def test_dependency_resets_the_context() -> None:
 
 
 def test_openapi_schemes_are_declared_without_a_request_and_only_where_used() -> None:
-    # The cookie scheme is added to the document, not solved per request: the
-    # dependency has no sub-dependency, yet both schemes show up for the routes
-    # that use it (also through an included router), and only there.
+    # The schemes are added to the document, not solved per request: the
+    # dependency is no security dependency and has no sub-dependency, yet
+    # both schemes show up for the routes that use it -- also through routers
+    # (theirs or include_router's dependencies, nested), a sub-dependency or
+    # a parameter -- and only there.
     from fastapi import APIRouter
+    from fastapi.security.base import SecurityBase
 
     app = FastAPI()
     router = APIRouter()
+    guarded_router = APIRouter(dependencies=[Depends(end_user_identity)])
+    included_with = APIRouter()
+    outer, inner = APIRouter(), APIRouter(dependencies=[Depends(EndUserIdentity(cookie_name=None))])
 
     @router.get("/routed")
     async def routed(user: EndUser) -> dict[str, str]:
+        return {}
+
+    @guarded_router.get("/by-router")
+    async def by_router() -> dict[str, str]:
+        return {}
+
+    @included_with.post("/by-include")
+    async def by_include() -> dict[str, str]:
+        return {}
+
+    @inner.get("/deep")
+    async def deep() -> dict[str, str]:
+        return {}
+
+    async def sub(user: EndUser) -> EndUserContext | None:
+        return user
+
+    @app.get("/sub")
+    async def through_sub(user: Annotated[EndUserContext | None, Depends(sub)]) -> dict[str, str]:
         return {}
 
     @app.get("/open")
@@ -367,19 +392,71 @@ def test_openapi_schemes_are_declared_without_a_request_and_only_where_used() ->
     async def guarded() -> dict[str, str]:
         return {}
 
+    @app.get("/hidden", dependencies=[Depends(end_user_identity)], include_in_schema=False)
+    async def hidden() -> dict[str, str]:
+        return {}
+
     app.include_router(router)
+    app.include_router(guarded_router, prefix="/r")
+    app.include_router(included_with, prefix="/i", dependencies=[Depends(end_user_identity)])
+    outer.include_router(inner, prefix="/in")
+    app.include_router(outer, prefix="/out")
+    assert not isinstance(end_user_identity, SecurityBase)  # FastAPI would cost it per request
     assert end_user_identity.cookie_scheme is not None
     assert list(end_user_identity.__signature__.parameters) == ["connection"]
     schema = app.openapi()
     assert set(schema["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyCookie"}
-    for path in ("/guarded", "/routed"):
-        assert schema["paths"][path]["get"]["security"] == [
-            {"HTTPBearer": []},
-            {"APIKeyCookie": []},
-        ]
+    both = [{"HTTPBearer": []}, {"APIKeyCookie": []}]
+    for path, method in [
+        ("/guarded", "get"),
+        ("/routed", "get"),
+        ("/sub", "get"),
+        ("/r/by-router", "get"),
+        ("/i/by-include", "post"),
+    ]:
+        assert schema["paths"][path][method]["security"] == both, path
+    assert schema["paths"]["/out/in/deep"]["get"]["security"] == [{"HTTPBearer": []}]
     assert "security" not in schema["paths"]["/open"]["get"]
+    assert "/hidden" not in schema["paths"]
     assert app.openapi() is schema  # built once, not extended twice
     assert schema["paths"]["/guarded"]["get"]["security"].count({"APIKeyCookie": []}) == 1
+
+
+def test_openapi_schemes_in_a_document_the_app_builds_itself() -> None:
+    # An app with its own openapi function adds the schemes with one call; a
+    # definition of the same name the document already has is kept.
+    from fastapi.openapi.utils import get_openapi
+    from fastapi.security import HTTPBearer
+
+    app = FastAPI()
+    theirs = HTTPBearer(description="the app's own")
+
+    @app.get("/mine", dependencies=[Depends(theirs)])
+    async def mine() -> dict[str, str]:
+        return {}
+
+    @app.get("/guarded", dependencies=[Depends(end_user_identity)])
+    async def guarded() -> dict[str, str]:
+        return {}
+
+    def custom_openapi() -> dict[str, Any]:
+        return add_security_schemes(
+            get_openapi(title="t", version="1", routes=app.routes), app.routes
+        )
+
+    app.openapi = custom_openapi  # type: ignore[method-assign]
+    schema = app.openapi()
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["HTTPBearer"]["description"] == "the app's own"
+    assert schemes["APIKeyCookie"]["in"] == "cookie"
+    assert schema["paths"]["/guarded"]["get"]["security"] == [
+        {"HTTPBearer": []},
+        {"APIKeyCookie": []},
+    ]
+    assert schema["paths"]["/mine"]["get"]["security"] == [{"HTTPBearer": []}]
+    # Idempotent, and a document without paths is returned as it is.
+    assert add_security_schemes(schema, app.routes) == app.openapi()
+    assert add_security_schemes({"openapi": "3.1.0"}, app.routes) == {"openapi": "3.1.0"}
 
 
 def test_settings() -> None:

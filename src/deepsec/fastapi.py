@@ -35,9 +35,12 @@ streaming body has started they pass unchanged).  Bodies are
 ``{"detail": {...}}``, as FastAPI's own errors.
 
 The ``HTTPBearer`` and ``APIKeyCookie`` security schemes appear in OpenAPI
-and cost nothing per request: the dependency itself is the bearer scheme, and
-the cookie scheme is added to the document when FastAPI builds it (this module
-wraps ``FastAPI.openapi``; a sub-dependency would be solved on every request).
+and cost nothing per request: they are added to the document when FastAPI
+builds it (this module wraps ``FastAPI.openapi``; see
+:func:`add_security_schemes`), for the operations that depend on an
+:class:`EndUserIdentity`.  As FastAPI security dependencies they would cost
+on every request (a sub-dependency is solved; a scheme's OAuth scopes are
+computed).
 When the ASGI middleware (:class:`deepsec.asgi.EndUserSecMiddleware`)
 already resolved the request by the same settings (its activation is the
 current one), the dependency reuses that context.  Settings: the one table
@@ -48,50 +51,44 @@ from __future__ import annotations
 
 import inspect
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from typing import Annotated, Any
 
+import fastapi.routing
 from fastapi import Depends, FastAPI, HTTPException, WebSocketException
+from fastapi.dependencies.models import Dependant
 from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.models import APIKey, HTTPBearer
 from fastapi.openapi.models import SecurityBase as SecurityBaseModel
+from fastapi.routing import APIRoute
 from fastapi.security.base import SecurityBase
 from starlette.requests import HTTPConnection
+from starlette.routing import BaseRoute
 
 from .asgi import _lease_by_bytes, _remembered_by_bytes, _start_in_full
 from .context import EndUserContext, _current_activation
 from .lifecycle import TOKEN_CONFIGS, RequestLease, answer, fetch_tokens
 from .web import Rejection, WebSettings
 
-__all__ = ["EndUser", "EndUserIdentity", "end_user_identity"]
+__all__ = ["EndUser", "EndUserIdentity", "add_security_schemes", "end_user_identity"]
 
 _BEARER_DESCRIPTION = "End-user identity token (IAM access token)."
 _COOKIE_DESCRIPTION = 'End-user identity: a token, or JSON ["name", key|null].'
 
 
-class _CookieScheme(SecurityBase):
-    """The identity cookie as an OpenAPI security scheme; never run (see _declare)."""
+class _Scheme(SecurityBase):
+    """A security scheme shown in OpenAPI (:func:`add_security_schemes`); never a dependency."""
 
-    def __init__(self, name: str) -> None:
-        self.model = _cookie_model(name)
-        self.scheme_name = "APIKeyCookie"
+    def __init__(self, model: SecurityBaseModel, scheme_name: str) -> None:
+        self.model = model
+        self.scheme_name = scheme_name
 
 
 def _cookie_model(name: str) -> APIKey:
     return APIKey.model_validate(
         {"type": "apiKey", "in": "cookie", "name": name, "description": _COOKIE_DESCRIPTION}
     )
-
-
-def _declares(settings: WebSettings | None, kwargs: dict[str, Any], openapi: bool) -> bool:
-    """Whether these settings show any security scheme in OpenAPI."""
-    if settings is None:
-        given = {str(k).lower(): v for k, v in kwargs.items()}
-        resolver = given.get("resolver")
-        bearer, cookie = given.get("bearer", True), given.get("cookie_name", "identity")
-    else:
-        resolver, bearer, cookie = settings.resolver, settings.bearer, settings.cookie_name
-    return openapi and resolver is None and (bearer is True or cookie is not None)
 
 
 class EndUserIdentity:
@@ -109,16 +106,6 @@ class EndUserIdentity:
         ConfigError: an unknown setting or a bad value (all of them listed).
     """
 
-    def __new__(
-        cls, settings: WebSettings | None = None, *, openapi: bool = True, **kwargs: Any
-    ) -> EndUserIdentity:
-        # Declaring, the dependency is itself a security scheme (the bearer
-        # one, or the cookie one without bearer): FastAPI lists it in OpenAPI
-        # at no cost per request.
-        if cls is EndUserIdentity and _declares(settings, kwargs, openapi):
-            return super().__new__(_DeclaredEndUserIdentity)
-        return super().__new__(cls)
-
     def __init__(
         self, settings: WebSettings | None = None, *, openapi: bool = True, **kwargs: Any
     ) -> None:
@@ -134,24 +121,18 @@ class EndUserIdentity:
                 "connection", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=HTTPConnection
             )
         ]
+        # The schemes FastAPI's document shows for the routes that depend on
+        # this (add_security_schemes).  Not a SecurityBase dependency: FastAPI
+        # computes a security scheme's OAuth scopes on every request.
         self.bearer_scheme: SecurityBase | None = None
         self.cookie_scheme: SecurityBase | None = None
-        if isinstance(self, SecurityBase):
+        if openapi and s.resolver is None:
             if s.bearer:
-                self.bearer_scheme = self
-                self.model = HTTPBearer(description=_BEARER_DESCRIPTION)
-                self.scheme_name = "HTTPBearer"
+                self.bearer_scheme = _Scheme(
+                    HTTPBearer(description=_BEARER_DESCRIPTION), "HTTPBearer"
+                )
             if s.cookie_name is not None:
-                if self.bearer_scheme is None:
-                    self.cookie_scheme = self
-                    self.model = _cookie_model(s.cookie_name)
-                    self.scheme_name = "APIKeyCookie"
-                else:
-                    # A second scheme as a sub-dependency would cost a dependant
-                    # FastAPI solves on every request (~25 us): it is added to
-                    # the OpenAPI document instead (_declare_cookie_schemes).
-                    self.cookie_scheme = _CookieScheme(s.cookie_name)
-                    _cookie_schemes[:] = [self.cookie_scheme]
+                self.cookie_scheme = _Scheme(_cookie_model(s.cookie_name), "APIKeyCookie")
         # Where a repeat request is looked up by its raw header bytes (as in
         # the ASGI middleware).
         self._remembered = _remembered_by_bytes(s)
@@ -223,55 +204,83 @@ class EndUserIdentity:
         return ctx
 
 
-class _DeclaredEndUserIdentity(EndUserIdentity, SecurityBase):
-    """An :class:`EndUserIdentity` that FastAPI lists as a security scheme."""
+def add_security_schemes(schema: dict[str, Any], routes: Sequence[BaseRoute]) -> dict[str, Any]:
+    """Show deepsec's security schemes in an OpenAPI ``schema`` built from ``routes``; return it.
 
-    model: SecurityBaseModel
-    scheme_name: str
-
-
-def _declare_cookie_schemes(schema: dict[str, Any]) -> None:
-    """Add the identity cookie scheme next to deepsec's bearer scheme in ``schema``.
-
-    Every operation that lists deepsec's ``HTTPBearer`` scheme (recognised by
-    its definition) depends on a bearer-and-cookie :class:`EndUserIdentity`,
-    which accepts the cookie as well: the operation lists the cookie scheme
-    too (either may be sent), and ``components`` defines it.  Idempotent.
+    Every operation of an :class:`~fastapi.routing.APIRoute` that depends on
+    an :class:`EndUserIdentity` (directly, through a router, or through a
+    sub-dependency) lists its schemes -- ``HTTPBearer`` and ``APIKeyCookie``,
+    either may be sent -- and ``components`` defines them (a definition the
+    document already has is kept).  Idempotent.  ``FastAPI.openapi`` calls it
+    (deepsec wraps it); an app that builds its document with its own function
+    calls ``add_security_schemes(get_openapi(...), app.routes)``.
     """
-    schemes = (schema.get("components") or {}).get("securitySchemes") or {}
-    if not _cookie_schemes or schemes.get("HTTPBearer") != _BEARER_DEFINITION:
-        return
-    cookie = _cookie_schemes[0]  # one "APIKeyCookie" per document, as FastAPI names it
-    added = False
-    for operations in (schema.get("paths") or {}).values():
-        for operation in operations.values():
-            security = operation.get("security") if isinstance(operation, dict) else None
-            if security and {"HTTPBearer": []} in security:
-                if {cookie.scheme_name: []} not in security:
-                    security.append({cookie.scheme_name: []})
-                added = True
-    if added:
-        schemes.setdefault(
-            cookie.scheme_name, jsonable_encoder(cookie.model, by_alias=True, exclude_none=True)
-        )
+    paths = schema.get("paths")
+    if not isinstance(paths, dict):
+        return schema
+    shown: dict[str, SecurityBase] = {}
+    for route in _route_contexts(routes):
+        # (A route context of a lazily included router, FastAPI 0.138+,
+        # reads as its effective route: router dependencies included.)
+        if not isinstance(getattr(route, "original_route", route), APIRoute):
+            continue
+        operations = paths.get(route.path_format)
+        if not route.include_in_schema or not isinstance(operations, dict):
+            continue
+        schemes = _schemes_of(route.dependant)
+        if not schemes:
+            continue
+        for method in route.methods or ():
+            operation = operations.get(method.lower())
+            if not isinstance(operation, dict):
+                continue
+            security = operation.setdefault("security", [])
+            for scheme in schemes:
+                if {scheme.scheme_name: []} not in security:
+                    security.append({scheme.scheme_name: []})
+                shown.setdefault(scheme.scheme_name, scheme)
+    if shown:
+        components = schema.setdefault("components", {})
+        definitions = components.setdefault("securitySchemes", {})
+        for name, scheme in shown.items():
+            definitions.setdefault(
+                name, jsonable_encoder(scheme.model, by_alias=True, exclude_none=True)
+            )
+    return schema
 
 
-#: The cookie scheme of the latest bearer-and-cookie dependency (FastAPI names
-#: every cookie scheme "APIKeyCookie": one definition per document).
-_cookie_schemes: list[_CookieScheme] = []
-_BEARER_DEFINITION = {"type": "http", "scheme": "bearer", "description": _BEARER_DESCRIPTION}
+def _flat(routes: Sequence[BaseRoute]) -> Iterator[Any]:
+    return iter(routes)  # FastAPI before 0.138: included routes are copies in app.routes
+
+
+_route_contexts: Callable[[Sequence[BaseRoute]], Iterable[Any]] = getattr(
+    fastapi.routing, "iter_route_contexts", _flat
+)
+
+
+def _schemes_of(dependant: Dependant) -> list[SecurityBase]:
+    """The schemes of the :class:`EndUserIdentity` dependencies in ``dependant``'s tree."""
+    found: list[SecurityBase] = []
+    pending = [dependant]
+    while pending:
+        current = pending.pop()
+        call = current.call
+        if isinstance(call, EndUserIdentity):
+            for scheme in (call.bearer_scheme, call.cookie_scheme):
+                if scheme is not None and scheme not in found:
+                    found.append(scheme)
+        pending.extend(reversed(current.dependencies))
+    return found
+
+
 _fastapi_openapi = FastAPI.openapi
 
 
 def _openapi(self: FastAPI) -> dict[str, Any]:
-    # FastAPI.openapi, plus the cookie scheme.  Installed on the class when
+    # FastAPI.openapi, plus deepsec's schemes.  Installed on the class when
     # deepsec.fastapi is imported (before any app that uses it exists), so the
-    # document shows it from the first time it is built, without a request.
-    # An app that replaces app.openapi with its own function builds its
-    # document itself (the bearer scheme is still in it).
-    schema = _fastapi_openapi(self)
-    _declare_cookie_schemes(schema)
-    return schema
+    # document shows them from the first time it is built, without a request.
+    return add_security_schemes(_fastapi_openapi(self), self.routes)
 
 
 FastAPI.openapi = _openapi  # type: ignore[method-assign]
