@@ -1,7 +1,7 @@
 """Adapter cost: bare app vs hand-written floor vs deepsec, per framework.
 
-Run ``python bench/adapters.py [--requests N] [--rounds R] [--db-requests N] [--block B]
-[--no-db]``.
+Run ``python bench/adapters.py [--requests N] [--rounds R] [--batch K] [--db-requests N]
+[--block B] [--no-db]``.
 
 Each WSGI/ASGI app is called in process with a request carrying an end-user
 bearer token and two unrelated cookies, so every adapter does its full work.
@@ -16,8 +16,14 @@ without ``yield``.  Each framework also runs a second, identical floor app:
 "floor adds" is the mean of the two copies', and their difference (the last
 column) is the run's noise.
 
-Table 1 (hello-world endpoints): the mean CPU time per request of a batch of
-``--requests`` per variant and round.  Table 2 repeats it with an endpoint
+Table 1 (hello-world endpoints): CPU time per request, timed over batches
+of ``--batch`` requests (20) per variant, the variants interleaved batch by
+batch in shuffled order; a delta is the median over all batches of the
+paired difference (``--requests`` per variant and round: 15 batches a
+round).  Short interleaved batches see the same load of the machine; a
+median over batches drops a batch that a preemption or a garbage collection
+hit.  None is deepsec's: the bench counts the cyclic garbage each variant
+leaves per request and prints it (equal in every variant).  Table 2 repeats it with an endpoint
 that runs one ``select 1`` through a pool (python-oracledb thin, TCPS) to the
 wire test server in its own process (``bench/_wire.py``): each request timed
 on its own, variants interleaved in blocks of ``--block`` (order shuffled per
@@ -354,8 +360,12 @@ def measure(
     block: int,
     stat: Callable[[list[float]], float],
     seed: int = 0,
+    per_batch: bool = False,
 ) -> Samples:
     """Each variant's ``stat`` of its per-request (cpu, wall) seconds, per round.
+
+    With ``per_batch``, one sample per batch instead (the runner's mean over
+    the batch; ``stat`` unused): the variants' samples pair batch by batch.
 
     Every round builds every app anew (``build``) and warms it up untimed,
     then runs ``n`` requests per variant in blocks of ``block``, the order
@@ -377,6 +387,10 @@ def measure(
             rng.shuffle(names)
             for name in names:
                 timed[name] += runners[name](min(block, n - start))
+        if per_batch:
+            for name, each in timed.items():
+                samples.setdefault(name, []).extend(each)
+            continue
         for name, each in timed.items():
             cpu = stat([c for c, _ in each])
             wall = stat([w for _, w in each])
@@ -415,9 +429,10 @@ def row(samples: Samples, label: str, bare: str, floor: str, ours: str, column: 
     )
 
 
-def report(title: str, results: dict[str, Samples], column: int) -> None:
+def report(title: str, results: dict[str, Samples], column: int, how: str = "") -> None:
     unit = "CPU" if column == 0 else "wall-clock"
-    print(f"\n{title} ({unit} us per request; medians of {unit} per round, deltas paired)\n")
+    how = how or f"medians of {unit} per round, deltas paired"
+    print(f"\n{title} ({unit} us per request; {how})\n")
     print(
         "| framework | bare | floor | deepsec | floor adds | deepsec adds | deepsec - floor "
         "| deepsec adds / floor adds | A/A: floor copy - floor |"
@@ -430,6 +445,41 @@ def report(title: str, results: dict[str, Samples], column: int) -> None:
             print(row(r, label, "bare", "floor-dependency", "deepsec-dependency", column))
 
 
+def cyclic_garbage(loop: asyncio.AbstractEventLoop, requests: int = 500) -> str:
+    """Cyclic garbage each variant leaves per request (what Table 1's medians may drop).
+
+    Every variant serves ``requests`` with the collector off; a collection
+    then counts what only it could free.  Equal counts: no variant makes the
+    collector run more often than another.
+    """
+    import gc
+
+    apps = {"Flask": flask_apps, "Starlette": starlette_apps, "FastAPI": fastapi_apps}
+    if DJANGO:
+        apps["Django"] = django_apps
+    counts: dict[str, dict[str, float]] = {}
+    for framework, build in apps.items():
+        for variant, app in build().items():
+            run = (
+                wsgi_runner(app, "/", False)
+                if framework in ("Flask", "Django")
+                else asgi_runner(app, loop, "/", False)
+            )
+            run(20)
+            gc.collect()
+            gc.disable()
+            try:
+                run(requests)
+            finally:
+                gc.enable()
+            counts.setdefault(framework, {})[variant] = gc.collect() / requests
+    lines = [
+        f"{framework}: " + ", ".join(f"{v} {c:.1f}" for v, c in found.items())
+        for framework, found in counts.items()
+    ]
+    return "\nCyclic garbage per request (objects):\n" + "\n".join(lines)
+
+
 def run_all(
     path: str,
     n: int,
@@ -437,9 +487,10 @@ def run_all(
     loop: asyncio.AbstractEventLoop,
     *,
     block: int,
-    stat: Callable[[list[float]], float],
+    stat: Callable[[list[float]], float] | None,
 ) -> dict[str, Samples]:
-    each = stat is not statistics.fmean  # a median needs each request's time
+    """Every framework's samples; ``stat=None``: one per batch (:func:`measure`)."""
+    each = stat is not None  # a median over a round needs each request's time
 
     def wsgi(apps: Callable[[], dict[str, Any]], path: str) -> Callable[[], dict[str, Runner]]:
         return lambda: {k: wsgi_runner(a, path, each) for k, a in apps().items()}
@@ -448,6 +499,8 @@ def run_all(
         return lambda: {k: asgi_runner(a, loop, path, each) for k, a in apps().items()}
 
     def run(build: Callable[[], dict[str, Runner]]) -> Samples:
+        if stat is None:
+            return measure(build, n, rounds, block=block, stat=statistics.fmean, per_batch=True)
         return measure(build, n, rounds, block=block, stat=stat)
 
     results: dict[str, Samples] = {}
@@ -463,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--requests", type=int, default=300, help="requests per round")
     parser.add_argument("--rounds", type=int, default=31, help="interleaved rounds")
+    parser.add_argument("--batch", type=int, default=20, help="requests per app in a row")
     parser.add_argument("--db-requests", type=int, default=50, help="requests per round (db)")
     parser.add_argument("--block", type=int, default=10, help="requests per app in a row (db)")
     parser.add_argument("--no-db", action="store_true", help="skip the wire-server table")
@@ -475,11 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     loop = asyncio.new_event_loop()
     try:
         print(f"python {sys.version.split()[0]}, {args.rounds} rounds")
-        # Table 1: the mean CPU per request (a garbage collection or cache
-        # miss a variant causes is its cost), whole rounds per variant.
-        mean = statistics.fmean
-        results = run_all("/", args.requests, args.rounds, loop, block=args.requests, stat=mean)
-        report("Table 1: no database", results, 0)
+        # Table 1: CPU per request over short interleaved batches, paired
+        # batch by batch (medians: what a preemption hits is dropped).
+        results = run_all("/", args.requests, args.rounds, loop, block=args.batch, stat=None)
+        report("Table 1: no database", results, 0, "medians over batches of paired deltas")
+        print(cyclic_garbage(loop))
         if not args.no_db:
             import oracledb
             from _wire import wire_server
