@@ -54,7 +54,7 @@ ROWS = [
     ("Django (the middleware alone)", "django-alone", "bare", "floor", "deepsec"),
     ("Starlette (ASGI middleware)", "starlette", "bare", "floor", "deepsec"),
     ("FastAPI (ASGI middleware)", "fastapi", "bare", "floor", "deepsec"),
-    ("FastAPI (dependency)", "fastapi", "bare", "floor-dependency", "deepsec-dependency"),
+    ("FastAPI (dependency)", "fastapi-dependency", "bare", "floor", "deepsec"),
 ]
 WARM_UP = 300
 
@@ -72,6 +72,8 @@ def app_runner(
         return adapters.wsgi_runner(adapters.django_apps()[variant], "/", False)
     if framework == "starlette":
         return adapters.asgi_runner(adapters.starlette_apps()[variant], loop, "/", False)
+    if framework == "fastapi-dependency":
+        return adapters.asgi_runner(adapters.fastapi_dependency_apps()[variant], loop, "/", False)
     return adapters.asgi_runner(adapters.fastapi_apps()[variant], loop, "/", False)
 
 

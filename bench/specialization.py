@@ -43,7 +43,7 @@ VARIANTS = [
     ("Django (middleware)", "django", "deepsec"),
     ("Starlette (ASGI middleware)", "starlette", "deepsec"),
     ("FastAPI (ASGI middleware)", "fastapi", "deepsec"),
-    ("FastAPI (dependency)", "fastapi", "deepsec-dependency"),
+    ("FastAPI (dependency)", "fastapi-dependency", "deepsec"),
 ]
 
 
