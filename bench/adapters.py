@@ -9,7 +9,8 @@ Three apps per framework: **bare** (no identity handling), **floor** (the
 adapter a competent developer writes by hand, ``bench/floors.py``: read the
 header or cookie, set a contextvar, reset it) and **deepsec**.  Every round
 builds every app anew and runs all variants of a framework interleaved; the
-figures are medians over rounds, deltas paired within a round.  Targets
+figures are medians, deltas paired within a batch (Table 1) or a round
+(Table 2).  The FastAPI dependency's apps are a group of their own.  Targets
 (issue 9): deepsec adds at most 1.5x what the floor adds over bare; the
 FastAPI dependency at most 5 us above a minimal ``async def`` dependency
 without ``yield``.  Each framework also runs a second, identical floor app:
@@ -19,8 +20,8 @@ column) is the run's noise.
 Table 1 (hello-world endpoints): CPU time per request, timed over batches
 of ``--batch`` requests (20) per variant, the variants interleaved batch by
 batch in shuffled order; a delta is the median over all batches of the
-paired difference (``--requests`` per variant and round: 15 batches a
-round).  Short interleaved batches see the same load of the machine; a
+paired difference (``--requests`` per variant and round: with the
+defaults, 15 batches a round).  Short interleaved batches see the same load of the machine; a
 median over batches drops a batch that a preemption or a garbage collection
 hit.  None is deepsec's: the bench counts the cyclic garbage each variant
 leaves per request and prints it (equal in every variant).  Table 2 repeats it with an endpoint
@@ -369,7 +370,8 @@ def fastapi_dependency_apps() -> dict[str, Any]:
 # -- measurement -----------------------------------------------------------------------
 
 
-Samples = dict[str, list[tuple[float, float]]]  # variant -> per round: (cpu, wall) per request
+#: variant -> per round (Table 2) or per batch (Table 1): (cpu, wall) per request
+Samples = dict[str, list[tuple[float, float]]]
 
 
 def measure(
@@ -423,7 +425,7 @@ def _median(samples: Samples, name: str, column: int) -> float:
 
 
 def _median_delta(samples: Samples, a: str, b: str, column: int) -> float:
-    """Median over rounds of ``a - b`` (paired within each round: load cancels)."""
+    """Median of ``a - b`` over paired samples (one round or batch each: load cancels)."""
     return statistics.median(
         x[column] - y[column] for x, y in zip(samples[a], samples[b], strict=True)
     )

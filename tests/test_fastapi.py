@@ -459,6 +459,80 @@ def test_openapi_schemes_in_a_document_the_app_builds_itself() -> None:
     assert add_security_schemes({"openapi": "3.1.0"}, app.routes) == {"openapi": "3.1.0"}
 
 
+def test_openapi_scheme_names_never_name_another_cookie() -> None:
+    # FastAPI names every cookie scheme "APIKeyCookie": deepsec reuses a
+    # definition only when it asks for the same cookie, else adds its own under
+    # a free name, so no operation documents another cookie than it reads.
+    from fastapi.security import APIKeyCookie
+
+    app = FastAPI()
+    session = APIKeyCookie(name="session")
+    other = EndUserIdentity(bearer=False, cookie_name="sess")
+
+    @app.get("/mine", dependencies=[Depends(session)])
+    async def mine() -> dict[str, str]:
+        return {}
+
+    @app.get("/default", dependencies=[Depends(end_user_identity)])
+    async def default() -> dict[str, str]:
+        return {}
+
+    @app.get("/other", dependencies=[Depends(other)])
+    async def by_other() -> dict[str, str]:
+        return {}
+
+    @app.get("/same", dependencies=[Depends(EndUserIdentity(cookie_name="sess", bearer=False))])
+    async def same() -> dict[str, str]:
+        return {}
+
+    schema = app.openapi()
+    schemes = schema["components"]["securitySchemes"]
+    security = {path: schema["paths"][path]["get"]["security"] for path in schema["paths"]}
+    assert security["/mine"] == [{"APIKeyCookie": []}]
+    assert schemes["APIKeyCookie"]["name"] == "session"
+    for path, cookie in (("/default", "identity"), ("/other", "sess"), ("/same", "sess")):
+        names = [name for requirement in security[path] for name in requirement]
+        cookie_schemes = [n for n in names if schemes[n]["type"] == "apiKey"]
+        assert [schemes[n]["name"] for n in cookie_schemes] == [cookie], path
+    assert security["/other"] == security["/same"]  # the same cookie: one definition
+    assert len(schemes) == 4  # session, identity, sess, the bearer
+
+
+def test_openapi_schemes_for_webhooks_and_callbacks_and_once_per_document(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fastapi import APIRouter
+
+    import deepsec.fastapi as deepsec_fastapi
+
+    app = FastAPI()
+    callbacks = APIRouter()
+
+    @callbacks.post("/notify", dependencies=[Depends(end_user_identity)])
+    async def notify() -> None:
+        pass
+
+    @app.webhooks.post("/hook", dependencies=[Depends(end_user_identity)])
+    async def hook() -> None:
+        pass
+
+    @app.get("/subscribe", callbacks=callbacks.routes)
+    async def subscribe() -> dict[str, str]:
+        return {}
+
+    walks = []
+    walk = deepsec_fastapi._find_operations
+    monkeypatch.setattr(deepsec_fastapi, "_find_operations", lambda *a: walks.append(1) or walk(*a))
+    schema = app.openapi()
+    both = [{"HTTPBearer": []}, {"APIKeyCookie": []}]
+    assert schema["webhooks"]["/hook"]["post"]["security"] == both
+    callback = schema["paths"]["/subscribe"]["get"]["callbacks"]["notify"]["/notify"]["post"]
+    assert callback["security"] == both
+    assert "security" not in schema["paths"]["/subscribe"]["get"]
+    walked = len(walks)
+    assert app.openapi() is schema and len(walks) == walked  # the cached document: no walk
+
+
 def test_settings() -> None:
     with pytest.raises(ConfigError, match="colour"):
         EndUserIdentity(colour="red")

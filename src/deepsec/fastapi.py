@@ -39,8 +39,8 @@ and cost nothing per request: they are added to the document when FastAPI
 builds it (this module wraps ``FastAPI.openapi``; see
 :func:`add_security_schemes`), for the operations that depend on an
 :class:`EndUserIdentity`.  As FastAPI security dependencies they would cost
-on every request (a sub-dependency is solved; a scheme's OAuth scopes are
-computed).
+on every request (a sub-dependency is solved; recent FastAPI computes a
+scheme's OAuth scopes).
 When the ASGI middleware (:class:`deepsec.asgi.EndUserSecMiddleware`)
 already resolved the request by the same settings (its activation is the
 current one), the dependency reuses that context.  Settings: the one table
@@ -50,6 +50,7 @@ in ``docs/settings.md``; use :class:`EndUserIdentity` to change them.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AsyncExitStack
@@ -122,8 +123,8 @@ class EndUserIdentity:
             )
         ]
         # The schemes FastAPI's document shows for the routes that depend on
-        # this (add_security_schemes).  Not a SecurityBase dependency: FastAPI
-        # computes a security scheme's OAuth scopes on every request.
+        # this (add_security_schemes).  Not a SecurityBase dependency: recent
+        # FastAPI computes a security scheme's OAuth scopes on every request.
         self.bearer_scheme: SecurityBase | None = None
         self.cookie_scheme: SecurityBase | None = None
         if openapi and s.resolver is None:
@@ -204,56 +205,97 @@ class EndUserIdentity:
         return ctx
 
 
-def add_security_schemes(schema: dict[str, Any], routes: Sequence[BaseRoute]) -> dict[str, Any]:
+def add_security_schemes(
+    schema: dict[str, Any],
+    routes: Sequence[BaseRoute],
+    webhooks: Sequence[BaseRoute] = (),
+) -> dict[str, Any]:
     """Show deepsec's security schemes in an OpenAPI ``schema`` built from ``routes``; return it.
 
     Every operation of an :class:`~fastapi.routing.APIRoute` that depends on
     an :class:`EndUserIdentity` (directly, through a router, or through a
     sub-dependency) lists its schemes -- ``HTTPBearer`` and ``APIKeyCookie``,
-    either may be sent -- and ``components`` defines them (a definition the
-    document already has is kept).  Idempotent.  ``FastAPI.openapi`` calls it
-    (deepsec wraps it); an app that builds its document with its own function
-    calls ``add_security_schemes(get_openapi(...), app.routes)``.
+    either may be sent -- and ``components`` defines them; so do the route's
+    callbacks, and the ``webhooks`` (``app.webhooks.routes``).  A definition
+    of that name the document already has is used when it asks for the same
+    thing (a bearer token; a cookie of the same name); else deepsec's is added
+    under a free name (``APIKeyCookie_2``...).  Idempotent.
+    ``FastAPI.openapi`` calls it (deepsec wraps it); an app that builds its
+    document with its own function calls
+    ``add_security_schemes(get_openapi(...), app.routes, app.webhooks.routes)``.
     """
-    paths = schema.get("paths")
-    if not isinstance(paths, dict):
+    marks: list[tuple[dict[str, Any], list[SecurityBase]]] = []
+    _find_operations(schema.get("paths"), routes, "path_format", marks)
+    _find_operations(schema.get("webhooks"), webhooks, "path_format", marks)
+    if not marks:
         return schema
-    shown: dict[str, SecurityBase] = {}
+    components = schema.setdefault("components", {})
+    definitions = components.setdefault("securitySchemes", {})
+    names: dict[int, str] = {}  # id(scheme) -> its name in this document
+    for operation, schemes in marks:
+        security = operation.setdefault("security", [])
+        for scheme in schemes:
+            name = names.get(id(scheme))
+            if name is None:
+                name = names[id(scheme)] = _name_for(scheme, definitions)
+            if {name: []} not in security:
+                security.append({name: []})
+    return schema
+
+
+def _find_operations(
+    paths: Any,
+    routes: Iterable[BaseRoute],
+    key: str,
+    marks: list[tuple[dict[str, Any], list[SecurityBase]]],
+) -> None:
+    """Note each operation of ``paths`` whose route depends on an :class:`EndUserIdentity`."""
+    if not isinstance(paths, dict):
+        return
     for route in _route_contexts(routes):
         # (A route context of a lazily included router, FastAPI 0.138+,
         # reads as its effective route: router dependencies included.)
         if not isinstance(getattr(route, "original_route", route), APIRoute):
             continue
-        operations = paths.get(route.path_format)
+        operations = paths.get(getattr(route, key))
         if not route.include_in_schema or not isinstance(operations, dict):
             continue
         schemes = _schemes_of(route.dependant)
-        if not schemes:
-            continue
         for method in route.methods or ():
             operation = operations.get(method.lower())
             if not isinstance(operation, dict):
                 continue
-            security = operation.setdefault("security", [])
-            for scheme in schemes:
-                if {scheme.scheme_name: []} not in security:
-                    security.append({scheme.scheme_name: []})
-                shown.setdefault(scheme.scheme_name, scheme)
-    if shown:
-        components = schema.setdefault("components", {})
-        definitions = components.setdefault("securitySchemes", {})
-        for name, scheme in shown.items():
-            definitions.setdefault(
-                name, jsonable_encoder(scheme.model, by_alias=True, exclude_none=True)
-            )
-    return schema
+            if schemes:
+                marks.append((operation, schemes))
+            callbacks = operation.get("callbacks")
+            for callback in route.callbacks or ():
+                # FastAPI documents a callback under its name, then its path.
+                found = callbacks.get(callback.name) if isinstance(callbacks, dict) else None
+                _find_operations(found, [callback], "path", marks)
 
 
-def _flat(routes: Sequence[BaseRoute]) -> Iterator[Any]:
+def _name_for(scheme: SecurityBase, definitions: dict[str, Any]) -> str:
+    """The name ``scheme`` has in ``definitions``: one that asks the same, else a free one."""
+    definition = jsonable_encoder(scheme.model, by_alias=True, exclude_none=True)
+    # What a client must send: a bearer token, or a cookie (header...) of this name.
+    sends = ("type", "scheme") if definition.get("type") == "http" else ("type", "in", "name")
+    base, number = scheme.scheme_name, 1
+    while True:
+        name = base if number == 1 else f"{base}_{number}"
+        found = definitions.get(name)
+        if found is None:
+            definitions[name] = definition
+            return name
+        if isinstance(found, dict) and all(found.get(k) == definition.get(k) for k in sends):
+            return name
+        number += 1
+
+
+def _flat(routes: Iterable[BaseRoute]) -> Iterator[Any]:
     return iter(routes)  # FastAPI before 0.138: included routes are copies in app.routes
 
 
-_route_contexts: Callable[[Sequence[BaseRoute]], Iterable[Any]] = getattr(
+_route_contexts: Callable[[Iterable[BaseRoute]], Iterable[Any]] = getattr(
     fastapi.routing, "iter_route_contexts", _flat
 )
 
@@ -274,13 +316,20 @@ def _schemes_of(dependant: Dependant) -> list[SecurityBase]:
 
 
 _fastapi_openapi = FastAPI.openapi
+#: The document each app was last given with deepsec's schemes (a cache, per
+#: app, so that serving a cached document does not walk every route again).
+_documented: weakref.WeakKeyDictionary[FastAPI, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def _openapi(self: FastAPI) -> dict[str, Any]:
     # FastAPI.openapi, plus deepsec's schemes.  Installed on the class when
     # deepsec.fastapi is imported (before any app that uses it exists), so the
     # document shows them from the first time it is built, without a request.
-    return add_security_schemes(_fastapi_openapi(self), self.routes)
+    schema = _fastapi_openapi(self)
+    if _documented.get(self) is not schema:
+        add_security_schemes(schema, self.routes, self.webhooks.routes)
+        _documented[self] = schema
+    return schema
 
 
 FastAPI.openapi = _openapi  # type: ignore[method-assign]
