@@ -533,6 +533,55 @@ def test_openapi_schemes_for_webhooks_and_callbacks_and_once_per_document(
     assert app.openapi() is schema and len(walks) == walked  # the cached document: no walk
 
 
+def test_openapi_documents_of_any_shape_never_fail() -> None:
+    # /openapi.json must never become an error page because of deepsec: a
+    # callback router that includes another router (FastAPI documents only
+    # its APIRoutes), an app class that cannot be hashed, and parts of the
+    # document that are not what FastAPI writes are all left as they are.
+    from fastapi import APIRouter
+    from fastapi.testclient import TestClient as Client
+
+    callbacks, leaf = APIRouter(), APIRouter()
+
+    @leaf.post("/leaf", dependencies=[Depends(end_user_identity)])
+    async def leaf_callback() -> None:
+        pass
+
+    @callbacks.post("/notify", dependencies=[Depends(end_user_identity)])
+    async def notify() -> None:
+        pass
+
+    callbacks.include_router(leaf)
+
+    class Unhashable(FastAPI):
+        def __eq__(self, other: object) -> bool:  # without __hash__: cannot be hashed
+            return self is other
+
+    app = Unhashable()
+
+    @app.get("/subscribe", callbacks=callbacks.routes, dependencies=[Depends(end_user_identity)])
+    async def subscribe() -> dict[str, str]:
+        return {}
+
+    @app.get("/odd", dependencies=[Depends(end_user_identity)], openapi_extra={"security": "x"})
+    async def odd() -> dict[str, str]:
+        return {}
+
+    response = Client(app).get("/openapi.json")
+    assert response.status_code == 200
+    schema = response.json()
+    both = [{"HTTPBearer": []}, {"APIKeyCookie": []}]
+    assert schema["paths"]["/subscribe"]["get"]["security"] == both
+    notified = schema["paths"]["/subscribe"]["get"]["callbacks"]["notify"]["/notify"]["post"]
+    assert notified["security"] == both
+    assert schema["paths"]["/odd"]["get"]["security"] == "x"
+    for odd_document in (
+        {"paths": {"/subscribe": {"get": {}}}, "components": None},
+        {"paths": {"/subscribe": {"get": {}}}, "components": {"securitySchemes": []}},
+    ):
+        assert add_security_schemes(odd_document, app.routes) == odd_document
+
+
 def test_settings() -> None:
     with pytest.raises(ConfigError, match="colour"):
         EndUserIdentity(colour="red")

@@ -50,7 +50,6 @@ in ``docs/settings.md``; use :class:`EndUserIdentity` to change them.
 from __future__ import annotations
 
 import inspect
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AsyncExitStack
@@ -229,11 +228,18 @@ def add_security_schemes(
     _find_operations(schema.get("webhooks"), webhooks, "path_format", marks)
     if not marks:
         return schema
+    # (Not a document deepsec can add to: left as it is, never an error page.)
     components = schema.setdefault("components", {})
+    if not isinstance(components, dict):
+        return schema
     definitions = components.setdefault("securitySchemes", {})
+    if not isinstance(definitions, dict):
+        return schema
     names: dict[int, str] = {}  # id(scheme) -> its name in this document
     for operation, schemes in marks:
         security = operation.setdefault("security", [])
+        if not isinstance(security, list):
+            continue  # the app's own, not a list of requirements: left as it is
         for scheme in schemes:
             name = names.get(id(scheme))
             if name is None:
@@ -268,10 +274,12 @@ def _find_operations(
             if schemes:
                 marks.append((operation, schemes))
             callbacks = operation.get("callbacks")
-            for callback in route.callbacks or ():
-                # FastAPI documents a callback under its name, then its path.
-                found = callbacks.get(callback.name) if isinstance(callbacks, dict) else None
-                _find_operations(found, [callback], "path", marks)
+            if isinstance(callbacks, dict):
+                # FastAPI documents a callback route under its name (the last
+                # one of a name wins), then its path; it skips other routes.
+                kept = {c.name: c for c in route.callbacks or () if isinstance(c, APIRoute)}
+                for name, callback in kept.items():
+                    _find_operations(callbacks.get(name), [callback], "path", marks)
 
 
 def _name_for(scheme: SecurityBase, definitions: dict[str, Any]) -> str:
@@ -316,20 +324,24 @@ def _schemes_of(dependant: Dependant) -> list[SecurityBase]:
 
 
 _fastapi_openapi = FastAPI.openapi
-#: The document each app was last given with deepsec's schemes (a cache, per
-#: app, so that serving a cached document does not walk every route again).
-_documented: weakref.WeakKeyDictionary[FastAPI, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def _openapi(self: FastAPI) -> dict[str, Any]:
     # FastAPI.openapi, plus deepsec's schemes.  Installed on the class when
     # deepsec.fastapi is imported (before any app that uses it exists), so the
     # document shows them from the first time it is built, without a request.
+    # The app keeps the document it was last given with them, so that serving
+    # FastAPI's cached document does not walk every route again (in the app's
+    # own __dict__: an app class need not be hashable).
     schema = _fastapi_openapi(self)
-    if _documented.get(self) is not schema:
+    kept = self.__dict__
+    if kept.get(_DOCUMENTED) is not schema:
         add_security_schemes(schema, self.routes, self.webhooks.routes)
-        _documented[self] = schema
+        kept[_DOCUMENTED] = schema
     return schema
+
+
+_DOCUMENTED = "_deepsec_openapi_document"
 
 
 FastAPI.openapi = _openapi  # type: ignore[method-assign]
