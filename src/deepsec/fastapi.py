@@ -59,9 +59,8 @@ import fastapi.routing
 from fastapi import Depends, FastAPI, HTTPException, WebSocketException
 from fastapi.dependencies.models import Dependant
 from fastapi.encoders import jsonable_encoder
-from fastapi.openapi.models import APIKey, HTTPBearer
-from fastapi.openapi.models import SecurityBase as SecurityBaseModel
 from fastapi.routing import APIRoute
+from fastapi.security import APIKeyCookie, HTTPBearer
 from fastapi.security.base import SecurityBase
 from starlette.requests import HTTPConnection
 from starlette.routing import BaseRoute
@@ -75,20 +74,6 @@ __all__ = ["EndUser", "EndUserIdentity", "add_security_schemes", "end_user_ident
 
 _BEARER_DESCRIPTION = "End-user identity token (IAM access token)."
 _COOKIE_DESCRIPTION = 'End-user identity: a token, or JSON ["name", key|null].'
-
-
-class _Scheme(SecurityBase):
-    """A security scheme shown in OpenAPI (:func:`add_security_schemes`); never a dependency."""
-
-    def __init__(self, model: SecurityBaseModel, scheme_name: str) -> None:
-        self.model = model
-        self.scheme_name = scheme_name
-
-
-def _cookie_model(name: str) -> APIKey:
-    return APIKey.model_validate(
-        {"type": "apiKey", "in": "cookie", "name": name, "description": _COOKIE_DESCRIPTION}
-    )
 
 
 class EndUserIdentity:
@@ -127,12 +112,14 @@ class EndUserIdentity:
         self.bearer_scheme: SecurityBase | None = None
         self.cookie_scheme: SecurityBase | None = None
         if openapi and s.resolver is None:
+            # (FastAPI's own scheme objects, for their models and names only:
+            # never a dependency, so never run.)
             if s.bearer:
-                self.bearer_scheme = _Scheme(
-                    HTTPBearer(description=_BEARER_DESCRIPTION), "HTTPBearer"
-                )
+                self.bearer_scheme = HTTPBearer(description=_BEARER_DESCRIPTION)
             if s.cookie_name is not None:
-                self.cookie_scheme = _Scheme(_cookie_model(s.cookie_name), "APIKeyCookie")
+                self.cookie_scheme = APIKeyCookie(
+                    name=s.cookie_name, description=_COOKIE_DESCRIPTION
+                )
         # Where a repeat request is looked up by its raw header bytes (as in
         # the ASGI middleware).
         self._remembered = _remembered_by_bytes(s)
