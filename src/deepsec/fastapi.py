@@ -254,6 +254,9 @@ def _find_operations(
         if not route.include_in_schema or not isinstance(operations, dict):
             continue
         schemes = _schemes_of(route.dependant)
+        # FastAPI documents a callback route under its name (the last one of a
+        # name wins), then its path; it skips other routes.
+        kept = {c.name: c for c in route.callbacks or () if isinstance(c, APIRoute)}
         for method in route.methods or ():
             operation = operations.get(method.lower())
             if not isinstance(operation, dict):
@@ -262,9 +265,6 @@ def _find_operations(
                 marks.append((operation, schemes))
             callbacks = operation.get("callbacks")
             if isinstance(callbacks, dict):
-                # FastAPI documents a callback route under its name (the last
-                # one of a name wins), then its path; it skips other routes.
-                kept = {c.name: c for c in route.callbacks or () if isinstance(c, APIRoute)}
                 for name, callback in kept.items():
                     _find_operations(callbacks.get(name), [callback], "path", marks)
 
