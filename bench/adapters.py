@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import io
 import json
 import random
@@ -464,6 +465,34 @@ def report(title: str, results: dict[str, Samples], column: int, how: str = "") 
         print(row(r, framework, "bare", "floor", "deepsec", column))
 
 
+#: The table's rows: each one's apps (variant -> app) and whether they are ASGI apps.
+GROUPS: list[tuple[str, Callable[[], dict[str, Any]], bool]] = [
+    ("Flask (DeepSec)", flask_apps, False),
+    ("Django (middleware)", django_apps, False),
+    ("Starlette (ASGI middleware)", starlette_apps, True),
+    ("FastAPI (ASGI middleware)", fastapi_apps, True),
+    ("FastAPI (dependency)", fastapi_dependency_apps, True),
+]
+
+
+def groups() -> list[tuple[str, Callable[[], dict[str, Any]], bool]]:
+    """The rows this run measures (Django's only when it is installed)."""
+    return [g for g in GROUPS if DJANGO or g[1] is not django_apps]
+
+
+def runners(
+    apps: Callable[[], dict[str, Any]],
+    is_asgi: bool,
+    loop: asyncio.AbstractEventLoop,
+    path: str,
+    each: bool,
+) -> dict[str, Runner]:
+    """New apps of one row, each as "serve n requests" (:data:`Runner`)."""
+    if is_asgi:
+        return {k: asgi_runner(a, loop, path, each) for k, a in apps().items()}
+    return {k: wsgi_runner(a, path, each) for k, a in apps().items()}
+
+
 def cyclic_garbage(loop: asyncio.AbstractEventLoop, requests: int = 500) -> str:
     """Cyclic garbage each variant leaves per request (what Table 1's medians may drop).
 
@@ -473,22 +502,10 @@ def cyclic_garbage(loop: asyncio.AbstractEventLoop, requests: int = 500) -> str:
     """
     import gc
 
-    apps = {
-        "Flask": flask_apps,
-        "Starlette": starlette_apps,
-        "FastAPI": fastapi_apps,
-        "FastAPI (dependency)": fastapi_dependency_apps,
-    }
-    if DJANGO:
-        apps["Django"] = django_apps
-    counts: dict[str, dict[str, float]] = {}
-    for framework, build in apps.items():
-        for variant, app in build().items():
-            run = (
-                wsgi_runner(app, "/", False)
-                if framework in ("Flask", "Django")
-                else asgi_runner(app, loop, "/", False)
-            )
+    lines = []
+    for label, apps, is_asgi in groups():
+        counts = []
+        for variant, run in runners(apps, is_asgi, loop, "/", False).items():
             run(20)
             gc.collect()
             gc.disable()
@@ -496,11 +513,8 @@ def cyclic_garbage(loop: asyncio.AbstractEventLoop, requests: int = 500) -> str:
                 run(requests)
             finally:
                 gc.enable()
-            counts.setdefault(framework, {})[variant] = gc.collect() / requests
-    lines = [
-        f"{framework}: " + ", ".join(f"{v} {c:.1f}" for v, c in found.items())
-        for framework, found in counts.items()
-    ]
+            counts.append(f"{variant} {gc.collect() / requests:.1f}")
+        lines.append(f"{label}: " + ", ".join(counts))
     return "\nCyclic garbage per request (objects):\n" + "\n".join(lines)
 
 
@@ -513,27 +527,17 @@ def run_all(
     block: int,
     stat: Callable[[list[float]], float] | None,
 ) -> dict[str, Samples]:
-    """Every framework's samples; ``stat=None``: one per batch (:func:`measure`)."""
+    """Every row's samples; ``stat=None``: one per batch (:func:`measure`)."""
     each = stat is not None  # a median over a round needs each request's time
-
-    def wsgi(apps: Callable[[], dict[str, Any]], path: str) -> Callable[[], dict[str, Runner]]:
-        return lambda: {k: wsgi_runner(a, path, each) for k, a in apps().items()}
-
-    def asgi(apps: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Runner]]:
-        return lambda: {k: asgi_runner(a, loop, path, each) for k, a in apps().items()}
-
-    def run(build: Callable[[], dict[str, Runner]]) -> Samples:
-        if stat is None:
-            return measure(build, n, rounds, block=block, stat=statistics.fmean, per_batch=True)
-        return measure(build, n, rounds, block=block, stat=stat)
-
     results: dict[str, Samples] = {}
-    results["Flask (DeepSec)"] = run(wsgi(flask_apps, path))
-    if DJANGO:
-        results["Django (middleware)"] = run(wsgi(django_apps, path.rstrip("/") or "/"))
-    results["Starlette (ASGI middleware)"] = run(asgi(starlette_apps))
-    results["FastAPI (ASGI middleware)"] = run(asgi(fastapi_apps))
-    results["FastAPI (dependency)"] = run(asgi(fastapi_dependency_apps))
+    for label, apps, is_asgi in groups():
+        build = functools.partial(runners, apps, is_asgi, loop, path, each)
+        if stat is None:
+            results[label] = measure(
+                build, n, rounds, block=block, stat=statistics.fmean, per_batch=True
+            )
+        else:
+            results[label] = measure(build, n, rounds, block=block, stat=stat)
     return results
 
 
