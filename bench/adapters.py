@@ -15,7 +15,12 @@ figures are medians, deltas paired within a batch (Table 1) or a round
 FastAPI dependency at most 5 us above a minimal ``async def`` dependency
 without ``yield``.  Each framework also runs a second, identical floor app:
 "floor adds" is the mean of the two copies', and their difference (the last
-column) is the run's noise.
+column) is the run's noise.  A fifth app, the **safe floor**, is the floor
+plus the two safety properties deepsec keeps, written by hand
+(``bench/floors.py``: a lease that ends the identity of work the request
+spawned; a 401 for an end-user error before the response starts); a second
+table compares deepsec with it: how much of deepsec's distance to the floor
+those properties are (not a target).
 
 Table 1 (hello-world endpoints): CPU time per request, timed over batches
 of ``--batch`` requests (20) per variant, the variants interleaved batch by
@@ -75,6 +80,12 @@ Runner = Callable[[int], list[tuple[float, float]]]
 #: first is the run's noise (two copies of one app differ by their place in
 #: memory and the order they run in), printed beside the verdict.
 FLOOR_COPY = "floor copy"
+
+#: The floor plus the safety properties deepsec keeps (``bench/floors.py``,
+#: "safe floors": a lease that ends spawned work's identity; a 401 for an
+#: end-user error before the response started), written idiomatically:
+#: how much of deepsec's cost above the floor those properties are.
+SAFE_FLOOR = "safe floor"
 
 
 # -- request drivers ---------------------------------------------------------------
@@ -211,6 +222,8 @@ def flask_apps() -> dict[str, Any]:
         app = Flask(f"bench-{variant}")
         if variant.startswith("floor"):
             floors.install_flask_floor(app)
+        elif variant == SAFE_FLOOR:
+            floors.install_flask_safe_floor(app)
         elif variant == "deepsec":
             DeepSec(app)
 
@@ -225,7 +238,7 @@ def flask_apps() -> dict[str, Any]:
 
         return app
 
-    return {v: build(v) for v in ("bare", "floor", FLOOR_COPY, "deepsec")}
+    return {v: build(v) for v in ("bare", "floor", FLOOR_COPY, SAFE_FLOOR, "deepsec")}
 
 
 def _django_index(request: Any) -> Any:
@@ -284,6 +297,7 @@ def django_apps() -> dict[str, Any]:
         ("bare", []),
         ("floor", ["floors.django_floor"]),
         (FLOOR_COPY, ["floors.django_floor"]),
+        (SAFE_FLOOR, ["floors.django_safe_floor"]),
         ("deepsec", [deepsec.django.MIDDLEWARE_PATH]),
     ):
         settings.MIDDLEWARE = middleware
@@ -312,6 +326,7 @@ def starlette_apps() -> dict[str, Any]:
         "bare": Starlette(routes=routes),
         "floor": Starlette(routes=routes, middleware=[Middleware(floors.ASGIFloor)]),
         FLOOR_COPY: Starlette(routes=routes, middleware=[Middleware(floors.ASGIFloor)]),
+        SAFE_FLOOR: Starlette(routes=routes, middleware=[Middleware(floors.ASGISafeFloor)]),
         "deepsec": Starlette(routes=routes, middleware=[Middleware(EndUserSecMiddleware)]),
     }
 
@@ -343,6 +358,7 @@ def fastapi_apps() -> dict[str, Any]:
         "bare": _fastapi_app([]),
         "floor": _fastapi_app([], floors.ASGIFloor),
         FLOOR_COPY: _fastapi_app([], floors.ASGIFloor),
+        SAFE_FLOOR: _fastapi_app([], floors.ASGISafeFloor),
         "deepsec": _fastapi_app([], EndUserSecMiddleware),
     }
 
@@ -364,6 +380,7 @@ def fastapi_dependency_apps() -> dict[str, Any]:
         "bare": _fastapi_app([]),
         "floor": _fastapi_app(floor),
         FLOOR_COPY: _fastapi_app(floor),
+        SAFE_FLOOR: _fastapi_app([Depends(floors.fastapi_safe_floor_dependency)]),
         "deepsec": _fastapi_app([Depends(end_user_identity)]),
     }
 
@@ -452,6 +469,19 @@ def row(samples: Samples, label: str, bare: str, floor: str, ours: str, column: 
     )
 
 
+def safe_row(samples: Samples, label: str, column: int) -> str:
+    """One row of the safe-floor table: what the safety properties cost when written by hand."""
+    us = 1e6
+    floor_adds = _median_delta(samples, "floor", "bare", column)
+    safe_adds = _median_delta(samples, SAFE_FLOOR, "bare", column)
+    ours_adds = _median_delta(samples, "deepsec", "bare", column)
+    ratio = ours_adds / safe_adds if safe_adds > 0 else float("inf")
+    return (
+        f"| {label} | {floor_adds * us:+.1f} | {safe_adds * us:+.1f} | {ours_adds * us:+.1f} | "
+        f"{(ours_adds - safe_adds) * us:+.1f} | {ratio:.2f}x |"
+    )
+
+
 def report(title: str, results: dict[str, Samples], column: int, how: str = "") -> None:
     unit = "CPU" if column == 0 else "wall-clock"
     how = how or f"medians of {unit} per round, deltas paired"
@@ -463,6 +493,19 @@ def report(title: str, results: dict[str, Samples], column: int, how: str = "") 
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for framework, r in results.items():
         print(row(r, framework, "bare", "floor", "deepsec", column))
+    if all(SAFE_FLOOR in r for r in results.values()):
+        print(
+            f"\n{title}, against the safe floor (the floor plus the properties deepsec keeps: "
+            "a lease that ends the identity of work spawned by the request, and a 401 "
+            "for an end-user error before the response starts; bench/floors.py)\n"
+        )
+        print(
+            "| framework | floor adds | safe floor adds | deepsec adds | deepsec - safe floor "
+            "| deepsec adds / safe floor adds |"
+        )
+        print("|---|---:|---:|---:|---:|---:|")
+        for framework, r in results.items():
+            print(safe_row(r, framework, column))
 
 
 #: The table's rows: each one's apps (variant -> app) and whether they are ASGI apps.
