@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 #: What the floors set: the raw identity (a token), or None.
@@ -244,8 +245,6 @@ async def fastapi_safe_floor_dependency(request: Request) -> AsyncIterator[str |
     code after ``yield`` once the response is sent; an error the endpoint
     raised is thrown in before any response started.)
     """
-    from fastapi import HTTPException
-
     identity = _from_authorization(request.headers.get("authorization"))
     if identity is None:
         identity = request.cookies.get("identity")
