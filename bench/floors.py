@@ -155,16 +155,15 @@ def install_flask_safe_floor(app: Any) -> None:
         identity = _from_authorization(request.headers.get("Authorization"))
         if identity is None:
             identity = request.cookies.get("identity")
-        lease = g.identity_lease = Lease(identity)
-        g.identity_token = current_lease.set(lease)
+        lease = Lease(identity)
+        g.identity_lease = (lease, current_lease.set(lease))
 
     @app.teardown_request
     def _reset_identity(exc: BaseException | None) -> None:
-        lease = g.pop("identity_lease", None)
-        if lease is not None:
+        held = g.pop("identity_lease", None)
+        if held is not None:
+            lease, token = held
             lease.identity = None
-        token = g.pop("identity_token", None)
-        if token is not None:
             current_lease.reset(token)
 
     @app.errorhandler(EndUserError)
