@@ -112,21 +112,24 @@ async def fastapi_floor_dependency(request: Request) -> str | None:
 
 # -- Safe floors: the floors plus the safety properties deepsec keeps ----------------
 #
-# Issue 9 keeps two properties that the floors above lack, and each costs
-# something on every request however it is written:
+# Issue 9 keeps two properties that the floors above lack:
 #
 # 1. the identity ends when the request ends, also for asyncio tasks and
 #    threads spawned from it, which hold a copy of the contextvar: so the
-#    contextvar holds a per-request lease, emptied when the request ends;
+#    contextvar holds a per-request lease, emptied when the request ends
+#    (a cost on every request);
 # 2. an end-user error raised before the response started (a rejected token,
-#    strict mode) is answered 401, not 500: ASGI middleware must see whether
-#    the response started (a send wrapper), and a FastAPI dependency must run
-#    code after the endpoint (a ``yield`` dependency).
+#    strict mode) is answered 401, not 500.  Flask's errorhandler and Django's
+#    process_exception cost nothing per request.  A pure ASGI middleware, which
+#    must work around any ASGI app (as deepsec's does), sees whether the
+#    response started only through a send wrapper (a Starlette app alone could
+#    register an exception handler instead); a FastAPI dependency must run code
+#    after the endpoint (a ``yield`` dependency, in FastAPI's documented API).
 #
 # Written the way a competent developer writes them (the ``async def`` send
 # wrapper of Starlette's own middlewares; FastAPI's documented ``yield``), so
-# that bench/adapters.py can show how much of deepsec's cost above a floor is
-# these properties, and how much is deepsec's own.
+# that bench/adapters.py --safe-floor can show how much of deepsec's cost
+# above a floor is these properties, and how much is deepsec's own.
 
 
 class Lease:
