@@ -206,6 +206,8 @@ class ASGISafeFloor(ASGIFloor):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # (The floor's parsing, repeated rather than shared: the floor's body is
+        # the targets' baseline and stays as it was measured, without a call.)
         identity = None
         cookie = None
         for name, value in scope["headers"]:
