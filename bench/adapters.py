@@ -410,14 +410,13 @@ def measure(
     rounds: int,
     *,
     block: int,
-    stat: Callable[[list[float]], float],
+    stat: Callable[[list[float]], float] | None,
     seed: int = 0,
-    per_batch: bool = False,
 ) -> Samples:
     """Each variant's ``stat`` of its per-request (cpu, wall) seconds, per round.
 
-    With ``per_batch``, one sample per batch instead (the runner's mean over
-    the batch; ``stat`` unused): the variants' samples pair batch by batch.
+    With ``stat=None``, one sample per batch instead (the runner's mean over
+    the batch): the variants' samples pair batch by batch.
 
     Every round builds every app anew (``build``) and warms it up untimed,
     then runs ``n`` requests per variant in blocks of ``block``, the order
@@ -439,7 +438,7 @@ def measure(
             rng.shuffle(names)
             for name in names:
                 timed[name] += runners[name](min(block, n - start))
-        if per_batch:
+        if stat is None:
             for name, each in timed.items():
                 samples.setdefault(name, []).extend(each)
             continue
@@ -461,33 +460,33 @@ def _median_delta(samples: Samples, a: str, b: str, column: int) -> float:
     )
 
 
-def row(samples: Samples, label: str, bare: str, floor: str, ours: str, column: int) -> str:
-    """One table row; with a floor copy, "floor adds" is the mean of both copies'."""
+def _floor_adds(samples: Samples, column: int) -> tuple[float, float]:
+    """What the floor adds over bare (the mean of both copies'), and the copies' difference."""
+    first = _median_delta(samples, "floor", "bare", column)
+    copy = _median_delta(samples, FLOOR_COPY, "bare", column)
+    return (first + copy) / 2, copy - first
+
+
+def row(samples: Samples, label: str, column: int) -> str:
+    """One row of the targets' table: bare, floor and deepsec; the copies' difference last."""
     us = 1e6
-    floor_adds = _median_delta(samples, floor, bare, column)
-    noise = "" if FLOOR_COPY not in samples or floor != "floor" else "n/a"
-    if noise:
-        copy_adds = _median_delta(samples, FLOOR_COPY, bare, column)
-        noise = f"{(copy_adds - floor_adds) * us:+.1f}"
-        floor_adds = (floor_adds + copy_adds) / 2
-    ours_adds = _median_delta(samples, ours, bare, column)
+    floor_adds, noise = _floor_adds(samples, column)
+    ours_adds = _median_delta(samples, "deepsec", "bare", column)
     ratio = ours_adds / floor_adds if floor_adds > 0 else float("inf")
     above = ours_adds - floor_adds
     return (
-        f"| {label} | {_median(samples, bare, column) * us:.1f} | "
-        f"{_median(samples, floor, column) * us:.1f} | {_median(samples, ours, column) * us:.1f} | "
+        f"| {label} | {_median(samples, 'bare', column) * us:.1f} | "
+        f"{_median(samples, 'floor', column) * us:.1f} | "
+        f"{_median(samples, 'deepsec', column) * us:.1f} | "
         f"{floor_adds * us:+.1f} | {ours_adds * us:+.1f} | {above * us:+.1f} | {ratio:.2f}x | "
-        f"{noise or 'n/a'} |"
+        f"{noise * us:+.1f} |"
     )
 
 
 def safe_row(samples: Samples, label: str, column: int) -> str:
     """One row of the safe-floor table: what the safety properties cost when written by hand."""
     us = 1e6
-    floor_adds = (
-        _median_delta(samples, "floor", "bare", column)
-        + _median_delta(samples, FLOOR_COPY, "bare", column)
-    ) / 2  # (as in the targets' table: the mean of both copies)
+    floor_adds, _noise = _floor_adds(samples, column)  # (as in the targets' table)
     safe_adds = _median_delta(samples, SAFE_FLOOR, "bare", column)
     ours_adds = _median_delta(samples, "deepsec", "bare", column)
     ratio = ours_adds / safe_adds if safe_adds > 0 else float("inf")
@@ -507,7 +506,7 @@ def report(title: str, results: dict[str, Samples], column: int, how: str = "") 
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for framework, r in results.items():
-        print(row(r, framework, "bare", "floor", "deepsec", column))
+        print(row(r, framework, column))
     if all(SAFE_FLOOR in r for r in results.values()):
         print(
             f"\n{title}, against the safe floor -- a diagnostic, not the issue-9 target "
@@ -591,12 +590,7 @@ def run_all(
     results: dict[str, Samples] = {}
     for label, apps, is_asgi in groups():
         build = functools.partial(runners, apps, is_asgi, loop, path, each)
-        if stat is None:
-            results[label] = measure(
-                build, n, rounds, block=block, stat=statistics.fmean, per_batch=True
-            )
-        else:
-            results[label] = measure(build, n, rounds, block=block, stat=stat)
+        results[label] = measure(build, n, rounds, block=block, stat=stat)
     return results
 
 
