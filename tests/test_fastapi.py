@@ -57,6 +57,8 @@ pytestmark = pytest.mark.timeout(60)
 # These tests send local [name, key] users in cookies: opt in (off by default).
 LOCAL_USERS = EndUserIdentity(client_local_users=True)
 BOB = user_token("bob")
+#: An operation's ``security`` with both of deepsec's schemes (either may be sent).
+BOTH_SCHEMES = [{"HTTPBearer": []}, {"APIKeyCookie": []}]
 
 
 def make_app(
@@ -406,7 +408,6 @@ def test_openapi_schemes_are_declared_without_a_request_and_only_where_used() ->
     assert list(end_user_identity.__signature__.parameters) == ["connection"]
     schema = app.openapi()
     assert set(schema["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyCookie"}
-    both = [{"HTTPBearer": []}, {"APIKeyCookie": []}]
     for path, method in [
         ("/guarded", "get"),
         ("/routed", "get"),
@@ -414,7 +415,7 @@ def test_openapi_schemes_are_declared_without_a_request_and_only_where_used() ->
         ("/r/by-router", "get"),
         ("/i/by-include", "post"),
     ]:
-        assert schema["paths"][path][method]["security"] == both, path
+        assert schema["paths"][path][method]["security"] == BOTH_SCHEMES, path
     assert schema["paths"]["/out/in/deep"]["get"]["security"] == [{"HTTPBearer": []}]
     assert "security" not in schema["paths"]["/open"]["get"]
     assert "/hidden" not in schema["paths"]
@@ -449,10 +450,7 @@ def test_openapi_schemes_in_a_document_the_app_builds_itself() -> None:
     schemes = schema["components"]["securitySchemes"]
     assert schemes["HTTPBearer"]["description"] == "the app's own"
     assert schemes["APIKeyCookie"]["in"] == "cookie"
-    assert schema["paths"]["/guarded"]["get"]["security"] == [
-        {"HTTPBearer": []},
-        {"APIKeyCookie": []},
-    ]
+    assert schema["paths"]["/guarded"]["get"]["security"] == BOTH_SCHEMES
     assert schema["paths"]["/mine"]["get"]["security"] == [{"HTTPBearer": []}]
     # Idempotent, and a document without paths is returned as it is.
     assert add_security_schemes(schema, app.routes) == app.openapi()
@@ -524,10 +522,9 @@ def test_openapi_schemes_for_webhooks_and_callbacks_and_once_per_document(
     walk = deepsec_fastapi._find_operations
     monkeypatch.setattr(deepsec_fastapi, "_find_operations", lambda *a: walks.append(1) or walk(*a))
     schema = app.openapi()
-    both = [{"HTTPBearer": []}, {"APIKeyCookie": []}]
-    assert schema["webhooks"]["/hook"]["post"]["security"] == both
+    assert schema["webhooks"]["/hook"]["post"]["security"] == BOTH_SCHEMES
     callback = schema["paths"]["/subscribe"]["get"]["callbacks"]["notify"]["/notify"]["post"]
-    assert callback["security"] == both
+    assert callback["security"] == BOTH_SCHEMES
     assert "security" not in schema["paths"]["/subscribe"]["get"]
     walked = len(walks)
     assert app.openapi() is schema and len(walks) == walked  # the cached document: no walk
@@ -570,10 +567,9 @@ def test_openapi_documents_of_any_shape_never_fail() -> None:
     response = Client(app).get("/openapi.json")
     assert response.status_code == 200
     schema = response.json()
-    both = [{"HTTPBearer": []}, {"APIKeyCookie": []}]
-    assert schema["paths"]["/subscribe"]["get"]["security"] == both
+    assert schema["paths"]["/subscribe"]["get"]["security"] == BOTH_SCHEMES
     notified = schema["paths"]["/subscribe"]["get"]["callbacks"]["notify"]["/notify"]["post"]
-    assert notified["security"] == both
+    assert notified["security"] == BOTH_SCHEMES
     assert schema["paths"]["/odd"]["get"]["security"] == "x"
     for odd_document in (
         {"paths": {"/subscribe": {"get": {}}}, "components": None},

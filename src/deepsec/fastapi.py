@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import inspect
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from typing import Annotated, Any
 
@@ -286,12 +286,10 @@ def _name_for(scheme: SecurityBase, definitions: dict[str, Any]) -> str:
         number += 1
 
 
-def _flat(routes: Iterable[BaseRoute]) -> Iterator[Any]:
-    return iter(routes)  # FastAPI before 0.138: included routes are copies in app.routes
-
-
+#: The routes as FastAPI documents them: before 0.138, included routes are
+#: copies in ``app.routes``, so the routes themselves.
 _route_contexts: Callable[[Iterable[BaseRoute]], Iterable[Any]] = getattr(
-    fastapi.routing, "iter_route_contexts", _flat
+    fastapi.routing, "iter_route_contexts", iter
 )
 
 
