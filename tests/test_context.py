@@ -485,8 +485,77 @@ def test_a_lease_class_with_an_init_or_new_of_its_own_is_refused():
         type("_Again", (deepsec.end_user,), {"__slots__": (), "_own_init": False})
 
     before = _current.get()
-    with pytest.raises(TypeError, match="end_user"):
-        new_activation(deepsec.EndUserContext("tok.refused"), deepsec.end_user)
+    # (A subclass callable without arguments: end_user() alone would fail on
+    # its own, wanting an identity, and hide a missing check.)
+    for refused in (deepsec.end_user, _LenientEndUser):
+        with pytest.raises(TypeError, match="objects are made by calling"):
+            new_activation(deepsec.EndUserContext("tok.refused"), refused)
+    assert _current.get() is before  # nothing was made current
+
+
+class _LenientEndUser(deepsec.end_user):
+    """An end_user (built by its own __init__) that can be called without arguments."""
+
+    __slots__ = ()
+
+    def __init__(self, identity: Any = "tok.lenient") -> None:
+        super().__init__(identity)
+
+
+def test_the_adapters_hot_paths_build_what_new_activation_builds():
+    """lifecycle._start and asgi._lease_by_bytes write new_activation() out (a
+    call per request): every slot set as it sets them, for each adapter's lease
+    class; and start() refuses a class new_activation() refuses."""
+    from deepsec.asgi import _Exchange, _lease_by_bytes, _remembered_by_bytes, _start_in_full
+    from deepsec.context import Activation, _current, new_activation
+    from deepsec.fastapi import _DependencyLease
+    from deepsec.lifecycle import _start, start
+    from deepsec.web import WebSettings
+
+    settings = WebSettings()
+    authorization = "Bearer tok.hot.path"
+    raw = [(b"authorization", authorization.encode())]
+    remembered = _remembered_by_bytes(settings)
+
+    def fields(activation: Activation) -> dict[str, Any]:
+        slots = {name for cls in Activation.__mro__ for name in getattr(cls, "__slots__", ())}
+        # (type, value): True and 1 are equal, and must not pass for each other.
+        return {
+            name: (type(value), value)
+            for name in slots - {"_token"}
+            for value in [getattr(activation, name)]
+        }
+
+    built = []
+    for lease_class in (Activation, _Exchange, _DependencyLease):
+        # (The very first call resolves in full; every other one finds the
+        # resolution remembered under the raw header values.)
+        for _ in range(2):
+            made = _start(settings, None, None, authorization, lease_class)
+            assert type(made) is lease_class
+            built.append(made)
+    # The ASGI adapters: a miss remembers the resolution under the header bytes...
+    missed, _user, key = _lease_by_bytes(remembered, raw, _Exchange)
+    assert missed is None and key is not None
+    first, _user = _start_in_full(settings, None, raw, key, remembered, _Exchange)
+    assert isinstance(first, _Exchange)
+    built.append(first)
+    # ... and a repeat of those bytes is one lookup, written-out activation included.
+    for lease_class in (_Exchange, _DependencyLease):
+        by_bytes, user, _key = _lease_by_bytes(remembered, raw, lease_class)
+        assert type(by_bytes) is lease_class and user is by_bytes.context
+        built.append(by_bytes)
+    model = new_activation(built[0].context)
+    expected = fields(model)
+    for activation in reversed([*built, model]):  # ended in the reverse order made
+        assert fields(activation) == expected
+        assert _current.get() is activation and activation._token is not None
+        activation.end()
+
+    before = _current.get()
+    for refused in (deepsec.end_user, _LenientEndUser):
+        with pytest.raises(TypeError, match="objects are made by calling"):
+            start(settings, None, cookie_header=None, authorization=authorization, lease=refused)
     assert _current.get() is before  # nothing was made current
 
 

@@ -50,7 +50,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMappi
 from typing import Any, TypeVar
 
 from ._identity_parse import COOKIE_JOIN, cookie_pairs
-from .context import EndUserContext, new_activation
+from .context import EndUserContext, _current
 from .lifecycle import TOKEN_CONFIGS, RequestLease, _start, answer, fetch_tokens
 from .web import Rejection, WebSettings, remember_alias
 
@@ -418,7 +418,14 @@ def _lease_by_bytes(
         return None, None, key
     # Only contexts are remembered under these keys (remember_alias).
     user = hit if hit._identity is not None else None
-    return new_activation(hit, lease_class), user, key
+    # new_activation(hit, lease_class), written out as in lifecycle._start
+    # (the hot path; lease_class is one of deepsec's own).
+    lease = lease_class()
+    lease.context = hit
+    lease.active = True
+    lease._children = None
+    lease._token = _current.set(lease)
+    return lease, user, key
 
 
 def _identity_headers(raw: Any) -> tuple[str | list[str] | None, str | list[str] | None]:

@@ -73,8 +73,9 @@ class Activation:
     #: whose objects start inactive) rather than by :func:`new_activation`.
     _own_init: ClassVar[bool] = False
 
-    # :func:`new_activation` is the one constructor: it calls the class
-    # without arguments and sets the fields itself.  No Python ``__init__``
+    # :func:`new_activation` is the one constructor (written out, not called,
+    # in the two hot paths the adapters share): it calls the class without
+    # arguments and sets the fields itself.  No Python ``__init__``
     # (hence ``Activation(context)`` is a TypeError, "takes no arguments", and
     # a bare ``Activation()`` has no field: ending or entering it raises
     # AttributeError; it is never current):
@@ -151,19 +152,28 @@ def new_activation(
 
     The one constructor of :class:`Activation` and its subclasses but
     :class:`end_user`, whose objects start inactive (refused here: its own
-    ``__init__`` sets fields this does not).  ``Activation()`` alone sets no
-    field: use this.
+    ``__init__`` sets fields this does not); the two hot paths the adapters
+    share (``lifecycle._start``, ``asgi._lease_by_bytes``) write its lines
+    out.  ``Activation()`` alone sets no field: use this.
     (``current`` is not keyword-only: a call that leaves a keyword-only
     default costs CPython 3.11 a slower frame set-up, on every request.)
     """
-    if cls is not Activation and cls in _BUILT_BY_INIT:
-        raise TypeError(f"{cls.__name__} objects are made by calling {cls.__name__}(...)")
+    if cls is not Activation:
+        _check_lease_class(cls)
+    # The adapters' hot paths repeat these lines (deepsec.lifecycle._start,
+    # deepsec.asgi._lease_by_bytes); tests/test_context.py holds them in step.
     activation = cls()
     activation.context = context
     activation.active = True
     activation._children = None
     activation._token = _current.set(activation) if current else None
     return activation
+
+
+def _check_lease_class(cls: type[Activation]) -> None:
+    """Refuse a class :func:`new_activation` cannot build (its objects start inactive)."""
+    if cls in _BUILT_BY_INIT:
+        raise TypeError(f"{cls.__name__} objects are made by calling {cls.__name__}(...)")
 
 
 # The default is shared by every thread and task, which is safe: it is never
