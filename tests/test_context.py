@@ -493,6 +493,23 @@ def test_a_lease_class_with_an_init_or_new_of_its_own_is_refused():
     assert _current.get() is before  # nothing was made current
 
 
+def test_a_lease_class_made_and_dropped_is_not_kept():
+    """Refusing end_user's subclasses keeps no registry of them: a class made at
+    run time (a test's, a plugin's) is collected once dropped."""
+    import gc
+    import weakref
+
+    from deepsec.context import new_activation
+
+    made = type("_Transient", (deepsec.end_user,), {"__slots__": ()})
+    with pytest.raises(TypeError, match="objects are made by calling"):
+        new_activation(deepsec.EndUserContext("tok.transient"), made)
+    ref = weakref.ref(made)
+    del made
+    gc.collect()
+    assert ref() is None
+
+
 class _LenientEndUser(deepsec.end_user):
     """An end_user (built by its own __init__) that can be called without arguments."""
 

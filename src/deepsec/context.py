@@ -87,9 +87,9 @@ class Activation:
         # object's -- its own or a mixin's -- would run on every request (or
         # fail it, wanting arguments).  Refuse it at class creation.
         super().__init_subclass__(**kwargs)
-        if cls._own_init:
-            _BUILT_BY_INIT.add(cls)
-        elif cls.__init__ is not object.__init__ or cls.__new__ is not object.__new__:
+        if not cls._own_init and (
+            cls.__init__ is not object.__init__ or cls.__new__ is not object.__new__
+        ):
             raise TypeError(
                 f"{cls.__name__} has an __init__ or __new__ of its own or a base's; an "
                 "Activation subclass may not (new_activation() calls the class and sets "
@@ -134,11 +134,6 @@ class Activation:
 
 
 _A = TypeVar("_A", bound=Activation)
-#: The classes whose objects their own ``__init__`` builds (``_own_init``):
-#: new_activation() refuses them.  Looked up in a set, not read from the
-#: class: CPython 3.11 does not specialize reading a class attribute, so that
-#: read went through the type-attribute cache on every request.
-_BUILT_BY_INIT: set[type[Activation]] = set()
 
 
 @overload
@@ -171,8 +166,13 @@ def new_activation(
 
 
 def _check_lease_class(cls: type[Activation]) -> None:
-    """Refuse a class :func:`new_activation` cannot build (its objects start inactive)."""
-    if cls in _BUILT_BY_INIT:
+    """Refuse a class :func:`new_activation` cannot build (its objects start inactive).
+
+    Reads the class attribute: deepsec's adapters no longer ask on each
+    request (their hot paths build their own lease classes in place), and a
+    registry of such classes, kept before for speed, held each one forever.
+    """
+    if cls._own_init:
         raise TypeError(f"{cls.__name__} objects are made by calling {cls.__name__}(...)")
 
 
