@@ -573,6 +573,17 @@ def test_the_adapters_hot_paths_build_what_new_activation_builds():
     for refused in (deepsec.end_user, _LenientEndUser):
         with pytest.raises(TypeError, match="objects are made by calling"):
             start(settings, None, cookie_header=None, authorization=authorization, lease=refused)
+
+    class _NotALease:  # callable without arguments, takes any attribute
+        pass
+
+    for wrong, name in (
+        (_NotALease, "_NotALease"),
+        ("tok.secret.value", "str"),
+        (None, "NoneType"),
+    ):
+        with pytest.raises(TypeError, match=f"must be an Activation subclass, not {name}$"):
+            start(settings, None, cookie_header=None, authorization=authorization, lease=wrong)  # type: ignore[arg-type]
     assert _current.get() is before  # nothing was made current
 
 

@@ -166,12 +166,12 @@ def new_activation(
 
 
 def _check_lease_class(cls: type[Activation]) -> None:
-    """Refuse a class :func:`new_activation` cannot build (its objects start inactive).
-
-    Reads the class attribute: deepsec's adapters no longer ask on each
-    request (their hot paths build their own lease classes in place), and a
-    registry of such classes, kept before for speed, held each one forever.
-    """
+    """Refuse a class :func:`new_activation` cannot build: not an :class:`Activation`,
+    or one whose objects start inactive.  Off the adapters' request paths."""
+    if not (isinstance(cls, type) and issubclass(cls, Activation)):
+        # (The type's name only: a value passed by mistake may be a token.)
+        name = cls.__name__ if isinstance(cls, type) else type(cls).__name__
+        raise TypeError(f"a lease class must be an Activation subclass, not {name}")
     if cls._own_init:
         raise TypeError(f"{cls.__name__} objects are made by calling {cls.__name__}(...)")
 
