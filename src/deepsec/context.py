@@ -147,9 +147,8 @@ def new_activation(
 
     The one constructor of :class:`Activation` and its subclasses but
     :class:`end_user`, whose objects start inactive (refused here: its own
-    ``__init__`` sets fields this does not); the two hot paths the adapters
-    share (``lifecycle._start``, ``asgi._lease_by_bytes``) write its lines
-    out.  ``Activation()`` alone sets no field: use this.
+    ``__init__`` sets fields this does not).  ``Activation()`` alone sets no
+    field: use this.
     (``current`` is not keyword-only: a call that leaves a keyword-only
     default costs CPython 3.11 a slower frame set-up, on every request.)
     """

@@ -117,8 +117,7 @@ def start(
     The two header values are keyword-only: swapped, they would name
     another end user without any error.
     """
-    if lease is not Activation:
-        _check_lease_class(lease)
+    _check_lease_class(lease)  # (off the adapters' request paths: they call _start)
     return _start(settings, request, cookie_header, authorization, lease)
 
 
