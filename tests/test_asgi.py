@@ -491,6 +491,59 @@ def test_repeat_requests_are_one_lookup_by_the_raw_bytes_and_malformed_ones_neve
     assert seen[-1][0] is None
 
 
+def test_repeat_header_bytes_are_found_by_their_tails_and_confirmed_in_full() -> None:
+    """The ASGI hot path finds a repeat by tail_key, then compares the bytes in full.
+
+    Two tokens with one tail name two users, in any order; a repeat whose
+    header bytes are new objects (as a server parses them) never looks the
+    whole bytes up (hashes them) again.
+    """
+    from deepsec.asgi import _BYTES
+    from deepsec.web import TAIL, WebSettings, tail_key
+
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(current_end_user())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    class Counting(dict):  # type: ignore[type-arg]
+        gets = 0
+
+        def get(self, key: Any, default: Any = None) -> Any:
+            self.gets += 1
+            return super().get(key, default)
+
+    settings = WebSettings()
+    counting = Counting()
+    object.__setattr__(settings, "_by_raw", counting)
+    mw = EndUserSecMiddleware(app, settings=settings)
+    shared = b"s" * (TAIL + 20)
+    first, second = b"Bearer aaaa" + shared, b"Bearer bbbb" + shared
+    assert tail_key((_BYTES, None, first)) == tail_key((_BYTES, None, second))
+
+    def call(value: bytes) -> Any:
+        fresh = bytes(bytearray(value))  # a new object, as a server parses it
+        headers = [(b"authorization", fresh)]
+        scope = {"type": "http", "method": "GET", "path": "/", "headers": headers}
+        asyncio.run(_asgi_call(mw, scope, []))
+        return seen[-1]
+
+    assert call(first).identity == first[7:].decode()  # resolved in full
+    resolved = counting.gets
+    assert call(first).identity == first[7:].decode()  # found under tail_key at once
+    assert counting.gets == resolved
+    for value in (first, second, first, first, second, first, second):
+        assert call(value) == EndUserContext(value[7:].decode())
+    key = (_BYTES, None, second)
+    assert settings._by_tail[tail_key(key)][0] == key
+    before = counting.gets
+    for _ in range(5):
+        assert call(second).identity == second[7:].decode()
+    assert counting.gets == before
+
+
 def test_a_scope_without_headers_runs_as_nobody_not_500() -> None:
     """``headers`` may be missing from a hand-built or minimal server's scope."""
     seen: list[Any] = []

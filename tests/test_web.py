@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 
@@ -541,3 +542,87 @@ def test_the_remembered_request_sets_every_field_of_activation_and_rejects_still
         outcome = lifecycle.start(deny, None, cookie_header=None, authorization=None)
         assert isinstance(outcome, Rejection) and outcome.status == 401
         assert current_end_user() is None
+
+
+def _twins() -> tuple[str, str]:
+    """Two Bearer values that end alike for far more than TAIL characters."""
+    from deepsec.web import TAIL
+
+    shared = "s" * (TAIL + 20)  # (the same tail: only what comes before differs)
+    return f"Bearer aaaa{shared}", f"Bearer bbbb{shared}"
+
+
+class _CountingDict(dict):  # type: ignore[type-arg]
+    """A dict that counts its ``get`` calls (which hash the key in full)."""
+
+    gets = 0
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.gets += 1
+        return super().get(key, default)
+
+
+def test_repeat_requests_are_found_by_the_tails_of_their_values_and_confirmed_in_full() -> None:
+    """lifecycle._start finds a repeat by tail_key, then compares the values in full.
+
+    Two tokens with one tail name two users, request after request, in any
+    order; a repeat with new header objects (as a server hands over) never
+    looks up (so never hashes) the whole values.
+    """
+    from deepsec.lifecycle import start
+    from deepsec.web import tail_key
+
+    settings = WebSettings()
+    counting = _CountingDict()
+    object.__setattr__(settings, "_by_raw", counting)
+    first, second = _twins()
+    assert tail_key((None, first)) == tail_key((None, second))  # a true collision
+    for _ in range(2):  # resolved, then found under tail_key at once
+        lease = start(settings, None, cookie_header="theme=dark", authorization=first)
+        lease.end()
+    assert counting.gets == 1  # (the first request's miss)
+    for value in (first, second, first, first, second, first, second):
+        fresh = value.encode().decode()  # a new object, as a server makes it
+        assert fresh is not value
+        lease = start(settings, None, cookie_header="theme=dark", authorization=fresh)
+        assert lease.context == EndUserContext(value[len("Bearer ") :])
+        lease.end()
+    assert settings._by_raw["theme=dark", first].identity == first[7:]
+    assert settings._by_raw["theme=dark", second].identity == second[7:]
+    # What the hot path keeps is what tail_key names (its inline copy in step).
+    key = ("theme=dark", second)
+    assert settings._by_tail[tail_key(key)][0] == key
+
+    # Repeats of one user, each with new objects: the tail finds them, the
+    # whole values are compared, never looked up (hashed) again.
+    before = counting.gets
+    for _ in range(5):
+        fresh = second.encode().decode()
+        lease = start(settings, None, cookie_header="theme=dark", authorization=fresh)
+        assert lease.context.identity == second[7:]
+        lease.end()
+    assert counting.gets == before
+
+
+def test_a_tail_hit_whose_values_differ_is_not_that_request() -> None:
+    """An entry under the same tail holds another request's values: the exact key decides.
+
+    Also after the tail entry was taken by the other value (they take turns),
+    and when only the tail index knows one value (its exact entry dropped):
+    then the request is resolved in full, never handed the other user.
+    """
+    from deepsec.lifecycle import start
+    from deepsec.web import tail_key
+
+    settings = WebSettings()
+    first, second = _twins()
+    lease = start(settings, None, cookie_header=None, authorization=first)
+    lease.end()
+    assert settings._by_tail[tail_key((None, second))][0] == (None, first)
+    settings._by_raw.clear()  # only the tail index remembers the first user
+    lease = start(settings, None, cookie_header=None, authorization=second)
+    assert lease.context.identity == second[7:]
+    lease.end()
+    lease = start(settings, None, cookie_header=None, authorization=first)
+    assert lease.context.identity == first[7:]
+    lease.end()

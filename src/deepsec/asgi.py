@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 from ._identity_parse import COOKIE_JOIN, cookie_pairs
 from .context import EndUserContext, _current
 from .lifecycle import TOKEN_CONFIGS, RequestLease, _start, answer, fetch_tokens
-from .web import Rejection, WebSettings, remember_alias
+from .web import TAIL, Rejection, WebSettings, _remember, remember_alias
 
 __all__ = ["SCOPE_KEY", "ASGIConnection", "EndUserSecMiddleware"]
 
@@ -345,14 +345,21 @@ async def _flush(send: Send, held: list[Message]) -> None:
         await send(message)
 
 
-def _remembered_by_bytes(settings: WebSettings) -> dict[tuple[Any, ...], Any]:
+#: What :func:`_remembered_by_bytes` returns: the resolutions by tail, and by key.
+Remembered = tuple[dict[tuple[Any, ...], Any], dict[tuple[Any, ...], Any]]
+
+
+def _remembered_by_bytes(settings: WebSettings) -> Remembered:
     """Where an adapter looks a resolution up by the raw header bytes.
 
-    The resolutions ``settings`` remember, when the identity depends on the
-    header values alone and nothing is recorded per request; else an empty
-    dict that is never filled (every request is resolved in full).
+    The resolutions ``settings`` remember (``_by_tail``, then ``_by_raw``),
+    when the identity depends on the header values alone and nothing is
+    recorded per request; else two empty dicts that are never filled (every
+    request is resolved in full).
     """
-    return settings._by_raw if settings._cacheable and not settings.record_end_user else {}
+    if settings._cacheable and not settings.record_end_user:
+        return settings._by_tail, settings._by_raw
+    return {}, {}
 
 
 def _start_in_full(
@@ -360,7 +367,7 @@ def _start_in_full(
     request: Any,
     raw_headers: Any,
     raw: tuple[Any, ...] | None,
-    remembered: dict[tuple[Any, ...], Any],
+    remembered: Remembered,
     lease_class: type[LeaseT],
 ) -> tuple[LeaseT | Rejection, EndUserContext | None]:
     """Resolve and activate a request that :func:`_lease_by_bytes` missed.
@@ -379,7 +386,7 @@ def _start_in_full(
     # (Only a key of bytes: a value of another type was read as absent.)
     if (
         raw is not None
-        and remembered is settings._by_raw
+        and remembered[1] is settings._by_raw
         and all(part is None or type(part) is bytes for part in raw[1:])
     ):
         remember_alias(settings, (cookie_header, authorization), raw)
@@ -388,19 +395,21 @@ def _start_in_full(
 
 
 def _lease_by_bytes(
-    remembered: dict[tuple[Any, ...], Any], raw: Any, lease_class: type[LeaseT]
+    remembered: Remembered, raw: Any, lease_class: type[LeaseT]
 ) -> tuple[LeaseT | None, EndUserContext | None, tuple[Any, ...] | None]:
-    """The hot path of the middleware and the FastAPI dependency: one dict lookup.
+    """The hot path of the middleware and the FastAPI dependency: a dict lookup.
 
     The raw header bytes, not decoded, are the key of the resolution an
     earlier request with the same bytes got: ``(_BYTES, cookie,
     authorization)``, each field's bytes or ``None``; a repeated field is
-    :data:`_REPEATED`, which nothing is remembered under.  Only valid
-    resolutions without a warning are remembered under such keys: nothing to
-    log, reject or record.  On a hit, returns the activated lease (of
-    ``lease_class``) and the end user (``None``: none); on a miss, no lease
-    and the key to remember the full resolution under (``None`` when the
-    server gave headers that are not bytes).
+    :data:`_REPEATED`, which nothing is remembered under.  It is found by
+    the key's tail (:func:`deepsec.web.tail_key`) and confirmed by comparing
+    the key in full, else by the key itself.  Only valid resolutions
+    without a warning are remembered under such keys: nothing to log, reject
+    or record.  On a hit, returns the activated lease (of ``lease_class``)
+    and the end user (``None``: none); on a miss, no lease and the key to
+    remember the full resolution under (``None`` when the server gave
+    headers that are not bytes).
     """
     cookie: Any = None
     authorization: Any = None
@@ -410,12 +419,20 @@ def _lease_by_bytes(
         elif name == b"authorization":
             authorization = value if authorization is None else _REPEATED
     key = (_BYTES, cookie, authorization)
+    by_tail, by_key = remembered
     try:
-        hit = remembered.get(key)
-    except TypeError:  # a server gave headers that are not bytes
+        # (tail_key(key), written out; _REPEATED cannot be cut: a TypeError.)
+        tail = (_BYTES, cookie and cookie[-TAIL:], authorization and authorization[-TAIL:])
+        entry = by_tail.get(tail)
+        if entry is not None and entry[0] == key:
+            hit = entry[1]
+        else:  # values that end like another request's, or nothing remembered
+            hit = by_key.get(key)
+            if hit is None:
+                return None, None, key
+            _remember(by_tail, tail, (key, hit))
+    except TypeError:  # a repeated field (never remembered), or headers that are not bytes
         return None, None, None
-    if hit is None:
-        return None, None, key
     # Only contexts are remembered under these keys (remember_alias).
     user = hit if hit._identity is not None else None
     # new_activation(hit, lease_class), written out as in lifecycle._start

@@ -114,6 +114,14 @@ class WebSettings:
     _by_raw: dict[tuple[Any, ...], EndUserContext | Rejection] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    # The adapters look there second: first here, under the last TAIL
+    # characters of each value (tail_key), holding (raw key, what it
+    # activates), confirmed by comparing the raw key in full.  A server hands
+    # every request new header objects, and a lookup keyed by whole values
+    # would hash a ~2 KB token each time; comparing costs a fraction of that.
+    _by_tail: dict[tuple[Any, ...], tuple[tuple[Any, ...], EndUserContext | Rejection]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
     _cacheable: bool = field(default=True, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -208,12 +216,12 @@ def resolve(
     that have one).  ``request`` is passed to the app's callables.
     """
     cache = settings._resolved if settings._cacheable else None
-    # Remembered under the raw header values too (settings._by_raw):
+    # Remembered under the raw header values too (remember_raw):
     # deepsec.lifecycle.start() looks a repeat request up there before
-    # calling us (one dict lookup, no cookie scanning).  Repeated fields
-    # (lists) are not remembered raw, nor raw values beyond the cap parsed
-    # ones have: a huge Cookie header (other cookies, padding) never becomes
-    # a key.  Malformed ones: see below.
+    # calling us (by tail, then in full: no cookie scanning).  Repeated
+    # fields (lists) are not remembered raw, nor raw values beyond the cap
+    # parsed ones have: a huge Cookie header (other cookies, padding) never
+    # becomes a key.  Malformed ones: see below.
     raw_key: tuple[Any, ...] | None = None
     if (
         cache is not None
@@ -266,7 +274,7 @@ def resolve(
     if hit[1]:
         warnings += hit[1]
     if raw_key is not None and not warnings:  # malformed: resolved (and warned) each time
-        _remember(settings._by_raw, raw_key, _activated(hit[0]))
+        remember_raw(settings, raw_key, _activated(hit[0]))
     if warnings:
         _warn_malformed(*warnings)
     return hit[0]
@@ -287,6 +295,31 @@ def _remember(cache: dict[tuple[Any, ...], Any], key: tuple[Any, ...], value: An
     cache[key] = value
 
 
+#: How many characters (or bytes) at the end of each header value
+#: :func:`tail_key` keeps: a JWT's signature, or an opaque token's random
+#: end, tells users apart there; when it does not (values that end alike),
+#: the lookup by tail fails its full comparison and the exact key is used.
+TAIL = 48
+
+
+def tail_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The key under which ``settings._by_tail`` keeps the raw ``key``.
+
+    Each text or bytes value cut to its last :data:`TAIL` characters; other
+    parts (``None``, an adapter's marker) as they are.  The adapters' hot
+    paths build the same tuple inline (tests/test_web.py holds them to it).
+    """
+    return tuple(part[-TAIL:] if isinstance(part, (str, bytes)) else part for part in key)
+
+
+def remember_raw(
+    settings: WebSettings, key: tuple[Any, ...], target: EndUserContext | Rejection
+) -> None:
+    """Remember what the raw header values ``key`` activate, by key and by tail."""
+    _remember(settings._by_raw, key, target)
+    _remember(settings._by_tail, tail_key(key), (key, target))
+
+
 def remember_alias(settings: WebSettings, key: tuple[Any, ...], alias: tuple[Any, ...]) -> None:
     """Remember the context kept under the raw ``key`` also under ``alias``.
 
@@ -304,7 +337,7 @@ def remember_alias(settings: WebSettings, key: tuple[Any, ...], alias: tuple[Any
     except TypeError:  # a repeated field is a list: never remembered
         return
     if isinstance(hit, EndUserContext):
-        _remember(settings._by_raw, alias, hit)
+        remember_raw(settings, alias, hit)
 
 
 _RESOLVED_CACHE_SIZE = 512
