@@ -544,6 +544,61 @@ def test_repeat_header_bytes_are_found_by_their_tails_and_confirmed_in_full() ->
     assert counting.gets == before
 
 
+def test_cookie_bytes_that_end_alike_name_their_own_users() -> None:
+    """Through the middleware: two users whose Cookie bytes share the last TAIL
+    bytes, with and without an Authorization header, alternate; a pair dropped
+    from the tail index is put back; a writable memoryview value is no 500."""
+    from deepsec.asgi import _BYTES
+    from deepsec.web import TAIL, tail_key
+
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(current_end_user())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    mw = EndUserSecMiddleware(app)
+    consent = b"; consent=" + b"c" * (TAIL + 12)
+    alice, bob = user_token("alice"), user_token("bob")
+    carol = f"Bearer {user_token('carol')}".encode()
+
+    def call(headers: list[Any]) -> Any:
+        fresh = [(bytes(bytearray(n)), bytes(bytearray(v))) for n, v in headers]
+        scope = {"type": "http", "method": "GET", "path": "/", "headers": fresh}
+        sent = asyncio.run(_asgi_call(mw, scope, []))
+        assert sent[0]["status"] == 200
+        return seen[-1]
+
+    cases = [
+        ([(b"cookie", f"identity={alice}".encode() + consent)], alice),
+        ([(b"cookie", f"identity={bob}".encode() + consent)], bob),
+        ([(b"cookie", f"identity={alice}".encode() + consent), (b"authorization", carol)], alice),
+        ([(b"cookie", f"identity={bob}".encode() + consent), (b"authorization", carol)], bob),
+    ]
+    keys = [(_BYTES, h[0][1], None) for h, _ in cases[:2]]
+    assert tail_key(keys[0]) == tail_key(keys[1])  # one tail
+    for _ in range(3):
+        for headers, user in cases:
+            assert call(headers) == EndUserContext(user)
+
+    settings = mw.settings
+    settings._by_tail.clear()  # the pairs stay in the exact index
+    assert call(cases[1][0]) == EndUserContext(bob)
+    assert settings._by_tail[tail_key(keys[1])] is settings._by_raw[keys[1]]
+
+    writable = memoryview(bytearray(b"Bearer " + alice.encode()))
+    assert call([]) is None
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "headers": [(b"authorization", writable)],
+    }
+    sent = asyncio.run(_asgi_call(mw, scope, []))
+    assert sent[0]["status"] == 200 and seen[-1] is None  # not bytes: absent
+
+
 def test_a_scope_without_headers_runs_as_nobody_not_500() -> None:
     """``headers`` may be missing from a hand-built or minimal server's scope."""
     seen: list[Any] = []

@@ -17,6 +17,7 @@ from deepsec.web import (
     parse_cookie_header,
     rejection_for_error,
     resolve,
+    tail_key,
 )
 
 TOKEN = spi_static.make_jwt({"preferred_username": "alice"})
@@ -263,7 +264,7 @@ def test_malformed_cookie_with_a_valid_bearer_warns_on_every_request(caplog):
     assert all(r.levelno == logging.WARNING for r in records)
     assert '["bob"' not in caplog.text and TOKEN not in caplog.text
     # A malformed input is not cached (it would evict good entries).
-    assert settings._resolved == settings._by_raw == {}
+    assert settings._resolved == settings._by_raw == settings._by_tail == {}
 
 
 def test_nested_and_surrogate_cookies_are_one_warning_without_the_value(caplog):
@@ -393,7 +394,7 @@ def test_resolution_cache_keeps_no_oversized_or_malformed_values(caplog):
     for i in range(20):
         resolve(settings, None, authorization=big + str(i))
         resolve(settings, None, cookie_header=f'identity=["bob{i}"')
-    assert settings._resolved == settings._by_raw == {}
+    assert settings._resolved == settings._by_raw == settings._by_tail == {}
     # Each malformed request still warns, cached or not.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="deepsec.web"):
@@ -405,7 +406,9 @@ def test_resolution_cache_keeps_no_oversized_or_malformed_values(caplog):
     # there as the context a request activates.
     assert set(settings._resolved) == {(None, f"Bearer {TOKEN}")}
     parsed = settings._resolved[None, f"Bearer {TOKEN}"][0].context
-    assert settings._by_raw == {(None, f"Bearer {TOKEN}"): parsed} and parsed is not None
+    key = (None, f"Bearer {TOKEN}")
+    assert settings._by_raw == {key: (key, parsed)} and parsed is not None
+    assert settings._by_tail == {tail_key(key): (key, parsed)}
 
 
 def test_a_huge_cookie_header_is_never_remembered_raw():
@@ -423,7 +426,7 @@ def test_a_huge_cookie_header_is_never_remembered_raw():
         sum(len(part) for part in key if isinstance(part, str)) <= settings.max_size
         for key in [*settings._resolved, *settings._by_raw]
     )
-    assert len(settings._resolved) <= 1 and settings._by_raw == {}
+    assert len(settings._resolved) <= 1 and settings._by_raw == settings._by_tail == {}
 
 
 def test_an_exception_group_of_our_errors_is_answered_like_them():
@@ -470,7 +473,7 @@ def test_start_reuses_raw_header_resolutions_and_still_warns_each_request(caplog
     headers = {"cookie_header": "theme=dark", "authorization": f"Bearer {TOKEN}"}
     first, second = start(settings, None, **headers), start(settings, None, **headers)
     assert first.context is second.context  # one remembered context object
-    assert settings._by_raw["theme=dark", f"Bearer {TOKEN}"] is first.context
+    assert settings._by_raw["theme=dark", f"Bearer {TOKEN}"][1] is first.context
     second.end()
     first.end()
     assert current_end_user() is None
@@ -508,7 +511,7 @@ def test_a_remembered_header_value_names_its_user_only_in_its_own_header() -> No
         lease = start(settings, None, cookie_header=bearer, authorization=None)
         assert lease.context.identity is None and current_end_user() is None
         lease.end()
-    assert settings._by_raw[None, bearer] == EndUserContext(TOKEN)
+    assert settings._by_raw[None, bearer][1] == EndUserContext(TOKEN)
 
 
 def test_the_remembered_request_sets_every_field_of_activation_and_rejects_still() -> None:
@@ -570,7 +573,6 @@ def test_repeat_requests_are_found_by_the_tails_of_their_values_and_confirmed_in
     looks up (so never hashes) the whole values.
     """
     from deepsec.lifecycle import start
-    from deepsec.web import tail_key
 
     settings = WebSettings()
     counting = _CountingDict()
@@ -587,8 +589,8 @@ def test_repeat_requests_are_found_by_the_tails_of_their_values_and_confirmed_in
         lease = start(settings, None, cookie_header="theme=dark", authorization=fresh)
         assert lease.context == EndUserContext(value[len("Bearer ") :])
         lease.end()
-    assert settings._by_raw["theme=dark", first].identity == first[7:]
-    assert settings._by_raw["theme=dark", second].identity == second[7:]
+    assert settings._by_raw["theme=dark", first][1].identity == first[7:]
+    assert settings._by_raw["theme=dark", second][1].identity == second[7:]
     # What the hot path keeps is what tail_key names (its inline copy in step).
     key = ("theme=dark", second)
     assert settings._by_tail[tail_key(key)][0] == key
@@ -612,7 +614,6 @@ def test_a_tail_hit_whose_values_differ_is_not_that_request() -> None:
     then the request is resolved in full, never handed the other user.
     """
     from deepsec.lifecycle import start
-    from deepsec.web import tail_key
 
     settings = WebSettings()
     first, second = _twins()
@@ -626,3 +627,69 @@ def test_a_tail_hit_whose_values_differ_is_not_that_request() -> None:
     lease = start(settings, None, cookie_header=None, authorization=first)
     assert lease.context.identity == first[7:]
     lease.end()
+
+
+def test_cookie_headers_that_end_alike_name_their_own_users() -> None:
+    """Two users whose Cookie headers share the last TAIL characters (a consent
+    cookie after the identity), with and without the same Authorization.
+
+    The tail finds the other user's pair: only the full comparison of every
+    value tells them apart.
+    """
+    from deepsec.lifecycle import start
+    from deepsec.web import TAIL
+
+    consent = "; consent=" + "c" * (TAIL + 12)
+    alice = spi_static.make_jwt({"preferred_username": "alice"})
+    bob = spi_static.make_jwt({"preferred_username": "bob"})
+    bearer = f"Bearer {spi_static.make_jwt({'preferred_username': 'carol'})}"
+    settings = WebSettings()
+    cases = [
+        (f"identity={alice}{consent}", None, alice),
+        (f"identity={bob}{consent}", None, bob),
+        (f"identity={alice}{consent}", bearer, alice),  # the cookie wins over Bearer
+        (f"identity={bob}{consent}", bearer, bob),
+    ]
+    assert len({tail_key((c, a)) for c, a, _ in cases[:2]}) == 1  # one tail
+    for _ in range(3):
+        for cookie, authorization, user in cases:
+            fresh = cookie.encode().decode()
+            lease = start(settings, None, cookie_header=fresh, authorization=authorization)
+            assert lease.context == EndUserContext(user)
+            lease.end()
+
+
+def test_a_pair_missing_from_its_tail_is_put_back_there() -> None:
+    """A repeat found only by its exact key (its tail pair was dropped) is found
+    by tail again from the next request on."""
+    from deepsec.lifecycle import start
+
+    settings = WebSettings()
+    counting = _CountingDict()
+    object.__setattr__(settings, "_by_raw", counting)
+    bearer = f"Bearer {TOKEN}"
+    start(settings, None, cookie_header=None, authorization=bearer).end()
+    settings._by_tail.clear()
+    before = counting.gets
+    for _ in range(4):
+        lease = start(settings, None, cookie_header=None, authorization=bearer.encode().decode())
+        assert lease.context == EndUserContext(TOKEN)
+        lease.end()
+    assert counting.gets == before + 1  # the exact key once, then the tail
+    assert settings._by_tail[tail_key((None, bearer))] is counting[None, bearer]
+
+
+def test_the_tail_index_holds_only_pairs_the_exact_index_holds(monkeypatch) -> None:
+    """When the remembered resolutions are cut back, the tail index starts over:
+    it never keeps a raw key (its memory) the exact index has dropped."""
+    from deepsec import web
+    from deepsec.lifecycle import start
+
+    monkeypatch.setattr(web, "_RESOLVED_CACHE_SIZE", 8)
+    settings = WebSettings()
+    for i in range(40):
+        token = spi_static.make_jwt({"preferred_username": f"user{i}"})
+        start(settings, None, cookie_header=None, authorization=f"Bearer {token}").end()
+        held = {id(entry) for entry in settings._by_raw.values()}
+        assert all(id(entry) in held for entry in settings._by_tail.values())
+        assert len(settings._by_raw) <= 8

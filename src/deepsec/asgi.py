@@ -408,8 +408,9 @@ def _lease_by_bytes(
     without a warning are remembered under such keys: nothing to log, reject
     or record.  On a hit, returns the activated lease (of ``lease_class``)
     and the end user (``None``: none); on a miss, no lease and the key to
-    remember the full resolution under (``None`` when the server gave
-    headers that are not bytes).
+    remember the full resolution under (``None`` for a repeated field, or
+    header values that cannot be cut or hashed; other non-bytes values are
+    never remembered: see :func:`_start_in_full`).
     """
     cookie: Any = None
     authorization: Any = None
@@ -427,11 +428,15 @@ def _lease_by_bytes(
         if entry is not None and entry[0] == key:
             hit = entry[1]
         else:  # values that end like another request's, or nothing remembered
-            hit = by_key.get(key)
-            if hit is None:
+            exact = by_key.get(key)
+            if exact is None:
                 return None, None, key
-            _remember(by_tail, tail, (key, hit))
-    except TypeError:  # a repeated field (never remembered), or headers that are not bytes
+            hit = exact[1]
+            if entry is None:  # (the tail's first pair keeps it)
+                _remember(by_tail, tail, exact)
+    except (TypeError, ValueError):
+        # A repeated field (never remembered), or header values that are not
+        # bytes (a writable memoryview cannot be hashed: ValueError).
         return None, None, None
     # Only contexts are remembered under these keys (remember_alias).
     user = hit if hit._identity is not None else None

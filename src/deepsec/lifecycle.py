@@ -146,7 +146,7 @@ def _start(
     instructions a Django request).  The hot path, hence inlined.
     """
     key = (cookie_header, authorization)
-    target: EndUserContext | Rejection | None
+    target: EndUserContext | Rejection | None = None
     try:
         # Found by the values' tails, confirmed in full (WebSettings._by_tail):
         # a server's new header objects are not hashed whole on every request.
@@ -155,9 +155,11 @@ def _start(
         if entry is not None and entry[0] == key:
             target = entry[1]
         else:  # values that end like another request's, or nothing remembered
-            target = settings._by_raw.get(key)
-            if target is not None:
-                _remember(settings._by_tail, tail, (key, target))
+            exact = settings._by_raw.get(key)
+            if exact is not None:
+                target = exact[1]
+                if entry is None:  # (the tail's first pair keeps it)
+                    _remember(settings._by_tail, tail, exact)
     except TypeError:  # a repeated field is a list: not hashable, not remembered
         target = None
     if target is None:

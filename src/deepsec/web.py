@@ -63,6 +63,8 @@ __all__ = [
 log = logging.getLogger("deepsec.web")
 
 NoIdentityPolicy = Literal["least_privilege", "deny"]
+#: What ``WebSettings._by_raw`` and ``_by_tail`` keep: (raw key, what it activates).
+RawEntry = tuple[tuple[Any, ...], "EndUserContext | Rejection"]
 #: ``resolver(request)`` returns an identity, a full context, or ``None``.
 Resolver = Callable[[Any], "Identity | EndUserContext | list[Any] | None"]
 
@@ -108,18 +110,20 @@ class WebSettings:
     )
     # The same resolutions by the raw header values an adapter hands over --
     # (Cookie header, Authorization), or an adapter's own form of them, see
-    # remember_alias -- kept as what a request activates: the context
-    # (_EMPTY: no end user) or the rejection.  The adapters' hot path: one
-    # lookup, nothing to unpack.  Only resolutions without a warning.
-    _by_raw: dict[tuple[Any, ...], EndUserContext | Rejection] = field(
+    # remember_alias -- each kept as the pair (raw key, what a request
+    # activates: the context, _EMPTY for no end user, or the rejection).
+    # Only resolutions without a warning.  The adapters' hot path finds a
+    # pair in _by_tail first, and looks here when that fails.
+    _by_raw: dict[tuple[Any, ...], RawEntry] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
-    # The adapters look there second: first here, under the last TAIL
-    # characters of each value (tail_key), holding (raw key, what it
-    # activates), confirmed by comparing the raw key in full.  A server hands
-    # every request new header objects, and a lookup keyed by whole values
-    # would hash a ~2 KB token each time; comparing costs a fraction of that.
-    _by_tail: dict[tuple[Any, ...], tuple[tuple[Any, ...], EndUserContext | Rejection]] = field(
+    # The same pairs (never others: emptied whenever _by_raw drops some) by
+    # tail_key of their raw key, the last TAIL characters of each value; a
+    # pair found here counts only when its raw key equals the request's in
+    # full.  A server hands every request new header objects, and a lookup
+    # keyed by whole values would hash a ~2 KB token each time; comparing
+    # costs a fraction of that.
+    _by_tail: dict[tuple[Any, ...], RawEntry] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
     _cacheable: bool = field(default=True, init=False, repr=False, compare=False)
@@ -296,9 +300,12 @@ def _remember(cache: dict[tuple[Any, ...], Any], key: tuple[Any, ...], value: An
 
 
 #: How many characters (or bytes) at the end of each header value
-#: :func:`tail_key` keeps: a JWT's signature, or an opaque token's random
-#: end, tells users apart there; when it does not (values that end alike),
-#: the lookup by tail fails its full comparison and the exact key is used.
+#: :func:`tail_key` keeps.  A bearer token's end (a JWT's signature, an
+#: opaque token's random end) tells users apart there.  A ``Cookie`` header
+#: may end alike for every user (a consent cookie after the identity): then
+#: the pair found by tail fails the full comparison and the exact key is
+#: looked up (the first pair keeps the tail), at about the cost of a lookup
+#: by whole values plus the comparison.
 TAIL = 48
 
 
@@ -316,8 +323,14 @@ def remember_raw(
     settings: WebSettings, key: tuple[Any, ...], target: EndUserContext | Rejection
 ) -> None:
     """Remember what the raw header values ``key`` activate, by key and by tail."""
-    _remember(settings._by_raw, key, target)
-    _remember(settings._by_tail, tail_key(key), (key, target))
+    by_raw = settings._by_raw
+    if len(by_raw) >= _RESOLVED_CACHE_SIZE:
+        # _remember() is about to drop pairs: _by_tail keeps only pairs
+        # _by_raw holds (its memory is theirs), so it starts over.
+        settings._by_tail.clear()
+    entry = (key, target)
+    _remember(by_raw, key, entry)
+    settings._by_tail[tail_key(key)] = entry
 
 
 def remember_alias(settings: WebSettings, key: tuple[Any, ...], alias: tuple[Any, ...]) -> None:
@@ -333,11 +346,11 @@ def remember_alias(settings: WebSettings, key: tuple[Any, ...], alias: tuple[Any
     if not settings._cacheable:
         return
     try:
-        hit = settings._by_raw.get(key)
+        entry = settings._by_raw.get(key)
     except TypeError:  # a repeated field is a list: never remembered
         return
-    if isinstance(hit, EndUserContext):
-        remember_raw(settings, alias, hit)
+    if entry is not None and isinstance(entry[1], EndUserContext):
+        remember_raw(settings, alias, entry[1])
 
 
 _RESOLVED_CACHE_SIZE = 512
