@@ -161,11 +161,27 @@ def wsgi_environ(path: str) -> dict[str, Any]:
     }
 
 
-def wsgi_runner(app: Any, path: str, each: bool) -> Runner:
+def wsgi_environs(path: str) -> Callable[[], dict[str, Any]]:
+    """Makes each request's environ as a server does: its header values new str objects.
+
+    (A server decodes them from the request's bytes anew: nothing has
+    computed their hash yet.)
+    """
     environ = wsgi_environ(path)
-    # A server decodes each request's header values anew: new str objects,
-    # whose hash nothing has computed yet.
     fresh = [(k, environ[k].encode("latin-1")) for k in ("HTTP_AUTHORIZATION", "HTTP_COOKIE")]
+
+    def new_environ() -> dict[str, Any]:
+        env = dict(environ)
+        for key, raw in fresh:
+            env[key] = raw.decode("latin-1")
+        env["wsgi.input"] = io.BytesIO()
+        return env
+
+    return new_environ
+
+
+def wsgi_runner(app: Any, path: str, each: bool) -> Runner:
+    new_environ = wsgi_environs(path)
 
     def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
         assert status.startswith("200"), status
@@ -177,11 +193,7 @@ def wsgi_runner(app: Any, path: str, each: bool) -> Runner:
         for _ in range(n):
             if each:
                 c0, t0 = cpu_clock(), clock()
-            env = dict(environ)
-            for key, raw in fresh:
-                env[key] = raw.decode("latin-1")
-            env["wsgi.input"] = io.BytesIO()
-            body = app(env, start_response)
+            body = app(new_environ(), start_response)
             try:
                 for _chunk in body:
                     pass

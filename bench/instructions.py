@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import io
 import logging
 import os
 import re
@@ -114,13 +113,11 @@ def django_alone(variant: str) -> Callable[[int], object]:
         "floor": floors.django_floor(view),
         "deepsec": deepsec.django.middleware.EndUserSecMiddleware(view),
     }[variant]
-    environ = adapters.wsgi_environ("/")
+    new_environ = adapters.wsgi_environs("/")
 
     def run(n: int) -> None:
         for _ in range(n):
-            env = dict(environ)
-            env["wsgi.input"] = io.BytesIO()
-            middleware(WSGIRequest(env))
+            middleware(WSGIRequest(new_environ()))
 
     return run
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import pytest
 
@@ -17,7 +16,6 @@ from deepsec.web import (
     parse_cookie_header,
     rejection_for_error,
     resolve,
-    tail_key,
 )
 
 TOKEN = spi_static.make_jwt({"preferred_username": "alice"})
@@ -264,7 +262,7 @@ def test_malformed_cookie_with_a_valid_bearer_warns_on_every_request(caplog):
     assert all(r.levelno == logging.WARNING for r in records)
     assert '["bob"' not in caplog.text and TOKEN not in caplog.text
     # A malformed input is not cached (it would evict good entries).
-    assert settings._resolved == settings._by_raw == settings._by_tail == {}
+    assert settings._resolved == settings._by_raw == {}
 
 
 def test_nested_and_surrogate_cookies_are_one_warning_without_the_value(caplog):
@@ -394,7 +392,7 @@ def test_resolution_cache_keeps_no_oversized_or_malformed_values(caplog):
     for i in range(20):
         resolve(settings, None, authorization=big + str(i))
         resolve(settings, None, cookie_header=f'identity=["bob{i}"')
-    assert settings._resolved == settings._by_raw == settings._by_tail == {}
+    assert settings._resolved == settings._by_raw == {}
     # Each malformed request still warns, cached or not.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="deepsec.web"):
@@ -406,9 +404,7 @@ def test_resolution_cache_keeps_no_oversized_or_malformed_values(caplog):
     # there as the context a request activates.
     assert set(settings._resolved) == {(None, f"Bearer {TOKEN}")}
     parsed = settings._resolved[None, f"Bearer {TOKEN}"][0].context
-    key = (None, f"Bearer {TOKEN}")
-    assert settings._by_raw == {key: (key, parsed)} and parsed is not None
-    assert settings._by_tail == {tail_key(key): (key, parsed)}
+    assert settings._by_raw == {(None, f"Bearer {TOKEN}"): parsed} and parsed is not None
 
 
 def test_a_huge_cookie_header_is_never_remembered_raw():
@@ -426,7 +422,7 @@ def test_a_huge_cookie_header_is_never_remembered_raw():
         sum(len(part) for part in key if isinstance(part, str)) <= settings.max_size
         for key in [*settings._resolved, *settings._by_raw]
     )
-    assert len(settings._resolved) <= 1 and settings._by_raw == settings._by_tail == {}
+    assert len(settings._resolved) <= 1 and settings._by_raw == {}
 
 
 def test_an_exception_group_of_our_errors_is_answered_like_them():
@@ -473,7 +469,7 @@ def test_start_reuses_raw_header_resolutions_and_still_warns_each_request(caplog
     headers = {"cookie_header": "theme=dark", "authorization": f"Bearer {TOKEN}"}
     first, second = start(settings, None, **headers), start(settings, None, **headers)
     assert first.context is second.context  # one remembered context object
-    assert settings._by_raw["theme=dark", f"Bearer {TOKEN}"][1] is first.context
+    assert settings._by_raw["theme=dark", f"Bearer {TOKEN}"] is first.context
     second.end()
     first.end()
     assert current_end_user() is None
@@ -511,7 +507,7 @@ def test_a_remembered_header_value_names_its_user_only_in_its_own_header() -> No
         lease = start(settings, None, cookie_header=bearer, authorization=None)
         assert lease.context.identity is None and current_end_user() is None
         lease.end()
-    assert settings._by_raw[None, bearer][1] == EndUserContext(TOKEN)
+    assert settings._by_raw[None, bearer] == EndUserContext(TOKEN)
 
 
 def test_the_remembered_request_sets_every_field_of_activation_and_rejects_still() -> None:
@@ -545,151 +541,3 @@ def test_the_remembered_request_sets_every_field_of_activation_and_rejects_still
         outcome = lifecycle.start(deny, None, cookie_header=None, authorization=None)
         assert isinstance(outcome, Rejection) and outcome.status == 401
         assert current_end_user() is None
-
-
-def _twins() -> tuple[str, str]:
-    """Two Bearer values that end alike for far more than TAIL characters."""
-    from deepsec.web import TAIL
-
-    shared = "s" * (TAIL + 20)  # (the same tail: only what comes before differs)
-    return f"Bearer aaaa{shared}", f"Bearer bbbb{shared}"
-
-
-class _CountingDict(dict):  # type: ignore[type-arg]
-    """A dict that counts its ``get`` calls (which hash the key in full)."""
-
-    gets = 0
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        self.gets += 1
-        return super().get(key, default)
-
-
-def test_repeat_requests_are_found_by_the_tails_of_their_values_and_confirmed_in_full() -> None:
-    """lifecycle._start finds a repeat by tail_key, then compares the values in full.
-
-    Two tokens with one tail name two users, request after request, in any
-    order; a repeat with new header objects (as a server hands over) never
-    looks up (so never hashes) the whole values.
-    """
-    from deepsec.lifecycle import start
-
-    settings = WebSettings()
-    counting = _CountingDict()
-    object.__setattr__(settings, "_by_raw", counting)
-    first, second = _twins()
-    assert tail_key((None, first)) == tail_key((None, second))  # a true collision
-    for _ in range(2):  # resolved, then found under tail_key at once
-        lease = start(settings, None, cookie_header="theme=dark", authorization=first)
-        lease.end()
-    assert counting.gets == 1  # (the first request's miss)
-    for value in (first, second, first, first, second, first, second):
-        fresh = value.encode().decode()  # a new object, as a server makes it
-        assert fresh is not value
-        lease = start(settings, None, cookie_header="theme=dark", authorization=fresh)
-        assert lease.context == EndUserContext(value[len("Bearer ") :])
-        lease.end()
-    assert settings._by_raw["theme=dark", first][1].identity == first[7:]
-    assert settings._by_raw["theme=dark", second][1].identity == second[7:]
-    # What the hot path keeps is what tail_key names (its inline copy in step).
-    key = ("theme=dark", second)
-    assert settings._by_tail[tail_key(key)][0] == key
-
-    # Repeats of one user, each with new objects: the tail finds them, the
-    # whole values are compared, never looked up (hashed) again.
-    before = counting.gets
-    for _ in range(5):
-        fresh = second.encode().decode()
-        lease = start(settings, None, cookie_header="theme=dark", authorization=fresh)
-        assert lease.context.identity == second[7:]
-        lease.end()
-    assert counting.gets == before
-
-
-def test_a_tail_hit_whose_values_differ_is_not_that_request() -> None:
-    """An entry under the same tail holds another request's values: the exact key decides.
-
-    Also after the tail entry was taken by the other value (they take turns),
-    and when only the tail index knows one value (its exact entry dropped):
-    then the request is resolved in full, never handed the other user.
-    """
-    from deepsec.lifecycle import start
-
-    settings = WebSettings()
-    first, second = _twins()
-    lease = start(settings, None, cookie_header=None, authorization=first)
-    lease.end()
-    assert settings._by_tail[tail_key((None, second))][0] == (None, first)
-    settings._by_raw.clear()  # only the tail index remembers the first user
-    lease = start(settings, None, cookie_header=None, authorization=second)
-    assert lease.context.identity == second[7:]
-    lease.end()
-    lease = start(settings, None, cookie_header=None, authorization=first)
-    assert lease.context.identity == first[7:]
-    lease.end()
-
-
-def test_cookie_headers_that_end_alike_name_their_own_users() -> None:
-    """Two users whose Cookie headers share the last TAIL characters (a consent
-    cookie after the identity), with and without the same Authorization.
-
-    The tail finds the other user's pair: only the full comparison of every
-    value tells them apart.
-    """
-    from deepsec.lifecycle import start
-    from deepsec.web import TAIL
-
-    consent = "; consent=" + "c" * (TAIL + 12)
-    alice = spi_static.make_jwt({"preferred_username": "alice"})
-    bob = spi_static.make_jwt({"preferred_username": "bob"})
-    bearer = f"Bearer {spi_static.make_jwt({'preferred_username': 'carol'})}"
-    settings = WebSettings()
-    cases = [
-        (f"identity={alice}{consent}", None, alice),
-        (f"identity={bob}{consent}", None, bob),
-        (f"identity={alice}{consent}", bearer, alice),  # the cookie wins over Bearer
-        (f"identity={bob}{consent}", bearer, bob),
-    ]
-    assert len({tail_key((c, a)) for c, a, _ in cases[:2]}) == 1  # one tail
-    for _ in range(3):
-        for cookie, authorization, user in cases:
-            fresh = cookie.encode().decode()
-            lease = start(settings, None, cookie_header=fresh, authorization=authorization)
-            assert lease.context == EndUserContext(user)
-            lease.end()
-
-
-def test_a_pair_missing_from_its_tail_is_put_back_there() -> None:
-    """A repeat found only by its exact key (its tail pair was dropped) is found
-    by tail again from the next request on."""
-    from deepsec.lifecycle import start
-
-    settings = WebSettings()
-    counting = _CountingDict()
-    object.__setattr__(settings, "_by_raw", counting)
-    bearer = f"Bearer {TOKEN}"
-    start(settings, None, cookie_header=None, authorization=bearer).end()
-    settings._by_tail.clear()
-    before = counting.gets
-    for _ in range(4):
-        lease = start(settings, None, cookie_header=None, authorization=bearer.encode().decode())
-        assert lease.context == EndUserContext(TOKEN)
-        lease.end()
-    assert counting.gets == before + 1  # the exact key once, then the tail
-    assert settings._by_tail[tail_key((None, bearer))] is counting[None, bearer]
-
-
-def test_the_tail_index_holds_only_pairs_the_exact_index_holds(monkeypatch) -> None:
-    """When the remembered resolutions are cut back, the tail index starts over:
-    it never keeps a raw key (its memory) the exact index has dropped."""
-    from deepsec import web
-    from deepsec.lifecycle import start
-
-    monkeypatch.setattr(web, "_RESOLVED_CACHE_SIZE", 8)
-    settings = WebSettings()
-    for i in range(40):
-        token = spi_static.make_jwt({"preferred_username": f"user{i}"})
-        start(settings, None, cookie_header=None, authorization=f"Bearer {token}").end()
-        held = {id(entry) for entry in settings._by_raw.values()}
-        assert all(id(entry) in held for entry in settings._by_tail.values())
-        assert len(settings._by_raw) <= 8

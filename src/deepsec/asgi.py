@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 from ._identity_parse import COOKIE_JOIN, cookie_pairs
 from .context import EndUserContext, _current
 from .lifecycle import TOKEN_CONFIGS, RequestLease, _start, answer, fetch_tokens
-from .web import TAIL, Rejection, WebSettings, _remember, remember_alias
+from .web import Rejection, WebSettings, remember_alias
 
 __all__ = ["SCOPE_KEY", "ASGIConnection", "EndUserSecMiddleware"]
 
@@ -345,21 +345,14 @@ async def _flush(send: Send, held: list[Message]) -> None:
         await send(message)
 
 
-#: What :func:`_remembered_by_bytes` returns: the resolutions by tail, and by key.
-Remembered = tuple[dict[tuple[Any, ...], Any], dict[tuple[Any, ...], Any]]
-
-
-def _remembered_by_bytes(settings: WebSettings) -> Remembered:
+def _remembered_by_bytes(settings: WebSettings) -> dict[tuple[Any, ...], Any]:
     """Where an adapter looks a resolution up by the raw header bytes.
 
-    The resolutions ``settings`` remember (``_by_tail``, then ``_by_raw``),
-    when the identity depends on the header values alone and nothing is
-    recorded per request; else two empty dicts that are never filled (every
-    request is resolved in full).
+    The resolutions ``settings`` remember, when the identity depends on the
+    header values alone and nothing is recorded per request; else an empty
+    dict that is never filled (every request is resolved in full).
     """
-    if settings._cacheable and not settings.record_end_user:
-        return settings._by_tail, settings._by_raw
-    return {}, {}
+    return settings._by_raw if settings._cacheable and not settings.record_end_user else {}
 
 
 def _start_in_full(
@@ -367,7 +360,7 @@ def _start_in_full(
     request: Any,
     raw_headers: Any,
     raw: tuple[Any, ...] | None,
-    remembered: Remembered,
+    remembered: dict[tuple[Any, ...], Any],
     lease_class: type[LeaseT],
 ) -> tuple[LeaseT | Rejection, EndUserContext | None]:
     """Resolve and activate a request that :func:`_lease_by_bytes` missed.
@@ -386,7 +379,7 @@ def _start_in_full(
     # (Only a key of bytes: a value of another type was read as absent.)
     if (
         raw is not None
-        and remembered[1] is settings._by_raw
+        and remembered is settings._by_raw
         and all(part is None or type(part) is bytes for part in raw[1:])
     ):
         remember_alias(settings, (cookie_header, authorization), raw)
@@ -395,22 +388,19 @@ def _start_in_full(
 
 
 def _lease_by_bytes(
-    remembered: Remembered, raw: Any, lease_class: type[LeaseT]
+    remembered: dict[tuple[Any, ...], Any], raw: Any, lease_class: type[LeaseT]
 ) -> tuple[LeaseT | None, EndUserContext | None, tuple[Any, ...] | None]:
-    """The hot path of the middleware and the FastAPI dependency: a dict lookup.
+    """The hot path of the middleware and the FastAPI dependency: one dict lookup.
 
     The raw header bytes, not decoded, are the key of the resolution an
     earlier request with the same bytes got: ``(_BYTES, cookie,
     authorization)``, each field's bytes or ``None``; a repeated field is
-    :data:`_REPEATED`, which nothing is remembered under.  It is found by
-    the key's tail (:func:`deepsec.web.tail_key`) and confirmed by comparing
-    the key in full, else by the key itself.  Only valid resolutions
-    without a warning are remembered under such keys: nothing to log, reject
-    or record.  On a hit, returns the activated lease (of ``lease_class``)
-    and the end user (``None``: none); on a miss, no lease and the key to
-    remember the full resolution under (``None`` for a repeated field, or
-    header values that cannot be cut or hashed; other non-bytes values are
-    never remembered: see :func:`_start_in_full`).
+    :data:`_REPEATED`, which nothing is remembered under.  Only valid
+    resolutions without a warning are remembered under such keys: nothing to
+    log, reject or record.  On a hit, returns the activated lease (of
+    ``lease_class``) and the end user (``None``: none); on a miss, no lease
+    and the key to remember the full resolution under (``None`` when the
+    server gave headers that are not bytes).
     """
     cookie: Any = None
     authorization: Any = None
@@ -420,24 +410,14 @@ def _lease_by_bytes(
         elif name == b"authorization":
             authorization = value if authorization is None else _REPEATED
     key = (_BYTES, cookie, authorization)
-    by_tail, by_key = remembered
     try:
-        # (tail_key(key), written out; _REPEATED cannot be cut: a TypeError.)
-        tail = (_BYTES, cookie and cookie[-TAIL:], authorization and authorization[-TAIL:])
-        entry = by_tail.get(tail)
-        if entry is not None and entry[0] == key:
-            hit = entry[1]
-        else:  # values that end like another request's, or nothing remembered
-            exact = by_key.get(key)
-            if exact is None:
-                return None, None, key
-            hit = exact[1]
-            if entry is None:  # (the tail's first pair keeps it)
-                _remember(by_tail, tail, exact)
+        hit = remembered.get(key)
     except (TypeError, ValueError):
-        # A repeated field (never remembered), or header values that are not
-        # bytes (a writable memoryview cannot be hashed: ValueError).
+        # A server gave header values that are not bytes and cannot be hashed
+        # (a list; a writable memoryview raises ValueError): resolved in full.
         return None, None, None
+    if hit is None:
+        return None, None, key
     # Only contexts are remembered under these keys (remember_alias).
     user = hit if hit._identity is not None else None
     # new_activation(hit, lease_class), written out as in lifecycle._start

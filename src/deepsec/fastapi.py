@@ -151,7 +151,7 @@ class EndUserIdentity:
             done = current.context
             return done if done.identity is not None else None
         # The hot path, as in the ASGI middleware: a repeat of earlier raw
-        # header bytes finds the resolution they got (by tail, then in full).
+        # header bytes is one lookup of the resolution they got.
         outcome, ctx, key = _lease_by_bytes(self._remembered, scope["headers"], _DependencyLease)
         if outcome is None:
             started, ctx = _start_in_full(

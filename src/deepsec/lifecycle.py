@@ -5,8 +5,7 @@ response machinery into "send this :class:`~deepsec.web.Rejection`"; the
 steps in between live here once:
 
 1. :func:`start`: resolve the identity (:func:`deepsec.web.resolve`; a
-   repeat of earlier raw header values is found by their tails and compared
-   in full) and activate it --
+   repeat of earlier raw header values is one dict lookup) and activate it --
    also "no end user", so a request never inherits a context -- or refuse the
    request; async adapters then await :func:`fetch_tokens` when
    :func:`needs_tokens` (:func:`start_async` does both);
@@ -28,19 +27,10 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from . import telemetry
-from .context import Activation, EndUserContext, _check_lease_class, _current, new_activation
+from .context import Activation, _check_lease_class, _current, new_activation
 from .errors import DeepSecError, TokenAcquisitionError
 from .prefetch import configs_in_use, prepare
-from .web import (
-    TAIL,
-    Rejection,
-    Resolution,
-    WebSettings,
-    _activated,
-    _remember,
-    rejection_for_error,
-    resolve,
-)
+from .web import Rejection, Resolution, WebSettings, _activated, rejection_for_error, resolve
 
 __all__ = [
     "TOKEN_CONFIGS",
@@ -115,11 +105,10 @@ def start(
 ) -> Lease | Rejection:
     """Resolve and activate one request's end user (:func:`begin` of :func:`resolve`).
 
-    A repeat of earlier raw header values (the common request) is found in
-    the resolutions :func:`~deepsec.web.resolve` remembered, by the values'
-    last characters (:func:`~deepsec.web.tail_key`), and compared in full
-    (only valid inputs within ``max_size`` are remembered; anything
-    malformed goes through ``resolve`` and warns every time).  ``lease``: the
+    A repeat of earlier raw header values (the common request) is one dict
+    lookup in the resolutions :func:`~deepsec.web.resolve` remembered (only
+    valid inputs within ``max_size`` are; anything malformed goes through
+    ``resolve`` and warns every time).  ``lease``: the
     :class:`~deepsec.context.Activation` subclass to activate with (an
     adapter may keep its per-request state in the same object); it is made
     as :func:`~deepsec.context.new_activation` makes one, calling the class
@@ -145,21 +134,8 @@ def _start(
     keywords, or leaves a keyword-only default, more slowly (about 700
     instructions a Django request).  The hot path, hence inlined.
     """
-    key = (cookie_header, authorization)
-    target: EndUserContext | Rejection | None = None
     try:
-        # Found by the values' tails, confirmed in full (WebSettings._by_tail):
-        # a server's new header objects are not hashed whole on every request.
-        tail = (cookie_header and cookie_header[-TAIL:], authorization and authorization[-TAIL:])
-        entry = settings._by_tail.get(tail)  # (tail is tail_key(key), written out)
-        if entry is not None and entry[0] == key:
-            target = entry[1]
-        else:  # values that end like another request's, or nothing remembered
-            exact = settings._by_raw.get(key)
-            if exact is not None:
-                target = exact[1]
-                if entry is None:  # (the tail's first pair keeps it)
-                    _remember(settings._by_tail, tail, exact)
+        target = settings._by_raw.get((cookie_header, authorization))
     except TypeError:  # a repeated field is a list: not hashable, not remembered
         target = None
     if target is None:

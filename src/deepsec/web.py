@@ -63,8 +63,6 @@ __all__ = [
 log = logging.getLogger("deepsec.web")
 
 NoIdentityPolicy = Literal["least_privilege", "deny"]
-#: What ``WebSettings._by_raw`` and ``_by_tail`` keep: (raw key, what it activates).
-RawEntry = tuple[tuple[Any, ...], "EndUserContext | Rejection"]
 #: ``resolver(request)`` returns an identity, a full context, or ``None``.
 Resolver = Callable[[Any], "Identity | EndUserContext | list[Any] | None"]
 
@@ -110,20 +108,10 @@ class WebSettings:
     )
     # The same resolutions by the raw header values an adapter hands over --
     # (Cookie header, Authorization), or an adapter's own form of them, see
-    # remember_alias -- each kept as the pair (raw key, what a request
-    # activates: the context, _EMPTY for no end user, or the rejection).
-    # Only resolutions without a warning.  The adapters' hot path finds a
-    # pair in _by_tail first, and looks here when that fails.
-    _by_raw: dict[tuple[Any, ...], RawEntry] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
-    # The same pairs (never others: emptied whenever _by_raw drops some) by
-    # tail_key of their raw key, the last TAIL characters of each value; a
-    # pair found here counts only when its raw key equals the request's in
-    # full.  A server hands every request new header objects, and a lookup
-    # keyed by whole values would hash a ~2 KB token each time; comparing
-    # costs a fraction of that.
-    _by_tail: dict[tuple[Any, ...], RawEntry] = field(
+    # remember_alias -- kept as what a request activates: the context
+    # (_EMPTY: no end user) or the rejection.  The adapters' hot path: one
+    # lookup, nothing to unpack.  Only resolutions without a warning.
+    _by_raw: dict[tuple[Any, ...], EndUserContext | Rejection] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
     _cacheable: bool = field(default=True, init=False, repr=False, compare=False)
@@ -220,12 +208,12 @@ def resolve(
     that have one).  ``request`` is passed to the app's callables.
     """
     cache = settings._resolved if settings._cacheable else None
-    # Remembered under the raw header values too (remember_raw):
+    # Remembered under the raw header values too (settings._by_raw):
     # deepsec.lifecycle.start() looks a repeat request up there before
-    # calling us (by tail, then in full: no cookie scanning).  Repeated
-    # fields (lists) are not remembered raw, nor raw values beyond the cap
-    # parsed ones have: a huge Cookie header (other cookies, padding) never
-    # becomes a key.  Malformed ones: see below.
+    # calling us (one dict lookup, no cookie scanning).  Repeated fields
+    # (lists) are not remembered raw, nor raw values beyond the cap parsed
+    # ones have: a huge Cookie header (other cookies, padding) never becomes
+    # a key.  Malformed ones: see below.
     raw_key: tuple[Any, ...] | None = None
     if (
         cache is not None
@@ -278,7 +266,7 @@ def resolve(
     if hit[1]:
         warnings += hit[1]
     if raw_key is not None and not warnings:  # malformed: resolved (and warned) each time
-        remember_raw(settings, raw_key, _activated(hit[0]))
+        _remember(settings._by_raw, raw_key, _activated(hit[0]))
     if warnings:
         _warn_malformed(*warnings)
     return hit[0]
@@ -299,40 +287,6 @@ def _remember(cache: dict[tuple[Any, ...], Any], key: tuple[Any, ...], value: An
     cache[key] = value
 
 
-#: How many characters (or bytes) at the end of each header value
-#: :func:`tail_key` keeps.  A bearer token's end (a JWT's signature, an
-#: opaque token's random end) tells users apart there.  A ``Cookie`` header
-#: may end alike for every user (a consent cookie after the identity): then
-#: the pair found by tail fails the full comparison and the exact key is
-#: looked up (the first pair keeps the tail), at about the cost of a lookup
-#: by whole values plus the comparison.
-TAIL = 48
-
-
-def tail_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The key under which ``settings._by_tail`` keeps the raw ``key``.
-
-    Each text or bytes value cut to its last :data:`TAIL` characters; other
-    parts (``None``, an adapter's marker) as they are.  The adapters' hot
-    paths build the same tuple inline (tests/test_web.py holds them to it).
-    """
-    return tuple(part[-TAIL:] if isinstance(part, (str, bytes)) else part for part in key)
-
-
-def remember_raw(
-    settings: WebSettings, key: tuple[Any, ...], target: EndUserContext | Rejection
-) -> None:
-    """Remember what the raw header values ``key`` activate, by key and by tail."""
-    by_raw = settings._by_raw
-    if len(by_raw) >= _RESOLVED_CACHE_SIZE:
-        # _remember() is about to drop pairs: _by_tail keeps only pairs
-        # _by_raw holds (its memory is theirs), so it starts over.
-        settings._by_tail.clear()
-    entry = (key, target)
-    _remember(by_raw, key, entry)
-    settings._by_tail[tail_key(key)] = entry
-
-
 def remember_alias(settings: WebSettings, key: tuple[Any, ...], alias: tuple[Any, ...]) -> None:
     """Remember the context kept under the raw ``key`` also under ``alias``.
 
@@ -346,11 +300,11 @@ def remember_alias(settings: WebSettings, key: tuple[Any, ...], alias: tuple[Any
     if not settings._cacheable:
         return
     try:
-        entry = settings._by_raw.get(key)
+        hit = settings._by_raw.get(key)
     except TypeError:  # a repeated field is a list: never remembered
         return
-    if entry is not None and isinstance(entry[1], EndUserContext):
-        remember_raw(settings, alias, entry[1])
+    if isinstance(hit, EndUserContext):
+        _remember(settings._by_raw, alias, hit)
 
 
 _RESOLVED_CACHE_SIZE = 512
