@@ -6,7 +6,7 @@ Run ``python bench/adapters.py [--requests N] [--rounds R] [--batch K] [--db-req
 Each WSGI/ASGI app is called in process with a request carrying an end-user
 bearer token and two unrelated cookies, so every adapter does its full work.
 The request is what a server hands over: a token of the size Entra ID issues
-(about 1.9 KB), and header values that are new objects on every request
+(about 2 KB), and header values that are new objects on every request
 (a server decodes or parses them anew), so that per-byte work -- a floor
 copying the token, a lookup hashing it -- costs what it costs in production.
 Three apps per framework: **bare** (no identity handling), **floor** (the
@@ -72,7 +72,7 @@ def _b64(data: bytes) -> str:
 
 
 def _entra_sized_token() -> str:
-    """A JWT of the size Entra ID issues for a user (about 1.9 KB; deepsec checks no signature).
+    """A JWT of the size Entra ID issues for a user (about 2 KB; deepsec checks no signature).
 
     A realistic length matters: what an adapter does per byte of the token
     (a floor slices and copies it; a lookup keyed by it hashes it) is part of

@@ -76,12 +76,10 @@ class _Headers(Mapping[str, str]):
     def __init__(self, raw: Any) -> None:
         values: dict[str, str] = {}
         for name, value in raw or ():
-            if not isinstance(name, (bytes, bytearray)) or not isinstance(
-                value, (bytes, bytearray)
-            ):
-                continue  # not bytes, against the ASGI spec: absent (never a 500)
-            key = name.decode("latin-1").lower()
-            text = value.decode("latin-1")
+            if not isinstance(name, _BYTES_LIKE) or not isinstance(value, _BYTES_LIKE):
+                continue  # not bytes-like, against the ASGI spec: absent (never a 500)
+            key = _latin1(name).lower()
+            text = _latin1(value)
             if key in values:
                 # RFC 9110 list syntax; HTTP/2 splits cookies into several fields.
                 # Cookie fields are joined as WSGI servers and Django join them,
@@ -441,15 +439,26 @@ def _identity_headers(raw: Any) -> tuple[str | list[str] | None, str | list[str]
     # ASGI servers give header names lowercased (the spec requires it).
     for name, value in raw or ():
         # (_one_more only for a repeated field: a call per header costs.)
-        if name == b"cookie" and isinstance(value, (bytes, bytearray)):
-            text = value.decode("latin-1")
+        if name == b"cookie" and isinstance(value, _BYTES_LIKE):
+            text = _latin1(value)
             cookie = text if cookie is None else _one_more(cookie, text)
-        elif name == b"authorization" and isinstance(value, (bytes, bytearray)):
-            text = value.decode("latin-1")
+        elif name == b"authorization" and isinstance(value, _BYTES_LIKE):
+            text = _latin1(value)
             authorization = text if authorization is None else _one_more(authorization, text)
         # (A value that is not bytes breaks the ASGI spec: the field counts as
         # absent -- least privilege, never a 500.)
     return cookie, authorization
+
+
+#: Header values read as bytes.  The ASGI spec says bytes; a memoryview is
+#: read too, because the lookup by raw bytes (_lease_by_bytes) finds one
+#: equal to remembered bytes: read in both paths, a value names one user.
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
+def _latin1(value: bytes | bytearray | memoryview) -> str:
+    """A header value as text (one char per byte); a memoryview in its logical order."""
+    return (value.tobytes() if isinstance(value, memoryview) else value).decode("latin-1")
 
 
 def _one_more(seen: str | list[str] | None, text: str) -> str | list[str]:
