@@ -68,6 +68,17 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 SCOPE_KEY = "deepsec.end_user"
 
 
+#: Header values read as bytes.  The ASGI spec says bytes; a memoryview is
+#: read too, because the lookup by raw bytes (_lease_by_bytes) finds one
+#: equal to remembered bytes: read in both paths, a value names one user.
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
+def _latin1(value: bytes | bytearray | memoryview) -> str:
+    """A header value as text (one char per byte); a memoryview in its logical order."""
+    return (value.tobytes() if isinstance(value, memoryview) else value).decode("latin-1")
+
+
 class _Headers(Mapping[str, str]):
     """Read-only, case-insensitive view of ASGI headers (repeated ones joined)."""
 
@@ -445,20 +456,9 @@ def _identity_headers(raw: Any) -> tuple[str | list[str] | None, str | list[str]
         elif name == b"authorization" and isinstance(value, _BYTES_LIKE):
             text = _latin1(value)
             authorization = text if authorization is None else _one_more(authorization, text)
-        # (A value that is not bytes breaks the ASGI spec: the field counts as
-        # absent -- least privilege, never a 500.)
+        # (A value that is not bytes-like breaks the ASGI spec: the field
+        # counts as absent -- least privilege, never a 500.)
     return cookie, authorization
-
-
-#: Header values read as bytes.  The ASGI spec says bytes; a memoryview is
-#: read too, because the lookup by raw bytes (_lease_by_bytes) finds one
-#: equal to remembered bytes: read in both paths, a value names one user.
-_BYTES_LIKE = (bytes, bytearray, memoryview)
-
-
-def _latin1(value: bytes | bytearray | memoryview) -> str:
-    """A header value as text (one char per byte); a memoryview in its logical order."""
-    return (value.tobytes() if isinstance(value, memoryview) else value).decode("latin-1")
 
 
 def _one_more(seen: str | list[str] | None, text: str) -> str | list[str]:
