@@ -298,6 +298,37 @@ def per_call_ns(fn: Callable[[str], Any], n: int = 200_000) -> float:
     return best
 
 
+def app_builders(
+    contexts: dict[str, Any], headers: list[str]
+) -> dict[str, tuple[Callable[[Any], Request], dict[str, Any]]]:
+    """Every app this bench knows: ``{name: (build the app on a pool, the pool's extras)}``.
+
+    ``contexts``: "by hand"'s built contexts; ``headers``: the users' headers.
+    ``callback only`` is "by hand" on a pool that binds an empty round-trip
+    callback on every acquire: what the driver's callback mechanism costs
+    any such design (``bench/instructions.py --hook`` counts it).
+    """
+    return {
+        "bare": (lambda pool: bare_app(pool), {}),
+        "by hand": (lambda pool: by_hand_app(pool, contexts), {}),
+        "by hand (A/A)": (lambda pool: by_hand_app(pool, contexts), {}),
+        "callback only": (
+            lambda pool: by_hand_app(pool, contexts),
+            {"on_connect_callback": _empty_callback},
+        ),
+        "hand+eu+cb": (
+            lambda pool: breakdown_app(pool, contexts),
+            {"on_connect_callback": _empty_callback},
+        ),
+        "minimal hook": (
+            lambda pool: minimal_app(pool, headers),
+            {"on_connect_callback": _minimal_on_connect},
+        ),
+        "deepsec": (deepsec_app, {"extra_auth_params": PARAMS}),
+        "deepsec (adapter)": (deepsec_adapter_app, {"extra_auth_params": PARAMS}),
+    }
+
+
 def _apps(
     wire: WireServer,
     breakdown: bool,
@@ -306,28 +337,21 @@ def _apps(
     headers: list[str],
 ) -> dict[str, Any]:
     """New pools and the apps on them: ``{name: (pool, request)}``."""
-    made = {
-        "bare": (lambda pool: bare_app(pool), {}),
-        "by hand": (lambda pool: by_hand_app(pool, contexts), {}),
-        "by hand (A/A)": (lambda pool: by_hand_app(pool, contexts), {}),
-        "deepsec": (deepsec_app, {"extra_auth_params": PARAMS}),
-        "deepsec (adapter)": (deepsec_adapter_app, {"extra_auth_params": PARAMS}),
-    }
-    if breakdown:
-        made["hand+eu+cb"] = (
-            lambda pool: breakdown_app(pool, contexts),
-            {"on_connect_callback": _empty_callback},
-        )
-    if minimal:
-        made["minimal hook"] = (
-            lambda pool: minimal_app(pool, headers),
-            {"on_connect_callback": _minimal_on_connect},
-        )
+    builders = app_builders(contexts, headers)
     apps = {}
-    for name, (build, extra) in made.items():
+    for name in _apps_names(breakdown, minimal):
+        build, extra = builders[name]
         pool = _pool(wire, **extra)
         apps[name] = (pool, build(pool))
     return apps
+
+
+def user_headers(users: int) -> list[str]:
+    """The ``Authorization`` values of ``users`` end users (one bearer token each)."""
+    return [
+        "Bearer " + spi_static.make_jwt({"preferred_username": f"user{i}", "sub": f"s{i}"})
+        for i in range(users)
+    ]
 
 
 def bench_requests(
@@ -339,10 +363,7 @@ def bench_requests(
     breakdown: bool,
     minimal: bool = False,
 ) -> None:
-    headers = [
-        "Bearer " + spi_static.make_jwt({"preferred_username": f"user{i}", "sub": f"s{i}"})
-        for i in range(users)
-    ]
+    headers = user_headers(users)
     contexts: dict[str, Any] = {}  # by hand: built contexts, for the whole process
     names = list(_apps_names(breakdown, minimal))
     wall: dict[str, list[float]] = {k: [] for k in names}

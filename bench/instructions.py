@@ -1,6 +1,6 @@
-"""Adapter cost in machine instructions per request: counted, where CPU time is timed.
+"""Adapter and hook cost in machine instructions per request: counted, where CPU time is timed.
 
-Run ``python bench/instructions.py [--requests N] [--layouts L]`` (needs
+Run ``python bench/instructions.py [--requests N] [--layouts L] [--hook]`` (needs
 Valgrind: ``apt-get install valgrind``; about five minutes on two cores).
 
 ``bench/adapters.py`` times the adapters, and on a shared machine two
@@ -23,6 +23,11 @@ one layout are compared with each other, and the figures are medians over
 the layouts.  Not the issue-9 target (CPU time): an instruction that misses
 the CPU caches costs more than one that does not.  Read it as the share of
 the work, and as the tool to judge a change the timing bench cannot resolve.
+
+``--hook`` counts the driver hook's apps of ``bench/hook.py`` instead (a
+request through a pool to the wire test server, which runs in a process of
+its own that Valgrind does not trace): the client's instructions per
+request, against "by hand", whose wall clock is the hook's 1.03 target.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ ROWS = [
     ("FastAPI (dependency)", "fastapi-dependency", "bare", "floor", "deepsec"),
 ]
 WARM_UP = 300
+#: The driver hook's apps (``bench/hook.py``) that ``--hook`` counts, "by hand" first.
+HOOK_APPS = ("by hand", "callback only", "minimal hook", "deepsec", "deepsec (adapter)")
 
 
 def app_runner(
@@ -79,6 +86,9 @@ def app_runner(
 def serve(framework: str, variant: str, requests: int) -> None:
     """The child process: build the variant's app, warm it up, serve ``requests``."""
     logging.disable(logging.WARNING)
+    if framework == "hook":
+        serve_hook(variant, requests)
+        return
     run = app_runner(framework, variant, asyncio.new_event_loop())
     run(WARM_UP)
     # What the app built and the warm-up left is long-lived: frozen, a full
@@ -88,6 +98,28 @@ def serve(framework: str, variant: str, requests: int) -> None:
     gc.freeze()
     if requests:
         run(requests)
+
+
+def serve_hook(variant: str, requests: int) -> None:
+    """:func:`serve` for a driver hook app: its own pool, the wire server in another process."""
+    import hook  # bench/hook.py (it puts tests/support on sys.path)
+
+    headers = hook.user_headers(8)
+    build, extra = hook.app_builders({}, headers)[variant]
+    with hook.wire_server() as wire:
+        pool = hook._pool(wire, **extra)
+        try:
+            request = build(pool)
+            # New str objects, as a header parser makes (and hook.run_round).
+            fresh = [h.encode().decode() for h in headers]
+            for i in range(WARM_UP):
+                request(fresh[i % len(fresh)])
+            gc.collect()
+            gc.freeze()
+            for i in range(requests):
+                request(fresh[i % len(fresh)])
+        finally:
+            pool.close(force=True)
 
 
 def django_alone(variant: str) -> Callable[[int], object]:
@@ -166,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="requests counted per app")
     parser.add_argument("--layouts", type=int, default=3, help="process layouts per app")
+    parser.add_argument(
+        "--hook", action="store_true", help="count bench/hook.py's pooled requests instead"
+    )
     parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.requests < 1 or args.layouts < 1:
@@ -178,9 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("valgrind") is None:
         print("bench/instructions.py needs Valgrind: apt-get install valgrind", file=sys.stderr)
         return 2
-    jobs = sorted(
-        {(row[1], v, layout) for row in ROWS for v in row[2:] for layout in range(args.layouts)}
-    )
+    if args.hook:
+        wanted = {("hook", v) for v in HOOK_APPS}
+    else:
+        wanted = {(row[1], v) for row in ROWS for v in row[2:]}
+    jobs = sorted((f, v, layout) for f, v in wanted for layout in range(args.layouts))
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
     try:
         counts = pool.map(lambda job: per_request(job[0], job[1], args.requests, job[2]), jobs)
@@ -191,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         f"python {sys.version.split()[0]}, instructions per request "
         f"({args.requests} counted; medians of {args.layouts} layouts)\n"
     )
+    if args.hook:
+        print_hook_table(counted, args.layouts)
+        return 0
     print(
         "| framework | bare | floor | deepsec | floor adds | deepsec adds "
         "| deepsec adds / floor adds: median (each layout) |"
@@ -211,6 +251,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{median(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)}) |"
         )
     return 0
+
+
+def print_hook_table(counted: dict[tuple[str, str, int], float], layouts: int) -> None:
+    """The client's instructions per pooled request, against "by hand"."""
+    print("| app (bench/hook.py) | client instructions | - by hand | / by hand (each layout) |")
+    print("|---|---:|---:|---:|")
+    hand = [counted["hook", "by hand", layout] for layout in range(layouts)]
+    for variant in HOOK_APPS:
+        mine = [counted["hook", variant, layout] for layout in range(layouts)]
+        ratios = [y / x for x, y in zip(hand, mine, strict=True)]
+        median = statistics.median
+        print(
+            f"| {variant} | {median(mine):,.0f} | "
+            f"{median(y - x for x, y in zip(hand, mine, strict=True)):+,.0f} | "
+            f"{median(ratios):.3f} ({', '.join(f'{r:.3f}' for r in ratios)}) |"
+        )
 
 
 if __name__ == "__main__":
