@@ -1,7 +1,8 @@
 """Adapter and hook cost in machine instructions per request: counted, where CPU time is timed.
 
 Run ``python bench/instructions.py [--requests N] [--layouts L] [--hook]`` (needs
-Valgrind: ``apt-get install valgrind``; about five minutes on two cores).
+Valgrind: ``apt-get install valgrind``; five to fifteen minutes on two cores,
+by machine; ``--hook`` about three).
 
 ``bench/adapters.py`` times the adapters, and on a shared machine two
 identical apps can differ by half a microsecond per request.  This counts
