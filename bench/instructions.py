@@ -229,44 +229,56 @@ def main(argv: list[str] | None = None) -> int:
         f"python {sys.version.split()[0]}, instructions per request "
         f"({args.requests} counted; medians of {args.layouts} layouts)\n"
     )
-    if args.hook:
-        print_hook_table(counted, args.layouts)
-        return 0
+    (print_hook_table if args.hook else print_adapter_table)(counted, args.layouts)
+    return 0
+
+
+#: What the tables are printed from: instructions per request by (framework, variant, layout).
+Counted = dict[tuple[str, str, int], float]
+
+
+def _median_and_each(ratios: list[float], fmt: str, unit: str = "") -> str:
+    """A ratio's median over the layouts, then each layout's: ``1.60x (1.60, 1.60, 1.59)``."""
+    each = ", ".join(format(r, fmt) for r in ratios)
+    return f"{format(statistics.median(ratios), fmt)}{unit} ({each})"
+
+
+def print_adapter_table(counted: Counted, layouts: int) -> None:
+    """Each adapter's instructions above the bare app, against its floor's."""
     print(
         "| framework | bare | floor | deepsec | floor adds | deepsec adds "
         "| deepsec adds / floor adds: median (each layout) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
+    median = statistics.median
     for label, framework, bare, floor, ours in ROWS:
-        layouts = range(args.layouts)
         b, f, o = (
-            [counted[framework, v, layout] for layout in layouts] for v in (bare, floor, ours)
+            [counted[framework, v, layout] for layout in range(layouts)]
+            for v in (bare, floor, ours)
         )
         floor_adds = [y - x for x, y in zip(b, f, strict=True)]
         ours_adds = [y - x for x, y in zip(b, o, strict=True)]
         ratios = [y / x for x, y in zip(floor_adds, ours_adds, strict=True)]
-        median = statistics.median
         print(
             f"| {label} | {median(b):,.0f} | {median(f):,.0f} | {median(o):,.0f} | "
             f"{median(floor_adds):+,.0f} | {median(ours_adds):+,.0f} | "
-            f"{median(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)}) |"
+            f"{_median_and_each(ratios, '.2f', 'x')} |"
         )
-    return 0
 
 
-def print_hook_table(counted: dict[tuple[str, str, int], float], layouts: int) -> None:
+def print_hook_table(counted: Counted, layouts: int) -> None:
     """The client's instructions per pooled request, against "by hand"."""
     print("| app (bench/hook.py) | client instructions | - by hand | / by hand (each layout) |")
     print("|---|---:|---:|---:|")
+    median = statistics.median
     hand = [counted["hook", "by hand", layout] for layout in range(layouts)]
     for variant in HOOK_APPS:
         mine = [counted["hook", variant, layout] for layout in range(layouts)]
+        above = median(y - x for x, y in zip(hand, mine, strict=True))
         ratios = [y / x for x, y in zip(hand, mine, strict=True)]
-        median = statistics.median
         print(
-            f"| {variant} | {median(mine):,.0f} | "
-            f"{median(y - x for x, y in zip(hand, mine, strict=True)):+,.0f} | "
-            f"{median(ratios):.3f} ({', '.join(f'{r:.3f}' for r in ratios)}) |"
+            f"| {variant} | {median(mine):,.0f} | {above:+,.0f} | "
+            f"{_median_and_each(ratios, '.3f')} |"
         )
 
 
